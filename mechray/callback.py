@@ -1,0 +1,139 @@
+"""The Lightning callback (the seed's Pattern 1).
+
+Usage::
+
+    import pytorch_lightning as pl
+    from mechray import MechIntCallback, MechIntConfig
+
+    config = MechIntConfig(sample_layers=["mamba_backbone.blocks.3", "popt"],
+                           save_hidden_every_n_steps=200)
+    trainer = pl.Trainer(callbacks=[MechIntCallback(config)])    # or MechIntCallback(config={...})
+    trainer.fit(model, dataloader)                               # shards in ./mechint_cache/
+
+Hooks exist only while a sampled step runs (``global_step % save_hidden_every_n_steps == 0``,
+step 0 included), so other steps run the model untouched.  The step's rows are handed to the
+writer right after its optimizer step (all micro-batches of an accumulated step go in one
+shard).  At fit end, and on an exception, everything handed off is flushed to durable storage.
+Under DDP every rank captures its own batch into rank-named shards; the callback's
+``state_dict`` carries shard numbering across a resume so nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+
+from mechray.capture import ActivationSampler
+from mechray.config import MechIntConfig
+from mechray.layers import resolve_layers
+from mechray.manifest import merge_rank_manifests
+from mechray.storage import StorageTarget
+from mechray.transport import wants_ray
+
+log = logging.getLogger(__name__)
+
+
+class MechIntCallback(pl.Callback):
+    """Captures activations of ``config.sample_layers`` during ``trainer.fit``."""
+
+    def __init__(self, config: MechIntConfig | dict[str, Any]):
+        super().__init__()
+        self.config = MechIntConfig.coerce(config)
+        self.sampler: Optional[ActivationSampler] = None
+        self._capturing: Optional[int] = None
+        self._resume_index = 0
+        self._hook_seconds = 0.0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.sampler is not None:
+            return
+        resolve_layers(pl_module, self.config.sample_layers)  # unknown names fail before step 0
+        self.sampler = ActivationSampler(config=self.config, rank=trainer.global_rank,
+                                         world_size=trainer.world_size)
+        self.sampler.next_index = self._resume_index
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self._capturing is None and step % self.config.save_hidden_every_n_steps == 0:
+            t0 = time.perf_counter()
+            self.sampler.current_step = step
+            self.sampler.register_hooks(pl_module)
+            self._capturing = step
+            self._hook_seconds += time.perf_counter() - t0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._capturing is not None and trainer.global_step != self._capturing:
+            self._hand_off()
+            pl_module.log_dict(self.figures(), on_step=True, on_epoch=False, sync_dist=False)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._hand_off()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._finish(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.sampler is None:
+            return
+        log.warning("mechray: training raised %s; flushing captured shards", type(exception).__name__)
+        self._hand_off()
+        self.sampler.close()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.sampler is not None:
+            self.sampler.remove_hooks()
+
+    # --- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        index = self.sampler.next_index if self.sampler and self.sampler.next_index is not None \
+            else self._resume_index
+        return {"next_shard_index": int(index), "config": self.config.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_index = max(self._resume_index, int(state_dict.get("next_shard_index", 0)))
+        if self.sampler is not None:
+            self.sampler.next_index = max(self.sampler.next_index or 0, self._resume_index)
+
+    # --- internals -----------------------------------------------------------------------------
+    def _hand_off(self) -> None:
+        step, self._capturing = self._capturing, None
+        if step is None:
+            return
+        t0 = time.perf_counter()
+        self.sampler.remove_hooks()
+        self.sampler.save_activations(step)
+        self._hook_seconds += time.perf_counter() - t0
+
+    def figures(self) -> dict[str, float]:
+        """What the callback has done so far (also logged through the Lightning logger)."""
+        s = self.sampler
+        stats = s.stats if s else None
+        return {
+            "mechray/rows_captured": float(s.rows_captured if s else 0),
+            "mechray/bytes_captured": float(s.bytes_captured if s else 0),
+            "mechray/shards_written": float(stats.shards_written if stats else 0),
+            "mechray/shards_in_flight": float(stats.in_flight if stats else 0),
+            "mechray/train_thread_seconds": float(self._hook_seconds + (s.capture_seconds if s else 0)
+                                                  + (stats.blocked_seconds if stats else 0)),
+        }
+
+    def _finish(self, trainer: pl.Trainer) -> None:
+        if self.sampler is None:
+            return
+        self._hand_off()
+        self.sampler.close()
+        if trainer.world_size > 1 and not wants_ray(self.config):
+            trainer.strategy.barrier("mechray-manifest")
+            if trainer.is_global_zero:
+                merge_rank_manifests(StorageTarget.from_config(self.config), self.config.to_dict())
+            trainer.strategy.barrier("mechray-manifest-merged")
+        if self.config.verbose and trainer.is_global_zero:
+            f = self.figures()
+            log.info("mechray: %d shard(s), %.1f MB captured on rank 0 into %s",
+                     f["mechray/shards_written"], f["mechray/bytes_captured"] / 1e6,
+                     self.config.storage_path)
+

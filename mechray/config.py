@@ -1,0 +1,251 @@
+"""One validated configuration object for capture, storage, transport and analysis.
+
+Usage::
+
+    from mechray import MechIntConfig
+
+    config = MechIntConfig(sample_layers=["mamba_backbone.blocks.3", "popt"],
+                           save_hidden_every_n_steps=200)
+    config = MechIntConfig.from_dict({"sample_layers": ["layer1"]})
+    config = MechIntConfig.from_yaml("mechint.yaml")
+    config.to_dict()          # JSON-safe, no secrets: this is what the manifest records
+
+Validation happens here and only here; building a config does no I/O.  Every error names the
+field, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ANALYSES = ("neuron", "feature", "sae", "causal", "circuit", "dynamics")
+BACKENDS = ("local", "s3", "both")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the fix."""
+
+
+class MechIntConfig(BaseModel):
+    """Everything mechray needs to capture, store and analyse activations.
+
+    The seed quick reference's fields keep their names and defaults; the rest are what running on
+    a cluster needs.  ``analysis_params`` holds one dict per analysis (``{"sae": {"k": 32}}``).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    # --- the seed's fields -------------------------------------------------------------------
+    sample_layers: list[str] = Field(description="module names from model.named_modules(), or globs")
+    save_hidden_every_n_steps: int = Field(200, description="capture on steps where step % n == 0")
+    storage_backend: Literal["local", "s3", "both"] = "local"
+    storage_path: str = "./mechint_cache"
+    analyses_to_run: list[str] = Field(default_factory=lambda: ["sae", "neuron"])
+    s3_bucket: Optional[str] = None
+    s3_prefix: str = "mechint"
+    max_activations_per_shard: int = Field(10000, description="rows kept per layer per shard")
+    verbose: bool = True
+
+    # --- S3 ------------------------------------------------------------------------------------
+    s3_endpoint_url: Optional[str] = Field(
+        None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
+    s3_region: Optional[str] = None
+    s3_multipart_threshold_mb: int = 64
+
+    # --- capture -------------------------------------------------------------------------------
+    storage_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    rows_per_step: Optional[int] = Field(
+        None, description="rows sampled per layer per forward call (seeded); None keeps all")
+    sample_seed: int = 0
+    output_keys: dict[str, Union[int, str]] = Field(
+        default_factory=dict, description="layer -> tuple index or dict key of the tensor to keep")
+    save_inputs: bool = Field(False, description="store each sampled step's model input too")
+
+    # --- transport -----------------------------------------------------------------------------
+    use_ray: Optional[bool] = Field(None, description="None: use Ray when ray.is_initialized()")
+    num_writers: int = 2
+    max_shards_in_flight: int = 4
+    writer_num_cpus: float = 0.0
+    ray_namespace: str = "mechray"
+
+    # --- analysis ------------------------------------------------------------------------------
+    analysis_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------------
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc, data)) from None
+
+    @field_validator("sample_layers")
+    @classmethod
+    def _layers(cls, v: list[str]) -> list[str]:
+        if isinstance(v, str):  # pragma: no cover - pydantic rejects str for list already
+            v = [v]
+        if not v:
+            raise ValueError("sample_layers is empty; name at least one module, e.g. "
+                             "sample_layers=['mamba_backbone.blocks.3'] (see model.named_modules())")
+        bad = [name for name in v if not isinstance(name, str) or not name.strip()]
+        if bad:
+            raise ValueError(f"sample_layers holds blank names {bad!r}; remove them")
+        if len(set(v)) != len(v):
+            dup = sorted({n for n in v if v.count(n) > 1})
+            raise ValueError(f"sample_layers lists {dup!r} more than once; list each layer once")
+        return list(v)
+
+    @field_validator("save_hidden_every_n_steps", "max_activations_per_shard", "num_writers",
+                     "max_shards_in_flight", "s3_multipart_threshold_mb")
+    @classmethod
+    def _positive(cls, v: int, info) -> int:
+        if v <= 0:
+            raise ValueError(f"{info.field_name}={v!r} must be a positive integer (>= 1)")
+        return v
+
+    @field_validator("rows_per_step")
+    @classmethod
+    def _rows(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v <= 0:
+            raise ValueError(f"rows_per_step={v!r} must be >= 1, or None to keep every row")
+        return v
+
+    @field_validator("writer_num_cpus")
+    @classmethod
+    def _cpus(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"writer_num_cpus={v!r} must be >= 0")
+        return v
+
+    @field_validator("analyses_to_run")
+    @classmethod
+    def _analyses(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in ANALYSES:
+                raise ValueError(f"unknown analysis {name!r}{_close(name, ANALYSES)}; "
+                                 f"valid analyses are {list(ANALYSES)}")
+        return list(dict.fromkeys(v))
+
+    @field_validator("analysis_params")
+    @classmethod
+    def _params(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in v:
+            if name not in ANALYSES:
+                raise ValueError(f"analysis_params has unknown analysis {name!r}"
+                                 f"{_close(name, ANALYSES)}; valid keys are {list(ANALYSES)}")
+        return v
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        return v.strip("/")
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"s3_endpoint_url={v!r} is not an http(s) URL; "
+                             "use e.g. 'http://127.0.0.1:9000'")
+        if parts.username or parts.password:
+            raise ValueError("s3_endpoint_url must not carry credentials; use the AWS credential "
+                             "chain (environment, profile, IAM role) instead")
+        return v
+
+    @model_validator(mode="after")
+    def _s3_needs_bucket(self) -> "MechIntConfig":
+        if self.storage_backend in ("s3", "both") and not self.s3_bucket:
+            raise ValueError(f"storage_backend={self.storage_backend!r} needs s3_bucket; pass "
+                             "s3_bucket='my-bucket' or use storage_backend='local'")
+        return self
+
+    # --- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MechIntConfig":
+        """Build from a plain dict (as the seed's ``MechIntCallback(config={...})`` passes)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a dict of config fields, got {type(data).__name__}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, os.PathLike]) -> "MechIntConfig":
+        """Build from a YAML file holding a mapping of config fields."""
+        import yaml
+
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
+        return cls(**data)
+
+    @classmethod
+    def coerce(cls, config: Union["MechIntConfig", dict[str, Any], None] = None,
+               **overrides: Any) -> "MechIntConfig":
+        """Accept a config, a dict, or keyword fields, with ``overrides`` applied on top."""
+        if config is None:
+            base: dict[str, Any] = {}
+        elif isinstance(config, cls):
+            base = config.model_dump()
+        elif isinstance(config, dict):
+            base = dict(config)
+        else:
+            raise ConfigError(f"config must be a MechIntConfig or a dict, got {type(config).__name__}")
+        return cls(**{**base, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of every field; no credentials are ever part of a config."""
+        data = self.model_dump(mode="json")
+        if data.get("s3_endpoint_url"):
+            parts = urlsplit(data["s3_endpoint_url"])
+            data["s3_endpoint_url"] = urlunsplit(parts._replace(query="", fragment=""))
+        return data
+
+    # --- derived values ------------------------------------------------------------------------
+    @property
+    def endpoint_url(self) -> Optional[str]:
+        """The S3 endpoint: the field, else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``."""
+        return (self.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+    @property
+    def local_dir(self) -> Path:
+        return Path(self.storage_path).expanduser().resolve()
+
+    def params_for(self, analysis: str) -> dict[str, Any]:
+        return dict(self.analysis_params.get(analysis, {}))
+
+
+def _close(name: str, choices) -> str:
+    match = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(map(repr, match))}?)" if match else ""
+
+
+def _explain(exc: ValidationError, data: dict[str, Any]) -> str:
+    lines = []
+    fields = list(MechIntConfig.model_fields)
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            key = str(err["loc"][0])
+            lines.append(f"unknown field {key!r}{_close(key, fields)}; "
+                         f"MechIntConfig fields are {fields}")
+        elif err["type"] == "missing":
+            lines.append(f"{loc} is required, e.g. MechIntConfig(sample_layers=['layer1'])")
+        elif err["type"] == "literal_error":
+            allowed = {"storage_backend": BACKENDS, "storage_dtype": DTYPES}.get(loc, ())
+            lines.append(f"{loc}={err.get('input')!r} is not allowed{_close(str(err.get('input')), allowed)}; "
+                         f"{msg}")
+        elif not err["loc"] or loc in msg:
+            lines.append(msg)
+        else:
+            lines.append(f"{loc}={err.get('input')!r}: {msg}")
+    return "invalid MechIntConfig: " + "; ".join(lines)

@@ -1,0 +1,63 @@
+"""Resolve the names in ``sample_layers`` to modules of a model.
+
+Usage::
+
+    from mechray.layers import resolve_layers
+
+    modules = resolve_layers(model, ["mamba_backbone.blocks.*", "popt"])   # {name: module}
+
+A name matches a module named exactly so in ``model.named_modules()``; a name with ``*``, ``?`` or
+``[`` is a glob (``fnmatch``); a name found nowhere but ending exactly one module name
+(``popt`` for a LightningModule holding ``model.popt``) matches that module.  Anything else fails
+at registration with the closest real names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+
+from torch import nn
+
+
+class UnknownLayerError(KeyError):
+    """A requested layer name matches no module; the message lists the closest real names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+def resolve_layers(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """Map every requested name (or glob) to ``{module name: module}``, in model order."""
+    modules = dict(model.named_modules())
+    modules.pop("", None)
+    found: dict[str, nn.Module] = {}
+    for name in names:
+        for match in _match(name, modules):
+            found.setdefault(match, modules[match])
+    order = {n: i for i, n in enumerate(modules)}
+    return dict(sorted(found.items(), key=lambda kv: order[kv[0]]))
+
+
+def _match(name: str, modules: dict[str, nn.Module]) -> list[str]:
+    if name in modules:
+        return [name]
+    if any(ch in name for ch in "*?["):
+        hits = [n for n in modules if fnmatch.fnmatchcase(n, name)]
+        if hits:
+            return hits
+    else:
+        suffix = [n for n in modules if n.endswith("." + name)]
+        if len(suffix) == 1:
+            return suffix
+        if len(suffix) > 1:
+            raise UnknownLayerError(
+                f"layer {name!r} is ambiguous: it ends {len(suffix)} module names "
+                f"({', '.join(suffix[:5])}); give the full name from model.named_modules()")
+    close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.4)
+    hint = f"closest module names: {', '.join(close)}" if close else \
+        f"the model has modules such as {', '.join(list(modules)[:8])}"
+    raise UnknownLayerError(
+        f"layer {name!r} matches no module of the model; "
+        f"{hint}. List them with: for name, _ in model.named_modules(): print(name)")
+

@@ -1,0 +1,144 @@
+"""``manifest.json``: the index of every durable shard, kept by exactly one owner.
+
+Usage::
+
+    from mechray.manifest import Manifest
+
+    owner = Manifest(target, config.to_dict())     # loads what is already there
+    owner.add(entry)                                # rewrites manifest.json atomically (+ upload)
+    owner.next_index(rank=0)                        # first shard index not used yet on this rank
+
+One owner per store: the in-process writer, or one named Ray actor shared by every rank and
+node.  When ranks of a ``torch.distributed`` job write without Ray, each rank owns
+``manifest.rank{r:03d}.json`` and rank 0 merges them into ``manifest.json`` at the end
+(:func:`merge_rank_manifests`); readers merge whatever partial manifests remain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from mechray.shard import parse_shard_name
+from mechray.storage import StorageTarget, atomic_write, upload
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mechray.manifest"
+VERSION = 1
+MAIN = "manifest.json"
+_PARTIAL = re.compile(r"^manifest\.rank(\d{3,})\.json$")
+
+
+def partial_name(rank: int) -> str:
+    return f"manifest.rank{rank:03d}.json"
+
+
+def empty(config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {"format": FORMAT, "version": VERSION, "created": now, "updated": now,
+            "config": config or {}, "shards": []}
+
+
+def validate(doc: Any, where: str) -> dict[str, Any]:
+    """Check a parsed manifest's shape; raise ``ValueError`` naming ``where`` and the problem."""
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ValueError(f"{where} is not a mechray manifest (format field missing or wrong)")
+    if doc.get("version") != VERSION:
+        raise ValueError(f"{where} has manifest version {doc.get('version')!r}; this mechray "
+                         f"reads version {VERSION}: upgrade mechray")
+    shards = doc.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(e, dict) and "file" in e and
+                                               "checksum" in e for e in shards):
+        raise ValueError(f"{where}: 'shards' must be a list of entries with 'file' and 'checksum'")
+    return doc
+
+
+def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Union of manifests keyed by file name (later documents win), sorted by rank then index."""
+    if not docs:
+        return empty()
+    out = dict(docs[0])
+    by_file: dict[str, dict] = {}
+    for doc in docs:
+        for entry in doc["shards"]:
+            by_file[entry["file"]] = entry
+        if doc.get("config"):
+            out["config"] = doc["config"]
+    out["shards"] = sorted(by_file.values(), key=lambda e: (e.get("rank", 0), e.get("index", 0)))
+    return out
+
+
+class Manifest:
+    """The owner of one manifest file: thread-safe adds, atomic rewrites, upload to S3."""
+
+    def __init__(self, target: StorageTarget, config: Optional[dict[str, Any]] = None,
+                 filename: str = MAIN):
+        self.target, self.filename = target, filename
+        self.path = Path(target.local_dir) / filename
+        self._lock = threading.Lock()
+        doc = empty(config)
+        if self.path.exists():
+            doc = validate(json.loads(self.path.read_text()), str(self.path))
+            if config:
+                doc["config"] = config
+        self.doc = doc
+        self._by_file = {e["file"]: e for e in doc["shards"]}
+
+    def add(self, *entries: dict[str, Any]) -> int:
+        """Record durable shards (idempotent per file name); returns how many shards are listed."""
+        with self._lock:
+            for entry in entries:
+                self._by_file[entry["file"]] = entry
+            self._write()
+            return len(self._by_file)
+
+    def entries(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._by_file.values())
+
+    def next_index(self, rank: int) -> int:
+        """One past the highest shard index this rank has in the manifest or on disk."""
+        used = [e["index"] for e in self.entries() if e.get("rank", 0) == rank]
+        shard_dir = self.target.shard_dir
+        if shard_dir.is_dir():
+            for p in shard_dir.iterdir():
+                parsed = parse_shard_name(p.name)
+                if parsed and parsed["rank"] == rank:
+                    used.append(parsed["index"])
+        return max(used, default=-1) + 1
+
+    def _write(self) -> None:
+        doc = dict(self.doc)
+        doc["shards"] = sorted(self._by_file.values(), key=lambda e: (e.get("rank", 0), e["index"]))
+        doc["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.doc = doc
+        atomic_write(self.path, json.dumps(doc, indent=1).encode())
+        if self.target.uses_s3:
+            upload(self.target, self.path, self.filename)
+
+
+def merge_rank_manifests(target: StorageTarget, config: Optional[dict[str, Any]] = None) -> int:
+    """Fold every ``manifest.rank*.json`` into ``manifest.json`` (rank 0, after a barrier).
+
+    Returns the number of shards listed.  Partial files are removed once the merged manifest is
+    durable (and uploaded), so nothing is listed only in a file that is gone.
+    """
+    root = Path(target.local_dir)
+    partials = sorted(p for p in root.glob("manifest.rank*.json") if _PARTIAL.match(p.name))
+    owner = Manifest(target, config)
+    docs = [validate(json.loads(p.read_text()), str(p)) for p in partials]
+    count = owner.add(*[e for d in docs for e in d["shards"]])
+    for p in partials:
+        p.unlink(missing_ok=True)
+        if target.uses_s3:
+            from mechray import s3
+
+            target.client().delete_object(Bucket=target.bucket, Key=s3.key_for(target.prefix, p.name))
+    log.info("merged %d rank manifests into %s (%d shards)", len(partials), owner.path, count)
+    return count

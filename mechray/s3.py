@@ -1,0 +1,63 @@
+"""boto3 plumbing shared by the writers and the shard store.
+
+Usage::
+
+    from mechray.s3 import client, parse_uri
+
+    bucket, prefix = parse_uri("s3://my-bucket/exp001/activations")
+    s3 = client(endpoint_url="http://127.0.0.1:9000")
+
+Credentials come from boto3's normal chain (environment, profile, IAM role); mechray never
+stores them.  Checksums are computed only where S3 requires them, so S3-compatible stores (MinIO,
+Ceph, moto, R2) accept the requests; integrity is mechray's own sha256 per shard.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+_CLIENTS: dict[tuple, object] = {}
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``('bucket', 'some/prefix')``."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"{uri!r} is not an S3 URI; write it as s3://bucket/prefix")
+    bucket, _, prefix = uri[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r} names no bucket; write it as s3://bucket/prefix")
+    return bucket, prefix.strip("/")
+
+
+def key_for(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def client(endpoint_url: Optional[str] = None, region: Optional[str] = None):
+    """A cached boto3 S3 client (one per endpoint/region/process) with retries and lax checksums."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or \
+        os.environ.get("AWS_ENDPOINT_URL") or None
+    key = (endpoint_url, region, os.getpid())
+    if key not in _CLIENTS:
+        cfg = Config(retries={"max_attempts": 8, "mode": "standard"},
+                     request_checksum_calculation="when_required",
+                     response_checksum_validation="when_required",
+                     connect_timeout=5, read_timeout=60)
+        _CLIENTS[key] = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint_url, region_name=region or
+            os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            config=cfg)
+    return _CLIENTS[key]
+
+
+def transfer_config(threshold_mb: int = 64):
+    from boto3.s3.transfer import TransferConfig
+
+    mb = 1024 * 1024
+    return TransferConfig(multipart_threshold=threshold_mb * mb,
+                          multipart_chunksize=max(8, threshold_mb // 4) * mb,
+                          max_concurrency=4, use_threads=True)

@@ -1,0 +1,116 @@
+"""Where shards go: local disk (atomic temp + fsync + rename), S3 (boto3), or both.
+
+Usage::
+
+    from mechray.storage import StorageTarget, ShardSink
+
+    target = StorageTarget.from_config(config)       # picklable; ships to writer actors
+    sink = ShardSink(target)
+    entry = sink.write(payload)                      # durable when it returns; manifest entry
+
+With ``storage_backend='s3'`` the shard is written to a local spool (``{storage_path}/.spool``)
+first and removed from it only once the upload has succeeded, so a failed upload loses nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from mechray import s3
+from mechray.shard import encode, entry_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StorageTarget:
+    """The resolved, picklable description of one store (absolute paths, bucket, prefix)."""
+
+    backend: str
+    local_dir: str
+    bucket: Optional[str] = None
+    prefix: str = ""
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    multipart_threshold_mb: int = 64
+
+    @classmethod
+    def from_config(cls, config) -> "StorageTarget":
+        return cls(backend=config.storage_backend, local_dir=str(config.local_dir),
+                   bucket=config.s3_bucket, prefix=config.s3_prefix,
+                   endpoint_url=config.endpoint_url, region=config.s3_region,
+                   multipart_threshold_mb=config.s3_multipart_threshold_mb)
+
+    @property
+    def uses_s3(self) -> bool:
+        return self.backend in ("s3", "both")
+
+    @property
+    def shard_dir(self) -> Path:
+        """Where shard files land on local disk (the spool for the S3-only backend)."""
+        return Path(self.local_dir) / ".spool" if self.backend == "s3" else Path(self.local_dir)
+
+    @property
+    def key(self) -> str:
+        """A short stable id of this store, used to name its Ray actors."""
+        ident = f"{self.backend}|{self.local_dir}|{self.bucket}|{self.prefix}"
+        return hashlib.sha1(ident.encode()).hexdigest()[:12]
+
+    def uri(self, name: str) -> Optional[str]:
+        return f"s3://{self.bucket}/{s3.key_for(self.prefix, name)}" if self.uses_s3 else None
+
+    def client(self):
+        return s3.client(self.endpoint_url, self.region)
+
+
+def atomic_write(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def upload(target: StorageTarget, path: Path, name: str) -> str:
+    """Upload a local file to ``{prefix}/{name}``; returns its ``s3://`` URI."""
+    target.client().upload_file(str(path), target.bucket, s3.key_for(target.prefix, name),
+                                Config=s3.transfer_config(target.multipart_threshold_mb))
+    return target.uri(name)
+
+
+class ShardSink:
+    """Serialises, checksums and stores shards for one target (runs on writer threads/actors)."""
+
+    def __init__(self, target: StorageTarget):
+        self.target = target
+
+    def write(self, payload: dict[str, Any]) -> dict[str, Any]:
+        name = payload["metadata"]["file"]
+        data, digest = encode(payload)
+        path = self.target.shard_dir / name
+        atomic_write(path, data)
+        entry = entry_for(payload, len(data), digest)
+        if self.target.uses_s3:
+            entry["s3_uri"] = upload(self.target, path, name)
+            if self.target.backend == "s3":
+                path.unlink(missing_ok=True)
+        log.debug("shard %s durable (%d bytes)", name, len(data))
+        return entry
