@@ -1,0 +1,12 @@
+"""Analyses over stored activations; importing this package registers every analysis.
+
+Usage::
+
+    from mechray.analysis import get_analysis, REGISTRY
+"""
+
+from mechray.analysis.base import REGISTRY, Analysis, Context, Skip, get_analysis, register
+
+__all__ = ["REGISTRY", "Analysis", "Context", "Skip", "get_analysis", "register"]
+
+# Analysis modules register themselves on import; each is added here as it lands.
