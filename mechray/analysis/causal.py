@@ -1,0 +1,1 @@
+"""causal analysis (being written)."""

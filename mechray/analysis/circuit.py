@@ -1,0 +1,1 @@
+"""circuit analysis (being written)."""

@@ -1,0 +1,1 @@
+"""dynamics analysis (being written)."""

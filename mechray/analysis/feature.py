@@ -1,0 +1,1 @@
+"""feature analysis (being written)."""

@@ -1,0 +1,85 @@
+"""Shared fixtures: a real local Ray, a real HTTP S3 server (moto), tiny models.
+
+Every service is real and local: Ray on 127.0.0.1 without a dashboard, moto's
+``ThreadedMotoServer`` on 127.0.0.1 with a free port reached through boto3.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The test S3 server accepts any credentials; set them before Ray starts so actors inherit them.
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ.pop("AWS_PROFILE", None)
+os.environ.pop("AWS_ENDPOINT_URL", None)
+os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray for one test module (shut down after it)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real HTTP S3 server (moto) on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the test server; yields ``(endpoint, bucket)``."""
+    import boto3
+
+    name = f"mechray-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return s3_server, name
+
+
+class TinyNet(nn.Module):
+    """Named like the seed's layers, small enough for unit tests: [B, T, 6] -> [B, T, 3]."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.embed = nn.Linear(6, d)
+        self.mamba_backbone = nn.Module()
+        self.mamba_backbone.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.Tanh())
+                                                   for _ in range(4))
+        self.popt = nn.Linear(d, d)
+        self.heads = nn.ModuleDict({"decoder": nn.Linear(d, 3)})
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.mamba_backbone.blocks:
+            h = h + block(h)
+        return self.heads["decoder"](self.popt(h))
+
+
+@pytest.fixture
+def tiny_net():
+    torch.manual_seed(0)
+    return TinyNet()
