@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from mechray.shard import load_error
+
 
 def cmd_ls(args) -> int:
     from mechray.store import ShardStore
@@ -36,7 +38,13 @@ def cmd_ls(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    data = torch.load(args.shard, weights_only=True, map_location="cpu", mmap=True)
+    try:
+        data = torch.load(args.shard, weights_only=True, map_location="cpu", mmap=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{args.shard} is not a loadable mechray shard: {load_error(exc)}") \
+            from None
     meta = data.get("metadata", {})
     summary = {k: v for k, v in meta.items() if k not in ("row_steps", "row_positions", "layers")}
     print(json.dumps(summary, indent=1, default=str))

@@ -7,15 +7,17 @@ Usage::
     modules = resolve_layers(model, ["mamba_backbone.blocks.*", "popt"])   # {name: module}
 
 A name matches a module named exactly so in ``model.named_modules()``; a name with ``*``, ``?`` or
-``[`` is a glob (``fnmatch``); a name found nowhere but ending exactly one module name
-(``popt`` for a LightningModule holding ``model.popt``) matches that module.  Anything else fails
+``[`` is a glob whose ``*`` stays within one dotted part (``blocks.*`` matches ``blocks.3``, not
+``blocks.3.norm``; ``**`` spans parts); a name found nowhere but ending exactly one module name
+(``popt`` for a LightningModule holding ``model.popt``) matches that module, and a glob found
+nowhere matches the module names it ends (``blocks.*`` matches ``model.backbone.blocks.0``).  Anything else fails
 at registration with the closest real names.
 """
 
 from __future__ import annotations
 
 import difflib
-import fnmatch
+import re
 
 from torch import nn
 
@@ -43,7 +45,8 @@ def _match(name: str, modules: dict[str, nn.Module]) -> list[str]:
     if name in modules:
         return [name]
     if any(ch in name for ch in "*?["):
-        hits = [n for n in modules if fnmatch.fnmatchcase(n, name)]
+        exact, suffix = _glob(name), _glob("**." + name)
+        hits = [n for n in modules if exact.match(n)] or [n for n in modules if suffix.match(n)]
         if hits:
             return hits
     else:
@@ -61,3 +64,26 @@ def _match(name: str, modules: dict[str, nn.Module]) -> list[str]:
         f"layer {name!r} matches no module of the model; "
         f"{hint}. List them with: for name, _ in model.named_modules(): print(name)")
 
+
+
+def _glob(pattern: str) -> "re.Pattern[str]":
+    """Compile a dotted-name glob: ``*``/``?`` stay within one part, ``**`` spans parts."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**.", i):
+            out.append(r"(?:[^.]+\.)*")
+            i += 3
+            continue
+        ch = pattern[i]
+        if ch == "*":
+            out.append(r"[^.]*")
+        elif ch == "?":
+            out.append(r"[^.]")
+        elif ch == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            out.append("[" + pattern[i + 1:end].replace("!", "^", 1) + "]")
+            i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out) + r"\Z")

@@ -132,6 +132,14 @@ def decode(data: bytes) -> dict[str, Any]:
     return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
+def load_error(exc: BaseException) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` refused or failed."""
+    lines = str(exc).splitlines()
+    reason = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(exc).__name__)
+    return (f"{reason.strip()} (mechray loads shards with weights_only=True and never runs "
+            f"pickled code)")
+
+
 def entry_for(payload: dict[str, Any], nbytes: int, digest: str) -> dict[str, Any]:
     """The manifest entry describing a shard."""
     meta = payload["metadata"]

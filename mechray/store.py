@@ -30,6 +30,7 @@ import torch
 
 from mechray import s3
 from mechray.manifest import MAIN, merge, validate
+from mechray.shard import load_error
 
 log = logging.getLogger(__name__)
 _PARTIAL = re.compile(r"manifest\.rank\d{3,}\.json$")
@@ -146,7 +147,8 @@ class ShardStore:
         try:
             return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
         except Exception as exc:  # a verified file that still fails to load is a format problem
-            raise ShardError(f"shard {entry['file']} ({path}) could not be loaded: {exc}") from exc
+            raise ShardError(f"shard {entry['file']} ({path}) could not be loaded: "
+                             f"{load_error(exc)}") from None
 
     def iter_layer(self, layer: str, steps: Optional[list[int]] = None
                    ) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:

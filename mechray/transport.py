@@ -50,6 +50,7 @@ class TransportStats:
     shards_written: int = 0
     bytes_written: int = 0
     in_flight: int = 0
+    peak_in_flight: int = 0
     blocked_seconds: float = 0.0
     entries: list[dict[str, Any]] = field(default_factory=list)
 
@@ -87,6 +88,7 @@ class Transport:
         with self._lock:
             self.stats.shards_submitted += 1
             self.stats.in_flight += 1
+            self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
         fut = self._pool.submit(self._write, pending)
         with self._lock:
             self._futures.add(fut)
