@@ -34,6 +34,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 # Names whose modules pull in optional dependencies (Lightning, FastAPI, scikit-learn) load lazily.
 _LAZY = {
     "MechIntCallback": "mechray.callback",
+    "EvalMechIntRunner": "mechray.runner",
+    "start_writer_pool": "mechray.writer",
 }
 
 __all__ = ["ActivationSampler", "ConfigError", "MechIntCallback", "MechIntConfig", "MechIntHooks",

@@ -80,8 +80,12 @@ class MechIntCallback(pl.Callback):
         if self.sampler is None:
             return
         log.warning("mechray: training raised %s; flushing captured shards", type(exception).__name__)
-        self._hand_off()
-        self.sampler.close()
+        try:
+            self._hand_off()
+            self.sampler.close()
+        except Exception as exc:  # never mask the training error; the shards stay in `failed`
+            log.error("mechray: could not flush shards after %s: %s",
+                      type(exception).__name__, exc)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self.sampler is not None:

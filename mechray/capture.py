@@ -37,6 +37,7 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -75,7 +76,7 @@ class ActivationSampler:
         self._cache: dict[str, deque[Chunk]] = {}
         self._info: dict[str, dict[str, Any]] = {}
         self._cached_rows: dict[str, int] = {}
-        self._gen = torch.Generator().manual_seed(self.config.sample_seed)
+        self._rng = np.random.default_rng(self.config.sample_seed)  # O(k) sampling, no O(n) perm
         self._streams: dict[torch.device, Any] = {}
         self._transport: Optional[Transport] = None
         self._lock = threading.Lock()
@@ -155,8 +156,11 @@ class ActivationSampler:
         positions, start = None, 0
         k = self.config.rows_per_step
         if flatten and k is not None and n > k:
-            idx = torch.randperm(n, generator=self._gen)[:k].sort().values
-            rows = rows.index_select(0, idx.to(rows.device, non_blocking=True))
+            idx = torch.from_numpy(np.sort(self._rng.choice(n, size=k, replace=False)))
+            if rows.is_cuda:  # a pinned index copies host->device without a sync
+                rows = rows.index_select(0, idx.pin_memory().to(rows.device, non_blocking=True))
+            else:
+                rows = rows.index_select(0, idx)
             positions = idx
         elif n > self._cap:
             start = n - self._cap

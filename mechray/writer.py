@@ -85,3 +85,22 @@ class WriterPool:
 
     def next_index(self, rank: int) -> int:
         return ray.get(self.manifest.next_index.remote(rank))
+
+
+def start_writer_pool(config) -> WriterPool:
+    """Create the store's writer actors and manifest owner from the driver (call after ray.init).
+
+    Usage::
+
+        ray.init(address="auto")
+        start_writer_pool(MechIntConfig(sample_layers=[...], storage_path="/shared/cache"))
+        TorchTrainer(train_fn, ...).fit()    # every worker's MechIntCallback finds this pool
+
+    Actors belong to the process that creates them; creating them here, rather than in the first
+    training worker to save a shard, keeps them alive for the whole job.  Use an absolute
+    ``storage_path`` (or S3): Ray Train workers run in their own working directories.
+    """
+    from mechray.config import MechIntConfig
+
+    config = MechIntConfig.coerce(config)
+    return WriterPool.get_or_create(StorageTarget.from_config(config), config)
