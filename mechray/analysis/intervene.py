@@ -1,0 +1,339 @@
+"""Interventions on a model's layers: edit outputs with hooks that always come off, run eval
+inputs in batches, and measure how much the model's output changed.
+
+Usage::
+
+    from mechray.analysis.intervene import edit_output, record_outputs, run_model, make_metric
+
+    with edit_output(model, "popt", lambda t, call: t * 0):      # zero-ablate the layer
+        ablated = run_model(model, x, batch_size=64)
+    with record_outputs(model, "popt") as acts:                  # one tensor per module call
+        model(x)
+    metric = make_metric("mse")                                  # or "kl", or "loss" + loss_fn
+    change = metric.value(ablated, run_model(model, x))
+
+For tuple, list or dict outputs the first tensor is edited (the tensor capture stores, see
+``mechray.capture._pick``); the rest of the output passes through untouched.  A module called
+several times per forward sees the call index, so call ``i`` can be patched with recording ``i``.
+
+A user loss (``metric='loss'``) comes from the analysis parameter ``loss_fn="package.module:fn"``
+(an importable callable, never unpickled), or else from an attribute ``ctx.loss_fn`` set in
+Python.  It gets the model's outputs for a batch and returns a scalar; the change is
+``|loss(intervened) - loss(clean)|`` averaged over batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import itertools
+import logging
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from mechray.analysis.base import Skip
+from mechray.capture import _pick
+from mechray.layers import resolve_layers
+
+log = logging.getLogger(__name__)
+LOSS_FN_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+def find_module(model: nn.Module, layer: str) -> nn.Module:
+    """The one module ``layer`` names (exact name, or a unique suffix); errors list close names."""
+    found = resolve_layers(model, [layer])
+    if len(found) != 1:
+        raise KeyError(f"layer {layer!r} matches {len(found)} modules ({', '.join(found)}); "
+                       f"name exactly one module")
+    return next(iter(found.values()))
+
+
+def replace_first(output: Any, new: torch.Tensor) -> Any:
+    """``output`` with its first tensor (the one ``_pick`` finds) replaced by ``new``."""
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, dict):
+        for key, value in output.items():
+            if _pick(value, None) is not None:
+                out = copy.copy(output)
+                out[key] = replace_first(value, new)
+                return out
+    elif isinstance(output, (tuple, list)):
+        for i, value in enumerate(output):
+            if _pick(value, None) is not None:
+                items = list(output)
+                items[i] = replace_first(value, new)
+                if isinstance(output, list):
+                    return items
+                return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
+    else:
+        for key, value in getattr(output, "__dict__", {}).items():
+            if _pick(value, None) is not None:
+                out = copy.copy(output)
+                setattr(out, key, replace_first(value, new))
+                return out
+    raise TypeError(f"module output of type {type(output).__name__} holds no tensor to edit")
+
+
+@contextmanager
+def edit_output(model: nn.Module, layer: str,
+                fn: Callable[[torch.Tensor, int], Optional[torch.Tensor]]) -> Iterator[nn.Module]:
+    """``with edit_output(model, layer, fn): model(x)`` runs with the layer's first output tensor
+    replaced by ``fn(tensor, call_index)`` (``None`` keeps it); the hook is always removed."""
+    module = find_module(model, layer)
+    calls = itertools.count()
+
+    def hook(mod: nn.Module, inputs: Any, output: Any) -> Any:
+        tensor = _pick(output, None)
+        if tensor is None:
+            raise TypeError(f"layer {layer!r} returned {type(output).__name__} with no tensor")
+        new = fn(tensor, next(calls))
+        return None if new is None or new is tensor else replace_first(output, new)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield module
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def record_outputs(model: nn.Module, layer: str, detach: bool = True) -> Iterator[list]:
+    """``with record_outputs(model, layer) as acts: model(x)``; ``acts[i]`` is call ``i``'s."""
+    acts: list[torch.Tensor] = []
+
+    def keep(t: torch.Tensor, call: int) -> None:
+        acts.append(t.detach() if detach else t)
+
+    with edit_output(model, layer, keep):
+        yield acts
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run in ``eval()`` (no dropout, fixed norms); every module's training flag is restored."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def output_of(out: Any) -> torch.Tensor:
+    """The model output to compare: itself, or its first tensor."""
+    t = _pick(out, None)
+    if t is None:
+        raise TypeError(f"the model returned {type(out).__name__} with no tensor to compare")
+    return t
+
+
+def run_model(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Outputs (first tensor) for ``x`` in batches under ``torch.no_grad()``, on the model's
+    device."""
+    device = model_device(model)
+    with torch.no_grad():
+        return torch.cat([output_of(model(x[i:i + batch_size].to(device))).float()
+                          for i in range(0, len(x), batch_size)])
+
+
+def repeat_batch(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``[k * B, ...]``: ``k`` stacked copies of the batch (copy ``j`` is rows ``j*B:(j+1)*B``)."""
+    return x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
+
+
+def eval_inputs(ctx: Any, n: int) -> torch.Tensor:
+    """Up to ``n`` model inputs: ``ctx.eval_data`` (tensor or DataLoader) or inputs saved with
+    the shards (``save_inputs=True``); raises :class:`Skip` naming what is missing."""
+    if ctx.model is None:
+        raise Skip("no model: pass the model to EvalMechIntRunner(model, config)")
+    data = ctx.eval_data
+    if isinstance(data, torch.Tensor):
+        return data[:n]
+    parts, total = [], 0
+    if data is not None:                                  # a DataLoader or iterable of batches
+        for batch in data:
+            t = _pick(batch, None)
+            if t is None:
+                raise TypeError(f"eval_data batch of type {type(batch).__name__} holds no tensor")
+            parts.append(t[: n - total])
+            total += len(parts[-1])
+            if total >= n:
+                break
+    elif ctx.store is not None:
+        for entry in ctx.store.shards():
+            if entry.get("has_inputs"):
+                t = ctx.store.load(entry)["inputs"]
+                parts.append(t[: n - total].clone())
+                total += len(parts[-1])
+                if total >= n:
+                    break
+    if not parts:
+        raise Skip("no eval inputs: pass eval_data to run_mechint_eval(...), or capture with "
+                   "save_inputs=True so shards hold the model inputs")
+    return torch.cat(parts)
+
+
+def resolve_loss_fn(spec: Optional[str], ctx: Any) -> Optional[Callable]:
+    """The user loss: ``"module:function"`` imported, else ``ctx.loss_fn``, else ``None``."""
+    if spec:
+        module, _, name = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"loss_fn={spec!r} cannot be imported ({exc}); give "
+                             f"'package.module:function' of an importable callable") from exc
+        if not callable(fn):
+            raise ValueError(f"loss_fn={spec!r} is not callable")
+        return fn
+    return getattr(ctx, "loss_fn", None)
+
+
+class Metric:
+    """A change between outputs that accumulates over batches and stacked interventions.
+
+    ``sums(out, ref)`` takes ``out`` as ``[K, B, ...]`` (K stacked interventions) and the clean
+    reference ``[B, ...]``, and returns ``[K]`` partial sums; the metric over a data set is
+    ``finish(total_sums / count)``.
+    """
+
+    def __init__(self, name: str, loss_fn: Optional[Callable] = None):
+        if name not in ("mse", "kl", "loss"):
+            raise ValueError(f"metric={name!r} is not one of 'mse', 'kl', 'loss'")
+        if name == "loss" and loss_fn is None:
+            raise ValueError("metric='loss' needs loss_fn='package.module:function' in the "
+                             "analysis params (or ctx.loss_fn set in Python)")
+        self.name, self.loss_fn, self.ref_loss = name, loss_fn, 0.0
+
+    def reference(self, refs: list[torch.Tensor]) -> "Metric":
+        """Set the clean loss (``metric='loss'``) from the clean outputs of every batch."""
+        if self.name == "loss":
+            with torch.no_grad():
+                total = sum(float(self.sums(r[None], r)[0]) for r in refs)
+            self.ref_loss = total / sum(len(r) for r in refs)
+        return self
+
+    def count(self, ref: torch.Tensor) -> int:
+        if self.name == "mse":
+            return ref.numel()
+        if self.name == "kl":
+            return ref.numel() // max(ref.shape[-1], 1)
+        return len(ref)
+
+    def sums(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        out, ref = out.float(), ref.float()
+        if self.name == "mse":
+            return (out - ref).pow(2).flatten(1).sum(1)
+        if self.name == "kl":
+            logp_ref = ref.log_softmax(-1)
+            kl = (logp_ref.exp() * (logp_ref - out.log_softmax(-1))).sum(-1)
+            return kl.flatten(1).sum(1)
+        return torch.stack([torch.as_tensor(self.loss_fn(o)).float().reshape(()) * len(ref)
+                            for o in out])
+
+    def finish(self, mean: torch.Tensor) -> torch.Tensor:
+        return (mean - self.ref_loss).abs() if self.name == "loss" else mean
+
+    def finish_grad(self, mean: float) -> float:
+        """d finish / d mean, for attribution (the loss metric is ``|mean - ref|``)."""
+        return (1.0 if mean >= self.ref_loss else -1.0) if self.name == "loss" else 1.0
+
+    def negligible(self, value: float, refs: list[torch.Tensor]) -> bool:
+        """Whether ``value`` is within float rounding of 0 for outputs like ``refs``."""
+        if self.name == "kl":
+            return value <= 1e-9
+        if self.name == "loss":
+            return value <= 1e-6 * max(abs(self.ref_loss), 1e-6)
+        power = sum(float(r.float().pow(2).sum()) for r in refs) / \
+            max(sum(r.numel() for r in refs), 1)
+        return value <= 1e-10 * max(power, 1e-6)
+
+    def value(self, out: torch.Tensor, ref: torch.Tensor) -> float:
+        """The change from ``ref`` to ``out`` (both ``[B, ...]``) on one batch."""
+        return float(self.finish(self.sums(out[None], ref)[0] / self.count(ref)))
+
+
+def make_metric(name: str, loss_fn: Optional[Callable] = None) -> Metric:
+    return Metric(name, loss_fn)
+
+
+Fill = Callable[[int, int, int], torch.Tensor]   # (batch index, call index, positions) -> [P, d]
+
+
+def edit_neurons(t: torch.Tensor, neurons: Optional[torch.Tensor], values: torch.Tensor
+                 ) -> torch.Tensor:
+    """A copy of ``t`` (``[K * B, ..., d]``) where stacked copy ``k`` has neuron ``neurons[k]``
+    set from ``values`` (``[P, d]`` per copy); ``neurons=None`` sets every neuron (K = 1)."""
+    d = t.shape[-1]
+    k = 1 if neurons is None else len(neurons)
+    flat = t.reshape(k, -1, d).clone()
+    values = values.to(device=t.device, dtype=t.dtype).expand(flat.shape[1], d)
+    if neurons is None:
+        flat[0] = values
+    else:
+        idx = neurons.to(t.device)
+        flat[torch.arange(k, device=t.device), :, idx] = values[:, idx].T
+    return flat.reshape(t.shape)
+
+
+def sweep(model: nn.Module, layer: str, batches: list[tuple[torch.Tensor, torch.Tensor]],
+          fill: Fill, metric: Metric, neurons: Optional[torch.Tensor] = None,
+          stack: int = 1) -> torch.Tensor:
+    """The metric for each neuron edited alone (``[len(neurons)]``), or for the whole layer
+    edited (``neurons=None``, a 1-element tensor).
+
+    ``batches`` holds ``(model input, clean reference output)`` pairs; each run edits the layer's
+    output with ``fill`` and compares the model output with the reference.  ``stack`` neurons
+    share one forward pass by stacking copies of the batch (only where :func:`can_stack`).
+    """
+    groups = [None] if neurons is None else list(torch.split(neurons, max(stack, 1)))
+    device = model_device(model)
+    out = []
+    with torch.no_grad():
+        for group in groups:
+            k = 1 if group is None else len(group)
+            total = torch.zeros(k)
+            count = 0
+            for b, (x, ref) in enumerate(batches):
+                def fn(t: torch.Tensor, call: int, b=b, group=group) -> torch.Tensor:
+                    positions = t.numel() // (t.shape[-1] * k)
+                    return edit_neurons(t, group, fill(b, call, positions))
+
+                with edit_output(model, layer, fn):
+                    y = output_of(model(repeat_batch(x, k).to(device)))
+                total += metric.sums(y.reshape(k, *ref.shape), ref.to(y.device)).cpu()
+                count += metric.count(ref)
+            out.append(metric.finish(total / max(count, 1)))
+    return torch.cat(out)
+
+
+def can_stack(model: nn.Module, layer: str, x: torch.Tensor) -> bool:
+    """Whether stacking copies of a batch is sound here: the layer's outputs and the model's
+    output keep the batch in dim 0, and rows do not mix (a batch's outputs equal its rows run
+    one at a time), so each stacked copy sees only its own edit."""
+    n = min(len(x), 4)
+    if n < 2:
+        return False
+    device = model_device(model)
+    x = x[:n].to(device)
+    with torch.no_grad():
+        with record_outputs(model, layer) as acts:
+            y = output_of(model(x))
+        if y.shape[:1] != (n,) or not acts or any(a.shape[:1] != (n,) for a in acts):
+            return False
+        alone = [output_of(model(x[i:i + 1])) for i in range(n)]
+    ok = all(a.shape == y[i:i + 1].shape for i, a in enumerate(alone)) and torch.allclose(
+        torch.cat(alone).float(), y.float(), rtol=1e-4, atol=1e-5)
+    if not ok:
+        log.info("mechray: %s: the model mixes rows of a batch; ablating one neuron per pass",
+                 layer)
+    return ok
