@@ -235,6 +235,8 @@ class ActivationSampler:
         """
         if global_step is None or int(global_step) < 0:
             raise ValueError(f"global_step={global_step!r} must be an integer >= 0")
+        if self._transport is not None:
+            self._transport.check()  # a failed write stops us before more rows are handed off
         with self._lock:
             chunks = {k: list(v) for k, v in self._cache.items() if v}
             info = {k: dict(v) for k, v in self._info.items()}

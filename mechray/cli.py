@@ -4,6 +4,10 @@ Usage::
 
     mechray ls ./mechint_cache            # layers, shapes, rows, shards (a directory or s3://...)
     mechray inspect mechint_cache/activations_shard_000000_step_0.pt
+    mechray sync ./mechint_cache          # upload shards an S3 outage left in the local spool
+    mechray repair ./mechint_cache        # after a crash: adopt complete orphans, drop the gone
+    mechray analyze ./mechint_cache --analyses neuron,feature,sae --out results/
+    mechray analyze s3://bucket/prefix --endpoint-url http://127.0.0.1:9000 --analyses neuron
     mechray demo --out demo_output        # train the demo model with capture through Ray
 """
 
@@ -57,6 +61,73 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from mechray.config import MechIntConfig
+    from mechray.runner import EvalMechIntRunner
+
+    names = [n.strip() for n in args.analyses.split(",") if n.strip()]
+    params = json.loads(args.params) if args.params else {}
+    if not isinstance(params, dict):
+        raise ValueError(f"--params must be a JSON object like '{{\"sae\": {{\"k\": 16}}}}', "
+                         f"got {args.params!r}")
+    model = _build_model(args.model) if args.model else None
+    if args.model_checkpoint and model is None:
+        raise ValueError("--model-checkpoint needs --model module:Class to build the model into")
+    if args.ray:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    layers = [x for x in args.layers.split(",") if x] if args.layers else None
+    config = MechIntConfig(sample_layers=layers or ["*"], analyses_to_run=names,
+                           analysis_params=params, s3_endpoint_url=args.endpoint_url,
+                           analysis_layers=layers, analysis_num_gpus=args.num_gpus,
+                           use_ray=bool(args.ray), verbose=not args.quiet)
+    runner = EvalMechIntRunner(model, config)
+    results = runner.run_mechint_eval(checkpoint_path=args.model_checkpoint,
+                                      hidden_shards_path=args.path, out_dir=args.out)
+    report = runner.export_results(args.out)
+    for name, per in results.items():
+        skipped = {la: r["reason"] for la, r in per.items() if r.get("skipped")}
+        print(f"{name:9s} {len(per) - len(skipped)}/{len(per)} layer(s)"
+              + "".join(f"\n  skipped {la}: {why}" for la, why in skipped.items()))
+    print(f"results: {report.parent / 'mechint_results.json'}")
+    print(f"report:  {report}")
+    return 0
+
+
+def _build_model(spec: str):
+    """``package.module:Class`` -> ``Class()`` (the user's own code, imported on request)."""
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"--model {spec!r} must look like 'package.module:ClassName'")
+    return getattr(importlib.import_module(module), attr)()
+
+
+def cmd_sync(args) -> int:
+    from mechray.recovery import sync
+
+    result = sync(args.path, endpoint_url=args.endpoint_url)
+    print(f"{args.path}: {result['uploaded']} shard(s) uploaded, {result['pending']} still "
+          f"pending, {result['shards']} listed")
+    return 0 if result["pending"] == 0 else 1
+
+
+def cmd_repair(args) -> int:
+    from mechray.recovery import repair
+
+    report = repair(args.path, endpoint_url=args.endpoint_url)
+    for key in ("adopted", "salvaged", "quarantined", "missing", "removed_temp"):
+        names = report[key]
+        print(f"{key:13s} {len(names):4d}  {' '.join(names[:6])}{' ...' if len(names) > 6 else ''}")
+    print(f"{args.path}: {report['shards']} shard(s) listed"
+          + (f", {report['pending_upload']} pending upload: run `mechray sync {args.path}`"
+             if report["pending_upload"] else ""))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from mechray.demo.run import main as demo_main
 
@@ -76,6 +147,32 @@ def main(argv=None) -> int:
     p = sub.add_parser("inspect", help="show one shard's metadata and per-layer figures")
     p.add_argument("shard")
     p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("analyze", help="run analyses over a store; write JSON, report, plots")
+    p.add_argument("path", help="a store directory or s3://bucket/prefix")
+    p.add_argument("--analyses", default="neuron,feature",
+                   help="comma-separated: neuron,feature,sae,causal,circuit,dynamics")
+    p.add_argument("--out", default="results", help="directory for results, report and plots")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    p.add_argument("--layers", default=None, help="comma-separated captured layers (default all)")
+    p.add_argument("--params", default=None,
+                   help='per-analysis parameters as JSON, e.g. \'{"sae": {"k": 16}}\'')
+    p.add_argument("--model", default=None, help="module:Class building the model (for causal, "
+                   "circuit and SAE splicing)")
+    p.add_argument("--model-checkpoint", default=None,
+                   help="Lightning .ckpt or state_dict file loaded into --model")
+    p.add_argument("--ray", action="store_true", help="fan out over Ray (see --ray-address)")
+    p.add_argument("--ray-address", default="local", help="Ray address for --ray")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per fit/model Ray task")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_analyze)
+    p = sub.add_parser("sync", help="upload shards left pending by an S3 outage")
+    p.add_argument("path", help="the capture's storage_path (holds manifest.json)")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    p.set_defaults(fn=cmd_sync)
+    p = sub.add_parser("repair", help="reconcile files and manifest after a crash")
+    p.add_argument("path", help="the capture's storage_path (holds manifest.json)")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    p.set_defaults(fn=cmd_repair)
     p = sub.add_parser("demo", help="train the demo model with capture (see: mechray demo -h)",
                        add_help=False)
     p.set_defaults(fn=cmd_demo)

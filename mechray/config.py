@@ -58,6 +58,9 @@ class MechIntConfig(BaseModel):
         None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
     s3_region: Optional[str] = None
     s3_multipart_threshold_mb: int = 64
+    s3_retry_seconds: float = Field(
+        60.0, description="how long one upload retries a down endpoint before the shard is "
+                          "left in the local spool, marked pending_upload (see `mechray sync`)")
 
     # --- capture -------------------------------------------------------------------------------
     storage_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -74,9 +77,17 @@ class MechIntConfig(BaseModel):
     max_shards_in_flight: int = 4
     writer_num_cpus: float = 0.0
     ray_namespace: str = "mechray"
+    on_write_error: Literal["raise", "drop"] = Field(
+        "raise", description="'raise': keep the failed shard in memory and stop training at the "
+                             "next save; 'drop': log loudly, discard the shard, keep training")
 
     # --- analysis ------------------------------------------------------------------------------
     analysis_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    analysis_layers: Optional[list[str]] = Field(
+        None, description="captured layers to analyse; None analyses every captured layer")
+    analysis_num_cpus: float = Field(1.0, description="CPUs per Ray analysis task")
+    analysis_num_gpus: float = Field(0.0, description="GPUs per Ray fit/model analysis task")
+    eval_max_samples: int = Field(256, description="model inputs used by model analyses at most")
 
     # ------------------------------------------------------------------------------------------
     def __init__(self, **data: Any) -> None:
@@ -102,7 +113,7 @@ class MechIntConfig(BaseModel):
         return list(v)
 
     @field_validator("save_hidden_every_n_steps", "max_activations_per_shard", "num_writers",
-                     "max_shards_in_flight", "s3_multipart_threshold_mb")
+                     "max_shards_in_flight", "s3_multipart_threshold_mb", "eval_max_samples")
     @classmethod
     def _positive(cls, v: int, info) -> int:
         if v <= 0:
@@ -116,11 +127,25 @@ class MechIntConfig(BaseModel):
             raise ValueError(f"rows_per_step={v!r} must be >= 1, or None to keep every row")
         return v
 
-    @field_validator("writer_num_cpus")
+    @field_validator("writer_num_cpus", "analysis_num_gpus", "s3_retry_seconds")
     @classmethod
-    def _cpus(cls, v: float) -> float:
+    def _cpus(cls, v: float, info) -> float:
         if v < 0:
-            raise ValueError(f"writer_num_cpus={v!r} must be >= 0")
+            raise ValueError(f"{info.field_name}={v!r} must be >= 0")
+        return v
+
+    @field_validator("analysis_num_cpus")
+    @classmethod
+    def _task_cpus(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"analysis_num_cpus={v!r} must be > 0 (e.g. 1)")
+        return v
+
+    @field_validator("analysis_layers")
+    @classmethod
+    def _analysis_layers(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        if v is not None and not v:
+            raise ValueError("analysis_layers is empty; list captured layers, or None for all")
         return v
 
     @field_validator("analyses_to_run")

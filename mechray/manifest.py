@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from mechray import s3
 from mechray.shard import parse_shard_name
-from mechray.storage import StorageTarget, atomic_write, upload
+from mechray.storage import ShardSink, StorageTarget, atomic_write, upload
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class Manifest:
                 doc["config"] = config
         self.doc = doc
         self._by_file = {e["file"]: e for e in doc["shards"]}
+        self.upload_pending = False
 
     def add(self, *entries: dict[str, Any]) -> int:
         """Record durable shards (idempotent per file name); returns how many shards are listed."""
@@ -98,19 +100,33 @@ class Manifest:
             self._write()
             return len(self._by_file)
 
+    def remove(self, *files: str) -> None:
+        """Forget entries (used by ``mechray repair`` for files that are gone or corrupt)."""
+        with self._lock:
+            for f in files:
+                self._by_file.pop(f, None)
+            if files:
+                self._write()
+
     def entries(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._by_file.values())
 
     def next_index(self, rank: int) -> int:
         """One past the highest shard index this rank has in the manifest or on disk."""
-        used = [e["index"] for e in self.entries() if e.get("rank", 0) == rank]
-        shard_dir = self.target.shard_dir
-        if shard_dir.is_dir():
-            for p in shard_dir.iterdir():
-                parsed = parse_shard_name(p.name)
-                if parsed and parsed["rank"] == rank:
-                    used.append(parsed["index"])
+        from mechray.recovery import orphans, temp_target
+
+        listed = self.entries()
+        used = [e["index"] for e in listed if e.get("rank", 0) == rank]
+        strays = orphans(self.target, {e["file"] for e in listed})
+        for p in strays:
+            parsed = parse_shard_name(temp_target(p.name) or p.name)
+            if parsed and parsed["rank"] == rank:
+                used.append(parsed["index"])
+        if strays:
+            log.warning("%d file(s) in %s are not in the manifest (an interrupted run?); new "
+                        "shards are numbered after them. `mechray repair %s` adopts the "
+                        "complete ones", len(strays), self.target.shard_dir, self.target.local_dir)
         return max(used, default=-1) + 1
 
     def _write(self) -> None:
@@ -120,7 +136,35 @@ class Manifest:
         self.doc = doc
         atomic_write(self.path, json.dumps(doc, indent=1).encode())
         if self.target.uses_s3:
-            upload(self.target, self.path, self.filename)
+            try:  # one quick try while an outage is known, full backoff otherwise
+                upload(self.target, self.path, self.filename,
+                       0.0 if self.upload_pending else min(5.0, self.target.retry_seconds))
+                self.upload_pending = False
+            except Exception as exc:
+                if not s3.transient(exc):
+                    raise
+                self.upload_pending = True
+                log.warning("manifest upload deferred (S3 unavailable: %s); the local %s is "
+                            "current and is uploaded with the next shard or `mechray sync`",
+                            exc, self.path)
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Entries of shards that are durable locally but not uploaded yet."""
+        return [e for e in self.entries() if e.get("pending_upload")]
+
+    def sync_pending(self, budget_s: Optional[float] = None) -> tuple[int, int]:
+        """Upload every pending shard (and the manifest); returns ``(uploaded, still_pending)``."""
+        sink = ShardSink(self.target)
+        uploaded = 0
+        for entry in self.pending():
+            entry = dict(entry)
+            if sink.upload(entry, self.target.shard_dir / entry["file"], budget_s):
+                uploaded += 1
+            with self._lock:
+                self._by_file[entry["file"]] = entry
+        with self._lock:
+            self._write()
+        return uploaded, len(self.pending())
 
 
 def merge_rank_manifests(target: StorageTarget, config: Optional[dict[str, Any]] = None) -> int:
@@ -137,8 +181,6 @@ def merge_rank_manifests(target: StorageTarget, config: Optional[dict[str, Any]]
     for p in partials:
         p.unlink(missing_ok=True)
         if target.uses_s3:
-            from mechray import s3
-
             target.client().delete_object(Bucket=target.bucket, Key=s3.key_for(target.prefix, p.name))
     log.info("merged %d rank manifests into %s (%d shards)", len(partials), owner.path, count)
     return count

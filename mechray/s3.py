@@ -14,8 +14,12 @@ Ceph, moto, R2) accept the requests; integrity is mechray's own sha256 per shard
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Optional
+
+log = logging.getLogger(__name__)
 
 _CLIENTS: dict[tuple, object] = {}
 
@@ -43,7 +47,7 @@ def client(endpoint_url: Optional[str] = None, region: Optional[str] = None):
         os.environ.get("AWS_ENDPOINT_URL") or None
     key = (endpoint_url, region, os.getpid())
     if key not in _CLIENTS:
-        cfg = Config(retries={"max_attempts": 8, "mode": "standard"},
+        cfg = Config(retries={"max_attempts": 3, "mode": "standard"},
                      request_checksum_calculation="when_required",
                      response_checksum_validation="when_required",
                      connect_timeout=5, read_timeout=60)
@@ -61,3 +65,34 @@ def transfer_config(threshold_mb: int = 64):
     return TransferConfig(multipart_threshold=threshold_mb * mb,
                           multipart_chunksize=max(8, threshold_mb // 4) * mb,
                           max_concurrency=4, use_threads=True)
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether an S3 error may go away by itself (endpoint down, timeouts, throttling, 5xx)."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, HTTPClientError)):
+            return True
+        if isinstance(exc, ClientError):
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            code = exc.response.get("Error", {}).get("Code", "")
+            return status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout")
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def with_backoff(fn, budget_s: float, what: str):
+    """Call ``fn()``; retry transient S3 errors with exponential backoff for ``budget_s`` seconds."""
+    deadline, delay = time.monotonic() + budget_s, 0.25
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("S3 unavailable for %s (%s); retrying in %.1fs", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)

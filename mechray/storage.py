@@ -14,6 +14,7 @@ first and removed from it only once the upload has succeeded, so a failed upload
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -39,13 +40,27 @@ class StorageTarget:
     endpoint_url: Optional[str] = None
     region: Optional[str] = None
     multipart_threshold_mb: int = 64
+    retry_seconds: float = 60.0
 
     @classmethod
     def from_config(cls, config) -> "StorageTarget":
         return cls(backend=config.storage_backend, local_dir=str(config.local_dir),
                    bucket=config.s3_bucket, prefix=config.s3_prefix,
                    endpoint_url=config.endpoint_url, region=config.s3_region,
-                   multipart_threshold_mb=config.s3_multipart_threshold_mb)
+                   multipart_threshold_mb=config.s3_multipart_threshold_mb,
+                   retry_seconds=config.s3_retry_seconds)
+
+    @classmethod
+    def from_manifest(cls, local_dir, config: dict[str, Any], endpoint_url: Optional[str] = None
+                      ) -> "StorageTarget":
+        """The target a store directory was written with (its manifest records the config)."""
+        from mechray.config import MechIntConfig
+
+        if not config:
+            return cls(backend="local", local_dir=str(Path(local_dir).resolve()))
+        cfg = MechIntConfig.from_dict({**config, "storage_path": str(local_dir),
+                                       **({"s3_endpoint_url": endpoint_url} if endpoint_url else {})})
+        return cls.from_config(cfg)
 
     @property
     def uses_s3(self) -> bool:
@@ -89,10 +104,17 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
         os.close(dir_fd)
 
 
-def upload(target: StorageTarget, path: Path, name: str) -> str:
-    """Upload a local file to ``{prefix}/{name}``; returns its ``s3://`` URI."""
-    target.client().upload_file(str(path), target.bucket, s3.key_for(target.prefix, name),
-                                Config=s3.transfer_config(target.multipart_threshold_mb))
+class StorageFullError(OSError):
+    """No space left where a shard or manifest had to be written; the message says what was kept."""
+
+
+def upload(target: StorageTarget, path: Path, name: str, budget_s: Optional[float] = None) -> str:
+    """Upload a local file to ``{prefix}/{name}``, retrying a down endpoint with backoff for
+    ``budget_s`` (default ``target.retry_seconds``); returns its ``s3://`` URI."""
+    key = s3.key_for(target.prefix, name)
+    s3.with_backoff(lambda: target.client().upload_file(
+        str(path), target.bucket, key, Config=s3.transfer_config(target.multipart_threshold_mb)),
+        target.retry_seconds if budget_s is None else budget_s, f"s3://{target.bucket}/{key}")
     return target.uri(name)
 
 
@@ -103,14 +125,43 @@ class ShardSink:
         self.target = target
 
     def write(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Store one shard; returns its manifest entry once it is durable.
+
+        Durable means on local disk for ``local``, and for ``s3``/``both`` uploaded, or, when the
+        endpoint stays down past ``retry_seconds``, kept in the local spool with
+        ``pending_upload: true`` for ``mechray sync`` (or the writer's close) to finish.
+        """
         name = payload["metadata"]["file"]
         data, digest = encode(payload)
         path = self.target.shard_dir / name
-        atomic_write(path, data)
+        try:
+            atomic_write(path, data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFullError(
+                    exc.errno, f"no space left on {path.parent} for shard {name} "
+                               f"({len(data)} bytes); shards written before it are kept and "
+                               f"listed in the manifest. Free space, or point storage_path "
+                               f"elsewhere") from exc
+            raise
         entry = entry_for(payload, len(data), digest)
         if self.target.uses_s3:
-            entry["s3_uri"] = upload(self.target, path, name)
-            if self.target.backend == "s3":
-                path.unlink(missing_ok=True)
+            self.upload(entry, path)
         log.debug("shard %s durable (%d bytes)", name, len(data))
         return entry
+
+    def upload(self, entry: dict[str, Any], path: Path, budget_s: Optional[float] = None) -> bool:
+        """Upload a durable local shard; on a lasting outage mark it pending instead of failing."""
+        try:
+            entry["s3_uri"] = upload(self.target, path, entry["file"], budget_s)
+        except Exception as exc:
+            if not s3.transient(exc):
+                raise
+            log.warning("S3 still unavailable; shard %s stays in %s as pending_upload (%s)",
+                        entry["file"], path.parent, exc)
+            entry["s3_uri"], entry["pending_upload"] = None, True
+            return False
+        entry.pop("pending_upload", None)
+        if self.target.backend == "s3":
+            path.unlink(missing_ok=True)
+        return True

@@ -51,6 +51,8 @@ class TransportStats:
     bytes_written: int = 0
     in_flight: int = 0
     peak_in_flight: int = 0
+    shards_dropped: int = 0
+    pending_uploads: int = 0
     blocked_seconds: float = 0.0
     entries: list[dict[str, Any]] = field(default_factory=list)
 
@@ -78,7 +80,19 @@ class Transport:
     def _write(self, pending: PendingShard) -> dict[str, Any]:
         raise NotImplementedError
 
-    # --- the caller's side ---------------------------------------------------------------------
+    def _sync_pending(self, budget_s: float) -> tuple[int, int]:
+        """Retry uploads left pending by an S3 outage; ``(uploaded, still_pending)``."""
+        raise NotImplementedError
+
+    # --- the caller's side ----------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise the pending write failures now (``on_write_error='raise'``): training stops at
+        the next save instead of losing more shards.  The failed shards stay in ``failed``."""
+        with self._lock:
+            errors = dict(self._errors)
+        if errors and self.config.on_write_error == "raise":
+            raise ShardWriteError(errors)
+
     def submit(self, pending: PendingShard) -> None:
         if self._closed:
             raise RuntimeError("transport is closed; create a new sampler to capture again")
@@ -104,8 +118,14 @@ class Transport:
                 self.stats.shards_written += 1
                 self.stats.bytes_written += entry["bytes"]
                 self.stats.entries.append(entry)
+                self.stats.pending_uploads += bool(entry.get("pending_upload"))
                 self.failed.pop(pending.name, None)
                 self._errors.pop(pending.name, None)
+            elif self.config.on_write_error == "drop":
+                self.stats.shards_dropped += 1
+                log.error("DROPPED shard %s (%d dropped so far): %s. Capture goes on because "
+                          "on_write_error='drop'; set it to 'raise' to stop training instead",
+                          pending.name, self.stats.shards_dropped, exc)
             else:
                 log.error("shard %s failed to write: %s", pending.name, exc)
                 self.failed[pending.name] = pending
@@ -142,6 +162,13 @@ class Transport:
             return
         try:
             self.flush()
+            if self.stats.pending_uploads:
+                uploaded, left = self._sync_pending(self.target.retry_seconds)
+                self.stats.pending_uploads = left
+                if left:
+                    log.warning("%d shard(s) are durable in %s but not uploaded yet (S3 down); "
+                                "run `mechray sync %s` when it is back", left,
+                                self.target.shard_dir, self.target.local_dir)
         finally:
             self._closed = True
             self._pool.shutdown(wait=True)
@@ -165,6 +192,9 @@ class ThreadTransport(Transport):
         self.manifest.add(entry)
         return entry
 
+    def _sync_pending(self, budget_s: float) -> tuple[int, int]:
+        return self.manifest.sync_pending(budget_s)
+
 
 class RayTransport(Transport):
     """With Ray: shards travel through the object store to the store's named writer actors."""
@@ -185,6 +215,11 @@ class RayTransport(Transport):
         done, entry = self.pool.write(pending.index, wire)
         ray.get(done)
         return ray.get(entry)
+
+    def _sync_pending(self, budget_s: float) -> tuple[int, int]:
+        import ray
+
+        return tuple(ray.get(self.pool.manifest.sync_pending.remote(budget_s)))
 
 
 def ray_active() -> bool:

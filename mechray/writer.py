@@ -60,6 +60,9 @@ class ManifestOwner:
     def next_index(self, rank: int) -> int:
         return self.manifest.next_index(rank)
 
+    def sync_pending(self, budget_s: float) -> tuple[int, int]:
+        return self.manifest.sync_pending(budget_s)
+
 
 class WriterPool:
     """Handles to a store's writer actors and its manifest owner."""

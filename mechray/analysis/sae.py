@@ -1,1 +1,375 @@
-"""sae analysis (being written)."""
+"""``sae``: a sparse autoencoder per layer, trained by streaming the layer's shards.
+
+Usage::
+
+    from mechray.analysis import get_analysis, Context
+
+    sae = get_analysis("sae", {"architecture": "topk", "expansion_factor": 8, "k": 32,
+                               "epochs": 2, "device": "auto"})
+    result = sae.fit(Context(store=ShardStore("./mechint_cache"), out_dir=Path("results"),
+                             model=model, eval_data=inputs), "popt")
+    result["explained_variance"], result["l0"], result["weights_path"]   # "sae/popt.safetensors"
+    # later: mechray.analysis.sae_model.load_sae("results/sae/popt.safetensors").encode(x)
+
+Data: every shard is split once, deterministically from ``seed`` and its file name, into training
+rows and ``holdout_fraction`` held-out rows (at most ``max_eval_rows`` in all).  A layer whose
+training rows fit in ``buffer_mb`` is read once and kept in memory (on the training device) for
+all epochs; a larger one is streamed shard by shard through a shuffle buffer that mixes rows
+across shards (peak memory about ``buffer_mb`` either way).  ``max_rows`` caps the training rows
+read.  ``device='auto'`` trains on CUDA when this process sees a GPU.
+
+Result keys (held-out rows, raw activation units): ``mse`` (mean squared error per element),
+``mse_mean_baseline`` (predicting the held-out mean), ``explained_variance`` (1 - FVU), ``l0``
+(active latents per row), ``dead_fraction`` (latents active neither on held-out rows nor in the
+last ``dead_steps_threshold`` training steps), ``cosine_similarity`` (mean cos(x, x_hat)),
+``l2_ratio`` (shrinkage: mean ||x_hat|| / ||x||), ``n_latents``, ``latent_log10_frequency`` (per
+latent, ``null`` when never active), ``latent_density_histogram``, ``train`` (steps, rows, loss
+curve, ...), ``splice`` (see :func:`splice_metrics`) and ``weights_path`` / ``config_path``
+(relative to ``ctx.out_dir``; ``None`` without one).  Formulas and file layout:
+:mod:`mechray.analysis.sae_model`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import re
+import sys
+import time
+import zlib
+from typing import Any, Iterator, Literal, Optional
+
+import torch
+from pydantic import Field, model_validator
+from tqdm.auto import tqdm
+
+from mechray.analysis.base import Analysis, AnalysisParamsError, Context, Params, Skip, register
+from mechray.analysis.intervene import edit_output, eval_inputs, eval_mode, model_device, run_model
+from mechray.analysis.sae_model import SAETrainer, SparseAutoencoder, save_sae
+
+log = logging.getLogger(__name__)
+MAX_LATENTS = 65536
+MAX_PARAMETERS = 2 ** 28        # n_latents * d_in: ~4 GiB of weights + Adam state in float32
+MAX_CODE_ELEMENTS = 2 ** 28     # batch_size * n_latents: ~1 GiB per activation tensor
+
+
+class SAEParams(Params):
+    architecture: Literal["topk", "batchtopk", "relu"] = "topk"
+    expansion_factor: int = Field(8, ge=1, le=256, description="n_latents = expansion_factor * d")
+    n_latents: Optional[int] = Field(None, ge=1, le=MAX_LATENTS, description="overrides expansion")
+    k: int = Field(32, ge=1, le=4096, description="active latents per row (topk, batchtopk)")
+    l1_coefficient: float = Field(5.0, ge=0.0, le=1e4, description="L1 weight (relu only)")
+    lr: Optional[float] = Field(None, gt=0.0, le=1.0,
+                                description="Adam lr; None: 2e-4 / sqrt(n_latents / 16384)")
+    epochs: int = Field(1, ge=1, le=10_000)
+    steps: Optional[int] = Field(None, ge=1, le=10_000_000, description="overrides epochs")
+    batch_size: int = Field(4096, ge=1, le=65536)
+    seed: int = Field(0, ge=0, le=2 ** 31 - 1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    aux_k: Optional[int] = Field(None, ge=0, le=MAX_LATENTS,
+                                 description="AuxK latents; None: d // 2, 0 disables")
+    aux_coefficient: float = Field(1 / 32, ge=0.0, le=100.0)
+    dead_steps_threshold: int = Field(256, ge=1, le=10_000_000)
+    holdout_fraction: float = Field(0.05, gt=0.0, le=0.5)
+    max_eval_rows: int = Field(8192, ge=16, le=1_000_000)
+    max_rows: Optional[int] = Field(None, ge=1, le=10 ** 10, description="training rows read")
+    buffer_mb: float = Field(512.0, ge=1.0, le=65536.0, description="shuffle-buffer budget")
+    normalize_input: bool = True
+    b_dec_init: Literal["mean", "geometric_median", "zeros"] = "mean"
+    splice_max_inputs: int = Field(256, ge=1, le=100_000, description="eval inputs spliced")
+    save_weights: bool = True
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> "SAEParams":
+        if self.n_latents is not None and self.architecture != "relu" and self.k > self.n_latents:
+            raise ValueError(f"k={self.k} must be <= n_latents={self.n_latents}; lower k or "
+                             f"raise n_latents")
+        return self
+
+
+@register
+class SAEAnalysis(Analysis):
+    """Trains one sparse autoencoder per layer (kind ``fit``) and evaluates it on held-out rows."""
+
+    name = "sae"
+    kind = "fit"
+    Params = SAEParams
+
+    def fit(self, ctx: Context, layer: str) -> dict[str, Any]:
+        p: SAEParams = self.params
+        if ctx.store is None:
+            raise Skip("sae needs stored shards of the layer (no store was given)")
+        device = _device(p.device)
+        data = _LayerRows(ctx.store, layer, p, device)
+        d = data.d
+        n_latents = p.n_latents or p.expansion_factor * d
+        self._check_sizes(d, n_latents)
+        lr = p.lr or min(1e-2, 2e-4 / math.sqrt(n_latents / 16384))
+        gen = torch.Generator().manual_seed(p.seed)
+        sae = SparseAutoencoder(d, n_latents, p.architecture, p.k, generator=gen).to(device)
+        aux_k = min(d // 2 if p.aux_k is None else p.aux_k, n_latents)
+        per_epoch = data.steps_per_epoch()
+        total = p.steps or (per_epoch * p.epochs if per_epoch else None)
+        trainer = SAETrainer(sae, lr, p.l1_coefficient, aux_k, p.aux_coefficient,
+                             p.dead_steps_threshold, total_steps=total)
+        t0, curve, rows_seen = time.perf_counter(), [], 0
+        every = max(1, (total or 1000) // 100)
+        with tqdm(total=total, desc=f"sae {layer}", unit="step", leave=False,
+                  disable=not sys.stderr.isatty()) as bar:
+            for batch in itertools.islice(data.batches(None if p.steps else p.epochs), p.steps):
+                if trainer.n_steps == 0:
+                    sae.init_from_data(data.sample, p.normalize_input, p.b_dec_init)
+                loss = trainer.step(batch)
+                rows_seen += len(batch)
+                bar.update(1)
+                if trainer.n_steps % every == 0:
+                    curve.append([trainer.n_steps, round(float(loss), 6)])
+        seconds = time.perf_counter() - t0
+        sae.eval()
+        window = min(p.dead_steps_threshold, trainer.n_steps)
+        result = evaluate(sae, data.eval_rows(), trainer.steps_since_fired >= window, p.batch_size)
+        result.update(architecture=p.architecture, d_in=d, n_latents=n_latents,
+                      k=None if p.architecture == "relu" else p.k)
+        result["train"] = {"steps": trainer.n_steps, "epochs": data.epoch + 1,
+                           "rows_seen": rows_seen, "seconds": seconds,
+                           "rows_per_second": rows_seen / max(seconds, 1e-9),
+                           "lr": lr, "aux_k": aux_k, "device": str(device),
+                           "in_memory": data.in_memory, "loss_curve": curve,
+                           "final_loss": curve[-1][1] if curve else None}
+        result["splice"] = self._splice(sae, ctx, layer)
+        result["weights_path"] = result["config_path"] = None
+        if ctx.out_dir is not None and p.save_weights:
+            rel = f"sae/{safe_name(layer)}.safetensors"
+            save_sae(sae, ctx.out_dir / rel, {"layer": layer, "params": p.model_dump()})
+            result["weights_path"] = rel
+            result["config_path"] = rel[: -len(".safetensors")] + ".json"
+        log.info("sae %s: explained variance %.3f, l0 %.1f, dead %.3f (%d steps, %.1fs)", layer,
+                 result["explained_variance"], result["l0"], result["dead_fraction"],
+                 trainer.n_steps, seconds)
+        return _json_safe(result)
+
+    def _check_sizes(self, d: int, n_latents: int) -> None:
+        p = self.params
+        problems = []
+        if n_latents > MAX_LATENTS:
+            problems.append(f"n_latents={n_latents} (expansion_factor={p.expansion_factor} x "
+                            f"d={d}) exceeds {MAX_LATENTS}; lower expansion_factor or set "
+                            f"n_latents")
+        if n_latents * d > MAX_PARAMETERS:
+            problems.append(f"n_latents*d={n_latents * d} exceeds {MAX_PARAMETERS} weights; "
+                            f"lower expansion_factor / n_latents")
+        if p.batch_size * n_latents > MAX_CODE_ELEMENTS:
+            problems.append(f"batch_size*n_latents={p.batch_size * n_latents} exceeds "
+                            f"{MAX_CODE_ELEMENTS}; lower batch_size")
+        if p.architecture != "relu" and p.k > n_latents:
+            problems.append(f"k={p.k} exceeds n_latents={n_latents}; lower k or raise "
+                            f"expansion_factor")
+        if problems:
+            raise AnalysisParamsError(f"bad parameters for analysis 'sae': {'; '.join(problems)}")
+
+    def _splice(self, sae: SparseAutoencoder, ctx: Context, layer: str) -> dict[str, Any]:
+        try:
+            inputs = eval_inputs(ctx, self.params.splice_max_inputs)
+            return splice_metrics(sae, ctx.model, layer, inputs)
+        except Skip as exc:
+            return {"skipped": True, "reason": f"splice: {exc}"}
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            log.warning("sae %s: splice skipped: %s", layer, exc)
+            return {"skipped": True, "reason": f"splice failed: {exc}"}
+
+
+# --- data -------------------------------------------------------------------------------------
+class _LayerRows:
+    """Deterministic train / held-out split of a layer's shards, served as shuffled row groups."""
+
+    def __init__(self, store: Any, layer: str, p: SAEParams, device: torch.device):
+        self.store, self.layer, self.p, self.device = store, layer, p, device
+        store.check_layer(layer)         # raises KeyError naming the captured layers
+        info = store.layers()[layer]
+        self.d = int(math.prod(info["feature_shape"])) if info["feature_shape"] else 1
+        total = info["rows"]
+        self.n_train = total - round(p.holdout_fraction * total)
+        if p.max_rows is not None:
+            self.n_train = min(self.n_train, p.max_rows)
+        budget, row_bytes = p.buffer_mb * 2 ** 20, 4 * self.d
+        # peak memory: in memory, the rows plus one copy while joining shards; streaming, the
+        # buffer, its joined copy and its shuffled copy
+        self.in_memory = 2 * self.n_train * row_bytes <= budget
+        self.capacity = max(2 * p.batch_size, int(budget / (3 * row_bytes)))
+        self.quota = math.ceil(p.max_eval_rows / max(1, info["shards"]))
+        self.held: dict[str, torch.Tensor] = {}
+        self.train: Optional[torch.Tensor] = None
+        self.complete = False            # every shard within the row budget has been split
+        self.sample: Optional[torch.Tensor] = None
+        self.epoch = 0
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_train / self.p.batch_size)
+
+    def _shards(self, train: bool = True) -> Iterator[torch.Tensor]:
+        """Training rows per shard (holding out rows on the way), up to ``max_rows`` in all."""
+        taken = 0
+        for entry, rows in self.store.iter_layer(self.layer):
+            if self.p.max_rows is not None and taken >= self.p.max_rows:
+                break
+            rows = rows.reshape(len(rows), -1)
+            seed = self.p.seed * 1_000_003 + zlib.crc32(entry["file"].encode())
+            perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+            n_hold = max(1, round(self.p.holdout_fraction * len(rows))) if len(rows) > 1 else 0
+            if entry["file"] not in self.held:
+                self.held[entry["file"]] = rows[perm[:n_hold][: self.quota].sort().values].float()
+            n_train = len(rows) - n_hold if self.p.max_rows is None else \
+                min(len(rows) - n_hold, self.p.max_rows - taken)
+            taken += n_train
+            if train:
+                yield rows[perm[n_hold:].sort().values[:n_train]]
+        self.complete = True
+
+    def groups(self, epoch: int) -> Iterator[torch.Tensor]:
+        """Shuffled groups of training rows (float32, on the device) for one epoch."""
+        g = torch.Generator().manual_seed(self.p.seed + 7919 * (epoch + 1))
+        if self.in_memory:
+            if self.train is None:
+                parts = list(self._shards())
+                self.train = torch.cat(parts).to(self.device, torch.float32) if parts else \
+                    torch.empty(0, self.d, device=self.device)
+            yield self.train[torch.randperm(len(self.train), generator=g).to(self.device)]
+            return
+        buf: list[torch.Tensor] = []
+        held = 0
+        for rows in self._shards():
+            buf.append(rows)
+            held += len(rows)
+            if held >= self.capacity:
+                mixed = torch.cat(buf)
+                mixed = mixed[torch.randperm(len(mixed), generator=g)]
+                n_out = (len(mixed) - self.capacity // 2) // self.p.batch_size * self.p.batch_size
+                yield mixed[:n_out].to(self.device, torch.float32, non_blocking=True)
+                buf, held = [mixed[n_out:]], len(mixed) - n_out
+        if held:
+            mixed = torch.cat(buf)
+            yield mixed[torch.randperm(len(mixed), generator=g)].to(self.device, torch.float32)
+
+    def batches(self, epochs: Optional[int]) -> Iterator[torch.Tensor]:
+        """Training batches, epoch after epoch (without end when ``epochs`` is None)."""
+        for self.epoch in itertools.count() if epochs is None else range(epochs):
+            empty = True
+            for group in self.groups(self.epoch):
+                if self.sample is None:
+                    self.sample = group[:65536]     # for b_dec and the input scale
+                for i in range(0, len(group), self.p.batch_size):
+                    empty = False
+                    yield group[i:i + self.p.batch_size]
+            if empty:
+                raise Skip(f"layer {self.layer!r} has no training rows (holdout_fraction="
+                           f"{self.p.holdout_fraction}); capture more rows per shard")
+
+    def eval_rows(self) -> torch.Tensor:
+        """Held-out rows of every shard read for training (reads shards not reached yet)."""
+        if not self.complete:
+            for _ in self._shards(train=False):    # adds the shards training did not reach
+                pass
+        rows = [r for r in self.held.values() if len(r)]
+        if not rows:
+            raise Skip(f"layer {self.layer!r} has no held-out rows; raise holdout_fraction "
+                       f"or capture more rows per shard")
+        return torch.cat(rows)[: self.p.max_eval_rows]
+
+
+# --- metrics ----------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, x: torch.Tensor, dead_in_training: torch.Tensor,
+             batch_size: int = 4096) -> dict[str, Any]:
+    """Reconstruction and sparsity metrics of ``sae`` on rows ``x`` (see the module docstring)."""
+    dev = sae.W_dec.device
+    x = x.to(dev, torch.float32)
+    sq_err = dot = l0 = ratio = 0.0
+    counts = torch.zeros(sae.n_latents, device=dev)
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        z = sae.encode(xb)
+        xh = sae.decode(z)
+        sq_err += (xb - xh).pow(2).sum().item()
+        active = z > 0
+        counts += active.sum(0)
+        l0 += active.sum().item()
+        xn, hn = xb.norm(dim=1), xh.norm(dim=1)
+        dot += ((xb * xh).sum(1) / (xn * hn).clamp_min(1e-12)).sum().item()
+        ratio += (hn / xn.clamp_min(1e-12)).sum().item()
+    n = len(x)
+    total_var = (x - x.mean(0)).pow(2).sum().item()
+    freq = counts / n
+    ever = counts > 0
+    log_freq = [None if f == 0 else round(math.log10(f), 4) for f in freq.tolist()]
+    finite = torch.log10(freq[ever]).cpu() if ever.any() else torch.empty(0)
+    lo = min(-math.log10(max(n, 1)), float(finite.min()) if len(finite) else 0.0)
+    hist, edges = torch.histogram(finite.double(), bins=30, range=(math.floor(lo), 0.0))
+    dead = (~ever & dead_in_training.to(dev)).float().mean().item()
+    return {"mse": sq_err / (n * x.shape[1]), "mse_mean_baseline": total_var / (n * x.shape[1]),
+            "explained_variance": 1.0 - sq_err / max(total_var, 1e-30), "l0": l0 / n,
+            "dead_fraction": dead, "cosine_similarity": dot / n, "l2_ratio": ratio / n,
+            "eval_rows": n, "latent_log10_frequency": log_freq,
+            "latent_density_histogram": {"bin_edges": [round(e, 4) for e in edges.tolist()],
+                                         "counts": [int(c) for c in hist.tolist()],
+                                         "never_active": int((~ever).sum())}}
+
+
+# --- splicing into the model ------------------------------------------------------------------
+@torch.no_grad()
+def splice_metrics(sae: SparseAutoencoder, model: torch.nn.Module, layer: str,
+                   inputs: torch.Tensor, batch_size: int = 64) -> dict[str, Any]:
+    """Output degradation when ``layer``'s output is replaced by the SAE's reconstruction.
+
+    ``splice_metrics(sae, model, "popt", x)``: the layer's output (any shape ``[..., d]``) is
+    flattened to rows, reconstructed and reshaped back inside a hook that always comes off; the
+    model runs in eval mode (its training flags are restored).  Metric: MSE of the model's output
+    (its first tensor) against the clean output on ``inputs``, so ``clean`` is 0;
+    ``zero_ablated`` replaces the layer's output with zeros; ``fraction_recovered = (zero_ablated
+    - spliced) / (zero_ablated - clean)`` (1: the SAE loses nothing, 0: as bad as deleting the
+    layer; ``None`` when zeroing the layer does not change the output).
+    """
+    sae = sae.to(model_device(model)).eval()
+
+    def reconstruct(out: torch.Tensor, call: int) -> torch.Tensor:
+        if out.shape[-1] != sae.d_in:
+            raise ValueError(f"layer {layer!r} outputs feature size {out.shape[-1]} but the SAE "
+                             f"was trained on {sae.d_in}; splice into the layer the shards hold")
+        return sae(out.reshape(-1, sae.d_in).float()).reshape(out.shape).to(out.dtype)
+
+    with eval_mode(model):
+        clean = run_model(model, inputs, batch_size)
+        with edit_output(model, layer, reconstruct):
+            spliced = (run_model(model, inputs, batch_size) - clean).pow(2).mean().item()
+        with edit_output(model, layer, lambda out, call: torch.zeros_like(out)):
+            zero = (run_model(model, inputs, batch_size) - clean).pow(2).mean().item()
+    recovered = (zero - spliced) / zero if zero > 1e-12 * max(clean.pow(2).mean().item(), 1e-6) \
+        else None
+    return {"metric": "mse_vs_clean_output", "clean": 0.0, "spliced": spliced,
+            "zero_ablated": zero, "fraction_recovered": recovered, "inputs": len(inputs),
+            "skipped": False}
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise Skip(f"device={name!r} but CUDA is not available here; use device='auto' or 'cpu'")
+    return torch.device(name)
+
+
+def safe_name(layer: str) -> str:
+    """A file-name-safe form of a layer name (``blocks.0/attn`` -> ``blocks.0_attn``)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", layer).strip(".") or "layer"
+    return name[:200]
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
