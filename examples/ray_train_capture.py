@@ -78,8 +78,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), num_cpus=args.workers + 1,
-                 include_dashboard=False)
+        if os.environ.get("RAY_ADDRESS"):   # on a cluster (ray job submit, RayJob)
+            ray.init()
+        else:                                # a local Ray just for this run
+            ray.init(address="local", num_cpus=args.workers + 1, include_dashboard=False)
     config = run(args.out, args.workers, args.steps, args.every, args.s3_bucket,
                  args.s3_endpoint_url)
     from mechray import ShardStore

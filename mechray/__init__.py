@@ -35,6 +35,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 _LAZY = {
     "MechIntCallback": "mechray.callback",
     "EvalMechIntRunner": "mechray.runner",
+    "FastAPIIntegrationMixin": "mechray.api",
     "start_writer_pool": "mechray.writer",
 }
 

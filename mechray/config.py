@@ -89,6 +89,40 @@ class MechIntConfig(BaseModel):
     analysis_num_gpus: float = Field(0.0, description="GPUs per Ray fit/model analysis task")
     eval_max_samples: int = Field(256, description="model inputs used by model analyses at most")
 
+    # --- api (mechray.api / mechray.serve: the HTTP interpretation API) --------------------------
+    api_max_upload_mb: float = Field(64.0, gt=0, le=65536,
+                                     description="largest POST /interpret/upload body (else 413)")
+    api_max_json_kb: float = Field(64.0, gt=0, le=65536, description="largest JSON request body")
+    api_token_env: str = Field("MECHRAY_API_TOKEN", min_length=1,
+                               description="env var holding the bearer token; unset: no auth")
+    api_job_analyses: list[str] = Field(default_factory=lambda: ["sae"],
+                                        description="analyses that always run as jobs (202)")
+    api_job_cost: float = Field(2e9, ge=0, description="estimated operations over which a "
+                                "request runs as a job instead of answering at once")
+    api_max_cost: float = Field(5e13, gt=0, description="estimated operations over which a "
+                                "request is refused (422); run `mechray analyze` instead")
+    api_max_memory_mb: float = Field(8192.0, gt=0, description="estimated peak memory over "
+                                     "which a request is refused (422)")
+    api_cache_entries: int = Field(256, ge=0, le=100_000, description="cached results (LRU)")
+    api_max_concurrent: int = Field(2, ge=1, le=256,
+                                    description="analyses computing at once per process/replica")
+    api_job_workers: int = Field(1, ge=1, le=64, description="jobs running at once")
+    api_max_pending_jobs: int = Field(16, ge=1, le=10_000,
+                                      description="queued + running jobs before 429")
+    api_job_ttl_s: float = Field(3600.0, gt=0, description="finished jobs are kept this long")
+    api_manifest_ttl_s: float = Field(5.0, ge=0, description="re-read the manifest at least "
+                                      "this often (local stores also on any change)")
+
+    @field_validator("api_job_analyses")
+    @classmethod
+    def _api_job_analyses(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in ANALYSES:
+                raise ValueError(f"api_job_analyses has unknown analysis {name!r}"
+                                 f"{_close(name, ANALYSES)}; valid analyses are {list(ANALYSES)}")
+        return list(v)
+    # --- end of the api section ---------------------------------------------------------------
+
     # ------------------------------------------------------------------------------------------
     def __init__(self, **data: Any) -> None:
         try:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -182,7 +183,9 @@ class ShardStore:
         bucket, key = s3.parse_uri(entry["s3_uri"]) if entry.get("s3_uri") else \
             (self.bucket, s3.key_for(self.prefix, entry["file"]))
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.part")
+        fd, name = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".part", dir=local.parent)
+        os.close(fd)
+        tmp = Path(name)  # unique: concurrent readers of one shard never share a temp file
         try:
             self._client().download_file(bucket, key, str(tmp))
         except Exception as exc:

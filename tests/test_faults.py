@@ -18,40 +18,17 @@ from torch import nn
 from mechray import ActivationSampler, ShardStore, ShardWriteError
 from mechray.cli import main as cli
 from mechray.recovery import repair
+from mechray.testing import LocalS3
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class RestartableS3:
-    """A moto HTTP server that can be stopped and started again on the same port."""
-
-    def __init__(self):
-        from moto.server import ThreadedMotoServer
-
-        self._cls = ThreadedMotoServer
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.server.start()
-        self.host, self.port = self.server.get_host_and_port()
-        self.url = f"http://{self.host}:{self.port}"
-
-    def stop(self):
-        self.server.stop()
-
-    def start(self):
-        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-
 @pytest.fixture
 def flaky_s3():
-    s3 = RestartableS3()
-    bucket = f"flaky-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=s3.url).create_bucket(Bucket=bucket)
+    s3 = LocalS3()
+    bucket = s3.create_bucket(f"flaky-{uuid.uuid4().hex[:8]}")
     yield s3, bucket
-    try:
-        s3.stop()
-    except Exception:
-        pass
+    s3.stop()
 
 
 def _keys(url, bucket, prefix):

@@ -1,1 +1,174 @@
-"""feature analysis (being written)."""
+"""``feature``: PCA from an exactly merged covariance, and streaming k-means clustering.
+
+Usage::
+
+    from mechray.analysis import get_analysis
+
+    feature = get_analysis("feature", {"n_components": 10, "n_clusters": 8})
+    partial = feature.map(rows, entry, layer)            # per shard (Ray fans these out)
+    partial = feature.merge(partial, other)              # exact: count, mean, co-moment (float64)
+    result = feature.finalize(partial, ctx, layer)
+    result["explained_variance_ratio"], result["components_path"], result["clustering"]["sizes"]
+
+PCA: the partial holds the row count, the float64 mean and the co-moment ``sum (x-mean)(x-mean)^T``
+merged with Chan's formula, so ``finalize`` gets the covariance of all rows without holding them.
+Its eigenvectors equal scikit-learn's ``PCA(svd_solver='full')`` on the concatenated rows, with
+scikit-learn's sign convention (largest-magnitude loading positive).  Components, mean and
+explained variance go to ``{out_dir}/feature/{layer}.safetensors`` (``components_path`` is that
+path relative to ``out_dir``); without an ``out_dir`` the components are inlined.
+
+Clustering: scikit-learn ``MiniBatchKMeans.partial_fit`` streamed over the layer's shards in
+fixed-size batches (``kmeans_epochs`` passes), then one more pass for cluster sizes and total
+inertia over every row; the silhouette score is computed on a uniform random sample of rows
+(a bottom-k sample kept in the partial, so it merges exactly and does not depend on merge order).
+Without a store (uploaded activations) the sample is what gets clustered.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from mechray.analysis.base import Analysis, Context, Params, Skip, register
+
+
+class FeatureParams(Params):
+    n_components: int = Field(10, ge=1, le=1024, description="principal components kept")
+    n_clusters: int = Field(8, ge=2, le=1024, description="k-means clusters")
+    batch_size: int = Field(1024, ge=16, le=65536, description="rows per k-means partial_fit")
+    kmeans_epochs: int = Field(1, ge=1, le=20, description="passes over the shards for k-means")
+    sample_size: int = Field(2000, ge=10, le=50000, description="rows sampled for silhouette")
+    max_features: int = Field(8192, ge=1, le=65536, description="largest d for a d x d covariance")
+    seed: int = Field(0, ge=0)
+
+
+@register
+class FeatureAnalysis(Analysis):
+    """PCA (exact mergeable covariance) plus MiniBatchKMeans over shards (kind ``stat``)."""
+
+    name = "feature"
+    kind = "stat"
+    Params = FeatureParams
+
+    def map(self, rows: torch.Tensor, entry: dict[str, Any], layer: str) -> dict[str, Any]:
+        x = rows.reshape(len(rows), -1).to(torch.float64)
+        n, d = x.shape
+        if d > self.params.max_features:
+            raise Skip(f"layer {layer!r} has {d} features; a {d}x{d} covariance is over "
+                       f"max_features={self.params.max_features}: raise it or capture fewer")
+        mean = x.mean(0) if n else torch.zeros(d, dtype=torch.float64)
+        xc = x - mean
+        key = zlib.crc32(f"{entry['file']}|{layer}".encode())   # same sample in any merge order
+        rng = np.random.default_rng([self.params.seed, key])
+        prio = rng.random(n)
+        keep = np.sort(np.argsort(prio, kind="stable")[: self.params.sample_size])
+        return {"n": n, "mean": mean.numpy(), "com": (xc.T @ xc).numpy(),
+                "sample": x[torch.from_numpy(keep)].to(torch.float32).numpy(), "prio": prio[keep]}
+
+    def merge(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        n = a["n"] + b["n"]
+        if a["n"] == 0 or b["n"] == 0:
+            return b if a["n"] == 0 else a
+        delta = b["mean"] - a["mean"]
+        prio = np.concatenate([a["prio"], b["prio"]])
+        keep = np.argsort(prio, kind="stable")[: self.params.sample_size]
+        return {"n": n, "mean": a["mean"] + delta * (b["n"] / n),
+                "com": a["com"] + b["com"] + np.outer(delta, delta) * (a["n"] * b["n"] / n),
+                "sample": np.concatenate([a["sample"], b["sample"]])[keep], "prio": prio[keep]}
+
+    def finalize(self, partial: dict[str, Any], ctx: Context, layer: str) -> dict[str, Any]:
+        n, d = partial["n"], len(partial["mean"])
+        if n < 2:
+            raise Skip(f"layer {layer!r} has {n} stored row(s); PCA needs at least 2")
+        result = self._pca(partial, ctx, layer)
+        result["clustering"] = self._cluster(partial, ctx, layer)
+        result["num_samples"], result["num_features"] = int(n), int(d)
+        return result
+
+    # --- PCA -----------------------------------------------------------------------------------
+    def _pca(self, partial: dict[str, Any], ctx: Context, layer: str) -> dict[str, Any]:
+        n = partial["n"]
+        cov = partial["com"] / (n - 1)
+        evals, evecs = np.linalg.eigh(cov)
+        order = np.argsort(evals)[::-1]
+        k = min(self.params.n_components, len(evals), n)
+        ev = np.clip(evals[order[:k]], 0.0, None)
+        comps = evecs[:, order[:k]].T
+        comps *= np.sign(comps[np.arange(k), np.abs(comps).argmax(1)])[:, None]  # sklearn's sign
+        total = float(np.trace(cov))
+        out: dict[str, Any] = {
+            "n_components": int(k), "explained_variance": ev.tolist(),
+            "explained_variance_ratio": (ev / total if total > 0 else np.zeros(k)).tolist(),
+            "total_variance": total, "singular_values": np.sqrt(ev * (n - 1)).tolist()}
+        if k < self.params.n_components:
+            out["note"] = f"n_components capped at {k} (features or rows of layer {layer!r})"
+        if ctx.out_dir is None:
+            out["components"] = comps.tolist()
+        else:
+            from safetensors.numpy import save_file
+
+            rel = f"feature/{slug(layer)}.safetensors"
+            (ctx.out_dir / "feature").mkdir(parents=True, exist_ok=True)
+            save_file({"components": np.ascontiguousarray(comps), "mean": partial["mean"],
+                       "explained_variance": ev}, str(ctx.out_dir / rel))
+            out["components_path"] = rel
+        return out
+
+    # --- clustering ----------------------------------------------------------------------------
+    def _cluster(self, partial: dict[str, Any], ctx: Context, layer: str) -> dict[str, Any]:
+        from sklearn.cluster import MiniBatchKMeans
+        from sklearn.metrics import pairwise_distances_argmin_min, silhouette_score
+
+        p, n, sample = self.params, partial["n"], partial["sample"]
+        if n < p.n_clusters:
+            return {"skipped": True, "reason": f"{n} rows < n_clusters={p.n_clusters}"}
+        km = MiniBatchKMeans(n_clusters=p.n_clusters, batch_size=p.batch_size, random_state=p.seed,
+                             n_init=1)
+        streamed = ctx.store is not None
+        batches = (lambda: row_batches(ctx.store, layer, p.batch_size)) if streamed else \
+            (lambda: iter([sample]))
+        for _ in range(p.kmeans_epochs):
+            for batch in batches():
+                km.partial_fit(batch)
+        sizes = np.zeros(p.n_clusters, dtype=np.int64)
+        inertia = 0.0
+        for batch in batches():
+            labels, dist = pairwise_distances_argmin_min(batch, km.cluster_centers_)
+            sizes += np.bincount(labels, minlength=p.n_clusters)
+            inertia += float(np.square(dist, dtype=np.float64).sum())
+        labels = km.predict(sample)
+        distinct = len(np.unique(labels))
+        silhouette = float(silhouette_score(sample, labels, random_state=p.seed)) \
+            if 2 <= distinct < len(sample) else None
+        return {"method": "MiniBatchKMeans.partial_fit", "n_clusters": p.n_clusters,
+                "sizes": sizes.tolist(), "inertia": inertia, "silhouette": silhouette,
+                "silhouette_rows": int(len(sample)), "rows": "all" if streamed else "sample",
+                "epochs": p.kmeans_epochs}
+
+
+def row_batches(store, layer: str, batch_size: int) -> Iterator[np.ndarray]:
+    """Fixed-size float32 batches of a layer's rows, streamed shard by shard (last may be short)."""
+    carry: list[np.ndarray] = []
+    held = 0
+    for _, rows in store.iter_layer(layer):
+        x = rows.reshape(len(rows), -1).to(torch.float32).numpy()
+        while len(x):
+            take = x[: batch_size - held]
+            x = x[len(take):]
+            carry.append(take)
+            held += len(take)
+            if held == batch_size:
+                yield np.concatenate(carry) if len(carry) > 1 else carry[0]
+                carry, held = [], 0
+    if held:
+        yield np.concatenate(carry)
+
+
+def slug(layer: str) -> str:
+    """A file-name-safe form of a layer name (``heads.decoder`` stays ``heads.decoder``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", layer).strip(".") or "layer"

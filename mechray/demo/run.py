@@ -1,13 +1,18 @@
-"""``make demo`` / ``mechray demo``: train the NeuroFMX-like model with capture through Ray.
+"""``make demo`` / ``mechray demo``: train the NeuroFMX-like model with capture through Ray,
+then analyse the shards with every analysis and write the report.
 
 Usage::
 
     mechray demo --out demo_output --steps 200 --every 20
+    mechray demo --no-analysis                   # capture only
     python -m mechray.demo.run
 
 Starts a local Ray (``address='local'``, no dashboard), trains with :class:`MechIntCallback`
-writing through the Ray writer pool, then reports where the shards and manifest are and what
-they hold.
+writing through the Ray writer pool (plus, at every sampled step, one fixed probe batch in its own
+shard with its inputs, so ``dynamics`` can compare steps on the same inputs), reports where the
+shards and manifest are, then runs ``neuron``, ``feature``, ``sae``, ``causal``, ``circuit`` and
+``dynamics`` with :class:`EvalMechIntRunner` (fanned out over the same Ray) and prints the path of
+``demo_output/results/mechint_report.md``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,40 @@ log = logging.getLogger("mechray.demo")
 
 LAYERS = ["mamba_backbone.blocks.0", "mamba_backbone.blocks.3", "mamba_backbone.blocks.7",
           "perceiver", "popt", "heads.decoder", "heads.encoder"]
+# Small enough for a few minutes on 2 CPU cores.
+ANALYSIS_PARAMS = {
+    "sae": {"expansion_factor": 4, "k": 8, "steps": 150, "batch_size": 256, "device": "auto"},
+    "causal": {"n_inputs": 32, "top_n": 16, "max_rows": 2048},
+    "circuit": {"n_inputs": 32, "check_neurons": 4, "top_k": 16},
+    "feature": {"n_components": 10, "n_clusters": 6},
+    "dynamics": {"n_components": 5},
+}
+
+
+def probe_callback(mech, probe, every: int):
+    """A callback that, after each sampled step's shard, captures ``probe`` through ``mech``'s
+    sampler into a shard of its own (same step, inputs saved): fixed inputs seen at every step."""
+    import pytorch_lightning as pl
+    import torch
+
+    class ProbeBatch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step - 1
+            if step < 0 or step % every or mech.sampler is None:
+                return
+            sampler, was_training = mech.sampler, pl_module.training
+            sampler.current_step = step
+            pl_module.eval()
+            try:
+                sampler.register_hooks(pl_module)
+                with torch.no_grad():
+                    pl_module(probe.to(pl_module.device))
+            finally:
+                sampler.remove_hooks()
+                pl_module.train(was_training)
+            sampler.save_activations(step)
+
+    return ProbeBatch()
 
 
 def run_demo(out: str = "demo_output", steps: int = 200, every: int = 20, use_ray: bool = True,
@@ -39,8 +78,8 @@ def run_demo(out: str = "demo_output", steps: int = 200, every: int = 20, use_ra
     config = MechIntConfig(sample_layers=LAYERS, save_hidden_every_n_steps=every,
                            storage_path=str(store_dir), max_activations_per_shard=4096,
                            analyses_to_run=["neuron", "feature", "sae", "causal", "circuit",
-                                            "dynamics"],
-                           save_inputs=True, use_ray=use_ray)
+                                            "dynamics"], analysis_params=ANALYSIS_PARAMS,
+                           save_inputs=True, use_ray=use_ray, eval_max_samples=64)
     if use_ray:
         import ray
 
@@ -49,7 +88,10 @@ def run_demo(out: str = "demo_output", steps: int = 200, every: int = 20, use_ra
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                      log_to_driver=False)
     loader = DataLoader(spike_dataset(n_trials=1024), batch_size=32, shuffle=True)
-    trainer = pl.Trainer(max_steps=steps, callbacks=[MechIntCallback(config)], accelerator="cpu",
+    probe = spike_dataset(n_trials=16, seed=1).tensors[0]
+    mech = MechIntCallback(config)
+    trainer = pl.Trainer(max_steps=steps, callbacks=[mech, probe_callback(mech, probe, every)],
+                         accelerator="cpu",
                          devices=1, logger=pl.loggers.CSVLogger(str(Path(out) / "logs")),
                          enable_checkpointing=False, enable_model_summary=False)
     model = NeuroFMX()
@@ -58,6 +100,25 @@ def run_demo(out: str = "demo_output", steps: int = 200, every: int = 20, use_ra
     store = ShardStore(store_dir)
     log.info("shards and manifest in %s", store.root)
     return store.root
+
+
+def analyse(out: str = "demo_output") -> Path:
+    """Run every analysis on the demo's shards with the trained model; returns the report path."""
+    import torch
+
+    from mechray import EvalMechIntRunner, MechIntConfig
+    from mechray.demo.model import NeuroFMX
+
+    store_dir = Path(out) / "mechint_cache"
+    config = MechIntConfig(sample_layers=LAYERS, storage_path=str(store_dir),
+                           analyses_to_run=["neuron", "feature", "sae", "causal", "circuit",
+                                            "dynamics"], analysis_params=ANALYSIS_PARAMS,
+                           eval_max_samples=64)
+    torch.manual_seed(0)
+    runner = EvalMechIntRunner(NeuroFMX(), config)
+    runner.run_mechint_eval(checkpoint_path=str(Path(out) / "model.pt"),
+                            hidden_shards_path=str(store_dir))
+    return runner.export_results(Path(out) / "results")
 
 
 def summarize(store_dir: Path) -> str:
@@ -79,10 +140,14 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--no-ray", action="store_true", help="write with threads, not Ray")
+    parser.add_argument("--no-analysis", action="store_true", help="capture only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     root = run_demo(args.out, args.steps, args.every, use_ray=not args.no_ray)
     print(summarize(root))
+    if not args.no_analysis:
+        report = analyse(args.out)
+        print(f"report: {report}")
 
 
 if __name__ == "__main__":

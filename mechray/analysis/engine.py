@@ -1,0 +1,432 @@
+"""Running analyses over a store: fanned out as Ray tasks, or the same steps in one process.
+
+Usage::
+
+    from mechray.analysis.engine import Engine
+
+    engine = Engine("s3://bucket/exp001", endpoint_url="http://127.0.0.1:9000", out_dir="results")
+    results = engine.run(["neuron", "feature", "sae"], params={"sae": {"k": 16}},
+                         model=model, eval_data=inputs)
+    results["neuron"]["popt"]["mean"]                 # {analysis: {layer: JSON-safe dict}}
+
+The plan, identical with and without Ray (Ray is used when ``ray.is_initialized()`` unless
+``use_ray`` says otherwise):
+
+1. ``stat`` analyses: one task per (layer, shard) loads the shard once and ``map``s every stat
+   analysis on that layer's rows; partials are merged in a fixed pairwise tree (shard order), then
+   one task per (layer, analysis) runs ``finalize`` (which may stream the store again, e.g.
+   k-means in ``feature``).
+2. ``fit`` analyses: one task per (layer, analysis), submitted together with the stat tasks,
+   requesting ``num_gpus`` when configured.
+3. ``model`` analyses: after 1-2 (they read earlier results, e.g. ``neuron`` means), one task per
+   (layer, analysis) with the model ``ray.put`` once (in the driver if the model cannot be
+   serialised), one analysis after another in the requested order.
+
+Tasks get the store's location string and reopen it (cached per worker process), so nothing but
+paths and small manifests travel.  ``map`` receives the manifest entry plus this layer's
+``row_steps`` / ``row_positions`` (int64 tensors from the shard's metadata).  Files an analysis
+writes into ``ctx.out_dir`` are written by the task into a private directory and shipped back to
+the driver's ``out_dir`` (same relative paths), so a multi-node cluster needs no shared disk.
+
+An analysis that raises :class:`Skip`, needs a model that was not given, or fails is recorded as
+``{"skipped": True, "reason": ...}`` (plus ``"error"`` for failures) for that layer; a missing
+or corrupt shard raises :class:`~mechray.store.ShardError` naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from mechray.analysis.base import AnalysisParamsError, Context, Skip, get_analysis
+from mechray.store import ShardError, ShardStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    kind: str
+    params: dict
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """What a task needs to reopen a store (S3 downloads go to the driver's cache directory)."""
+
+    location: str
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    cache_dir: Optional[str] = None
+
+    @classmethod
+    def of(cls, store: ShardStore) -> "StoreRef":
+        cache = None
+        if store.is_s3:  # store.root is {cache_dir}/s3/{bucket}/{prefix or _root}
+            cache = str(store.root.parents[len(Path(store.prefix or "_root").parts) + 1])
+        return cls(store.location, store.endpoint_url, store.region, cache)
+
+
+class Engine:
+    """Runs registered analyses over one store (see the module docstring for the plan)."""
+
+    def __init__(self, store: ShardStore | str, *, endpoint_url: Optional[str] = None,
+                 region: Optional[str] = None, out_dir: Optional[str | os.PathLike] = None,
+                 use_ray: Optional[bool] = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                 progress: bool = True, seed: int = 0, device: str = "cpu", strict: bool = False):
+        if isinstance(store, ShardStore):
+            self.ref = StoreRef.of(store)
+            _STORES[self.ref] = store
+        else:
+            self.ref = StoreRef(str(store), endpoint_url, region)
+        self.store = _open(self.ref)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.use_ray = _ray_ready() if use_ray is None else use_ray
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.progress, self.seed, self.device, self.strict = progress, seed, device, strict
+        if self.use_ray and num_gpus:
+            import ray
+
+            have = ray.cluster_resources().get("GPU", 0)
+            if have < num_gpus:
+                raise ValueError(f"num_gpus={num_gpus} per analysis task but the Ray cluster has "
+                                 f"{have} GPU(s); set analysis_num_gpus=0 or add GPU nodes")
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, names: list[str], params: Optional[dict[str, dict]] = None, *,
+            layers: Optional[list[str]] = None, model: Optional[torch.nn.Module] = None,
+            eval_data: Optional[torch.Tensor] = None) -> dict[str, dict[str, dict[str, Any]]]:
+        """Run ``names`` on ``layers`` (default: every captured layer); see the module docstring."""
+        params = params or {}
+        self.store.refresh()
+        known = self.store.layers()
+        for layer in layers or []:
+            self.store.check_layer(layer)
+        layers = list(layers or known)
+        results: dict[str, dict[str, dict]] = {n: {} for n in dict.fromkeys(names)}
+        specs: list[Spec] = []
+        for name in results:
+            try:
+                specs.append(Spec(name, get_analysis(name, params.get(name)).kind,
+                                  dict(params.get(name) or {})))
+            except AnalysisParamsError:
+                raise
+            except KeyError as exc:  # not registered in this install
+                results[name] = {lay: _skipped(str(exc.args[0])) for lay in layers}
+        log.info("mechray: %d analysis(es) x %d layer(s) over %d shard(s) %s", len(specs),
+                 len(layers), len(self.store.shards()),
+                 "with Ray" if self.use_ray else "in-process")
+        shipped = self._ship(model, eval_data, any(s.kind != "stat" for s in specs))
+        self._stats_and_fits(specs, layers, results, shipped)
+        for spec in (s for s in specs if s.kind == "model"):
+            self._models(spec, layers, results, shipped, model is None)
+        return results
+
+    # --- phases --------------------------------------------------------------------------------
+    def _ship(self, model, eval_data, needed: bool) -> tuple:
+        """``(model, eval_data, remote)``: object refs for Ray tasks, or the objects themselves
+        (``remote=False``: fits and model analyses then run in the driver)."""
+        if not self.use_ray or not needed or (model is None and eval_data is None):
+            return model, eval_data, self.use_ray
+        import ray
+
+        try:
+            refs = (None if model is None else ray.put(model),
+                    None if eval_data is None else ray.put(eval_data))
+            ray.get(_remote(_loads).options(num_cpus=0).remote(*refs))  # workers can rebuild it
+            return (*refs, True)
+        except Exception as exc:  # unpicklable, or its class is not importable on the workers
+            log.warning("mechray: the model cannot be sent to Ray tasks (%s); fits and model "
+                        "analyses run in the driver", str(exc).strip().splitlines()[-1])
+            return model, eval_data, False
+
+    def _stats_and_fits(self, specs: list[Spec], layers: list[str], results: dict,
+                        shipped: tuple) -> None:
+        stats = [s for s in specs if s.kind == "stat"]
+        fits = [s for s in specs if s.kind == "fit"]
+        if not stats and not fits:
+            return
+        shards = {layer: self.store.shards(layer) for layer in layers}
+        total = sum(len(shards[la]) + len(stats) for la in layers) * bool(stats) + \
+            len(layers) * len(fits)
+        bar = self._bar(total, "stats+fits")
+        call = self._submitter(bar)
+        fit_call = call if shipped[2] else _Local(bar)
+        info, gpu_info = self._put(self._ctx_info(results)), self._ctx_info(results, gpu=True)
+        gpu_info = self._put(gpu_info) if shipped[2] else gpu_info
+        jobs: list[tuple[str, str, Any]] = []      # (analysis, layer, handle of the outcome)
+        maps = []
+        for layer in layers:
+            if stats:
+                parts = [call(_map_shard, self.ref, dict(e), layer, stats) for e in shards[layer]]
+                maps += parts
+                root = _tree(parts, lambda a, b: call(_merge_all, stats, a, b, count=False))
+                for spec in stats:
+                    jobs.append((spec.name, layer,
+                                 call(_finalize, spec, self.ref, layer, root, info)))
+            for spec in fits:
+                jobs.append((spec.name, layer, fit_call(_fit, spec, self.ref, layer, gpu_info,
+                                                        *shipped[:2], gpu=True)))
+        self._collect(jobs, results, maps, bar)
+
+    def _models(self, spec: Spec, layers: list[str], results: dict, shipped: tuple,
+                no_model: bool) -> None:
+        if no_model:
+            for layer in layers:
+                results[spec.name][layer] = _skipped(
+                    f"{spec.name!r} needs the model: pass it to EvalMechIntRunner(model, config) "
+                    "or `mechray analyze --model module:Class --model-checkpoint PATH`")
+            return
+        bar = self._bar(len(layers), spec.name)
+        call = self._submitter(bar) if shipped[2] else _Local(bar)
+        info = self._put(self._ctx_info(results, gpu=True)) if shipped[2] else \
+            self._ctx_info(results, gpu=True)
+        jobs = [(spec.name, layer, call(_run_model, spec, self.ref, layer, info, *shipped[:2],
+                                        gpu=True)) for layer in layers]
+        self._collect(jobs, results, [], bar)
+
+    # --- plumbing ------------------------------------------------------------------------------
+    def _ctx_info(self, results: dict, gpu: bool = False) -> dict[str, Any]:
+        done = {n: dict(v) for n, v in results.items() if v}
+        device = "cuda" if gpu and self.num_gpus else self.device
+        return {"results": done, "seed": self.seed, "device": device, "strict": self.strict,
+                "collect_files": self.out_dir is not None}
+
+    def _put(self, value: Any) -> Any:
+        """One object-store copy shared by many tasks (the value itself without Ray)."""
+        if not self.use_ray:
+            return value
+        import ray
+
+        return ray.put(value)
+
+    def _bar(self, total: int, what: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"mechray {what}", unit="task", disable=not self.progress,
+                    leave=False)
+
+    def _submitter(self, bar) -> Callable:
+        if not self.use_ray:
+            return _Local(bar)
+
+        def submit(fn, *args, gpu: bool = False, count: bool = True):
+            opts: dict[str, Any] = {"num_cpus": self.num_cpus}
+            if gpu and self.num_gpus:
+                opts["num_gpus"] = self.num_gpus
+            return _remote(fn).options(**opts).remote(*args)
+        return submit
+
+    def _collect(self, jobs: list, results: dict, maps: list, bar) -> None:
+        """Wait for every task (progress bar), then store results and write shipped files."""
+        values = [h for *_, h in jobs]
+        with bar:
+            if self.use_ray:
+                import ray
+
+                pending = [h for h in list(maps) + values if isinstance(h, ray.ObjectRef)]
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2,
+                                             fetch_local=False)
+                    bar.update(len(done))
+                values = [ray.get(h) if isinstance(h, ray.ObjectRef) else h for h in values]
+        for (name, layer, _), (result, files, fatal) in zip(jobs, values):
+            if fatal:
+                raise ShardError(fatal)
+            for rel, data in files.items():
+                path = self.out_dir / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            results[name][layer] = result
+
+
+# --- tasks (plain functions: called directly, or wrapped with ray.remote) ----------------------
+def _map_shard(ref: StoreRef, entry: dict, layer: str, specs: list[Spec]) -> dict[str, tuple]:
+    store = _open(ref)
+    try:
+        locked_path(store, entry)
+        payload = store.load(entry)
+        rows = payload["activations"][layer]
+    except ShardError as exc:
+        return {s.name: ("fatal", str(exc)) for s in specs}
+    except KeyError:
+        return {s.name: ("fatal", f"shard {entry['file']} lists layer {layer!r} in the manifest "
+                                  "but does not hold it: the shard was replaced; re-capture it")
+                for s in specs}
+    meta = payload.get("metadata", {})
+    entry = dict(entry, row_steps=meta.get("row_steps", {}).get(layer),
+                 row_positions=meta.get("row_positions", {}).get(layer))
+    out = {}
+    for spec in specs:
+        out[spec.name] = _guarded(lambda: ("ok", get_analysis(spec.name, spec.params)
+                                           .map(rows, entry, layer)), spec, layer, {})
+    return out
+
+
+def _merge_all(specs: list[Spec], a: dict[str, tuple], b: dict[str, tuple]) -> dict[str, tuple]:
+    out = {}
+    for spec in specs:
+        pa, pb = a[spec.name], b[spec.name]
+        if pa[0] != "ok" or pb[0] != "ok":  # fatal wins, then the first problem
+            out[spec.name] = pa if pa[0] == "fatal" or (pb[0] != "fatal" and pa[0] != "ok") else pb
+            continue
+        out[spec.name] = _guarded(lambda: ("ok", get_analysis(spec.name, spec.params)
+                                           .merge(pa[1], pb[1])), spec, "", {})
+    return out
+
+
+def _finalize(spec: Spec, ref: StoreRef, layer: str, root: dict, info: dict) -> tuple:
+    status, partial = root[spec.name]
+    if status != "ok":
+        return _outcome((status, partial))
+    return _with_ctx(spec, ref, layer, info, None, None,
+                     lambda a, ctx: a.finalize(partial, ctx, layer))
+
+
+def _fit(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_data) -> tuple:
+    return _with_ctx(spec, ref, layer, info, model, eval_data, lambda a, ctx: a.fit(ctx, layer))
+
+
+def _run_model(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_data) -> tuple:
+    return _with_ctx(spec, ref, layer, info, model, eval_data, lambda a, ctx: a.run(ctx, layer))
+
+
+def _loads(model, eval_data) -> bool:
+    return True
+
+
+def _with_ctx(spec, ref, layer, info, model, eval_data, body) -> tuple:
+    """Run ``body(analysis, ctx)`` with a private out_dir; return (result, files, fatal)."""
+    store = _open(ref)
+    try:
+        store.refresh()
+        if store.is_s3:
+            _prefetch(store, layer)  # one download per shard per node, under a file lock
+    except ShardError as exc:
+        return {}, {}, str(exc)
+    tmp = Path(tempfile.mkdtemp(prefix="mechray-task-")) if info["collect_files"] else None
+    device = info["device"]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        device = "cpu"
+    ctx = Context(store=store, model=model, eval_data=eval_data, out_dir=tmp,
+                  results=info["results"], device=device, seed=info["seed"])
+    try:
+        outcome = _guarded(lambda: ("ok", body(get_analysis(spec.name, spec.params), ctx)),
+                           spec, layer, info)
+        files = {} if tmp is None else {str(p.relative_to(tmp)): p.read_bytes()
+                                        for p in sorted(tmp.rglob("*")) if p.is_file()}
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result, _, fatal = _outcome(outcome)
+    return result, files, fatal
+
+
+def _guarded(body: Callable[[], tuple], spec: Spec, layer: str, info: dict) -> tuple:
+    try:
+        return body()
+    except Skip as exc:
+        return ("skip", str(exc))
+    except ShardError as exc:
+        return ("fatal", str(exc))
+    except Exception as exc:
+        if info.get("strict"):
+            raise
+        log.error("mechray: analysis %r failed on layer %r:\n%s", spec.name, layer,
+                  traceback.format_exc())
+        return ("error", f"{type(exc).__name__}: {exc}")
+
+
+def _outcome(outcome: tuple) -> tuple[dict, dict, Optional[str]]:
+    status, value = outcome
+    if status == "ok":
+        return value, {}, None
+    if status == "fatal":
+        return {}, {}, value
+    if status == "skip":
+        return _skipped(value), {}, None
+    return {**_skipped(f"failed: {value}"), "error": value}, {}, None
+
+
+def _skipped(reason: str) -> dict[str, Any]:
+    return {"skipped": True, "reason": reason}
+
+
+def _tree(parts: list, merge: Callable) -> Any:
+    """Pairwise merge in a fixed shape (shard order), the same with and without Ray."""
+    if not parts:
+        raise ValueError("no shards to merge")
+    while len(parts) > 1:
+        nxt = [merge(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
+        parts = nxt + ([parts[-1]] if len(parts) % 2 else [])
+    return parts[0]
+
+
+class _Local:
+    """The in-process submitter: runs each task at once, in submission order."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, fn, *args, gpu: bool = False, count: bool = True):
+        out = fn(*args)
+        if count:
+            self.bar.update(1)
+        return out
+
+
+_STORES: dict[StoreRef, ShardStore] = {}
+_REMOTES: dict[Callable, Any] = {}
+
+
+def _open(ref: StoreRef) -> ShardStore:
+    """A cached store per process (keeps verified checksums); tasks pass entries, not names."""
+    if ref not in _STORES:
+        _STORES[ref] = ShardStore(ref.location, endpoint_url=ref.endpoint_url, region=ref.region,
+                                  cache_dir=ref.cache_dir)
+    return _STORES[ref]
+
+
+def _prefetch(store: ShardStore, layer: str) -> None:
+    for entry in store.shards(layer):
+        locked_path(store, entry)
+
+
+def locked_path(store: ShardStore, entry: dict) -> Path:
+    """``store.path(entry)`` with an exclusive file lock, so tasks on one node download once."""
+    if not store.is_s3:
+        return store.path(entry)
+    import fcntl
+
+    store.root.mkdir(parents=True, exist_ok=True)
+    with open(store.root / f".{entry['file']}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            return store.path(entry)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _remote(fn: Callable):
+    if fn not in _REMOTES:
+        import ray
+
+        _REMOTES[fn] = ray.remote(fn)
+    return _REMOTES[fn]
+
+
+def _ray_ready() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
