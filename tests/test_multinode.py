@@ -25,3 +25,49 @@ def test_writers_spread_across_nodes(ray_three_nodes, tmp_path):
     store = ShardStore(tmp_path)
     assert [e["step"] for e in store.shards()] == list(range(9))
     assert store.layers()["1"]["rows"] == 9 * 128
+
+
+def _store(path, shards=12):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU())
+    with ActivationSampler(layers=["1"], save_dir=str(path), use_ray=False).attach(model) as s:
+        for step in range(shards):
+            model(torch.randn(2000, 16))
+            s.save_activations(step)
+    return path
+
+
+def test_analysis_spreads_and_survives_a_node_removed_midway(ray_three_nodes, tmp_path):
+    import threading
+    import time
+
+    import ray
+
+    from mechray.analysis.engine import Engine
+
+    cluster, workers = ray_three_nodes
+    store = _store(tmp_path / "cache", shards=24)
+    expected = Engine(store, use_ray=False, progress=False).run(["neuron", "feature"],
+                                                               params={"feature": {"n_clusters": 2}})
+
+    @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+    def where():
+        time.sleep(0.5)
+        return ray.get_runtime_context().get_node_id()
+
+    nodes = set(ray.get([where.remote() for _ in range(6)]))
+    assert len(nodes) >= 2  # the cluster really runs tasks on several nodes
+
+    victim = workers[-1]
+    timer = threading.Timer(1.0, lambda: cluster.remove_node(victim, allow_graceful=False))
+    timer.start()
+    try:
+        got = Engine(store, use_ray=True, progress=False).run(["neuron", "feature"],
+                                                              params={"feature": {"n_clusters": 2}})
+    finally:
+        timer.join()
+    assert victim not in cluster.list_all_nodes()
+    assert got["neuron"]["1"]["mean"] == expected["neuron"]["1"]["mean"]
+    assert got["neuron"]["1"]["num_samples"] == expected["neuron"]["1"]["num_samples"] == 24 * 2000
+    assert got["feature"]["1"]["explained_variance_ratio"] == pytest.approx(
+        expected["feature"]["1"]["explained_variance_ratio"], rel=1e-9)

@@ -220,7 +220,9 @@ class Engine:
             return _Local(bar)
 
         def submit(fn, *args, gpu: bool = False, count: bool = True):
-            opts: dict[str, Any] = {"num_cpus": self.num_cpus}
+            # SPREAD: a cluster's nodes share the shards; a node lost mid-run costs only its
+            # tasks, which Ray retries elsewhere (max_retries=3 by default).
+            opts: dict[str, Any] = {"num_cpus": self.num_cpus, "scheduling_strategy": "SPREAD"}
             if gpu and self.num_gpus:
                 opts["num_gpus"] = self.num_gpus
             return _remote(fn).options(**opts).remote(*args)
