@@ -1,0 +1,137 @@
+"""Chaos run: capture many sampled steps while killing writer actors and taking S3 down.
+
+Usage::
+
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python benchmarks/chaos.py --steps 300
+
+Captures ``--steps`` sampled steps through the Ray writer pool with ``storage_backend='both'``
+while a chaos thread kills random writer actors (``ray.kill(no_restart=False)``) and stops the
+S3 server for a moment now and then.  Afterwards every sampled step's shard must be listed in
+the manifest exactly once, load, match its checksum, and be in S3.  Prints the figures and
+writes them to ``benchmarks/out/chaos.json``.  ``run()`` is also the short version the tests use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+log = logging.getLogger("benchmarks.chaos")
+
+
+def run(steps: int = 300, out_dir: str | None = None, kill_every_s: float = 0.4,
+        outage_every_s: float = 3.0, outage_s: float = 0.8, seed: int = 0,
+        progress: bool = True) -> dict:
+    """Run the chaos capture; returns the figures (expected/landed/lost/duplicated/corrupt...)."""
+    import ray
+    import torch
+    from torch import nn
+    from tqdm import tqdm
+
+    from mechray import ActivationSampler, ShardError, ShardStore
+    from mechray.recovery import sync
+    from mechray.testing import LocalS3
+
+    s3 = LocalS3()  # first: it sets dummy credentials that Ray's workers must inherit
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    bucket = s3.create_bucket("chaos")
+    root = Path(out_dir or tempfile.mkdtemp(prefix="mechray-chaos-"))
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 64))
+    sampler = ActivationSampler(layers=["1", "2"], save_dir=str(root / "cache"), use_ray=True,
+                                storage_backend="both", s3_bucket=bucket, s3_prefix="chaos",
+                                s3_endpoint_url=s3.url, s3_retry_seconds=0.3, num_writers=2,
+                                max_shards_in_flight=4, verbose=False)
+    sampler.register_hooks(model)
+    pool = sampler.transport.pool
+    faults = Counter()
+    stop = threading.Event()
+
+    def chaos() -> None:
+        next_outage = time.monotonic() + outage_every_s
+        while not stop.wait(rng.uniform(0.5, 1.5) * kill_every_s):
+            ray.kill(rng.choice(pool.writers), no_restart=False)
+            faults["writer_kills"] += 1
+            if time.monotonic() > next_outage:
+                s3.stop()
+                faults["s3_outages"] += 1
+                stop.wait(outage_s)
+                s3.start()
+                next_outage = time.monotonic() + outage_every_s
+
+    thread = threading.Thread(target=chaos, name="chaos", daemon=True)
+    t0 = time.perf_counter()
+    thread.start()
+    expected = []
+    try:
+        for step in tqdm(range(steps), desc="chaos capture", disable=not progress):
+            model(torch.randn(64, 32))
+            expected.append(sampler.save_activations(step))
+    finally:
+        stop.set()
+        thread.join()
+        if s3.server is None:
+            s3.start()
+    sampler.flush()
+    deferred = sampler.stats.pending_uploads
+    sampler.close()
+    left = sync(root / "cache")["pending"] if sampler.stats.pending_uploads else 0
+    elapsed = time.perf_counter() - t0
+
+    store = ShardStore(root / "cache")
+    listed = Counter(e["file"] for e in store.manifest["shards"])
+    corrupt = 0
+    for entry in store.shards():
+        try:
+            store.load(entry)
+        except ShardError:
+            corrupt += 1
+    in_s3 = {k.rsplit("/", 1)[1] for k in s3.keys(bucket, "chaos/")}
+    figures = {
+        "steps": steps, "seconds": round(elapsed, 1),
+        "faults_injected": sum(faults.values()), **faults,
+        "shards_expected": len(expected), "shards_landed": sum(1 for n in expected if listed[n]),
+        "shards_lost": sum(1 for n in expected if not listed[n]),
+        "shards_duplicated": sum(c - 1 for c in listed.values() if c > 1),
+        "shards_unexpected": sum(1 for n in listed if n not in set(expected)),
+        "shards_corrupt": corrupt,
+        "shards_missing_in_s3": sum(1 for n in expected if n not in in_s3),
+        "uploads_deferred_then_synced": deferred - left, "uploads_still_pending": left,
+        "store": str(root / "cache"),
+    }
+    s3.stop()
+    if own_ray:
+        ray.shutdown()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="store directory (default: a temp dir)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    figures = run(args.steps, args.out, seed=args.seed)
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / "chaos.json").write_text(json.dumps(figures, indent=1))
+    width = max(map(len, figures))
+    for key, value in figures.items():
+        print(f"{key:{width}s}  {value}")
+
+
+if __name__ == "__main__":
+    main()
