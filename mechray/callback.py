@@ -16,6 +16,10 @@ writer right after its optimizer step (all micro-batches of an accumulated step 
 shard).  At fit end, and on an exception, everything handed off is flushed to durable storage.
 Under DDP every rank captures its own batch into rank-named shards; the callback's
 ``state_dict`` carries shard numbering across a resume so nothing is overwritten.
+
+``probe_inputs`` (a tensor the model accepts) adds, after each sampled step, one eval-mode pass
+over that fixed batch saved as its own shard with its inputs: the same inputs at every saved
+step, which is what ``dynamics`` needs to compare representations across training.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ log = logging.getLogger(__name__)
 class MechIntCallback(pl.Callback):
     """Captures activations of ``config.sample_layers`` during ``trainer.fit``."""
 
-    def __init__(self, config: MechIntConfig | dict[str, Any]):
+    def __init__(self, config: MechIntConfig | dict[str, Any], probe_inputs: Any = None):
         super().__init__()
         self.config = MechIntConfig.coerce(config)
+        self.probe_inputs = probe_inputs
         self.sampler: Optional[ActivationSampler] = None
         self._capturing: Optional[int] = None
         self._resume_index = 0
@@ -67,7 +72,10 @@ class MechIntCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._capturing is not None and trainer.global_step != self._capturing:
+            step = self._capturing
             self._hand_off()
+            if self.probe_inputs is not None:
+                self._probe(pl_module, step)
             pl_module.log_dict(self.figures(), on_step=True, on_epoch=False, sync_dist=False)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -110,6 +118,25 @@ class MechIntCallback(pl.Callback):
         t0 = time.perf_counter()
         self.sampler.remove_hooks()
         self.sampler.save_activations(step)
+        self._hook_seconds += time.perf_counter() - t0
+
+    def _probe(self, pl_module: pl.LightningModule, step: int) -> None:
+        """Run the fixed probe batch (eval mode, no grad) and save it as a shard of its own, with
+        its inputs, so every saved step has activations of the same inputs (for ``dynamics``)."""
+        import torch
+
+        t0 = time.perf_counter()
+        sampler, was_training = self.sampler, pl_module.training
+        sampler.current_step = step
+        pl_module.eval()
+        try:
+            sampler.register_hooks(pl_module, inputs=True)
+            with torch.no_grad():
+                pl_module(self.probe_inputs.to(pl_module.device))
+        finally:
+            sampler.remove_hooks()
+            pl_module.train(was_training)
+        sampler.save_activations(step)
         self._hook_seconds += time.perf_counter() - t0
 
     def figures(self) -> dict[str, float]:

@@ -85,13 +85,16 @@ class ActivationSampler:
         self.capture_seconds = 0.0  # spent in hooks on the training thread
 
     # --- hooks ---------------------------------------------------------------------------------
-    def register_hooks(self, model: nn.Module) -> "ActivationSampler":
-        """Hook every module ``sample_layers`` names (exact names or globs); fails fast on typos."""
+    def register_hooks(self, model: nn.Module, inputs: Optional[bool] = None) -> "ActivationSampler":
+        """Hook every module ``sample_layers`` names (exact names or globs); fails fast on typos.
+
+        ``inputs`` (default ``config.save_inputs``) also captures the model's first input tensor.
+        """
         modules = resolve_layers(model, self.config.sample_layers)
         try:
             for name, module in modules.items():
                 self._handles.append(module.register_forward_hook(self._hook(name)))
-            if self.config.save_inputs:
+            if self.config.save_inputs if inputs is None else inputs:
                 self._handles.append(model.register_forward_pre_hook(self._input_hook))
         except BaseException:
             self.remove_hooks()

@@ -134,3 +134,23 @@ def test_ddp_two_ranks_write_every_shard_and_one_manifest(tmp_path):
         seen.setdefault(entry["rank"], set()).update(ids)
         assert entry["rows"] == {"embed": 4 * 8, "popt": 4}
     assert seen[0] and seen[1] and not (seen[0] & seen[1])
+
+
+def test_probe_inputs_give_the_same_inputs_at_every_saved_step(tmp_path):
+    probe = spike_dataset(5, seed=7).tensors[0]
+    config = MechIntConfig(sample_layers=["popt"], save_hidden_every_n_steps=3,
+                           storage_path=str(tmp_path / "cache"), use_ray=False)
+    trainer = pl.Trainer(max_steps=7, callbacks=[MechIntCallback(config, probe_inputs=probe)],
+                         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    model = NeuroFMX(n_blocks=2, d_model=32)
+    trainer.fit(model, DataLoader(spike_dataset(96), batch_size=8))
+    assert model.training and sum(len(m._forward_hooks) for m in model.modules()) == 0
+    store = ShardStore(tmp_path / "cache")
+    probes = [e for e in store.shards() if e["has_inputs"]]
+    assert [e["step"] for e in probes] == [0, 3, 6]
+    assert [e["rows"]["popt"] for e in probes] == [5, 5, 5]
+    for e in probes:
+        assert torch.equal(store.load(e)["inputs"], probe)
+    train_shards = [e for e in store.shards() if not e["has_inputs"]]
+    assert [e["rows"]["popt"] for e in train_shards] == [8, 8, 8]

@@ -36,32 +36,6 @@ ANALYSIS_PARAMS = {
 }
 
 
-def probe_callback(mech, probe, every: int):
-    """A callback that, after each sampled step's shard, captures ``probe`` through ``mech``'s
-    sampler into a shard of its own (same step, inputs saved): fixed inputs seen at every step."""
-    import pytorch_lightning as pl
-    import torch
-
-    class ProbeBatch(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            step = trainer.global_step - 1
-            if step < 0 or step % every or mech.sampler is None:
-                return
-            sampler, was_training = mech.sampler, pl_module.training
-            sampler.current_step = step
-            pl_module.eval()
-            try:
-                sampler.register_hooks(pl_module)
-                with torch.no_grad():
-                    pl_module(probe.to(pl_module.device))
-            finally:
-                sampler.remove_hooks()
-                pl_module.train(was_training)
-            sampler.save_activations(step)
-
-    return ProbeBatch()
-
-
 def run_demo(out: str = "demo_output", steps: int = 200, every: int = 20, use_ray: bool = True,
              num_cpus: int = 3) -> Path:
     """Train, capture, and return the store's directory."""
@@ -89,8 +63,7 @@ def run_demo(out: str = "demo_output", steps: int = 200, every: int = 20, use_ra
                      log_to_driver=False)
     loader = DataLoader(spike_dataset(n_trials=1024), batch_size=32, shuffle=True)
     probe = spike_dataset(n_trials=16, seed=1).tensors[0]
-    mech = MechIntCallback(config)
-    trainer = pl.Trainer(max_steps=steps, callbacks=[mech, probe_callback(mech, probe, every)],
+    trainer = pl.Trainer(max_steps=steps, callbacks=[MechIntCallback(config, probe_inputs=probe)],
                          accelerator="cpu",
                          devices=1, logger=pl.loggers.CSVLogger(str(Path(out) / "logs")),
                          enable_checkpointing=False, enable_model_summary=False)
