@@ -13,7 +13,9 @@ Usage::
 Hooks exist only while a sampled step runs (``global_step % save_hidden_every_n_steps == 0``,
 step 0 included), so other steps run the model untouched.  The step's rows are handed to the
 writer right after its optimizer step (all micro-batches of an accumulated step go in one
-shard).  At fit end, and on an exception, everything handed off is flushed to durable storage.
+shard).  With ``steps_per_shard=N`` the rows of N sampled steps share one shard (named by the
+last of them; each row's step is in the metadata), cut earlier when the next step would push
+rows out of the bounded cache: fewer, larger shards when capturing often.  At fit end, and on an exception, everything handed off is flushed to durable storage.
 Under DDP every rank captures its own batch into rank-named shards; the callback's
 ``state_dict`` carries shard numbering across a resume so nothing is overwritten.
 
@@ -47,8 +49,14 @@ class MechIntCallback(pl.Callback):
         super().__init__()
         self.config = MechIntConfig.coerce(config)
         self.probe_inputs = probe_inputs
+        if probe_inputs is not None and self.config.steps_per_shard > 1:
+            raise ValueError(f"probe_inputs needs steps_per_shard=1 (got "
+                             f"{self.config.steps_per_shard}): probe shards hold one step each")
         self.sampler: Optional[ActivationSampler] = None
         self._capturing: Optional[int] = None
+        self._pending: list[int] = []      # sampled steps whose rows wait in the cache
+        self._step_rows = 0                # most rows one layer got in the last sampled step
+        self._rows_before = 0
         self._resume_index = 0
         self._hook_seconds = 0.0
 
@@ -65,6 +73,10 @@ class MechIntCallback(pl.Callback):
         step = trainer.global_step
         if self._capturing is None and step % self.config.save_hidden_every_n_steps == 0:
             t0 = time.perf_counter()
+            if self._pending and max(self.sampler.cached_rows.values(), default=0) + \
+                    self._step_rows > self.config.max_activations_per_shard:
+                self._save()  # this step would push older rows out of the bounded cache
+            self._rows_before = max(self.sampler.cached_rows.values(), default=0)
             self.sampler.current_step = step
             self.sampler.register_hooks(pl_module)
             self._capturing = step
@@ -79,7 +91,7 @@ class MechIntCallback(pl.Callback):
             pl_module.log_dict(self.figures(), on_step=True, on_epoch=False, sync_dist=False)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._hand_off()
+        self._hand_off(force=True)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._finish(trainer)
@@ -89,7 +101,7 @@ class MechIntCallback(pl.Callback):
             return
         log.warning("mechray: training raised %s; flushing captured shards", type(exception).__name__)
         try:
-            self._hand_off()
+            self._hand_off(force=True)
             self.sampler.close()
         except Exception as exc:  # never mask the training error; the shards stay in `failed`
             log.error("mechray: could not flush shards after %s: %s",
@@ -111,14 +123,23 @@ class MechIntCallback(pl.Callback):
             self.sampler.next_index = max(self.sampler.next_index or 0, self._resume_index)
 
     # --- internals -----------------------------------------------------------------------------
-    def _hand_off(self) -> None:
+    def _hand_off(self, force: bool = False) -> None:
+        """End the sampled step being captured; write a shard once ``steps_per_shard`` sampled
+        steps are cached (or at once with ``force``: epoch end, fit end, exceptions)."""
         step, self._capturing = self._capturing, None
-        if step is None:
-            return
         t0 = time.perf_counter()
-        self.sampler.remove_hooks()
-        self.sampler.save_activations(step)
+        if step is not None:
+            self.sampler.remove_hooks()
+            self._pending.append(step)
+            self._step_rows = max(self.sampler.cached_rows.values(), default=0) - self._rows_before
+        if self._pending and (force or len(self._pending) >= self.config.steps_per_shard):
+            self._save()
         self._hook_seconds += time.perf_counter() - t0
+
+    def _save(self) -> None:
+        """Hand the cached rows of the pending sampled steps to the writer as one shard."""
+        last, self._pending = self._pending[-1], []
+        self.sampler.save_activations(last)
 
     def _probe(self, pl_module: pl.LightningModule, step: int) -> None:
         """Run the fixed probe batch (eval mode, no grad) and save it as a shard of its own, with
@@ -155,7 +176,7 @@ class MechIntCallback(pl.Callback):
     def _finish(self, trainer: pl.Trainer) -> None:
         if self.sampler is None:
             return
-        self._hand_off()
+        self._hand_off(force=True)
         self.sampler.close()
         if trainer.world_size > 1 and not wants_ray(self.config):
             trainer.strategy.barrier("mechray-manifest")

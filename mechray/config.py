@@ -70,6 +70,9 @@ class MechIntConfig(BaseModel):
     output_keys: dict[str, Union[int, str]] = Field(
         default_factory=dict, description="layer -> tuple index or dict key of the tensor to keep")
     save_inputs: bool = Field(False, description="store each sampled step's model input too")
+    steps_per_shard: int = Field(
+        1, description="sampled steps gathered into one shard by MechIntCallback (cut earlier "
+                       "when max_activations_per_shard would be exceeded)")
 
     # --- transport -----------------------------------------------------------------------------
     use_ray: Optional[bool] = Field(None, description="None: use Ray when ray.is_initialized()")
@@ -147,7 +150,8 @@ class MechIntConfig(BaseModel):
         return list(v)
 
     @field_validator("save_hidden_every_n_steps", "max_activations_per_shard", "num_writers",
-                     "max_shards_in_flight", "s3_multipart_threshold_mb", "eval_max_samples")
+                     "max_shards_in_flight", "s3_multipart_threshold_mb", "steps_per_shard",
+                     "eval_max_samples")
     @classmethod
     def _positive(cls, v: int, info) -> int:
         if v <= 0:

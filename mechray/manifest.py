@@ -82,34 +82,61 @@ class Manifest:
                  filename: str = MAIN):
         self.target, self.filename = target, filename
         self.path = Path(target.local_dir) / filename
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         doc = empty(config)
         if self.path.exists():
             doc = validate(json.loads(self.path.read_text()), str(self.path))
             if config:
                 doc["config"] = config
-        self.doc = doc
+        self.doc = {k: v for k, v in doc.items() if k != "shards"}
         self._by_file = {e["file"]: e for e in doc["shards"]}
+        self._lines = {f: json.dumps(e, allow_nan=False) for f, e in self._by_file.items()}
         self.upload_pending = False
+        self._version = self._durable = 0
+        self._writing = False
 
     def add(self, *entries: dict[str, Any]) -> int:
-        """Record durable shards (idempotent per file name); returns how many shards are listed."""
-        with self._lock:
+        """Record durable shards (idempotent per file name); returns how many shards are listed.
+
+        Returns once a manifest listing them is durable.  Concurrent callers share rewrites
+        (group commit): while one rewrite runs, later adds wait and the next rewrite covers them
+        all, so a busy store costs one rewrite per batch rather than one per shard.
+        """
+        with self._cond:
             for entry in entries:
                 self._by_file[entry["file"]] = entry
-            self._write()
-            return len(self._by_file)
+                self._lines[entry["file"]] = json.dumps(entry, allow_nan=False)
+            return self._commit()
 
     def remove(self, *files: str) -> None:
         """Forget entries (used by ``mechray repair`` for files that are gone or corrupt)."""
-        with self._lock:
+        with self._cond:
             for f in files:
                 self._by_file.pop(f, None)
-            if files:
-                self._write()
+                self._lines.pop(f, None)
+            self._commit()
+
+    def _commit(self) -> int:
+        """With ``_cond`` held: make the current state durable (or wait for a rewrite that does)."""
+        self._version += 1
+        mine = self._version
+        while self._durable < mine:
+            if self._writing:
+                self._cond.wait()
+                continue
+            self._writing, version, text = True, self._version, self._render()
+            self._cond.release()
+            try:
+                self._persist(text)
+            finally:
+                self._cond.acquire()
+                self._writing = False
+                self._cond.notify_all()
+            self._durable = max(self._durable, version)
+        return len(self._by_file)
 
     def entries(self) -> list[dict[str, Any]]:
-        with self._lock:
+        with self._cond:
             return list(self._by_file.values())
 
     def next_index(self, rank: int) -> int:
@@ -129,12 +156,18 @@ class Manifest:
                         "complete ones", len(strays), self.target.shard_dir, self.target.local_dir)
         return max(used, default=-1) + 1
 
-    def _write(self) -> None:
-        doc = dict(self.doc)
-        doc["shards"] = sorted(self._by_file.values(), key=lambda e: (e.get("rank", 0), e["index"]))
-        doc["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.doc = doc
-        atomic_write(self.path, json.dumps(doc, indent=1).encode())
+    def _render(self) -> str:
+        """The manifest as JSON text: one shard entry per line (readable, and fast to encode)."""
+        self.doc["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        head = json.dumps(self.doc, indent=1)
+        order = sorted(self._by_file, key=lambda f: (self._by_file[f].get("rank", 0),
+                                                     self._by_file[f]["index"]))
+        shards = ",\n  ".join(self._lines[f] for f in order)
+        return f'{head[:-2]},\n "shards": [\n  {shards}\n ]\n}}\n' if order else \
+            f'{head[:-2]},\n "shards": []\n}}\n'
+
+    def _persist(self, text: str) -> None:
+        atomic_write(self.path, text.encode())
         if self.target.uses_s3:
             try:  # one quick try while an outage is known, full backoff otherwise
                 upload(self.target, self.path, self.filename,
@@ -160,10 +193,9 @@ class Manifest:
             entry = dict(entry)
             if sink.upload(entry, self.target.shard_dir / entry["file"], budget_s):
                 uploaded += 1
-            with self._lock:
-                self._by_file[entry["file"]] = entry
-        with self._lock:
-            self._write()
+            self.add(entry)
+        with self._cond:
+            self._commit()  # uploads the manifest too (it may be all that was pending)
         return uploaded, len(self.pending())
 
 

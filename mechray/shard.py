@@ -7,7 +7,7 @@ Usage::
     shard_name(index=3, step=600)                    # 'activations_shard_000003_step_600.pt'
     shard_name(index=3, step=600, rank=1, world_size=2)
                                                      # 'activations_rank001_shard_000003_step_600.pt'
-    data, checksum = encode(payload)                 # bytes torch.load(weights_only=True) reads
+    nbytes, digest = save(payload, open_file)        # streamed; torch.load(weights_only=True) reads it
     payload = decode(data)                           # never runs pickled code
 
 A shard file holds ``{'activations': {layer: Tensor[rows, d]}, 'metadata': {...}}`` and, when
@@ -119,10 +119,45 @@ class PendingShard:
         return payload
 
 
+class _HashingWriter:
+    """A file-like sink that hashes and counts the bytes on their way to the real file."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.nbytes = fh, hashlib.sha256(), 0
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.nbytes += len(data)
+        try:
+            return self.fh.write(data)
+        except OSError as exc:  # torch wraps it in a RuntimeError; keep the errno (ENOSPC...)
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def save(payload: dict[str, Any], fh) -> tuple[int, str]:
+    """Stream a payload as ``.pt`` bytes into an open binary file; returns ``(bytes, checksum)``.
+
+    One pass: no in-memory copy of the file, the sha256 is computed as the bytes go out.
+    """
+    sink = _HashingWriter(fh)
+    try:
+        torch.save(payload, sink)
+    except RuntimeError:
+        if sink.error is not None:
+            raise sink.error from None
+        raise
+    return sink.nbytes, "sha256:" + sink.sha.hexdigest()
+
+
 def encode(payload: dict[str, Any]) -> tuple[bytes, str]:
     """Serialise a payload to the bytes of a ``.pt`` file and their checksum."""
     buf = io.BytesIO()
-    torch.save(payload, buf)
+    save(payload, buf)
     data = buf.getvalue()
     return data, checksum(data)
 

@@ -21,10 +21,10 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from mechray import s3
-from mechray.shard import encode, entry_for
+from mechray.shard import entry_for, save
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,17 @@ class StorageTarget:
         return s3.client(self.endpoint_url, self.region)
 
 
-def atomic_write(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
+def atomic_write(path: Path, data: bytes | memoryview | Callable[[Any], Any]) -> Any:
+    """Write ``path`` so readers see the old file or the whole new one, never a part.
+
+    ``data`` is bytes, or a function that writes into the open temp file (its return value is
+    returned).  The temp file is fsynced, renamed over ``path``, and the directory fsynced.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            result = data(fh) if callable(data) else fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -102,6 +106,7 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return result
 
 
 class StorageFullError(OSError):
@@ -132,22 +137,20 @@ class ShardSink:
         ``pending_upload: true`` for ``mechray sync`` (or the writer's close) to finish.
         """
         name = payload["metadata"]["file"]
-        data, digest = encode(payload)
         path = self.target.shard_dir / name
         try:
-            atomic_write(path, data)
+            nbytes, digest = atomic_write(path, lambda fh: save(payload, fh))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFullError(
-                    exc.errno, f"no space left on {path.parent} for shard {name} "
-                               f"({len(data)} bytes); shards written before it are kept and "
-                               f"listed in the manifest. Free space, or point storage_path "
-                               f"elsewhere") from exc
+                    exc.errno, f"no space left on {path.parent} for shard {name}; shards "
+                               f"written before it are kept and listed in the manifest. Free "
+                               f"space, or point storage_path elsewhere") from exc
             raise
-        entry = entry_for(payload, len(data), digest)
+        entry = entry_for(payload, nbytes, digest)
         if self.target.uses_s3:
             self.upload(entry, path)
-        log.debug("shard %s durable (%d bytes)", name, len(data))
+        log.debug("shard %s durable (%d bytes)", name, nbytes)
         return entry
 
     def upload(self, entry: dict[str, Any], path: Path, budget_s: Optional[float] = None) -> bool:

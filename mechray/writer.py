@@ -44,9 +44,12 @@ class ShardWriter:
         return ray.get_runtime_context().get_node_id()
 
 
-@ray.remote(max_restarts=-1, max_task_retries=-1)
+@ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=16)
 class ManifestOwner:
-    """The one owner of ``manifest.json`` for a store; reloads it from disk after a restart."""
+    """The one owner of ``manifest.json`` for a store; reloads it from disk after a restart.
+
+    Threaded (``max_concurrency``): concurrent ``add`` calls share one rewrite (group commit).
+    """
 
     def __init__(self, target: StorageTarget, config: dict[str, Any]):
         self.manifest = Manifest(target, config)

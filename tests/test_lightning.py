@@ -154,3 +154,29 @@ def test_probe_inputs_give_the_same_inputs_at_every_saved_step(tmp_path):
         assert torch.equal(store.load(e)["inputs"], probe)
     train_shards = [e for e in store.shards() if not e["has_inputs"]]
     assert [e["rows"]["popt"] for e in train_shards] == [8, 8, 8]
+
+
+@pytest.mark.parametrize("cap, groups", [
+    # blocks.0 gives 8 x 32 = 256 rows a step: a 700-row cache holds 2 steps, so shards are cut
+    # every 2 steps (before a third would push rows out), although steps_per_shard=4
+    (700, [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]),
+    (10000, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]),   # the last group is flushed at fit end
+])
+def test_steps_per_shard_groups_sampled_steps_and_never_drops_rows(tmp_path, cap, groups):
+    config = MechIntConfig(sample_layers=["popt", "mamba_backbone.blocks.0"],
+                           save_hidden_every_n_steps=1, steps_per_shard=4,
+                           max_activations_per_shard=cap, storage_path=str(tmp_path / "cache"),
+                           use_ray=False)
+    trainer = pl.Trainer(max_steps=10, callbacks=[MechIntCallback(config)], accelerator="cpu",
+                         devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(NeuroFMX(n_blocks=2, d_model=32), DataLoader(spike_dataset(96), batch_size=8))
+    store = ShardStore(tmp_path / "cache")
+    assert [e["steps"] for e in store.shards()] == groups
+    assert [e["step"] for e in store.shards()] == [g[-1] for g in groups]
+    for entry in store.shards():
+        payload = store.load(entry)
+        assert payload["metadata"]["layers"]["mamba_backbone.blocks.0"]["dropped_rows"] == 0
+        assert payload["metadata"]["row_steps"]["popt"].tolist() == \
+            [s for s in entry["steps"] for _ in range(8)]
+    assert store.layers()["popt"]["rows"] == 10 * 8
