@@ -145,11 +145,12 @@ class Manifest:
 
         listed = self.entries()
         used = [e["index"] for e in listed if e.get("rank", 0) == rank]
-        strays = orphans(self.target, {e["file"] for e in listed})
-        for p in strays:
+        strays = []  # this rank's files the manifest does not list (other ranks list their own)
+        for p in orphans(self.target, {e["file"] for e in listed}):
             parsed = parse_shard_name(temp_target(p.name) or p.name)
             if parsed and parsed["rank"] == rank:
                 used.append(parsed["index"])
+                strays.append(p)
         if strays:
             log.warning("%d file(s) in %s are not in the manifest (an interrupted run?); new "
                         "shards are numbered after them. `mechray repair %s` adopts the "

@@ -93,6 +93,7 @@ def atomic_write(path: Path, data: bytes | memoryview | Callable[[Any], Any]) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; readers may be other users of a shared disk
         with os.fdopen(fd, "wb") as fh:
             result = data(fh) if callable(data) else fh.write(data)
             fh.flush()

@@ -212,7 +212,7 @@ class RayTransport(Transport):
         import ray
 
         wire = ray.put(to_wire(pending.materialize()))
-        done, entry = self.pool.write(pending.index, wire)
+        done, entry = self.pool.write(pending.index * self.world_size + self.rank, wire)
         ray.get(done)
         return ray.get(entry)
 

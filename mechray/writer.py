@@ -84,9 +84,11 @@ class WriterPool:
                    for i in range(config.num_writers)]
         return cls(writers, manifest)
 
-    def write(self, index: int, wire_ref) -> "ray.ObjectRef":
-        """Store one shard and record it; the returned ref resolves once the manifest lists it."""
-        entry = self.writers[index % len(self.writers)].write.remote(wire_ref)
+    def write(self, slot: int, wire_ref) -> tuple:
+        """Store one shard on writer ``slot % n`` and record it; returns ``(done, entry)`` refs,
+        ``done`` resolving once the manifest lists the shard.  Callers pass
+        ``index * world_size + rank`` so the ranks' shards of one step go to different writers."""
+        entry = self.writers[slot % len(self.writers)].write.remote(wire_ref)
         return self.manifest.add.remote(entry), entry
 
     def next_index(self, rank: int) -> int:

@@ -95,3 +95,8 @@ def test_cli_ls_and_inspect(store_dir, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli(["ls", str(tmp_path / "nowhere")]) == 2
     assert "holds no manifest.json" in capsys.readouterr().err
+
+
+def test_shards_and_manifest_are_readable_by_other_users(store_dir):
+    for path in [store_dir / "manifest.json", *store_dir.glob("*.pt")]:
+        assert path.stat().st_mode & 0o044 == 0o044, path
