@@ -68,6 +68,7 @@ class MechIntCallback(pl.Callback):
         self.sampler = ActivationSampler(config=self.config, rank=trainer.global_rank,
                                          world_size=trainer.world_size)
         self.sampler.next_index = self._resume_index
+        self.sampler.transport  # start writers (Ray actors) now, not inside the first sampled step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -9,6 +9,7 @@ Usage::
     mechray analyze ./mechint_cache --analyses neuron,feature,sae --out results/
     mechray analyze s3://bucket/prefix --endpoint-url http://127.0.0.1:9000 --analyses neuron
     mechray demo --out demo_output        # train the demo model with capture through Ray
+    mechray serve --storage ./mechint_cache --host 127.0.0.1 --port 8000   # API + dashboard
 """
 
 from __future__ import annotations
@@ -128,10 +129,35 @@ def cmd_repair(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from mechray.demo.run import main as demo_main
+def cmd_serve(args) -> int:
+    from mechray import serve
 
-    demo_main(args.extra)
+    spec = {"storage": args.storage, "num_replicas": args.num_replicas,
+            "max_ongoing_requests": args.max_ongoing_requests}
+    for key in ("s3_endpoint_url", "model", "model_checkpoint"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    print(f"mechray: serving {args.storage} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    serve.run_server(spec, host=args.host, port=args.port, ray_address=args.ray_address)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from mechray.demo.run import analyse, run_demo, summarize
+
+    parser = argparse.ArgumentParser(prog="mechray demo",
+                                     description="train the demo model with capture through Ray, "
+                                                 "then analyse it and write a report")
+    parser.add_argument("--out", default="demo_output")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--every", type=int, default=20)
+    parser.add_argument("--no-ray", action="store_true", help="write with threads, not Ray")
+    parser.add_argument("--no-analysis", action="store_true", help="capture only")
+    opts = parser.parse_args(args.extra)
+    root = run_demo(opts.out, opts.steps, opts.every, use_ray=not opts.no_ray)
+    print(summarize(root))
+    if not opts.no_analysis:
+        print(f"report: {analyse(opts.out)}")
     return 0
 
 
@@ -173,6 +199,21 @@ def main(argv=None) -> int:
     p.add_argument("path", help="the capture's storage_path (holds manifest.json)")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
     p.set_defaults(fn=cmd_repair)
+    p = sub.add_parser("serve", help="serve the interpretation API and dashboard with Ray Serve")
+    p.add_argument("--storage", required=True, help="a store directory or s3://bucket/prefix")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--endpoint-url", dest="s3_endpoint_url", default=None,
+                   help="S3-compatible endpoint")
+    p.add_argument("--model", default=None, help="module:Class building the model (causal, "
+                   "circuit, SAE splicing)")
+    p.add_argument("--model-checkpoint", default=None, help="state_dict or Lightning .ckpt")
+    p.add_argument("--num-replicas", type=int, default=1, help="analysis replicas")
+    p.add_argument("--max-ongoing-requests", type=int, default=16,
+                   help="concurrent requests per analysis replica")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, a running one, or a new one)")
+    p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("demo", help="train the demo model with capture (see: mechray demo -h)",
                        add_help=False)
     p.set_defaults(fn=cmd_demo)

@@ -5,7 +5,6 @@ Usage::
 
     mechray demo --out demo_output --steps 200 --every 20
     mechray demo --no-analysis                   # capture only
-    python -m mechray.demo.run
 
 Starts a local Ray (``address='local'``, no dashboard), trains with :class:`MechIntCallback`
 writing through the Ray writer pool (plus, at every sampled step, one fixed probe batch in its own
@@ -17,7 +16,6 @@ shards and manifest are, then runs ``neuron``, ``feature``, ``sae``, ``causal``,
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
@@ -105,23 +103,3 @@ def summarize(store_dir: Path) -> str:
         lines.append(f"  {name:28s} rows={info['rows']:7d} features={info['feature_shape']} "
                      f"dtype={info['dtype']} shards={info['shards']}")
     return "\n".join(lines)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="mechray demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="demo_output")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--every", type=int, default=20)
-    parser.add_argument("--no-ray", action="store_true", help="write with threads, not Ray")
-    parser.add_argument("--no-analysis", action="store_true", help="capture only")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    root = run_demo(args.out, args.steps, args.every, use_ray=not args.no_ray)
-    print(summarize(root))
-    if not args.no_analysis:
-        report = analyse(args.out)
-        print(f"report: {report}")
-
-
-if __name__ == "__main__":
-    main()

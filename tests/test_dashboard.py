@@ -1,0 +1,114 @@
+"""The dashboard page in a real headless Chromium against the mixin served by uvicorn on
+127.0.0.1: it lists the store's layers and shards and draws every analysis's plot from the API.
+
+Needs Debian's ``chromium`` (``apt-get install -y --no-install-recommends chromium``); skipped
+with that reason when it is missing."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+from conftest import TinyNet
+from fastapi import FastAPI
+
+from mechray import ActivationSampler, FastAPIIntegrationMixin, MechIntConfig
+
+LAYERS = ["mamba_backbone.blocks.1", "popt"]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed; install it with "
+    "`apt-get install -y --no-install-recommends chromium` (Debian) to run the dashboard tests")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_token_in_the_environment():
+    """Auth is off unless a test turns it on (a developer's own MECHRAY_API_TOKEN is hidden)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MECHRAY_API_TOKEN", raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The mixin's app under uvicorn on 127.0.0.1:<free port>, over a real captured store."""
+    import uvicorn
+
+    store = tmp_path_factory.mktemp("dash") / "store"
+    torch.manual_seed(0)
+    net = TinyNet()
+    sampler = ActivationSampler(layers=LAYERS, save_dir=str(store), use_ray=False, verbose=False,
+                                save_inputs=True)
+    sampler.register_hooks(net)
+    for step in range(4):
+        sampler.current_step = step
+        with torch.no_grad():
+            net(torch.randn(3, 5, 6))
+        sampler.save_activations(step)
+    sampler.close()
+    app = FastAPI()
+    mixin = FastAPIIntegrationMixin(net, MechIntConfig(sample_layers=LAYERS,
+                                                       storage_path=str(store), verbose=False))
+    mixin.add_routes(app)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+    mixin.close()
+
+
+def chromium(tmp_path, url: str, *extra: str) -> str:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           "--virtual-time-budget=60000", *extra, url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_the_page_renders_layers_shards_and_every_plot(server, tmp_path):
+    dom = chromium(tmp_path, server + "/", "--dump-dom")
+    assert 'data-state="done"' in dom, dom[-3000:]
+    for layer in LAYERS:
+        assert f'data-layer="{layer}"' in dom
+    shards = dom[dom.index('id="shards"'):]
+    assert shards[:shards.index("</table>")].count("<td>activations_shard_") == 4
+    assert "Analyses of mamba_backbone.blocks.1" in dom
+    plots = set(re.findall(r'<svg class="plot" data-plot="([\w-]+)"', dom))
+    assert {"neuron-mean", "neuron-sparsity", "explained-variance", "cluster-sizes",
+            "sae-density", "causal-ranking", "circuit-ranking", "dynamics"} <= plots, plots
+    neuron = dom[dom.index('data-plot="neuron-mean"'):]
+    assert neuron.count("<rect") >= 8                                 # one bar per neuron
+    body = dom[:dom.index("<script>")]
+    assert "Top-activating rows" in body and 'class="reason"' not in body   # nothing skipped
+    assert 'id="status" class="error"></span>' in body                     # no error shown
+
+
+def test_the_page_is_self_contained_and_draws_pixels(server, tmp_path):
+    import matplotlib.image
+
+    shot = tmp_path / "dashboard.png"
+    chromium(tmp_path, server + "/interpret/dashboard", f"--screenshot={shot}",
+             "--window-size=1400,1800", "--hide-scrollbars")
+    pixels = matplotlib.image.imread(str(shot))
+    assert pixels.shape[:2] == (1800, 1400)
+    assert pixels[..., :3].std() > 0.05                               # not a blank page
+    html = subprocess.run(["curl", "-s", server + "/"], capture_output=True, text=True).stdout \
+        if shutil.which("curl") else ""
+    assert not re.search(r'(src|href)="(https?:)?//', html)           # nothing from outside
