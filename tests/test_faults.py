@@ -121,6 +121,8 @@ def test_disk_full_stops_training_and_names_the_path(tiny_disk):
     msg = str(info.value)
     assert "no space left on" in msg and str(tiny_disk / "cache") in msg
     assert "kept" in msg and "retry_failed" in msg
+    with pytest.raises(ShardWriteError):
+        s.flush()  # let the shard still in flight settle (it cannot fit either)
     # every shard handed off is either durable or still in memory: none is lost
     assert s.transport.failed
     assert s.stats.shards_written + len(s.transport.failed) == s.stats.shards_submitted
