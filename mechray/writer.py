@@ -80,7 +80,7 @@ class WriterPool:
                                          **common).remote(target, config.to_dict())
         writers = [ShardWriter.options(name=f"mechray-writer-{target.key}-{i}",
                                        num_cpus=config.writer_num_cpus,
-                                       scheduling_strategy="SPREAD", **common).remote(target)
+                                       scheduling_strategy=_spread(i), **common).remote(target)
                    for i in range(config.num_writers)]
         return cls(writers, manifest)
 
@@ -93,6 +93,18 @@ class WriterPool:
 
     def next_index(self, rank: int) -> int:
         return ray.get(self.manifest.next_index.remote(rank))
+
+
+def _spread(i: int):
+    """Writer ``i`` goes to the ``i``-th alive node (round robin), softly: if that node is gone
+    when the actor (re)starts, Ray places it elsewhere.  Plain ``SPREAD`` is best effort and
+    can put every zero-CPU writer on one node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    if len(nodes) < 2:
+        return "SPREAD"
+    return NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=True)
 
 
 def start_writer_pool(config) -> WriterPool:

@@ -27,6 +27,36 @@ def test_writers_spread_across_nodes(ray_three_nodes, tmp_path):
     assert store.layers()["1"]["rows"] == 9 * 128
 
 
+def test_a_node_removed_during_capture_loses_no_shard(ray_three_nodes, tmp_path):
+    import threading
+
+    import ray
+
+    cluster, workers = ray_three_nodes
+    model = nn.Sequential(nn.Linear(16, 256), nn.ReLU())
+    sampler = ActivationSampler(layers=["0", "1"], save_dir=str(tmp_path), use_ray=True,
+                                num_writers=3, max_shards_in_flight=6)
+    sampler.register_hooks(model)
+    pool = sampler.transport.pool
+    on_victim = [w for w in pool.writers
+                 if ray.get(w.node_id.remote()) == workers[0].node_id]
+    timer = threading.Timer(0.5, lambda: cluster.remove_node(workers[0], allow_graceful=False))
+    timer.start()
+    names = []
+    for step in range(40):
+        model(torch.randn(512, 16))
+        names.append(sampler.save_activations(step))
+    timer.join()
+    sampler.close()
+    assert workers[0] not in cluster.list_all_nodes()
+    store = ShardStore(tmp_path)
+    assert [e["file"] for e in store.shards()] == names  # each shard once, none lost
+    for entry in store.shards():
+        store.load(entry)
+    # writers that lived on the removed node were restarted elsewhere and still answer
+    assert all(ray.get(w.node_id.remote()) != workers[0].node_id for w in on_victim)
+
+
 def _store(path, shards=12):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU())
@@ -58,7 +88,7 @@ def test_analysis_spreads_and_survives_a_node_removed_midway(ray_three_nodes, tm
     nodes = set(ray.get([where.remote() for _ in range(6)]))
     assert len(nodes) >= 2  # the cluster really runs tasks on several nodes
 
-    victim = workers[-1]
+    victim = workers[-1]  # workers[0] was removed by the capture test above
     timer = threading.Timer(1.0, lambda: cluster.remove_node(victim, allow_graceful=False))
     timer.start()
     try:
