@@ -132,7 +132,8 @@ def _entry_if_complete(file: Path, name: str) -> Optional[dict[str, Any]]:
             return None
         return entry_for(payload, len(data), checksum(data))
     except Exception as exc:  # a partial or foreign file is not adopted
-        log.warning("%s is not a complete shard (%s)", file, str(exc).splitlines()[0][:200])
+        log.warning("%s is not a complete shard (%s)", file,
+                    (str(exc).splitlines() or [type(exc).__name__])[0][:200])
         return None
 
 
