@@ -130,6 +130,8 @@ class Variant:
         self.opt.step()
         self.step += 1
         self.after(loss, batch, i)
+        if loss.is_cuda:  # the compute stream only: capture's side-stream copies are not waited
+            torch.cuda.current_stream().synchronize()
         return time.perf_counter() - t0
 
 
@@ -234,7 +236,7 @@ def build(args, store_root: Path) -> dict[str, Variant]:
 
     variants: dict[str, Variant] = {}
     for key in args.variants:
-        model = copy.deepcopy(base)
+        model = copy.deepcopy(base).to(args.device)
         if key == "a":
             variants[key] = Variant(key, model, args.lr)
         elif key == "b":
@@ -268,7 +270,8 @@ def run(args) -> dict[str, Any]:
     try:
         if any(k in ("b", "c", "f") for k in args.variants):
             start_ray(args.ray_cpus)
-        data = batches(args.trials, args.batch_size, args.seed)
+        data = [tuple(t.to(args.device) for t in b)
+                for b in batches(args.trials, args.batch_size, args.seed)]
         variants = build(args, store_root)
         order = list(variants.values())
         i = 0
@@ -449,6 +452,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="unmeasured steps per variant")
     p.add_argument("--interval", type=int, default=200,
                    help="variant c's save_hidden_every_n_steps")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda (the CUDA path: pinned buffers, side stream, events)")
     p.add_argument("--coalesce", type=int, default=9,
                    help="variant f: steps per shard (9 x 1024 rows fits max_activations_per_shard)")
     p.add_argument("--layers", default="mamba_backbone.blocks.3,mamba_backbone.blocks.7",

@@ -27,7 +27,7 @@ from pathlib import Path
 log = logging.getLogger("benchmarks.chaos")
 
 
-def run(steps: int = 300, out_dir: str | None = None, kill_every_s: float = 0.4,
+def run(steps: int = 300, out_dir: str | None = None, kill_every_s: float = 1.0,
         outage_every_s: float = 3.0, outage_s: float = 0.8, seed: int = 0,
         progress: bool = True) -> dict:
     """Run the chaos capture; returns the figures (expected/landed/lost/duplicated/corrupt...)."""

@@ -22,8 +22,8 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from mechray.manifest import MAIN, Manifest, partial_name
 from mechray.shard import PendingShard, to_wire
@@ -54,7 +54,7 @@ class TransportStats:
     shards_dropped: int = 0
     pending_uploads: int = 0
     blocked_seconds: float = 0.0
-    entries: list[dict[str, Any]] = field(default_factory=list)
+    last_entry: Optional[dict[str, Any]] = None  # the manifest lists them all; none kept here
 
 
 class Transport:
@@ -117,7 +117,7 @@ class Transport:
                 entry = fut.result()
                 self.stats.shards_written += 1
                 self.stats.bytes_written += entry["bytes"]
-                self.stats.entries.append(entry)
+                self.stats.last_entry = entry
                 self.stats.pending_uploads += bool(entry.get("pending_upload"))
                 self.failed.pop(pending.name, None)
                 self._errors.pop(pending.name, None)
