@@ -99,6 +99,7 @@ def run(steps: int = 300, out_dir: str | None = None, kill_every_s: float = 1.0,
         except ShardError:
             corrupt += 1
     in_s3 = {k.rsplit("/", 1)[1] for k in s3.keys(bucket, "chaos/")}
+    bad_inputs, server_errors = hostile_requests(root / "cache", rng)
     figures = {
         "steps": steps, "seconds": round(elapsed, 1),
         "faults_injected": sum(faults.values()), **faults,
@@ -109,12 +110,46 @@ def run(steps: int = 300, out_dir: str | None = None, kill_every_s: float = 1.0,
         "shards_corrupt": corrupt,
         "shards_missing_in_s3": sum(1 for n in expected if n not in in_s3),
         "uploads_deferred_then_synced": deferred - left, "uploads_still_pending": left,
+        "bad_inputs_tried": bad_inputs, "responses_5xx": server_errors,
         "store": str(root / "cache"),
     }
     s3.stop()
     if own_ray:
         ray.shutdown()
     return figures
+
+
+def hostile_requests(store_dir: Path, rng: random.Random, n_random: int = 60) -> tuple[int, int]:
+    """Send bad requests to the API over the chaos store; returns ``(tried, 5xx answers)``."""
+    import io
+    import pickle
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from mechray import FastAPIIntegrationMixin
+
+    mixin = FastAPIIntegrationMixin(None, {"sample_layers": ["*"], "storage_path": str(store_dir),
+                                           "use_ray": False})
+    client = TestClient(mixin.add_routes(FastAPI()))
+    evil = io.BytesIO()
+    pickle.dump({"x": print}, evil)
+    bodies = [{"analysis_type": "neuron", "layer_name": name} for name in
+              ("../../etc/passwd", "/abs", "~root", "nope", "", "1\x00")]
+    bodies += [{"analysis_type": a, "layer_name": "1"} for a in ("nuron", "", "sae; rm -rf /")]
+    bodies += [{"analysis_type": "neuron", "layer_name": "1", "params": p} for p in
+               ({"eps": -1}, {"top_k": 10**9}, {"nope": 1}, "params")]
+    bodies += [{"analysis_type": "causal", "layer_name": "1", "params": {"loss_fn": "os:system"}}]
+    answers = [client.post("/interpret", json=b).status_code for b in bodies]
+    uploads = [evil.getvalue(), b"", b"PK\x03\x04broken", b"\x93NUMPY\x01\x00garbage"]
+    uploads += [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 2048)))
+                for _ in range(n_random)]
+    for blob in uploads:
+        answers.append(client.post("/interpret/upload", files={"file": ("x.pt", blob)},
+                                   data={"analysis_type": "neuron"}).status_code)
+    answers += [client.get(f"/interpret/jobs/{j}").status_code for j in ("nope", "../x", "1" * 300)]
+    mixin.close()
+    return len(answers), sum(1 for code in answers if code >= 500)
 
 
 def main() -> None:

@@ -19,3 +19,4 @@ def test_chaos_capture_loses_duplicates_and_corrupts_nothing(ray_local, tmp_path
     assert f["shards_expected"] == f["shards_landed"] == 40
     assert f["shards_lost"] == f["shards_duplicated"] == f["shards_unexpected"] == 0
     assert f["shards_corrupt"] == f["shards_missing_in_s3"] == f["uploads_still_pending"] == 0
+    assert f["bad_inputs_tried"] >= 70 and f["responses_5xx"] == 0
