@@ -7,6 +7,7 @@ Every service is real and local: Ray on 127.0.0.1 without a dashboard, moto's
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -102,6 +103,9 @@ def ray_three_nodes():
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
+    deadline = time.monotonic() + 60  # until the scheduler sees every node's CPUs
+    while ray.cluster_resources().get("CPU", 0) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
     yield cluster, workers
     ray.shutdown()
     cluster.shutdown()

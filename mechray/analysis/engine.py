@@ -35,11 +35,14 @@ or corrupt shard raises :class:`~mechray.store.ShardError` naming it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import traceback
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -322,8 +325,9 @@ def _with_ctx(spec, ref, layer, info, model, eval_data, body) -> tuple:
     ctx = Context(store=store, model=model, eval_data=eval_data, out_dir=tmp,
                   results=info["results"], device=device, seed=info["seed"])
     try:
-        outcome = _guarded(lambda: ("ok", body(get_analysis(spec.name, spec.params), ctx)),
-                           spec, layer, info)
+        with model_lock(model):  # hooks of concurrent analyses on one model would interfere
+            outcome = _guarded(lambda: ("ok", body(get_analysis(spec.name, spec.params), ctx)),
+                               spec, layer, info)
         files = {} if tmp is None else {str(p.relative_to(tmp)): p.read_bytes()
                                         for p in sorted(tmp.rglob("*")) if p.is_file()}
     finally:
@@ -387,6 +391,18 @@ class _Local:
 
 
 _STORES: dict[StoreRef, ShardStore] = {}
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = \
+    weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: Optional[torch.nn.Module]):
+    """One lock per model object: analyses that hook the same in-process model (concurrent API
+    requests, say) take turns; without a model, a no-op."""
+    if model is None:
+        return contextlib.nullcontext()
+    with _MODEL_LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(model, threading.RLock())
 _REMOTES: dict[Callable, Any] = {}
 
 
