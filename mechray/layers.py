@@ -62,7 +62,7 @@ def _match(name: str, modules: dict[str, nn.Module]) -> list[str]:
         f"the model has modules such as {', '.join(list(modules)[:8])}"
     raise UnknownLayerError(
         f"layer {name!r} matches no module of the model; "
-        f"{hint}. List them with: for name, _ in model.named_modules(): print(name)")
+        f"{hint}. List them with: [name for name, _ in model.named_modules()]")
 
 
 
