@@ -116,14 +116,6 @@ class MechIntConfig(BaseModel):
     api_manifest_ttl_s: float = Field(5.0, ge=0, description="re-read the manifest at least "
                                       "this often (local stores also on any change)")
 
-    @field_validator("api_job_analyses")
-    @classmethod
-    def _api_job_analyses(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if name not in ANALYSES:
-                raise ValueError(f"api_job_analyses has unknown analysis {name!r}"
-                                 f"{_close(name, ANALYSES)}; valid analyses are {list(ANALYSES)}")
-        return list(v)
     # --- end of the api section ---------------------------------------------------------------
 
     # ------------------------------------------------------------------------------------------
@@ -186,13 +178,13 @@ class MechIntConfig(BaseModel):
             raise ValueError("analysis_layers is empty; list captured layers, or None for all")
         return v
 
-    @field_validator("analyses_to_run")
+    @field_validator("analyses_to_run", "api_job_analyses")
     @classmethod
-    def _analyses(cls, v: list[str]) -> list[str]:
+    def _analyses(cls, v: list[str], info) -> list[str]:
         for name in v:
             if name not in ANALYSES:
-                raise ValueError(f"unknown analysis {name!r}{_close(name, ANALYSES)}; "
-                                 f"valid analyses are {list(ANALYSES)}")
+                raise ValueError(f"{info.field_name} has unknown analysis {name!r}"
+                                 f"{_close(name, ANALYSES)}; valid analyses are {list(ANALYSES)}")
         return list(dict.fromkeys(v))
 
     @field_validator("analysis_params")
