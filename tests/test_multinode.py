@@ -29,6 +29,7 @@ def test_writers_spread_across_nodes(ray_three_nodes, tmp_path):
 
 def test_a_node_removed_during_capture_loses_no_shard(ray_three_nodes, tmp_path):
     import threading
+    import time
 
     import ray
 
@@ -53,8 +54,12 @@ def test_a_node_removed_during_capture_loses_no_shard(ray_three_nodes, tmp_path)
     assert [e["file"] for e in store.shards()] == names  # each shard once, none lost
     for entry in store.shards():
         store.load(entry)
-    # writers that lived on the removed node were restarted elsewhere and still answer
-    assert all(ray.get(w.node_id.remote()) != workers[0].node_id for w in on_victim)
+    # writers that lived on the removed node are restarted elsewhere and still answer (their old
+    # processes may serve a call or two until they notice their raylet is gone)
+    deadline = time.monotonic() + 60
+    while any(ray.get(w.node_id.remote()) == workers[0].node_id for w in on_victim):
+        assert time.monotonic() < deadline, "a writer never left the removed node"
+        time.sleep(0.5)
 
 
 def _store(path, shards=12):
