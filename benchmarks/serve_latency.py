@@ -37,7 +37,6 @@ import asyncio
 import json
 import logging
 import multiprocessing
-import socket
 import sys
 import tempfile
 import time
@@ -46,6 +45,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, setup_env, setup_logging, start_ray, table, write_json  # noqa: E402
+
+from mechray.testing import free_port  # noqa: E402
 
 log = logging.getLogger("bench.serve_latency")
 LAYER = "blocks.1"
@@ -70,12 +71,6 @@ def build_store(path: Path, features: int, steps: int, rows: int) -> None:
             model(torch.randn(rows, 16))
         sampler.save_activations(step)
     sampler.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plain_server(store: str, port: int, stop) -> None:

@@ -17,7 +17,6 @@ entries whose file is gone, and quarantines files that fail their checksum.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mechray.manifest import MAIN, Manifest, merge, validate
-from mechray.shard import checksum, decode, entry_for, parse_shard_name
+from mechray.shard import checksum, decode, entry_for, file_checksum, parse_shard_name
 from mechray.storage import StorageTarget
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ def repair(path, endpoint_url: Optional[str] = None) -> dict[str, Any]:
             if not entry.get("s3_uri"):
                 drop.append(entry["file"])
                 report["missing"].append(entry["file"])
-        elif _digest(file) != entry["checksum"]:
+        elif file_checksum(file) != entry["checksum"]:
             drop.append(entry["file"])
             report["quarantined"].append(_move(file, quarantine))
     owner.remove(*drop)
@@ -135,14 +134,6 @@ def _entry_if_complete(file: Path, name: str) -> Optional[dict[str, Any]]:
         log.warning("%s is not a complete shard (%s)", file,
                     (str(exc).splitlines() or [type(exc).__name__])[0][:200])
         return None
-
-
-def _digest(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def _move(file: Path, folder: Path) -> str:

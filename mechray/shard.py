@@ -2,7 +2,7 @@
 
 Usage::
 
-    from mechray.shard import shard_name, parse_shard_name, encode, decode
+    from mechray.shard import shard_name, parse_shard_name, save, decode
 
     shard_name(index=3, step=600)                    # 'activations_shard_000003_step_600.pt'
     shard_name(index=3, step=600, rank=1, world_size=2)
@@ -51,6 +51,15 @@ def parse_shard_name(name: str) -> Optional[dict[str, int]]:
 
 def checksum(data: bytes | memoryview) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def file_checksum(path) -> str:
+    """The checksum of a file's bytes, read in 8 MiB pieces (the manifest's ``checksum``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 @dataclass
@@ -157,9 +166,8 @@ def save(payload: dict[str, Any], fh) -> tuple[int, str]:
 def encode(payload: dict[str, Any]) -> tuple[bytes, str]:
     """Serialise a payload to the bytes of a ``.pt`` file and their checksum."""
     buf = io.BytesIO()
-    save(payload, buf)
-    data = buf.getvalue()
-    return data, checksum(data)
+    _, digest = save(payload, buf)
+    return buf.getvalue(), digest
 
 
 def decode(data: bytes) -> dict[str, Any]:

@@ -18,7 +18,6 @@ Nothing here unpickles code: shards load with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import torch
 
 from mechray import s3
 from mechray.manifest import MAIN, merge, validate
-from mechray.shard import load_error
+from mechray.shard import file_checksum, load_error
 
 log = logging.getLogger(__name__)
 _PARTIAL = re.compile(r"manifest\.rank\d{3,}\.json$")
@@ -202,11 +201,7 @@ class ShardStore:
         if st.st_size != entry["bytes"]:
             raise ShardError(f"shard {entry['file']} ({path}) is {st.st_size} bytes but the "
                              f"manifest says {entry['bytes']}: it is truncated or was replaced")
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(8 << 20):
-                h.update(chunk)
-        if "sha256:" + h.hexdigest() != entry["checksum"]:
+        if file_checksum(path) != entry["checksum"]:
             raise ShardError(f"shard {entry['file']} ({path}) does not match its checksum "
                              f"{entry['checksum']}: the file is corrupt")
         self._verified[str(path)] = stamp

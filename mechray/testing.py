@@ -1,4 +1,4 @@
-"""A local S3 for tests, examples and benchmarks: moto's HTTP server on 127.0.0.1.
+"""Local servers for tests, examples and benchmarks: moto's S3 and uvicorn, on 127.0.0.1.
 
 Usage::
 
@@ -10,6 +10,9 @@ Usage::
                                s3_endpoint_url=s3.url)
         s3.stop(); ...; s3.start()               # an outage, then the same endpoint again
 
+    with serve_in_thread(app) as url:            # uvicorn in a thread, a free port
+        ...
+
 Credentials are whatever the environment holds; the server accepts any (set
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` to dummy values when none are configured).
 """
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class LocalS3:
@@ -68,3 +73,43 @@ class LocalS3:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve_in_thread(app, timeout_s: float = 30.0) -> Iterator[str]:
+    """Serve an ASGI app (a FastAPI app with mechray's routes, say) with uvicorn on 127.0.0.1 in
+    a background thread; yields its base URL and stops it on exit.
+
+    Usage::
+
+        with serve_in_thread(app) as url:
+            httpx.get(f"{url}/interpret/layers")
+    """
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="mechray-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.05)
+    try:
+        if not server.started:
+            raise RuntimeError(f"uvicorn did not start on 127.0.0.1:{port} within {timeout_s}s")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

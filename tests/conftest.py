@@ -28,6 +28,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_api_token_in_the_environment():
+    """API auth is off unless a test turns it on (a developer's own MECHRAY_API_TOKEN is hidden)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MECHRAY_API_TOKEN", raising=False)
+        yield
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A real local Ray for one test module (shut down after it)."""

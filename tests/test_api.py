@@ -28,14 +28,6 @@ TOKEN_ENV = "MECHRAY_API_TOKEN"
 SMALL_SAE = {"expansion_factor": 2, "k": 4, "epochs": 2, "batch_size": 32}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_token_in_the_environment():
-    """Auth is off unless a test turns it on (a developer's own MECHRAY_API_TOKEN is hidden)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MECHRAY_API_TOKEN", raising=False)
-        yield
-
-
 def capture_store(path, steps=(0, 1, 2, 3), seed=0):
     """TinyNet's activations for ``steps`` (3x5 tokens a step), inputs saved for causal/circuit."""
     torch.manual_seed(seed)
@@ -224,14 +216,11 @@ def test_seed_pattern_4_and_its_curl_examples_work_as_written(tmp_path, monkeypa
     plain FastAPI app under uvicorn (127.0.0.1), then the seed's three curl commands."""
     import shlex
     import shutil
-    import socket
     import subprocess
-    import threading
     from collections import OrderedDict
 
-    import uvicorn
-
     from mechray import MechIntHooks
+    from mechray.testing import serve_in_thread
 
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
@@ -255,15 +244,6 @@ def test_seed_pattern_4_and_its_curl_examples_work_as_written(tmp_path, monkeypa
     mixin = FastAPIIntegrationMixin(model, config)
     mixin.add_routes(app)
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
     seed = """
 curl http://localhost:8000/interpret/layers
 curl -X POST http://localhost:8000/interpret \\
@@ -275,15 +255,14 @@ curl -X POST http://localhost:8000/interpret/upload \\
 """
     try:
         answers = []
-        for command in seed.replace("\\\n", " ").strip().splitlines():
-            argv = shlex.split(command.replace("localhost:8000", f"127.0.0.1:{port}"))
-            out = subprocess.run(argv + ["-s", "--fail-with-body"], capture_output=True,
-                                 text=True, timeout=60)
-            assert out.returncode == 0, (command, out.stdout, out.stderr)
-            answers.append(json.loads(out.stdout))
+        with serve_in_thread(app) as url:
+            for command in seed.replace("\\\n", " ").strip().splitlines():
+                argv = shlex.split(command.replace("http://localhost:8000", url))
+                out = subprocess.run(argv + ["-s", "--fail-with-body"], capture_output=True,
+                                     text=True, timeout=60)
+                assert out.returncode == 0, (command, out.stdout, out.stderr)
+                answers.append(json.loads(out.stdout))
     finally:
-        server.should_exit = True
-        thread.join(10)
         mixin.close()
     layers, neuron, upload = answers
     assert sorted(layers["layers"]) == ["layer1", "layer2"] and layers["store"].endswith(

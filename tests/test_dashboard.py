@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
-import threading
-import time
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ from conftest import TinyNet
 from fastapi import FastAPI
 
 from mechray import ActivationSampler, FastAPIIntegrationMixin, MechIntConfig
+from mechray.testing import serve_in_thread
 
 LAYERS = ["mamba_backbone.blocks.1", "popt"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -38,8 +36,6 @@ def _no_token_in_the_environment():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The mixin's app under uvicorn on 127.0.0.1:<free port>, over a real captured store."""
-    import uvicorn
-
     store = tmp_path_factory.mktemp("dash") / "store"
     torch.manual_seed(0)
     net = TinyNet()
@@ -56,19 +52,8 @@ def server(tmp_path_factory):
     mixin = FastAPIIntegrationMixin(net, MechIntConfig(sample_layers=LAYERS,
                                                        storage_path=str(store), verbose=False))
     mixin.add_routes(app)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as url:
+        yield url
     mixin.close()
 
 

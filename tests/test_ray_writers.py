@@ -5,7 +5,6 @@ import random
 import threading
 import time
 
-import pytest
 import torch
 from torch import nn
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -23,25 +22,12 @@ from fastapi.testclient import TestClient
 
 from mechray import ActivationSampler, FastAPIIntegrationMixin, MechIntConfig
 from mechray.analysis.engine import Engine
+from mechray.testing import free_port
 
 LAYER, LAYERS = "mamba_backbone.blocks.1", ["mamba_backbone.blocks.1", "popt"]
 MODEL = "mechray.demo.model:NeuroFMX"
 TOKEN = "serve-test-token"
 SMALL_SAE = {"expansion_factor": 2, "k": 8, "epochs": 2, "batch_size": 64}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_token_in_the_environment():
-    """Auth is off unless a test turns it on (a developer's own MECHRAY_API_TOKEN is hidden)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MECHRAY_API_TOKEN", raising=False)
-        yield
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def capture_demo(path: Path, steps=(0, 1, 2)) -> Path:
