@@ -56,12 +56,14 @@ def run(steps: int = 300, out_dir: str | None = None, kill_every_s: float = 1.0,
                                 max_shards_in_flight=4, verbose=False)
     sampler.register_hooks(model)
     pool = sampler.transport.pool
-    faults = Counter()
+    faults = Counter(writer_kills=0, s3_outages=0)
     stop = threading.Event()
 
     def chaos() -> None:
         next_outage = time.monotonic() + outage_every_s
-        while not stop.wait(rng.uniform(0.5, 1.5) * kill_every_s):
+        delay = 0.1  # the first kill lands early, even in a short run
+        while not stop.wait(delay):
+            delay = rng.uniform(0.5, 1.5) * kill_every_s
             ray.kill(rng.choice(pool.writers), no_restart=False)
             faults["writer_kills"] += 1
             if time.monotonic() > next_outage:
