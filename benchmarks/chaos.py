@@ -37,7 +37,7 @@ def run(steps: int = 300, out_dir: str | None = None, kill_every_s: float = 1.0,
     from tqdm import tqdm
 
     from mechray import ActivationSampler, ShardError, ShardStore
-    from mechray.recovery import sync
+    from mechray.storage.recovery import sync
     from mechray.testing import LocalS3
 
     s3 = LocalS3()  # first: it sets dummy credentials that Ray's workers must inherit

@@ -13,6 +13,6 @@ PY="${PYTHON:-python3}"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
 "$PY" -m pip install -q -e . 2>/dev/null || true
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 PYTHONUNBUFFERED=1
-"$PY" -m pytest tests/test_gpu_capture.py tests/test_sae.py -q -k "cuda or gpu" 2>&1 | tee "$OUT/gpu_tests.log"
+"$PY" -m pytest tests/capture/test_gpu_capture.py tests/analysis/test_sae.py -q -k "cuda or gpu" 2>&1 | tee "$OUT/gpu_tests.log"
 "$PY" benchmarks/capture_overhead.py --device cuda --variants a,b,c,d,f --rounds 20 --threads 4 \
     2>&1 | tee "$OUT/gpu_capture_overhead.log"

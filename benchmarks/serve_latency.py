@@ -108,7 +108,7 @@ def serve_server(store: str, port: int, stop, env: dict) -> None:
     logging.basicConfig(level=logging.WARNING)
     from ray import serve
 
-    from mechray.serve import build_app
+    from mechray.api.serve_app import build_app
 
     ray = start_ray(num_cpus=3)
     try:

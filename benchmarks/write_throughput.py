@@ -63,7 +63,7 @@ PAIRS = {"thread-local": "raw-local", "ray-local": "raw-local",
 
 def pending(index: int, step: int, acts: dict[str, torch.Tensor]):
     """An in-memory shard as ``ActivationSampler.save_activations`` hands it to the writer."""
-    from mechray.shard import Chunk, PendingShard, shard_name
+    from mechray.storage.shard import Chunk, PendingShard, shard_name
 
     rows = max(len(t) for t in acts.values())
     return PendingShard(name=shard_name(index, step), index=index, step=step, rank=0,
@@ -83,7 +83,7 @@ class Bench:
         g = torch.Generator().manual_seed(0)
         self.acts = {f"mamba_backbone.blocks.{i}": torch.randn(args.rows, args.dim, generator=g)
                      for i in range(args.layers)}
-        from mechray.shard import encode
+        from mechray.storage.shard import encode
 
         self.shard_bytes, _ = encode(pending(0, 0, self.acts).materialize())
         self.endpoint = self.bucket = self.server = None
@@ -140,7 +140,7 @@ class Bench:
 
     def mechray(self, tag: str, use_ray: bool, backend: str) -> tuple[float, int]:
         from mechray import MechIntConfig
-        from mechray.transport import make_transport
+        from mechray.storage.transport import make_transport
 
         extra = dict(s3_bucket=self.bucket, s3_prefix=tag, s3_endpoint_url=self.endpoint) \
             if backend == "s3" else {}

@@ -15,7 +15,7 @@ Usage::
 What it does: without ``--storage`` it first captures a few steps of the demo model into
 ``{out}/mechint_cache`` (writer threads, no Ray).  Then it starts a local Ray (``address='local'``,
 no dashboard; or joins ``$RAY_ADDRESS``), starts Serve on ``--host:--port`` and runs
-``mechray.serve.build_app`` - the same application ``serve run deploy/serve_config.yaml`` and the
+``mechray.api.serve_app.build_app`` - the same application ``serve run deploy/serve_config.yaml`` and the
 KubeRay RayService start: a FastAPI ingress, ``--replicas`` analysis replicas holding the store,
 the model and a result cache, and a job board for long analyses (``sae`` answers 202 and a job id).
 
@@ -127,7 +127,7 @@ def main(argv=None) -> dict | None:
     import ray
     from ray import serve
 
-    from mechray.serve import run_server
+    from mechray.api.serve_app import run_server
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if not ray.is_initialized():

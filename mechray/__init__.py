@@ -10,9 +10,10 @@ Usage::
     trainer = pl.Trainer(callbacks=[MechIntCallback(config)])
     trainer.fit(model, dataloader)            # shards + manifest.json in ./mechint_cache/
 
-The data flow, one module per stage: ``capture`` (hooks, row cache) → ``transport`` (writer
-threads or the Ray ``writer`` pool) → ``storage``/``manifest`` (local disk, S3) → ``store``
-(reading) → analysis → report/serve.
+The packages follow the data: ``capture`` (hooks, row cache) → ``storage`` (writer threads or
+the Ray writer pool, shards and manifest on local disk and S3, the reader) → ``analysis``
+(statistics and fits as Ray tasks, the runner and report) → ``api`` (FastAPI routes, Ray Serve).
+``config`` (one typed config), ``errors`` (one hierarchy) and ``cli`` sit at the top.
 """
 
 from __future__ import annotations
@@ -21,22 +22,22 @@ import logging
 from importlib import import_module
 from typing import Any
 
-from mechray.capture import ActivationSampler
+from mechray.capture.hooks import MechIntHooks
+from mechray.capture.layers import UnknownLayerError
+from mechray.capture.sampler import ActivationSampler
 from mechray.config import ConfigError, MechIntConfig
-from mechray.hooks import MechIntHooks
-from mechray.layers import UnknownLayerError
-from mechray.store import ShardError, ShardStore
-from mechray.transport import ShardWriteError
+from mechray.storage.reader import ShardError, ShardStore
+from mechray.storage.transport import ShardWriteError
 
 __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # Names whose modules pull in optional dependencies (Lightning, FastAPI, scikit-learn) load lazily.
 _LAZY = {
-    "MechIntCallback": "mechray.callback",
-    "EvalMechIntRunner": "mechray.runner",
-    "FastAPIIntegrationMixin": "mechray.api",
-    "start_writer_pool": "mechray.writer",
+    "MechIntCallback": "mechray.capture.callback",
+    "EvalMechIntRunner": "mechray.analysis.runner",
+    "FastAPIIntegrationMixin": "mechray.api.routes",
+    "start_writer_pool": "mechray.storage.writer_pool",
 }
 
 __all__ = ["ActivationSampler", "ConfigError", "MechIntCallback", "MechIntConfig", "MechIntHooks",

@@ -21,11 +21,12 @@ import sys
 
 import torch
 
-from mechray.shard import load_error
+from mechray.errors import MechrayError
+from mechray.storage.shard import load_error
 
 
 def cmd_ls(args) -> int:
-    from mechray.store import ShardStore
+    from mechray.storage.reader import ShardStore
 
     store = ShardStore(args.path, endpoint_url=args.endpoint_url)
     shards = store.shards()
@@ -63,8 +64,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_analyze(args) -> int:
+    from mechray.analysis.runner import EvalMechIntRunner
     from mechray.config import MechIntConfig
-    from mechray.runner import EvalMechIntRunner
 
     names = [n.strip() for n in args.analyses.split(",") if n.strip()]
     params = json.loads(args.params) if args.params else {}
@@ -108,7 +109,7 @@ def _build_model(spec: str):
 
 
 def cmd_sync(args) -> int:
-    from mechray.recovery import sync
+    from mechray.storage.recovery import sync
 
     result = sync(args.path, endpoint_url=args.endpoint_url)
     print(f"{args.path}: {result['uploaded']} shard(s) uploaded, {result['pending']} still "
@@ -117,7 +118,7 @@ def cmd_sync(args) -> int:
 
 
 def cmd_repair(args) -> int:
-    from mechray.recovery import repair
+    from mechray.storage.recovery import repair
 
     report = repair(args.path, endpoint_url=args.endpoint_url)
     for key in ("adopted", "salvaged", "quarantined", "missing", "removed_temp"):
@@ -130,7 +131,7 @@ def cmd_repair(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from mechray import serve
+    from mechray.api import serve_app as serve
 
     spec = {"storage": args.storage, "num_replicas": args.num_replicas,
             "max_ongoing_requests": args.max_ongoing_requests}
@@ -225,6 +226,9 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
+    except MechrayError as exc:  # ours: the message names the value and the fix
+        print(f"mechray: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         print(f"mechray: error: {exc}", file=sys.stderr)
         return 2

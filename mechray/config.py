@@ -22,15 +22,21 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mechray.errors import ConfigError
 
 ANALYSES = ("neuron", "feature", "sae", "causal", "circuit", "dynamics")
 BACKENDS = ("local", "s3", "both")
 DTYPES = ("float32", "float16", "bfloat16")
 
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field and the fix."""
 
 
 class MechIntConfig(BaseModel):
@@ -92,7 +98,7 @@ class MechIntConfig(BaseModel):
     analysis_num_gpus: float = Field(0.0, description="GPUs per Ray fit/model analysis task")
     eval_max_samples: int = Field(256, description="model inputs used by model analyses at most")
 
-    # --- api (mechray.api / mechray.serve: the HTTP interpretation API) --------------------------
+    # --- api (mechray.api.routes / mechray.api.serve_app: the HTTP interpretation API) --------------------------
     api_max_upload_mb: float = Field(64.0, gt=0, le=65536,
                                      description="largest POST /interpret/upload body (else 413)")
     api_max_json_kb: float = Field(64.0, gt=0, le=65536, description="largest JSON request body")

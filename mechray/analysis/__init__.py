@@ -1,11 +1,25 @@
-"""Analyses over stored activations; importing this package registers every analysis.
+"""Analysis: statistics and fits over stored shards, fanned out as Ray tasks over (layer × shard).
+
+Importing this package registers every analysis. ``base`` (the interface and the registry),
+one module per analysis, ``engine`` (map → merge → finalize, in Ray or in one process),
+``runner`` (:class:`EvalMechIntRunner`) and ``report`` (JSON, Markdown, plots).
+
+May import: ``mechray.storage`` (reading only), ``mechray.config``, ``mechray.errors``.
+Never ``capture`` or ``api``.
 
 Usage::
 
     from mechray.analysis import get_analysis, REGISTRY
 """
 
-from mechray.analysis.base import REGISTRY, Analysis, Context, Skip, get_analysis, register
+from mechray.analysis.base import (
+    REGISTRY,
+    Analysis,
+    Context,
+    Skip,
+    get_analysis,
+    register,
+)
 
 __all__ = ["REGISTRY", "Analysis", "Context", "Skip", "get_analysis", "register"]
 

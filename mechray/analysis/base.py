@@ -26,13 +26,12 @@ from typing import Any, ClassVar, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from mechray.errors import AnalysisParamsError
+
 
 class Skip(Exception):
     """Raised by an analysis that cannot run here; the message is recorded as the reason."""
 
-
-class AnalysisParamsError(ValueError):
-    """Bad analysis parameters; the message names the analysis, the field and the fix."""
 
 
 class Params(BaseModel):
@@ -43,7 +42,7 @@ class Params(BaseModel):
 class Context:
     """What an analysis may use besides shard rows."""
 
-    store: Any                                   # mechray.store.ShardStore (or None for uploads)
+    store: Any                                   # mechray.storage.reader.ShardStore (or None for uploads)
     model: Optional[torch.nn.Module] = None
     eval_data: Optional[torch.Tensor] = None     # model inputs for causal / circuit
     out_dir: Optional[Path] = None               # where weights / components files go

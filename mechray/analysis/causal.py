@@ -29,9 +29,18 @@ import torch
 from pydantic import Field, model_validator
 
 from mechray.analysis.base import Analysis, Context, Params, register
-from mechray.analysis.intervene import (LOSS_FN_PATTERN, Metric, can_stack, eval_inputs,
-                                        eval_mode, model_device, record_outputs,
-                                        resolve_loss_fn, run_model, sweep)
+from mechray.analysis.intervene import (
+    LOSS_FN_PATTERN,
+    Metric,
+    can_stack,
+    eval_inputs,
+    eval_mode,
+    model_device,
+    record_outputs,
+    resolve_loss_fn,
+    run_model,
+    sweep,
+)
 
 log = logging.getLogger(__name__)
 

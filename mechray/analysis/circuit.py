@@ -38,9 +38,17 @@ from pydantic import Field
 
 from mechray.analysis.base import Analysis, Context, Skip, register
 from mechray.analysis.causal import InterventionParams, prepare, ranked
-from mechray.analysis.intervene import (can_stack, edit_output, eval_inputs, eval_mode,
-                                        find_module, model_device, output_of, record_outputs,
-                                        sweep)
+from mechray.analysis.intervene import (
+    can_stack,
+    edit_output,
+    eval_inputs,
+    eval_mode,
+    find_module,
+    model_device,
+    output_of,
+    record_outputs,
+    sweep,
+)
 
 log = logging.getLogger(__name__)
 

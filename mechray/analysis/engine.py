@@ -30,7 +30,7 @@ the driver's ``out_dir`` (same relative paths), so a multi-node cluster needs no
 
 An analysis that raises :class:`Skip`, needs a model that was not given, or fails is recorded as
 ``{"skipped": True, "reason": ...}`` (plus ``"error"`` for failures) for that layer; a missing
-or corrupt shard raises :class:`~mechray.store.ShardError` naming it.
+or corrupt shard raises :class:`~mechray.storage.reader.ShardError` naming it.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from mechray.analysis.base import AnalysisParamsError, Context, Skip, get_analysis
-from mechray.store import ShardError, ShardStore
+from mechray.storage.reader import ShardError, ShardStore
 
 log = logging.getLogger(__name__)
 

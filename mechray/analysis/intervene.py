@@ -13,7 +13,7 @@ Usage::
     change = metric.value(ablated, run_model(model, x))
 
 For tuple, list or dict outputs the first tensor is edited (the tensor capture stores, see
-``mechray.capture._pick``); the rest of the output passes through untouched.  A module called
+``mechray.capture.sampler._pick``); the rest of the output passes through untouched.  A module called
 several times per forward sees the call index, so call ``i`` can be patched with recording ``i``.
 
 A user loss (``metric='loss'``) comes from the analysis parameter ``loss_fn="package.module:fn"``
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from mechray.analysis.base import Skip
-from mechray.capture import _pick
-from mechray.layers import resolve_layers
+from mechray.capture.layers import resolve_layers
+from mechray.capture.sampler import _pick
 
 log = logging.getLogger(__name__)
 LOSS_FN_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"

@@ -28,7 +28,6 @@ adds from the shard's metadata) and falls back to ``entry["step"]``.
 from __future__ import annotations
 
 import functools
-
 from typing import Any
 
 import numpy as np

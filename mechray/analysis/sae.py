@@ -44,8 +44,21 @@ import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from mechray.analysis.base import Analysis, AnalysisParamsError, Context, Params, Skip, register
-from mechray.analysis.intervene import edit_output, eval_inputs, eval_mode, model_device, run_model
+from mechray.analysis.base import (
+    Analysis,
+    AnalysisParamsError,
+    Context,
+    Params,
+    Skip,
+    register,
+)
+from mechray.analysis.intervene import (
+    edit_output,
+    eval_inputs,
+    eval_mode,
+    model_device,
+    run_model,
+)
 from mechray.analysis.sae_model import SAETrainer, SparseAutoencoder, save_sae
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,218 @@
+"""Evaluation: run the configured analyses over stored shards, then export JSON, report and plots.
+
+Usage (the seed's Pattern 3)::
+
+    from mechray import EvalMechIntRunner
+
+    runner = EvalMechIntRunner(model, config)
+    results = runner.run_mechint_eval(checkpoint_path="./model.pt",        # optional
+                                      hidden_shards_path="./mechint_cache", # or s3://bucket/prefix
+                                      eval_data=inputs)                     # tensor or DataLoader
+    results["neuron"]["popt"]["mean"]          # {analysis: {layer: result}}
+    runner.export_results("./results")         # mechint_results.json, mechint_report.md, *.png
+
+Runs ``config.analyses_to_run`` with ``config.analysis_params`` (see :mod:`mechray.analysis.engine`
+for how work is spread over Ray, when ``ray.is_initialized()`` or ``config.use_ray``).  The
+checkpoint may be a Lightning checkpoint (its ``state_dict``) or a plain ``state_dict``; it is
+read with ``torch.load(weights_only=True)``, never unpickling code.  The shards default to
+``config.storage_path`` (or ``s3://{s3_bucket}/{s3_prefix}`` for the S3 backend).  Model inputs
+for ``causal``/``circuit``/``sae`` splicing come from ``eval_data``, else from inputs stored with
+the shards (``save_inputs=True``, newest step first), at most ``config.eval_max_samples``.
+Artifacts (PCA components, SAE weights) are written to ``out_dir`` (a temporary directory by
+default) and copied by :meth:`export_results`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from mechray.config import MechIntConfig
+from mechray.storage.reader import ShardStore
+
+log = logging.getLogger(__name__)
+RESULTS_JSON = "mechint_results.json"
+REPORT_MD = "mechint_report.md"
+
+
+class EvalMechIntRunner:
+    """Analyses a model's stored activations (``model`` may be ``None`` for store-only analyses)."""
+
+    def __init__(self, model: Optional[torch.nn.Module], config: Union[MechIntConfig, dict]):
+        self.model = model
+        self.config = MechIntConfig.coerce(config)
+        self.results: Optional[dict[str, dict[str, Any]]] = None
+        self.meta: dict[str, Any] = {}
+        self.out_dir: Optional[Path] = None
+
+    # ------------------------------------------------------------------------------------------
+    def run_mechint_eval(self, checkpoint_path: Optional[str] = None,
+                         hidden_shards_path: Optional[str] = None, eval_data: Any = None, *,
+                         layers: Optional[list[str]] = None,
+                         out_dir: Optional[str] = None) -> dict[str, dict[str, Any]]:
+        """Run the configured analyses; returns ``{analysis: {layer: result}}``."""
+        from mechray.analysis.engine import Engine
+
+        cfg = self.config
+        if checkpoint_path is not None:
+            if self.model is None:
+                raise ValueError(f"checkpoint_path={checkpoint_path!r} given but the runner has no "
+                                 "model; pass it: EvalMechIntRunner(model, config)")
+            load_checkpoint(self.model, checkpoint_path)
+        if self.model is not None:
+            self.model.eval()
+        location = hidden_shards_path or default_location(cfg)
+        store = ShardStore(location, endpoint_url=cfg.endpoint_url, region=cfg.s3_region)
+        self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="mechint-"))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        inputs = as_tensor(eval_data, cfg.eval_max_samples) if eval_data is not None else \
+            stored_inputs(store, cfg.eval_max_samples)
+        t0 = time.time()
+        engine = Engine(store, out_dir=self.out_dir, use_ray=cfg.use_ray,
+                        num_cpus=cfg.analysis_num_cpus, num_gpus=cfg.analysis_num_gpus,
+                        progress=cfg.verbose, seed=cfg.sample_seed)
+        self.results = engine.run(cfg.analyses_to_run, cfg.analysis_params,
+                                  layers=layers or cfg.analysis_layers, model=self.model,
+                                  eval_data=inputs)
+        info = store.layers()
+        self.meta = {
+            "format": "mechray.results/1", "store": store.location,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.time() - t0, 3), "analyses": list(self.results),
+            "layers": {name: {k: info[name][k] for k in ("feature_shape", "dtype", "rows",
+                                                           "shards", "steps")}
+                       for name in (layers or cfg.analysis_layers or info)},
+            "checkpoint": str(checkpoint_path) if checkpoint_path else None,
+            "eval_inputs": None if inputs is None else list(inputs.shape),
+            "eval_inputs_source": "eval_data" if eval_data is not None else
+            ("stored inputs" if inputs is not None else None),
+            "analysis_params": cfg.analysis_params, "used_ray": engine.use_ray,
+        }
+        log.info("mechray: analyses %s done in %.1f s", list(self.results), self.meta["seconds"])
+        return self.results
+
+    def export_results(self, dir: Union[str, Path]) -> Path:
+        """Write ``mechint_results.json``, ``mechint_report.md`` and plots into ``dir``; returns
+        the report's path."""
+        from mechray.analysis.report import write_report
+
+        if self.results is None:
+            raise RuntimeError("nothing to export yet: call run_mechint_eval(...) first")
+        out = Path(dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.out_dir is not None and self.out_dir.resolve() != out.resolve():
+            for src in sorted(self.out_dir.rglob("*")):
+                if src.is_file():
+                    dst = out / src.relative_to(self.out_dir)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, dst)
+        doc = {**self.meta, "results": json_safe(self.results)}
+        tmp = out / f".{RESULTS_JSON}.tmp"
+        tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
+        tmp.replace(out / RESULTS_JSON)
+        return write_report(doc, out)
+
+
+def default_location(cfg: MechIntConfig) -> str:
+    """Where the config's shards are: the local directory, or ``s3://bucket/prefix``."""
+    local = cfg.local_dir
+    if cfg.storage_backend == "s3" or (cfg.storage_backend == "both" and
+                                       not (local / "manifest.json").is_file()):
+        return f"s3://{cfg.s3_bucket}/{cfg.s3_prefix}"
+    return str(local)
+
+
+def load_checkpoint(model: torch.nn.Module, path: Union[str, Path]) -> None:
+    """Load a Lightning checkpoint (``state_dict`` key) or a plain state_dict into ``model``."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a Lightning "
+                                ".ckpt or of a torch.save(model.state_dict()) file") from None
+    except Exception as exc:
+        raise ValueError(f"checkpoint {path} cannot be read with torch.load(weights_only=True) "
+                         f"({exc}); mechray never unpickles code: save model.state_dict() "
+                         "instead") from None
+    state = data.get("state_dict", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} holds no state_dict (a mapping of parameter names "
+                         "to tensors, or a Lightning checkpoint with a 'state_dict' key)")
+    own = model.state_dict()
+    if not set(state) & set(own) and all(k.startswith("model.") for k in state):
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: missing "
+                         f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                         f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; build the model "
+                         "with the same architecture the checkpoint was saved from")
+    model.load_state_dict(state)
+    log.info("mechray: loaded %d tensors from %s", len(state), path)
+
+
+def as_tensor(data: Any, max_samples: int) -> torch.Tensor:
+    """``eval_data`` as one tensor: a tensor, or the inputs of a DataLoader's batches."""
+    if isinstance(data, torch.Tensor):
+        return data[:max_samples]
+    parts, total = [], 0
+    for batch in data:
+        x = batch
+        while isinstance(x, (list, tuple)) and x:
+            x = x[0]
+        if isinstance(x, dict):
+            x = next((v for v in x.values() if isinstance(v, torch.Tensor)), None)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"eval_data yields {type(batch).__name__} batches without a tensor; "
+                            "pass a tensor of model inputs or a DataLoader of (inputs, ...)")
+        parts.append(x)
+        total += len(x)
+        if total >= max_samples:
+            break
+    if not parts:
+        raise ValueError("eval_data is empty; pass a tensor or a non-empty DataLoader")
+    return torch.cat(parts)[:max_samples]
+
+
+def stored_inputs(store: ShardStore, max_samples: int) -> Optional[torch.Tensor]:
+    """Model inputs saved with the shards (newest step first), or ``None`` when none were."""
+    entries = [e for e in store.shards() if e.get("has_inputs")]
+    parts, total = [], 0
+    for entry in sorted(entries, key=lambda e: (-e["step"], e["file"])):
+        x = store.load(entry).get("inputs")
+        if isinstance(x, torch.Tensor) and (not parts or x.shape[1:] == parts[0].shape[1:]):
+            parts.append(x.clone())
+            total += len(x)
+        if total >= max_samples:
+            break
+    return torch.cat(parts)[:max_samples] if parts else None
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON types only: tensors/arrays to lists, NaN/inf to ``None``."""
+    import math
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return json_safe(value.tolist())
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value

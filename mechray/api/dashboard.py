@@ -1,0 +1,28 @@
+"""The dashboard: one self-contained HTML page (inline CSS, JS and SVG plots; no CDN).
+
+Usage::
+
+    from mechray.api.dashboard import page
+
+    html = page()          # what GET / and GET /interpret/dashboard return
+
+The page fetches ``/interpret/layers`` and ``/interpret/shards``, lists them, and for the chosen
+layer runs every analysis through ``POST /interpret`` (polling ``/interpret/jobs/{id}`` for the
+SAE), drawing neuron statistics, top-activating rows, explained variance, SAE latent density,
+causal and circuit rankings and training dynamics as inline SVG.  A token field sends
+``Authorization: Bearer`` when the server sets ``$MECHRAY_API_TOKEN``.  Nothing is loaded from
+outside the server.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+HTML = Path(__file__).with_name("dashboard.html")
+
+
+@lru_cache(maxsize=1)
+def page() -> str:
+    """The dashboard HTML (read once from ``mechray/dashboard.html``)."""
+    return HTML.read_text(encoding="utf-8")

@@ -1,0 +1,56 @@
+"""API errors: one exception carrying an HTTP status and a JSON body that names the problem.
+
+Usage::
+
+    from mechray.api.errors import ApiError
+
+    raise ApiError(404, "unknown_layer", "layer 'popt2' is not in ./mechint_cache; ...",
+                   valid=["popt", "heads.decoder"])
+    err.body()       # {"error": "unknown_layer", "message": "...", "valid": [...]}
+    err.response()   # a starlette JSONResponse with that status and body
+
+Every 4xx the API sends is one of these.  It subclasses Starlette's ``HTTPException`` so it
+passes through FastAPI's body parsing unchanged (an oversize body stops the parser with 413).
+``as_tuple``/``from_tuple`` carry it across a Ray Serve handle as plain data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+
+class ApiError(HTTPException):
+    """An HTTP error whose JSON body says what was wrong and how to fix it."""
+
+    def __init__(self, status: int, code: str, message: str, *,
+                 valid: Optional[list[str]] = None, errors: Optional[list[dict]] = None,
+                 headers: Optional[dict[str, str]] = None):
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.status, self.code, self.message = status, code, message
+        self.valid, self.errors = valid, errors
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.valid is not None:
+            out["valid"] = list(self.valid)
+        if self.errors is not None:
+            out["errors"] = self.errors
+        return out
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    def as_tuple(self) -> tuple:
+        return ("err", self.status, self.body(), dict(self.headers or {}))
+
+    @classmethod
+    def from_tuple(cls, value: tuple) -> "ApiError":
+        _, status, body, headers = value
+        return cls(status, body["error"], body["message"], valid=body.get("valid"),
+                   errors=body.get("errors"), headers=headers or None)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"

@@ -1,0 +1,124 @@
+"""The job board: long analyses run in worker threads; clients poll them by id.
+
+Usage::
+
+    from mechray.api.jobs import JobBoard
+
+    board = JobBoard(run=lambda request: service.compute(request), workers=1, max_pending=16)
+    job = board.submit(key, request, analysis="sae", layer="popt")   # dict: job_id, status, ...
+    board.status(job["job_id"])                                      # JSON bytes (JobStatus)
+    board.close()
+
+``run(request)`` returns the finished response as JSON bytes or raises
+:class:`~mechray.api.errors.ApiError`.  A request whose ``key`` (analysis, layer, params and
+manifest version, or the upload's hash) matches a queued, running or unexpired job gets that
+job instead of a new one, so a double-clicked SAE trains once.  At most ``max_pending`` jobs
+wait or run (more: 429); finished jobs are kept ``ttl_s`` seconds and at most ``keep`` of them.
+The board is plain threads (no event loop), so it works under any ASGI server and inside a Ray
+Serve replica alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+from mechray.api.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+
+class JobBoard:
+    """Thread-pool job runner with de-duplication, bounded queue and expiry."""
+
+    def __init__(self, run: Callable[[dict], bytes], *, workers: int = 1, max_pending: int = 16,
+                 ttl_s: float = 3600.0, keep: int = 256):
+        self._run = run
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mechray-job")
+        self.max_pending, self.ttl_s, self.keep = max_pending, ttl_s, keep
+        self._jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._by_key: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, key: str, request: dict, *, analysis: str,
+               layer: Optional[str] = None) -> dict[str, Any]:
+        """Queue ``request`` (or return the job already doing it); a ``JobAccepted`` dict."""
+        with self._lock:
+            self._expire()
+            same = self._jobs.get(self._by_key.get(key, ""))
+            if same is not None and same["status"] != "failed":
+                return self._accepted(same)
+            if self.pending() >= self.max_pending:
+                raise ApiError(429, "too_many_jobs",
+                               f"{self.max_pending} jobs are already queued or running; poll "
+                               "them and retry later (or raise api_max_pending_jobs)",
+                               headers={"Retry-After": "5"})
+            job = {"job_id": uuid.uuid4().hex, "status": "queued", "analysis_type": analysis,
+                   "layer_name": layer, "created": time.time(), "started": None,
+                   "finished": None, "key": key, "body": None, "error": None}
+            self._jobs[job["job_id"]] = job
+            self._by_key[key] = job["job_id"]
+        self._pool.submit(self._work, job, request)
+        return self._accepted(job)
+
+    def status(self, job_id: str) -> bytes:
+        """The job as ``JobStatus`` JSON; 404 naming the id when it is unknown or expired."""
+        with self._lock:
+            self._expire()
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise ApiError(404, "unknown_job",
+                               f"job {job_id!r} does not exist or expired (finished jobs are "
+                               f"kept {self.ttl_s:g} s); submit the request again")
+            head = {k: job[k] for k in ("job_id", "status", "analysis_type", "layer_name",
+                                        "created", "started", "finished")}
+            head["error"] = job["error"]
+            body = job["body"]
+        if body is None:
+            return json.dumps({**head, "result": None}).encode()
+        return json.dumps(head).encode()[:-1] + b', "result": ' + body + b"}"
+
+    def pending(self) -> int:
+        return sum(j["status"] in ("queued", "running") for j in self._jobs.values())
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------------------------------
+    def _work(self, job: dict, request: dict) -> None:
+        with self._lock:
+            job["status"], job["started"] = "running", time.time()
+        try:
+            body, error = self._run(request), None
+        except ApiError as exc:
+            body, error = None, exc.body()
+        except Exception as exc:  # a bug: keep the board alive, say so in the job
+            log.exception("mechray: job %s failed", job["job_id"])
+            body, error = None, {"error": "internal_error",
+                                 "message": f"the analysis failed unexpectedly "
+                                            f"({type(exc).__name__}: {exc}); see the server log"}
+        with self._lock:
+            job["body"], job["error"] = body, error
+            job["status"] = "done" if error is None else "failed"
+            job["finished"] = time.time()
+
+    def _accepted(self, job: dict) -> dict[str, Any]:
+        return {"job_id": job["job_id"], "status": job["status"],
+                "analysis_type": job["analysis_type"], "layer_name": job["layer_name"],
+                "poll": f"/interpret/jobs/{job['job_id']}"}
+
+    def _expire(self) -> None:
+        now = time.time()
+        done = [j for j in self._jobs.values() if j["finished"] is not None]
+        old = {j["job_id"] for j in done if now - j["finished"] > self.ttl_s}
+        old |= {j["job_id"] for j in done[: max(0, len(done) - self.keep)]}
+        for job_id in old:
+            job = self._jobs.pop(job_id)
+            if self._by_key.get(job["key"]) == job_id:
+                del self._by_key[job["key"]]

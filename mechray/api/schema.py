@@ -1,0 +1,129 @@
+"""Request and response bodies of the interpretation API (they make the OpenAPI schema complete).
+
+Usage::
+
+    from mechray.api.schema import InterpretRequest
+
+    InterpretRequest(analysis_type="neuron", layer_name="popt", params={"top_k": 3})
+
+``POST /interpret`` answers :class:`InterpretResponse` (200) or :class:`JobAccepted` (202, poll
+``GET /interpret/jobs/{job_id}`` for a :class:`JobStatus`); ``POST /interpret/upload`` answers
+:class:`UploadResponse` or :class:`JobAccepted`; every 4xx is an :class:`ErrorResponse`.
+Per-layer results are the analyses' own JSON (see ``mechray/analysis/*.py``); a result with
+``"skipped": true`` carries the ``reason`` the analysis could not run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ANALYSIS_EXAMPLES = ["neuron", "feature", "sae", "causal", "circuit", "dynamics"]
+
+
+class InterpretRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    analysis_type: str = Field(..., min_length=1, max_length=64, examples=ANALYSIS_EXAMPLES,
+                               description="a registered analysis: neuron, feature, sae, causal, "
+                                           "circuit or dynamics")
+    layer_name: str = Field(..., min_length=1, max_length=256, examples=["popt"],
+                            description="a captured layer (see GET /interpret/layers)")
+    params: Optional[dict[str, Any]] = Field(
+        None, examples=[{"top_k": 5}],
+        description="the analysis's parameters (bounded; see its Params); code-importing "
+                    "parameters such as loss_fn are refused over HTTP")
+
+
+class LayerInfo(BaseModel):
+    feature_shape: list[int]
+    dtype: str
+    shards: int
+    rows: int
+    steps: list[int]
+
+
+class LayersResponse(BaseModel):
+    store: str
+    manifest_version: str = Field(description="changes whenever a shard is added or replaced")
+    layers: dict[str, LayerInfo]
+
+
+class ShardInfo(BaseModel):
+    file: str
+    step: int
+    steps: list[int]
+    rank: int
+    rows: dict[str, int]
+    bytes: int
+    s3_uri: Optional[str] = None
+
+
+class ShardsResponse(BaseModel):
+    store: str
+    manifest_version: str
+    shards: list[ShardInfo]
+
+
+class InterpretResponse(BaseModel):
+    analysis_type: str
+    layer_name: str
+    params: dict[str, Any] = Field(description="the full validated parameters used")
+    manifest_version: str
+    result: dict[str, Any]
+    seconds: float = Field(description="compute time (of the original run when cached)")
+    cached: bool
+
+
+class UploadInfo(BaseModel):
+    sha256: str
+    format: Literal["pt", "safetensors", "npy", "npz"]
+    layers: dict[str, list[int]] = Field(description="uploaded layer -> [rows, features]")
+
+
+class UploadResponse(BaseModel):
+    analysis_type: str
+    params: dict[str, Any]
+    upload: UploadInfo
+    results: dict[str, dict[str, Any]] = Field(description="per uploaded layer")
+    seconds: float
+    cached: bool
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "done", "failed"]
+    analysis_type: str
+    layer_name: Optional[str] = None
+    poll: str = Field(description="GET this path for the job's status and result")
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "done", "failed"]
+    analysis_type: str
+    layer_name: Optional[str] = None
+    created: float
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    result: Optional[Union[InterpretResponse, UploadResponse]] = None
+    error: Optional["ErrorResponse"] = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    version: str
+    store_ready: bool = Field(description="the store's manifest could be read")
+    ray: bool = Field(description="analyses fan out over Ray")
+    jobs_pending: int
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="a short code, e.g. unknown_layer, bad_params, too_large")
+    message: str = Field(description="what was wrong and how to fix it")
+    valid: Optional[list[str]] = Field(None, description="the valid values, when one was wrong")
+    errors: Optional[list[dict[str, Any]]] = Field(None, description="per-field problems")
+
+
+JobStatus.model_rebuild()

@@ -1,0 +1,293 @@
+"""The interpretation API as a Ray Serve application: FastAPI ingress -> analysis replicas.
+
+Usage::
+
+    # a Serve config (deploy/serve_config.yaml):   import_path: mechray.serve:build_app
+    #                                               args: {storage: ./mechint_cache}
+    serve run deploy/serve_config.yaml
+    mechray serve --storage s3://bucket/exp001 --host 127.0.0.1 --port 8000
+
+    from mechray.serve import build_app
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.run(build_app({"storage": "./mechint_cache", "num_replicas": 2}), route_prefix="/")
+
+Three deployments, one application:
+
+- ``MechrayIngress`` (FastAPI, no CPU reserved): the very routes of
+  :class:`mechray.api.routes.FastAPIIntegrationMixin` (:func:`mechray.api.routes.add_routes`), parsing and
+  validating requests and uploads and answering layers, shards and cached results from its own
+  read-only view of the store (manifest reads only), over a backend that forwards the rest to
+- ``MechrayAnalysis`` (``num_replicas`` or ``autoscaling_config``, ``max_ongoing_requests``): each
+  replica holds the shard store, the model and a result cache, and runs
+  :class:`mechray.api.service.Interpreter` - the code the mixin runs in-process - with the
+  analysis engine in the replica (``ray_tasks: true`` fans each analysis out as Ray tasks);
+- ``MechrayJobs`` (one replica, no CPU): the job board; a job is a request to the analysis
+  deployment, so jobs survive which analysis replica ran them and count toward autoscaling.
+
+``build_app(args)`` args (unknown keys are refused, naming the valid ones): ``storage``
+(directory or ``s3://bucket/prefix``, required), ``s3_endpoint_url``, ``model``
+(``package.module:Class``, built with no arguments) and ``model_checkpoint`` (its state_dict,
+``weights_only`` load), ``num_replicas``, ``max_ongoing_requests``, ``autoscaling_config``,
+``ingress_replicas``, ``analysis_num_cpus``, ``ray_tasks``, ``access_log`` and ``config`` (more
+:class:`~mechray.config.MechIntConfig` fields, e.g. ``api_max_upload_mb``).  The bearer token
+is read from ``$MECHRAY_API_TOKEN`` in the ingress replicas' environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Optional
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+
+from mechray.api.errors import ApiError
+from mechray.config import MechIntConfig
+
+log = logging.getLogger(__name__)
+APP_NAME = "mechray"
+
+
+class ServeArgs(BaseModel):
+    """The application's arguments (``args:`` in a Serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    storage: str = Field(..., min_length=1, description="store directory or s3://bucket/prefix")
+    s3_endpoint_url: Optional[str] = None
+    model: Optional[str] = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    model_checkpoint: Optional[str] = None
+    num_replicas: Optional[int] = Field(1, ge=1, le=1024)
+    max_ongoing_requests: int = Field(16, ge=1, le=10_000)
+    autoscaling_config: Optional[dict[str, Any]] = None
+    ingress_replicas: int = Field(1, ge=1, le=1024)
+    analysis_num_cpus: float = Field(1.0, ge=0)
+    ray_tasks: bool = False
+    access_log: bool = Field(False, description="Serve's per-request access log in replicas")
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    def mech_config(self) -> MechIntConfig:
+        fields = {"sample_layers": ["*"], "verbose": False, **self.config,
+                  "use_ray": self.ray_tasks}
+        if self.s3_endpoint_url:
+            fields["s3_endpoint_url"] = self.s3_endpoint_url
+        return MechIntConfig(**fields)
+
+
+def parse_args(args: dict[str, Any] | ServeArgs) -> ServeArgs:
+    if isinstance(args, ServeArgs):
+        return args
+    try:
+        parsed = ServeArgs(**(args or {}))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"bad mechray.api.serve_app args: {problems}. Valid args: "
+                         f"{list(ServeArgs.model_fields)}") from None
+    if parsed.model_checkpoint and not parsed.model:
+        raise ValueError("model_checkpoint needs model: 'package.module:Class' to load it into")
+    parsed.mech_config()          # fail at build time, not in a replica
+    return parsed
+
+
+def _wrap(fn, *args) -> tuple:
+    try:
+        return ("ok", fn(*args))
+    except ApiError as exc:
+        return exc.as_tuple()
+
+
+def _unwrap(out: tuple) -> Any:
+    if out[0] == "err":
+        raise ApiError.from_tuple(out)
+    return out[1]
+
+
+@serve.deployment(name="MechrayAnalysis")
+class AnalysisDeployment:
+    """Holds the store, the model and a result cache; runs the analyses."""
+
+    METHODS = ("layers_json", "shards_json", "health", "interpret", "compute")
+
+    def __init__(self, args: dict[str, Any]):
+        from mechray.api.service import Interpreter
+
+        a = parse_args(args)
+        self.service = Interpreter(_load_model(a.model, a.model_checkpoint), a.mech_config(),
+                                   location=a.storage)
+
+    async def call(self, method: str, *args: Any) -> tuple:
+        if method not in self.METHODS:
+            raise ValueError(f"unknown method {method!r}")
+        return await asyncio.to_thread(_wrap, getattr(self.service, method), *args)
+
+
+@serve.deployment(name="MechrayJobs", num_replicas=1, max_ongoing_requests=1000,
+                  ray_actor_options={"num_cpus": 0})
+class JobsDeployment:
+    """The job board; each job is one ``compute`` request to the analysis deployment."""
+
+    def __init__(self, analysis, args: dict[str, Any]):
+        from mechray.api.jobs import JobBoard
+
+        cfg = parse_args(args).mech_config()
+        self.analysis = analysis
+        self.board = JobBoard(self._run, workers=cfg.api_job_workers,
+                              max_pending=cfg.api_max_pending_jobs, ttl_s=cfg.api_job_ttl_s)
+
+    def _run(self, request: dict) -> bytes:        # on a board thread, not the event loop
+        return _unwrap(self.analysis.call.remote("compute", request).result())
+
+    async def submit(self, key: str, request: dict) -> tuple:
+        return _wrap(lambda: self.board.submit(key, request, analysis=request["analysis_type"],
+                                               layer=request.get("layer_name")))
+
+    async def status(self, job_id: str) -> tuple:
+        return _wrap(self.board.status, job_id)
+
+    async def pending(self) -> int:
+        return self.board.pending()
+
+
+class ServeBackend:
+    """The routes' backend in the ingress.  It validates requests and answers the store's
+    layers, shards and cached results from its own read-only view of the store (an
+    :class:`~mechray.api.service.Interpreter` without a model: manifest reads only); everything
+    that needs computing goes to the analysis deployment, jobs to the job board."""
+
+    def __init__(self, analysis, jobs, service):
+        self.analysis, self.jobs, self.service = analysis, jobs, service
+
+    async def layers(self) -> bytes:
+        return await asyncio.to_thread(self.service.layers_json)
+
+    async def shards(self) -> bytes:
+        return await asyncio.to_thread(self.service.shards_json)
+
+    async def health(self) -> dict[str, Any]:
+        return {**_unwrap(await self.analysis.call.remote("health")),
+                "jobs_pending": await self.jobs.pending.remote()}
+
+    async def interpret(self, request: dict) -> tuple[str, Any]:
+        work, body = await asyncio.to_thread(self.service.lookup, request)
+        if body is not None:
+            return "done", body
+        status, value = _unwrap(await self.analysis.call.remote("interpret", request))
+        if status == "done":
+            self.service.remember(work, value)
+        return status, value
+
+    async def submit(self, key: str, request: dict) -> dict[str, Any]:
+        return _unwrap(await self.jobs.submit.remote(key, request))
+
+    async def job(self, job_id: str) -> bytes:
+        return _unwrap(await self.jobs.status.remote(job_id))
+
+
+@serve.deployment(name="MechrayIngress", max_ongoing_requests=256,
+                  ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class IngressDeployment:
+    """FastAPI ingress: :func:`mechray.api.routes.add_routes` over :class:`ServeBackend`."""
+
+    def __init__(self, analysis, jobs, args: dict[str, Any]):
+        from mechray.api.service import Interpreter
+
+        a = parse_args(args)
+        self.config = a.mech_config()
+        self.backend = ServeBackend(analysis, jobs,
+                                    Interpreter(None, self.config, location=a.storage))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        from mechray import __version__
+        from mechray.api.routes import add_routes
+
+        app = FastAPI(title="mechray", version=__version__,
+                      description="Mechanistic-interpretability results over captured shards")
+        add_routes(app, self.backend, self.config)
+        return app
+
+
+def build_app(args: dict[str, Any]):
+    """The Serve application (``import_path: mechray.serve:build_app``); see the module doc."""
+    return build(args)
+
+
+def build(args: dict[str, Any] | ServeArgs, *, ingress_options: Optional[dict] = None):
+    """:func:`build_app` with extra ``.options(...)`` for the ingress (e.g. a runtime_env)."""
+    a = parse_args(args)
+    plain = a.model_dump()
+    scale: dict[str, Any] = {"autoscaling_config": a.autoscaling_config} \
+        if a.autoscaling_config else {"num_replicas": a.num_replicas}
+    logs = {"logging_config": {"enable_access_log": a.access_log}}
+    analysis = AnalysisDeployment.options(
+        max_ongoing_requests=a.max_ongoing_requests,
+        ray_actor_options={"num_cpus": a.analysis_num_cpus}, **scale, **logs).bind(plain)
+    jobs = JobsDeployment.options(**logs).bind(analysis, plain)
+    ingress = IngressDeployment.options(num_replicas=a.ingress_replicas,
+                                        **{**logs, **(ingress_options or {})})
+    return ingress.bind(analysis, jobs, plain)
+
+
+def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
+               ray_address: Optional[str] = None, blocking: bool = True) -> None:
+    """Start Ray (or join ``ray_address``), Serve on ``host:port``, and the application.
+
+    Blocking, it serves until SIGINT or SIGTERM, then deletes the application and disconnects
+    from Ray (which stops a local Ray it started, so no Ray process outlives it; a cluster it
+    joined keeps running)."""
+    import signal
+    import threading
+
+    import ray
+
+    app = build_app(args)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=ray_address, configure_logging=False)
+    stop = threading.Event()
+    if blocking:                  # after ray.init, which installs handlers of its own
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+    except BaseException:
+        _stop(started)
+        raise
+    log.info("mechray: serving %s on http://%s:%d/ (dashboard at /)", args["storage"], host, port)
+    if not blocking:
+        return
+    try:
+        while not stop.wait(3600):
+            pass
+        log.info("mechray: shutting down")
+    finally:
+        _stop(started)
+
+
+def _stop(started_ray: bool) -> None:
+    import ray
+
+    try:
+        serve.delete(APP_NAME)
+    except Exception as exc:  # Serve may be gone already; still leave Ray
+        log.warning("mechray: deleting the Serve application failed: %s", exc)
+    if started_ray:
+        ray.shutdown()
+
+
+def _load_model(spec: Optional[str], checkpoint: Optional[str]):
+    """``package.module:Class`` built with no arguments, then the checkpoint loaded into it."""
+    if spec is None:
+        return None
+    import importlib
+
+    from mechray.analysis.runner import load_checkpoint
+
+    module, _, attr = spec.partition(":")
+    model = getattr(importlib.import_module(module), attr)()
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model.eval()

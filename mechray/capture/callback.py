@@ -1,0 +1,192 @@
+"""The Lightning callback (the seed's Pattern 1).
+
+Usage::
+
+    import pytorch_lightning as pl
+    from mechray import MechIntCallback, MechIntConfig
+
+    config = MechIntConfig(sample_layers=["mamba_backbone.blocks.3", "popt"],
+                           save_hidden_every_n_steps=200)
+    trainer = pl.Trainer(callbacks=[MechIntCallback(config)])    # or MechIntCallback(config={...})
+    trainer.fit(model, dataloader)                               # shards in ./mechint_cache/
+
+Hooks exist only while a sampled step runs (``global_step % save_hidden_every_n_steps == 0``,
+step 0 included), so other steps run the model untouched.  The step's rows are handed to the
+writer right after its optimizer step (all micro-batches of an accumulated step go in one
+shard).  With ``steps_per_shard=N`` the rows of N sampled steps share one shard (named by the
+last of them; each row's step is in the metadata), cut earlier when the next step would push
+rows out of the bounded cache: fewer, larger shards when capturing often.  At fit end, and on an exception, everything handed off is flushed to durable storage.
+Under DDP every rank captures its own batch into rank-named shards; the callback's
+``state_dict`` carries shard numbering across a resume so nothing is overwritten.
+
+``probe_inputs`` (a tensor the model accepts) adds, after each sampled step, one eval-mode pass
+over that fixed batch saved as its own shard with its inputs: the same inputs at every saved
+step, which is what ``dynamics`` needs to compare representations across training.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+
+from mechray.capture.layers import resolve_layers
+from mechray.capture.sampler import ActivationSampler
+from mechray.config import MechIntConfig
+from mechray.storage.manifest import merge_rank_manifests
+from mechray.storage.sink import StorageTarget
+from mechray.storage.transport import wants_ray
+
+log = logging.getLogger(__name__)
+
+
+class MechIntCallback(pl.Callback):
+    """Captures activations of ``config.sample_layers`` during ``trainer.fit``."""
+
+    def __init__(self, config: MechIntConfig | dict[str, Any], probe_inputs: Any = None):
+        super().__init__()
+        self.config = MechIntConfig.coerce(config)
+        self.probe_inputs = probe_inputs
+        if probe_inputs is not None and self.config.steps_per_shard > 1:
+            raise ValueError(f"probe_inputs needs steps_per_shard=1 (got "
+                             f"{self.config.steps_per_shard}): probe shards hold one step each")
+        self.sampler: Optional[ActivationSampler] = None
+        self._capturing: Optional[int] = None
+        self._pending: list[int] = []      # sampled steps whose rows wait in the cache
+        self._step_rows = 0                # most rows one layer got in the last sampled step
+        self._rows_before = 0
+        self._resume_index = 0
+        self._hook_seconds = 0.0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.sampler is not None:
+            return
+        resolve_layers(pl_module, self.config.sample_layers)  # unknown names fail before step 0
+        self.sampler = ActivationSampler(config=self.config, rank=trainer.global_rank,
+                                         world_size=trainer.world_size)
+        self.sampler.next_index = self._resume_index
+        self.sampler.transport  # start writers (Ray actors) now, not inside the first sampled step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self._capturing is None and step % self.config.save_hidden_every_n_steps == 0:
+            t0 = time.perf_counter()
+            if self._pending and max(self.sampler.cached_rows.values(), default=0) + \
+                    self._step_rows > self.config.max_activations_per_shard:
+                self._save()  # this step would push older rows out of the bounded cache
+            self._rows_before = max(self.sampler.cached_rows.values(), default=0)
+            self.sampler.current_step = step
+            self.sampler.register_hooks(pl_module)
+            self._capturing = step
+            self._hook_seconds += time.perf_counter() - t0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._capturing is not None and trainer.global_step != self._capturing:
+            step = self._capturing
+            self._hand_off()
+            if self.probe_inputs is not None:
+                self._probe(pl_module, step)
+            pl_module.log_dict(self.figures(), on_step=True, on_epoch=False, sync_dist=False)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._hand_off(force=True)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._finish(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.sampler is None:
+            return
+        log.warning("mechray: training raised %s; flushing captured shards", type(exception).__name__)
+        try:
+            self._hand_off(force=True)
+            self.sampler.close()
+        except Exception as exc:  # never mask the training error; the shards stay in `failed`
+            log.error("mechray: could not flush shards after %s: %s",
+                      type(exception).__name__, exc)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.sampler is not None:
+            self.sampler.remove_hooks()
+
+    # --- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        index = self.sampler.next_index if self.sampler and self.sampler.next_index is not None \
+            else self._resume_index
+        return {"next_shard_index": int(index), "config": self.config.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_index = max(self._resume_index, int(state_dict.get("next_shard_index", 0)))
+        if self.sampler is not None:
+            self.sampler.next_index = max(self.sampler.next_index or 0, self._resume_index)
+
+    # --- internals -----------------------------------------------------------------------------
+    def _hand_off(self, force: bool = False) -> None:
+        """End the sampled step being captured; write a shard once ``steps_per_shard`` sampled
+        steps are cached (or at once with ``force``: epoch end, fit end, exceptions)."""
+        step, self._capturing = self._capturing, None
+        t0 = time.perf_counter()
+        if step is not None:
+            self.sampler.remove_hooks()
+            self._pending.append(step)
+            self._step_rows = max(self.sampler.cached_rows.values(), default=0) - self._rows_before
+        if self._pending and (force or len(self._pending) >= self.config.steps_per_shard):
+            self._save()
+        self._hook_seconds += time.perf_counter() - t0
+
+    def _save(self) -> None:
+        """Hand the cached rows of the pending sampled steps to the writer as one shard."""
+        last, self._pending = self._pending[-1], []
+        self.sampler.save_activations(last)
+
+    def _probe(self, pl_module: pl.LightningModule, step: int) -> None:
+        """Run the fixed probe batch (eval mode, no grad) and save it as a shard of its own, with
+        its inputs, so every saved step has activations of the same inputs (for ``dynamics``)."""
+        import torch
+
+        t0 = time.perf_counter()
+        sampler, was_training = self.sampler, pl_module.training
+        sampler.current_step = step
+        pl_module.eval()
+        try:
+            sampler.register_hooks(pl_module, inputs=True)
+            with torch.no_grad():
+                pl_module(self.probe_inputs.to(pl_module.device))
+        finally:
+            sampler.remove_hooks()
+            pl_module.train(was_training)
+        sampler.save_activations(step)
+        self._hook_seconds += time.perf_counter() - t0
+
+    def figures(self) -> dict[str, float]:
+        """What the callback has done so far (also logged through the Lightning logger)."""
+        s = self.sampler
+        stats = s.stats if s else None
+        return {
+            "mechray/rows_captured": float(s.rows_captured if s else 0),
+            "mechray/bytes_captured": float(s.bytes_captured if s else 0),
+            "mechray/shards_written": float(stats.shards_written if stats else 0),
+            "mechray/shards_in_flight": float(stats.in_flight if stats else 0),
+            "mechray/train_thread_seconds": float(self._hook_seconds + (s.capture_seconds if s else 0)
+                                                  + (stats.blocked_seconds if stats else 0)),
+        }
+
+    def _finish(self, trainer: pl.Trainer) -> None:
+        if self.sampler is None:
+            return
+        self._hand_off(force=True)
+        self.sampler.close()
+        if trainer.world_size > 1 and not wants_ray(self.config):
+            trainer.strategy.barrier("mechray-manifest")
+            if trainer.is_global_zero:
+                merge_rank_manifests(StorageTarget.from_config(self.config), self.config.to_dict())
+            trainer.strategy.barrier("mechray-manifest-merged")
+        if self.config.verbose and trainer.is_global_zero:
+            f = self.figures()
+            log.info("mechray: %d shard(s), %.1f MB captured on rank 0 into %s",
+                     f["mechray/shards_written"], f["mechray/bytes_captured"] / 1e6,
+                     self.config.storage_path)
+

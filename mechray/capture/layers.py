@@ -1,0 +1,84 @@
+"""Resolve the names in ``sample_layers`` to modules of a model.
+
+Usage::
+
+    from mechray.capture.layers import resolve_layers
+
+    modules = resolve_layers(model, ["mamba_backbone.blocks.*", "popt"])   # {name: module}
+
+A name matches a module named exactly so in ``model.named_modules()``; a name with ``*``, ``?`` or
+``[`` is a glob whose ``*`` stays within one dotted part (``blocks.*`` matches ``blocks.3``, not
+``blocks.3.norm``; ``**`` spans parts); a name found nowhere but ending exactly one module name
+(``popt`` for a LightningModule holding ``model.popt``) matches that module, and a glob found
+nowhere matches the module names it ends (``blocks.*`` matches ``model.backbone.blocks.0``).  Anything else fails
+at registration with the closest real names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+from torch import nn
+
+from mechray.errors import UnknownLayerError
+
+
+def resolve_layers(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """Map every requested name (or glob) to ``{module name: module}``, in model order."""
+    modules = dict(model.named_modules())
+    modules.pop("", None)
+    found: dict[str, nn.Module] = {}
+    for name in names:
+        for match in _match(name, modules):
+            found.setdefault(match, modules[match])
+    order = {n: i for i, n in enumerate(modules)}
+    return dict(sorted(found.items(), key=lambda kv: order[kv[0]]))
+
+
+def _match(name: str, modules: dict[str, nn.Module]) -> list[str]:
+    if name in modules:
+        return [name]
+    if any(ch in name for ch in "*?["):
+        exact, suffix = _glob(name), _glob("**." + name)
+        hits = [n for n in modules if exact.match(n)] or [n for n in modules if suffix.match(n)]
+        if hits:
+            return hits
+    else:
+        suffix = [n for n in modules if n.endswith("." + name)]
+        if len(suffix) == 1:
+            return suffix
+        if len(suffix) > 1:
+            raise UnknownLayerError(
+                f"layer {name!r} is ambiguous: it ends {len(suffix)} module names "
+                f"({', '.join(suffix[:5])}); give the full name from model.named_modules()")
+    close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.4)
+    hint = f"closest module names: {', '.join(close)}" if close else \
+        f"the model has modules such as {', '.join(list(modules)[:8])}"
+    raise UnknownLayerError(
+        f"layer {name!r} matches no module of the model; "
+        f"{hint}. List them with: [name for name, _ in model.named_modules()]")
+
+
+
+def _glob(pattern: str) -> "re.Pattern[str]":
+    """Compile a dotted-name glob: ``*``/``?`` stay within one part, ``**`` spans parts."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**.", i):
+            out.append(r"(?:[^.]+\.)*")
+            i += 3
+            continue
+        ch = pattern[i]
+        if ch == "*":
+            out.append(r"[^.]*")
+        elif ch == "?":
+            out.append(r"[^.]")
+        elif ch == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            out.append("[" + pattern[i + 1:end].replace("!", "^", 1) + "]")
+            i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out) + r"\Z")

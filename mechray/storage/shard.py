@@ -1,0 +1,242 @@
+"""A shard: the unit of work and of failure.  Names, the in-memory form, the file format.
+
+Usage::
+
+    from mechray.storage.shard import shard_name, parse_shard_name, save, decode
+
+    shard_name(index=3, step=600)                    # 'activations_shard_000003_step_600.pt'
+    shard_name(index=3, step=600, rank=1, world_size=2)
+                                                     # 'activations_rank001_shard_000003_step_600.pt'
+    nbytes, digest = save(payload, open_file)        # streamed; torch.load(weights_only=True) reads it
+    payload = decode(data)                           # never runs pickled code
+
+A shard file holds ``{'activations': {layer: Tensor[rows, d]}, 'metadata': {...}}`` and, when
+inputs are captured, ``'inputs': Tensor[batch, ...]``.  Metadata says the step(s), the rank, and
+for every layer ``row_steps[layer][i]`` (the step row ``i`` came from) and
+``row_positions[layer][i]`` (its index among the rows that forward call produced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+FORMAT = "mechray.shard/1"
+_NAME = re.compile(r"^activations_(?:rank(?P<rank>\d{3,})_)?shard_(?P<index>\d{6,})"
+                   r"_step_(?P<step>-?\d+)\.pt$")
+
+
+def shard_name(index: int, step: int, rank: int = 0, world_size: int = 1) -> str:
+    """Deterministic file name: the seed's form for one process, rank-qualified for several."""
+    if world_size > 1:
+        return f"activations_rank{rank:03d}_shard_{index:06d}_step_{step}.pt"
+    return f"activations_shard_{index:06d}_step_{step}.pt"
+
+
+def parse_shard_name(name: str) -> Optional[dict[str, int]]:
+    """``{'rank', 'index', 'step'}`` for a shard file name, ``None`` for anything else."""
+    m = _NAME.match(name)
+    if not m:
+        return None
+    return {"rank": int(m["rank"] or 0), "index": int(m["index"]), "step": int(m["step"])}
+
+
+def checksum(data: bytes | memoryview) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def file_checksum(path) -> str:
+    """The checksum of a file's bytes, read in 8 MiB pieces (the manifest's ``checksum``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass
+class Chunk:
+    """Rows one forward call produced for one layer (host tensor, maybe still being copied)."""
+
+    rows: torch.Tensor
+    step: int                        # -1: not known at capture; the shard's step is used
+    positions: Optional[torch.Tensor]  # None: rows are 0..n-1 of that call's output
+    start: int = 0                   # first kept position when positions is None
+    event: Any = None                # torch.cuda.Event of the device->host copy, or None
+
+    def ready(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        return self.rows
+
+
+@dataclass
+class PendingShard:
+    """A shard handed off by the training thread; ``materialize`` runs on a writer thread."""
+
+    name: str
+    index: int
+    step: int
+    rank: int
+    world_size: int
+    max_rows: int
+    chunks: dict[str, list[Chunk]]
+    layer_info: dict[str, dict[str, Any]]
+    inputs: list[Chunk] = field(default_factory=list)
+
+    def materialize(self) -> dict[str, Any]:
+        """Wait for device copies, join chunks, keep the newest ``max_rows`` rows per layer."""
+        acts, row_steps, row_pos, layers = {}, {}, {}, {}
+        for layer, chunks in self.chunks.items():
+            rows = torch.cat([c.ready() for c in chunks]) if len(chunks) > 1 else chunks[0].ready()
+            steps = torch.cat([torch.full((len(c.rows),), c.step if c.step >= 0 else self.step,
+                                          dtype=torch.int64) for c in chunks])
+            pos = torch.cat([c.positions if c.positions is not None else
+                             torch.arange(c.start, c.start + len(c.rows), dtype=torch.int64)
+                             for c in chunks])
+            extra = len(rows) - self.max_rows
+            if extra > 0:
+                rows, steps, pos = rows[extra:], steps[extra:], pos[extra:]
+            acts[layer] = rows.contiguous()
+            row_steps[layer], row_pos[layer] = steps, pos
+            info = dict(self.layer_info.get(layer, {}))
+            info["dropped_rows"] = int(info.get("dropped_rows", 0)) + max(extra, 0)
+            layers[layer] = {**info, "rows": len(rows), "shape": list(rows.shape),
+                             "dtype": str(rows.dtype).removeprefix("torch.")}
+        steps_all = sorted({int(s) for t in row_steps.values() for s in t.unique().tolist()}
+                           or {self.step})
+        payload: dict[str, Any] = {
+            "activations": acts,
+            "metadata": {
+                "format": FORMAT, "file": self.name, "shard_index": self.index, "step": self.step,
+                "steps": steps_all, "rank": self.rank, "world_size": self.world_size,
+                "created": time.time(), "layers": layers,
+                "row_steps": row_steps, "row_positions": row_pos,
+            },
+        }
+        if self.inputs:
+            payload["inputs"] = torch.cat([c.ready() for c in self.inputs])
+        return payload
+
+
+class _HashingWriter:
+    """A file-like sink that hashes and counts the bytes on their way to the real file."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.nbytes = fh, hashlib.sha256(), 0
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.nbytes += len(data)
+        try:
+            return self.fh.write(data)
+        except OSError as exc:  # torch wraps it in a RuntimeError; keep the errno (ENOSPC...)
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def save(payload: dict[str, Any], fh) -> tuple[int, str]:
+    """Stream a payload as ``.pt`` bytes into an open binary file; returns ``(bytes, checksum)``.
+
+    One pass: no in-memory copy of the file, the sha256 is computed as the bytes go out.
+    """
+    sink = _HashingWriter(fh)
+    try:
+        torch.save(payload, sink)
+    except RuntimeError:
+        if sink.error is not None:
+            raise sink.error from None
+        raise
+    return sink.nbytes, "sha256:" + sink.sha.hexdigest()
+
+
+def encode(payload: dict[str, Any]) -> tuple[bytes, str]:
+    """Serialise a payload to the bytes of a ``.pt`` file and their checksum."""
+    buf = io.BytesIO()
+    _, digest = save(payload, buf)
+    return buf.getvalue(), digest
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    """Load shard bytes with ``weights_only=True``: tensors and plain containers, no code."""
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+def load_error(exc: BaseException) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` refused or failed."""
+    lines = str(exc).splitlines()
+    reason = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(exc).__name__)
+    return (f"{reason.strip()} (mechray loads shards with weights_only=True and never runs "
+            f"pickled code)")
+
+
+def entry_for(payload: dict[str, Any], nbytes: int, digest: str) -> dict[str, Any]:
+    """The manifest entry describing a shard."""
+    meta = payload["metadata"]
+    return {
+        "file": meta["file"], "index": meta["shard_index"], "rank": meta["rank"],
+        "world_size": meta["world_size"], "step": meta["step"], "steps": meta["steps"],
+        "rows": {k: v["rows"] for k, v in meta["layers"].items()},
+        "layers": {k: {"shape": v["shape"], "dtype": v["dtype"]} for k, v in meta["layers"].items()},
+        "has_inputs": "inputs" in payload,
+        "bytes": nbytes, "checksum": digest, "s3_uri": None,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# --- zero-copy wire form for Ray's object store (numpy buffers travel without pickling) ------------
+
+def to_wire(payload: dict[str, Any]) -> dict[str, Any]:
+    """Replace every tensor by ``(uint8 ndarray, dtype, shape)`` so Ray stores it zero-copy."""
+    return _map_tensors(payload, lambda t: ("__tensor__", _raw(t), str(t.dtype), list(t.shape)))
+
+
+def from_wire(wire: dict[str, Any]) -> dict[str, Any]:
+    def back(v):
+        if isinstance(v, tuple) and len(v) == 4 and v[0] == "__tensor__":
+            _, raw, dtype, shape = v
+            with warnings.catch_warnings():  # object-store buffers are read-only; we only read
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.from_numpy(raw)
+            return flat.view(getattr(torch, dtype.removeprefix("torch."))).reshape(shape)
+        if isinstance(v, dict):
+            return {k: back(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [back(x) for x in v]
+        return v
+    return back(wire)
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _map_tensors(v: Any, fn) -> Any:
+    if isinstance(v, torch.Tensor):
+        return fn(v)
+    if isinstance(v, dict):
+        return {k: _map_tensors(x, fn) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_map_tensors(x, fn) for x in v]
+    return v
+
+
+def temp_target(name: str) -> Optional[str]:
+    """The shard name a temp file was being written for (``.NAME.xxxx.tmp``), else ``None``."""
+    if name.startswith(".activations_") and name.endswith(".tmp"):
+        final = name[1:].rsplit(".", 2)[0]
+        return final if parse_shard_name(final) else None
+    return None

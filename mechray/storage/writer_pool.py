@@ -1,0 +1,126 @@
+"""The Ray writer pool: named, restartable actors that store shards and own the manifest.
+
+Usage::
+
+    import ray
+    from mechray.storage.writer_pool import WriterPool
+
+    ray.init()
+    pool = WriterPool.get_or_create(target, config)   # the driver creates; workers find it
+    done = pool.write(index, ray.put(wire))            # ObjectRef resolving to the entry
+
+Every actor is named ``mechray-*-{target.key}`` in ``config.ray_namespace`` and created with
+``get_if_exists=True``, so the driver and every Ray Train worker share one pool and one manifest
+owner per store.  Actors restart after a crash (``max_restarts=-1``) and their pending calls are
+retried (``max_task_retries=-1``); retrying is safe because a shard's file name is fixed by its
+rank, index and step and the manifest is keyed by file name.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+
+from mechray.storage.manifest import Manifest
+from mechray.storage.shard import from_wire
+from mechray.storage.sink import ShardSink, StorageTarget
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class ShardWriter:
+    """Decodes a shard from the object store, writes it durably, uploads it; returns its entry."""
+
+    def __init__(self, target: StorageTarget):
+        self.sink = ShardSink(target)
+
+    def write(self, wire: dict[str, Any]) -> dict[str, Any]:
+        return self.sink.write(from_wire(wire))
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=16)
+class ManifestOwner:
+    """The one owner of ``manifest.json`` for a store; reloads it from disk after a restart.
+
+    Threaded (``max_concurrency``): concurrent ``add`` calls share one rewrite (group commit).
+    """
+
+    def __init__(self, target: StorageTarget, config: dict[str, Any]):
+        self.manifest = Manifest(target, config)
+
+    def add(self, entry: dict[str, Any]) -> int:
+        return self.manifest.add(entry)
+
+    def entries(self) -> list[dict[str, Any]]:
+        return self.manifest.entries()
+
+    def next_index(self, rank: int) -> int:
+        return self.manifest.next_index(rank)
+
+    def sync_pending(self, budget_s: float) -> tuple[int, int]:
+        return self.manifest.sync_pending(budget_s)
+
+
+class WriterPool:
+    """Handles to a store's writer actors and its manifest owner."""
+
+    def __init__(self, writers: list, manifest):
+        self.writers, self.manifest = writers, manifest
+
+    @classmethod
+    def get_or_create(cls, target: StorageTarget, config) -> "WriterPool":
+        common = dict(namespace=config.ray_namespace, get_if_exists=True)
+        manifest = ManifestOwner.options(name=f"mechray-manifest-{target.key}", num_cpus=0,
+                                         **common).remote(target, config.to_dict())
+        writers = [ShardWriter.options(name=f"mechray-writer-{target.key}-{i}",
+                                       num_cpus=config.writer_num_cpus,
+                                       scheduling_strategy=_spread(i), **common).remote(target)
+                   for i in range(config.num_writers)]
+        return cls(writers, manifest)
+
+    def write(self, slot: int, wire_ref) -> tuple:
+        """Store one shard on writer ``slot % n`` and record it; returns ``(done, entry)`` refs,
+        ``done`` resolving once the manifest lists the shard.  Callers pass
+        ``index * world_size + rank`` so the ranks' shards of one step go to different writers."""
+        entry = self.writers[slot % len(self.writers)].write.remote(wire_ref)
+        return self.manifest.add.remote(entry), entry
+
+    def next_index(self, rank: int) -> int:
+        return ray.get(self.manifest.next_index.remote(rank))
+
+
+def _spread(i: int):
+    """Writer ``i`` goes to the ``i``-th alive node (round robin), softly: if that node is gone
+    when the actor (re)starts, Ray places it elsewhere.  Plain ``SPREAD`` is best effort and
+    can put every zero-CPU writer on one node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    if len(nodes) < 2:
+        return "SPREAD"
+    return NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=True)
+
+
+def start_writer_pool(config) -> WriterPool:
+    """Create the store's writer actors and manifest owner from the driver (call after ray.init).
+
+    Usage::
+
+        ray.init(address="auto")
+        start_writer_pool(MechIntConfig(sample_layers=[...], storage_path="/shared/cache"))
+        TorchTrainer(train_fn, ...).fit()    # every worker's MechIntCallback finds this pool
+
+    Actors belong to the process that creates them; creating them here, rather than in the first
+    training worker to save a shard, keeps them alive for the whole job.  Use an absolute
+    ``storage_path`` (or S3): Ray Train workers run in their own working directories.
+    """
+    from mechray.config import MechIntConfig
+
+    config = MechIntConfig.coerce(config)
+    return WriterPool.get_or_create(StorageTarget.from_config(config), config)

@@ -1,0 +1,22 @@
+"""A short chaos run (benchmarks/chaos.py): writers killed and S3 interrupted during capture."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def test_chaos_capture_loses_duplicates_and_corrupts_nothing(ray_local, tmp_path):
+    spec = importlib.util.spec_from_file_location("chaos", ROOT / "benchmarks" / "chaos.py")
+    chaos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chaos)
+    f = chaos.run(steps=40, out_dir=str(tmp_path), kill_every_s=0.8, outage_every_s=1.5,
+                  outage_s=0.6, progress=False)
+    assert f["writer_kills"] >= 1 and f["faults_injected"] >= 1
+    assert f["shards_expected"] == f["shards_landed"] == 40
+    assert f["shards_lost"] == f["shards_duplicated"] == f["shards_unexpected"] == 0
+    assert f["shards_corrupt"] == f["shards_missing_in_s3"] == f["uploads_still_pending"] == 0
+    assert f["bad_inputs_tried"] >= 70 and f["responses_5xx"] == 0
