@@ -28,8 +28,8 @@ from mechray.capture.sampler import ActivationSampler
 from mechray.config import ConfigError, MechIntConfig
 from mechray.storage.reader import ShardError, ShardStore
 from mechray.storage.transport import ShardWriteError
+from mechray.version import __version__ as __version__
 
-__version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # Names whose modules pull in optional dependencies (Lightning, FastAPI, scikit-learn) load lazily.

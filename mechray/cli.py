@@ -162,6 +162,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _registry() -> dict:
+    from mechray.analysis.base import REGISTRY, analysis_names
+
+    analysis_names()
+    return REGISTRY
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mechray", description="mechray command line")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -176,8 +183,8 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("analyze", help="run analyses over a store; write JSON, report, plots")
     p.add_argument("path", help="a store directory or s3://bucket/prefix")
-    p.add_argument("--analyses", default="neuron,feature",
-                   help="comma-separated: neuron,feature,sae,causal,circuit,dynamics")
+    p.add_argument("--analyses", default="neuron,feature", help="comma-separated, from: " +
+                   "; ".join(f"{name} ({cls.describe()})" for name, cls in _registry().items()))
     p.add_argument("--out", default="results", help="directory for results, report and plots")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
     p.add_argument("--layers", default=None, help="comma-separated captured layers (default all)")

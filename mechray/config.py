@@ -33,7 +33,6 @@ from pydantic import (
 
 from mechray.errors import ConfigError
 
-ANALYSES = ("neuron", "feature", "sae", "causal", "circuit", "dynamics")
 BACKENDS = ("local", "s3", "both")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -187,19 +186,21 @@ class MechIntConfig(BaseModel):
     @field_validator("analyses_to_run", "api_job_analyses")
     @classmethod
     def _analyses(cls, v: list[str], info) -> list[str]:
+        known = _analysis_names()
         for name in v:
-            if name not in ANALYSES:
+            if name not in known:
                 raise ValueError(f"{info.field_name} has unknown analysis {name!r}"
-                                 f"{_close(name, ANALYSES)}; valid analyses are {list(ANALYSES)}")
+                                 f"{_close(name, known)}; valid analyses are {known}")
         return list(dict.fromkeys(v))
 
     @field_validator("analysis_params")
     @classmethod
     def _params(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        known = _analysis_names()
         for name in v:
-            if name not in ANALYSES:
+            if name not in known:
                 raise ValueError(f"analysis_params has unknown analysis {name!r}"
-                                 f"{_close(name, ANALYSES)}; valid keys are {list(ANALYSES)}")
+                                 f"{_close(name, known)}; valid keys are {known}")
         return v
 
     @field_validator("s3_prefix")
@@ -310,3 +311,11 @@ def _explain(exc: ValidationError, data: dict[str, Any]) -> str:
         else:
             lines.append(f"{loc}={err.get('input')!r}: {msg}")
     return "invalid MechIntConfig: " + "; ".join(lines)
+
+
+def _analysis_names() -> list[str]:
+    """The registered analyses (the registry is the one list; imported here, not at the top, so
+    that the config module stays importable without the analysis package loaded)."""
+    from mechray.analysis.base import analysis_names
+
+    return analysis_names()

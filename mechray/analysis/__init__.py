@@ -21,7 +21,8 @@ from mechray.analysis.base import (
     register,
 )
 
-__all__ = ["REGISTRY", "Analysis", "Context", "Skip", "get_analysis", "register"]
+__all__ = ["REGISTRY", "Analysis", "Context", "Cost", "Skip", "Workload", "analysis_class",
+           "analysis_names", "get_analysis", "register"]
 
-# Analysis modules register themselves on import; each is added here as it lands.
-from mechray.analysis import causal, circuit, dynamics, feature, neuron, sae  # noqa: E402,F401
+# Built-in analyses register themselves on import, in this order (the order help texts list).
+from mechray.analysis import neuron, feature, sae, causal, circuit, dynamics  # noqa: E402,F401,I001  # isort: skip

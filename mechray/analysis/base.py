@@ -21,12 +21,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mechray.errors import AnalysisParamsError
+from mechray.errors import AnalysisParamsError, MechrayError
 
 
 class Skip(Exception):
@@ -51,12 +51,61 @@ class Context:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What one request would run over, for :meth:`Analysis.cost`."""
+
+    rows: int               # stored rows of the layer (all shards)
+    d: int                  # features per row
+    shard_rows: int         # rows of the largest shard (what is in memory at once)
+    steps: int = 1          # saved steps holding the layer
+    model_params: int = 0   # parameters of the served model (0: none)
+    layers: int = 1         # captured layers (circuit path patching)
+    inputs: int = 256       # model inputs available at most (config.eval_max_samples)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Orders of magnitude: multiply-adds and peak bytes."""
+
+    ops: float
+    bytes: float
+
+
+#: one column of the report's table: (title, function of one layer's result -> cell value)
+Column = tuple[str, Callable[[dict[str, Any]], Any]]
+
+
 class Analysis:
-    """Base class; subclasses set ``name``, ``kind`` and ``Params`` and implement their methods."""
+    """Base class; subclasses set ``name``, ``kind`` and ``Params`` and implement their methods.
+
+    What the rest of mechray derives from the class: ``summary`` (CLI help and API docs; default
+    the docstring's first line), ``columns`` and ``plot``/``plot_file`` (the Markdown report) and
+    ``cost`` (the API's limits and job routing).
+    """
 
     name: ClassVar[str]
     kind: ClassVar[str]                          # "stat" | "fit" | "model"
     Params: ClassVar[type[BaseModel]] = Params
+    summary: ClassVar[str] = ""
+    columns: ClassVar[tuple[Column, ...]] = ()   # () : the result's first scalar keys
+    plot_file: ClassVar[Optional[str]] = None    # PNG written beside the report by ``plot``
+
+    @staticmethod
+    def plot(per_layer: dict[str, dict[str, Any]], plt: Any) -> Any:
+        """A matplotlib figure of ``{layer: result}`` for the report, or ``None``."""
+        return None
+
+    @classmethod
+    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+        """Operations and peak bytes on one layer with validated params ``p`` (default: a
+        full pass over the rows with one shard in memory as float64)."""
+        return Cost(float(w.rows) * w.d * 10, float(w.shard_rows) * w.d * 8 * 3)
+
+    @classmethod
+    def describe(cls) -> str:
+        """One line for help texts: ``summary`` or the docstring's first line."""
+        return cls.summary or (cls.__doc__ or cls.name).strip().splitlines()[0].strip()
 
     def __init__(self, params: Optional[dict[str, Any]] = None):
         try:
@@ -91,19 +140,53 @@ class Analysis:
 REGISTRY: dict[str, type[Analysis]] = {}
 
 
+class AnalysisRegistryError(MechrayError, ValueError):
+    """An analysis class cannot be registered (name taken, kind unknown)."""
+
+    exit_code = 2
+
+
+KINDS = ("stat", "fit", "model")
+
+
 def register(cls: type[Analysis]) -> type[Analysis]:
-    """Class decorator adding an analysis to the registry under ``cls.name``."""
-    REGISTRY[cls.name] = cls
+    """Class decorator adding an analysis to the registry under ``cls.name``.
+
+    A name registered by another class is an error (re-registering the same class, e.g. a module
+    reloaded, replaces it)."""
+    name, kind = getattr(cls, "name", None), getattr(cls, "kind", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise AnalysisRegistryError(f"{cls.__qualname__}.name={name!r} must be an identifier "
+                                    "such as 'spread'")
+    if kind not in KINDS:
+        raise AnalysisRegistryError(f"{cls.__qualname__}.kind={kind!r}; use one of {KINDS}")
+    old = REGISTRY.get(name)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise AnalysisRegistryError(
+            f"analysis name {name!r} is taken by {old.__module__}.{old.__qualname__}; give "
+            f"{cls.__module__}.{cls.__qualname__} another name")
+    REGISTRY[name] = cls
     return cls
+
+
+def analysis_names() -> list[str]:
+    """Every registered analysis (the built-in ones are imported first), in registration order."""
+    from mechray import analysis as _  # noqa: F401  (imports every built-in analysis module)
+
+    return list(REGISTRY)
+
+
+def analysis_class(name: str) -> type[Analysis]:
+    """The registered class for ``name``; an unknown name lists the valid ones."""
+    names = analysis_names()
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, names, n=3)
+        raise KeyError(f"unknown analysis {name!r}"
+                       f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}; "
+                       f"valid analyses: {sorted(names)}")
+    return REGISTRY[name]
 
 
 def get_analysis(name: str, params: Optional[dict[str, Any]] = None) -> Analysis:
     """Instantiate a registered analysis; an unknown name lists the valid ones."""
-    from mechray import analysis as _  # noqa: F401  (imports every analysis module)
-
-    if name not in REGISTRY:
-        close = difflib.get_close_matches(name, list(REGISTRY), n=3)
-        raise KeyError(f"unknown analysis {name!r}"
-                       f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}; "
-                       f"valid analyses: {sorted(REGISTRY)}")
-    return REGISTRY[name](params)
+    return analysis_class(name)(params)

@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
-from mechray.analysis.base import Analysis, Context, Params, register
+from mechray.analysis.base import Analysis, Context, Cost, Params, Workload, register
 from mechray.analysis.intervene import (
     LOSS_FN_PATTERN,
     Metric,
@@ -41,6 +41,7 @@ from mechray.analysis.intervene import (
     run_model,
     sweep,
 )
+from mechray.analysis.render import plot_ranked, top_effects
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,12 @@ class CausalParams(InterventionParams):
                           description="stored rows read for means, variances and resampling")
 
 
+def intervention_bytes(p: dict[str, Any], w: Workload) -> float:
+    """Peak bytes of an intervention analysis: the model (with gradients) plus batched edits."""
+    acts = p.get("batch_size", 64) * p.get("neuron_batch", 16) * w.d * 4 * 8
+    return float(w.model_params) * 4 * 4 + acts + float(w.shard_rows) * w.d * 8 * 3
+
+
 def prepare(ctx: Context, layer: str, x: torch.Tensor, params: InterventionParams
             ) -> tuple[Metric, list[torch.Tensor], int]:
     """The metric, eval inputs split into batches, and the layer width (checks the layer)."""
@@ -97,6 +104,17 @@ class Causal(Analysis):
     name = "causal"
     kind = "model"
     Params = CausalParams
+    summary = "ablate neurons (zero, mean, resample) and rank them by their effect on the output"
+    columns = (("method", lambda r: r.get("method")), ("metric", lambda r: r.get("metric")),
+               ("layer effect", lambda r: r.get("layer_effect")), ("top neurons", top_effects))
+    plot_file = "causal_effects.png"
+    plot = staticmethod(plot_ranked)
+
+    @classmethod
+    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+        forward = 2.0 * max(w.model_params, 1) * min(p.get("n_inputs", 256), w.inputs)
+        passes = min(p.get("top_n", 64), w.d) + 2
+        return Cost(forward * passes, intervention_bytes(p, w))
 
     def run(self, ctx: Context, layer: str) -> dict[str, Any]:
         p: CausalParams = self.params

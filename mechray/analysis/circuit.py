@@ -36,8 +36,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from mechray.analysis.base import Analysis, Context, Skip, register
-from mechray.analysis.causal import InterventionParams, prepare, ranked
+from mechray.analysis.base import Analysis, Context, Cost, Skip, Workload, register
+from mechray.analysis.causal import (
+    InterventionParams,
+    intervention_bytes,
+    prepare,
+    ranked,
+)
 from mechray.analysis.intervene import (
     can_stack,
     edit_output,
@@ -49,6 +54,7 @@ from mechray.analysis.intervene import (
     record_outputs,
     sweep,
 )
+from mechray.analysis.render import plot_ranked, top_effects
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,17 @@ class Circuit(Analysis):
     name = "circuit"
     kind = "model"
     Params = CircuitParams
+    summary = "activation, attribution and path patching between a clean and a corrupted input"
+    columns = (("layer effect", lambda r: r.get("layer_effect")), ("top neurons", top_effects))
+    plot_file = "circuit_effects.png"
+    plot = staticmethod(plot_ranked)
+
+    @classmethod
+    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+        forward = 2.0 * max(w.model_params, 1) * min(p.get("n_inputs", 256), w.inputs)
+        passes = (w.d if p.get("method") == "exact" else p.get("check_neurons", 16)) + 4 + \
+            (w.layers if p.get("paths", True) else 0)
+        return Cost(forward * passes, intervention_bytes(p, w))
 
     def run(self, ctx: Context, layer: str) -> dict[str, Any]:
         p: CircuitParams = self.params

@@ -44,7 +44,16 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from mechray.analysis.base import Analysis, Context, Params, Skip, register
+from mechray.analysis.base import (
+    Analysis,
+    Context,
+    Cost,
+    Params,
+    Skip,
+    Workload,
+    register,
+)
+from mechray.analysis.render import series, span
 
 
 class DynamicsParams(Params):
@@ -61,6 +70,38 @@ class Dynamics(Analysis):
     name = "dynamics"
     kind = "fit"
     Params = DynamicsParams
+    summary = "drift across training steps: principal-subspace overlap and linear CKA"
+    columns = (("steps", lambda r: span(r["steps"])),
+               ("min overlap", lambda r: min(r["subspace_overlap"])),
+               ("CKA", lambda r: series(r["cka"])),
+               ("pairing", lambda r: ", ".join(sorted(set(r["cka_pairing"])))))
+    plot_file = "dynamics.png"
+
+    @staticmethod
+    def plot(per: dict, plt: Any) -> Any:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        for layer, r in per.items():
+            later = [t for _, t in r["pairs"]]
+            a.plot(later, r["subspace_overlap"], marker="o", ms=3, label=layer)
+            cka = [np.nan if c is None else c for c in r["cka"]]
+            if not all(np.isnan(cka)):
+                b.plot(later, cka, marker="o", ms=3, label=layer)
+        a.set(xlabel="step", ylabel="overlap with previous step", ylim=(0, 1.02),
+              title=f"top-{next(iter(per.values()))['n_components']} principal subspace overlap")
+        b.set(xlabel="step", ylabel="linear CKA with previous step", ylim=(0, 1.02),
+              title="linear CKA (paired rows only)")
+        a.legend(fontsize=7)
+        if b.lines:
+            b.legend(fontsize=7)
+        else:
+            b.text(0.5, 0.5, "no paired rows between steps\n(capture a fixed probe batch\n"
+                   "with save_inputs=True)", ha="center", va="center", transform=b.transAxes)
+        return fig
+
+    @classmethod
+    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+        n, d = float(w.rows), float(w.d)
+        return Cost(n * d * d + w.steps * d ** 3, w.shard_rows * d * 8 * 3 + (w.steps + 2) * d * d * 8)
 
     def fit(self, ctx: Context, layer: str) -> dict[str, Any]:
         if ctx.store is None:

@@ -43,13 +43,20 @@ import tempfile
 import threading
 import traceback
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from mechray.analysis.base import AnalysisParamsError, Context, Skip, get_analysis
+from mechray.analysis.base import (
+    Analysis,
+    AnalysisParamsError,
+    Context,
+    Skip,
+    analysis_class,
+)
 from mechray.storage.reader import ShardError, ShardStore
 
 log = logging.getLogger(__name__)
@@ -57,9 +64,54 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Spec:
+    """One requested analysis. The class travels with it, so Ray workers need no registry
+    (an analysis registered in a notebook or a test module runs in tasks too)."""
+
     name: str
     kind: str
     params: dict
+    cls: type[Analysis]
+
+    def build(self) -> Analysis:
+        return self.cls(self.params)
+
+
+class Status(Enum):
+    OK = "ok"          # ``value`` is the partial statistic or the result
+    SKIP = "skip"      # the analysis cannot run here (Skip): ``value`` is the reason
+    ERROR = "error"    # the analysis raised: ``value`` is "Type: message"
+    FATAL = "fatal"    # the store is broken (ShardError): the run stops, ``value`` says why
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one step (map, merge, finalize, fit, run) of one analysis gave."""
+
+    status: Status
+    value: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
+
+
+@dataclass
+class TaskResult:
+    """What a finalize/fit/model task sends back: the layer's result, the files it wrote (relative
+    path -> bytes, for the driver's ``out_dir``) and, when the store is broken, why."""
+
+    result: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+    fatal: Optional[str] = None
+
+
+class Shipped(NamedTuple):
+    """The model and eval inputs as tasks receive them: object refs when ``remote``, else the
+    objects themselves (fits and model analyses then run in the driver)."""
+
+    model: Any
+    eval_data: Any
+    remote: bool
 
 
 @dataclass(frozen=True)
@@ -119,8 +171,9 @@ class Engine:
         specs: list[Spec] = []
         for name in results:
             try:
-                specs.append(Spec(name, get_analysis(name, params.get(name)).kind,
-                                  dict(params.get(name) or {})))
+                cls = analysis_class(name)
+                cls(params.get(name))  # validates the parameters before any task starts
+                specs.append(Spec(name, cls.kind, dict(params.get(name) or {}), cls))
             except AnalysisParamsError:
                 raise
             except KeyError as exc:  # not registered in this install
@@ -135,25 +188,24 @@ class Engine:
         return results
 
     # --- phases --------------------------------------------------------------------------------
-    def _ship(self, model, eval_data, needed: bool) -> tuple:
-        """``(model, eval_data, remote)``: object refs for Ray tasks, or the objects themselves
-        (``remote=False``: fits and model analyses then run in the driver)."""
+    def _ship(self, model, eval_data, needed: bool) -> Shipped:
+        """Object refs for Ray tasks, or the objects themselves (see :class:`Shipped`)."""
         if not self.use_ray or not needed or (model is None and eval_data is None):
-            return model, eval_data, self.use_ray
+            return Shipped(model, eval_data, self.use_ray)
         import ray
 
         try:
             refs = (None if model is None else ray.put(model),
                     None if eval_data is None else ray.put(eval_data))
             ray.get(_remote(_loads).options(num_cpus=0).remote(*refs))  # workers can rebuild it
-            return (*refs, True)
+            return Shipped(*refs, remote=True)
         except Exception as exc:  # unpicklable, or its class is not importable on the workers
             log.warning("mechray: the model cannot be sent to Ray tasks (%s); fits and model "
                         "analyses run in the driver", str(exc).strip().splitlines()[-1])
-            return model, eval_data, False
+            return Shipped(model, eval_data, False)
 
     def _stats_and_fits(self, specs: list[Spec], layers: list[str], results: dict,
-                        shipped: tuple) -> None:
+                        shipped: Shipped) -> None:
         stats = [s for s in specs if s.kind == "stat"]
         fits = [s for s in specs if s.kind == "fit"]
         if not stats and not fits:
@@ -163,9 +215,9 @@ class Engine:
             len(layers) * len(fits)
         bar = self._bar(total, "stats+fits")
         call = self._submitter(bar)
-        fit_call = call if shipped[2] else _Local(bar)
+        fit_call = call if shipped.remote else _Local(bar)
         info, gpu_info = self._put(self._ctx_info(results)), self._ctx_info(results, gpu=True)
-        gpu_info = self._put(gpu_info) if shipped[2] else gpu_info
+        gpu_info = self._put(gpu_info) if shipped.remote else gpu_info
         jobs: list[tuple[str, str, Any]] = []      # (analysis, layer, handle of the outcome)
         maps = []
         for layer in layers:
@@ -178,10 +230,11 @@ class Engine:
                                  call(_finalize, spec, self.ref, layer, root, info)))
             for spec in fits:
                 jobs.append((spec.name, layer, fit_call(_fit, spec, self.ref, layer, gpu_info,
-                                                        *shipped[:2], gpu=True)))
+                                                        shipped.model, shipped.eval_data,
+                                                        gpu=True)))
         self._collect(jobs, results, maps, bar)
 
-    def _models(self, spec: Spec, layers: list[str], results: dict, shipped: tuple,
+    def _models(self, spec: Spec, layers: list[str], results: dict, shipped: Shipped,
                 no_model: bool) -> None:
         if no_model:
             for layer in layers:
@@ -190,11 +243,11 @@ class Engine:
                     "or `mechray analyze --model module:Class --model-checkpoint PATH`")
             return
         bar = self._bar(len(layers), spec.name)
-        call = self._submitter(bar) if shipped[2] else _Local(bar)
-        info = self._put(self._ctx_info(results, gpu=True)) if shipped[2] else \
+        call = self._submitter(bar) if shipped.remote else _Local(bar)
+        info = self._put(self._ctx_info(results, gpu=True)) if shipped.remote else \
             self._ctx_info(results, gpu=True)
-        jobs = [(spec.name, layer, call(_run_model, spec, self.ref, layer, info, *shipped[:2],
-                                        gpu=True)) for layer in layers]
+        jobs = [(spec.name, layer, call(_run_model, spec, self.ref, layer, info, shipped.model,
+                                        shipped.eval_data, gpu=True)) for layer in layers]
         self._collect(jobs, results, [], bar)
 
     # --- plumbing ------------------------------------------------------------------------------
@@ -244,64 +297,67 @@ class Engine:
                                              fetch_local=False)
                     bar.update(len(done))
                 values = [ray.get(h) if isinstance(h, ray.ObjectRef) else h for h in values]
-        for (name, layer, _), (result, files, fatal) in zip(jobs, values):
-            if fatal:
-                raise ShardError(fatal)
-            for rel, data in files.items():
+        for (name, layer, _), task in zip(jobs, values):
+            if task.fatal:
+                raise ShardError(task.fatal)
+            for rel, data in task.files.items():
                 path = self.out_dir / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
-            results[name][layer] = result
+            results[name][layer] = task.result
 
 
 # --- tasks (plain functions: called directly, or wrapped with ray.remote) ----------------------
-def _map_shard(ref: StoreRef, entry: dict, layer: str, specs: list[Spec]) -> dict[str, tuple]:
+def _map_shard(ref: StoreRef, entry: dict, layer: str, specs: list[Spec]) -> dict[str, Outcome]:
     store = _open(ref)
     try:
         locked_path(store, entry)
         payload = store.load(entry)
         rows = payload["activations"][layer]
     except ShardError as exc:
-        return {s.name: ("fatal", str(exc)) for s in specs}
+        return {s.name: Outcome(Status.FATAL, str(exc)) for s in specs}
     except KeyError:
-        return {s.name: ("fatal", f"shard {entry['file']} lists layer {layer!r} in the manifest "
-                                  "but does not hold it: the shard was replaced; re-capture it")
-                for s in specs}
+        return {s.name: Outcome(Status.FATAL, f"shard {entry['file']} lists layer {layer!r} in "
+                                "the manifest but does not hold it: the shard was replaced; "
+                                "re-capture it") for s in specs}
     meta = payload.get("metadata", {})
     entry = dict(entry, row_steps=meta.get("row_steps", {}).get(layer),
                  row_positions=meta.get("row_positions", {}).get(layer))
     out = {}
     for spec in specs:
-        out[spec.name] = _guarded(lambda: ("ok", get_analysis(spec.name, spec.params)
-                                           .map(rows, entry, layer)), spec, layer, {})
+        out[spec.name] = _guarded(lambda: spec.build().map(rows, entry, layer), spec, layer, {})
     return out
 
 
-def _merge_all(specs: list[Spec], a: dict[str, tuple], b: dict[str, tuple]) -> dict[str, tuple]:
+def _merge_all(specs: list[Spec], a: dict[str, Outcome],
+               b: dict[str, Outcome]) -> dict[str, Outcome]:
     out = {}
     for spec in specs:
         pa, pb = a[spec.name], b[spec.name]
-        if pa[0] != "ok" or pb[0] != "ok":  # fatal wins, then the first problem
-            out[spec.name] = pa if pa[0] == "fatal" or (pb[0] != "fatal" and pa[0] != "ok") else pb
+        if not pa.ok or not pb.ok:  # fatal wins, then the first problem
+            first_bad = pa if pa.status is Status.FATAL or (
+                pb.status is not Status.FATAL and not pa.ok) else pb
+            out[spec.name] = first_bad
             continue
-        out[spec.name] = _guarded(lambda: ("ok", get_analysis(spec.name, spec.params)
-                                           .merge(pa[1], pb[1])), spec, "", {})
+        out[spec.name] = _guarded(lambda: spec.build().merge(pa.value, pb.value), spec, "", {})
     return out
 
 
-def _finalize(spec: Spec, ref: StoreRef, layer: str, root: dict, info: dict) -> tuple:
-    status, partial = root[spec.name]
-    if status != "ok":
-        return _outcome((status, partial))
+def _finalize(spec: Spec, ref: StoreRef, layer: str, root: dict[str, Outcome],
+              info: dict) -> TaskResult:
+    merged = root[spec.name]
+    if not merged.ok:
+        return _task_result(merged)
     return _with_ctx(spec, ref, layer, info, None, None,
-                     lambda a, ctx: a.finalize(partial, ctx, layer))
+                     lambda a, ctx: a.finalize(merged.value, ctx, layer))
 
 
-def _fit(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_data) -> tuple:
+def _fit(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_data) -> TaskResult:
     return _with_ctx(spec, ref, layer, info, model, eval_data, lambda a, ctx: a.fit(ctx, layer))
 
 
-def _run_model(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_data) -> tuple:
+def _run_model(spec: Spec, ref: StoreRef, layer: str, info: dict, model,
+               eval_data) -> TaskResult:
     return _with_ctx(spec, ref, layer, info, model, eval_data, lambda a, ctx: a.run(ctx, layer))
 
 
@@ -309,15 +365,16 @@ def _loads(model, eval_data) -> bool:
     return True
 
 
-def _with_ctx(spec, ref, layer, info, model, eval_data, body) -> tuple:
-    """Run ``body(analysis, ctx)`` with a private out_dir; return (result, files, fatal)."""
+def _with_ctx(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_data,
+              body: Callable[[Analysis, Context], dict]) -> TaskResult:
+    """Run ``body(analysis, ctx)`` with a private out_dir and collect the files it wrote."""
     store = _open(ref)
     try:
         store.refresh()
         if store.is_s3:
             _prefetch(store, layer)  # one download per shard per node, under a file lock
     except ShardError as exc:
-        return {}, {}, str(exc)
+        return TaskResult(fatal=str(exc))
     tmp = Path(tempfile.mkdtemp(prefix="mechray-task-")) if info["collect_files"] else None
     device = info["device"]
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -326,41 +383,40 @@ def _with_ctx(spec, ref, layer, info, model, eval_data, body) -> tuple:
                   results=info["results"], device=device, seed=info["seed"])
     try:
         with model_lock(model):  # hooks of concurrent analyses on one model would interfere
-            outcome = _guarded(lambda: ("ok", body(get_analysis(spec.name, spec.params), ctx)),
-                               spec, layer, info)
+            outcome = _guarded(lambda: body(spec.build(), ctx), spec, layer, info)
         files = {} if tmp is None else {str(p.relative_to(tmp)): p.read_bytes()
                                         for p in sorted(tmp.rglob("*")) if p.is_file()}
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    result, _, fatal = _outcome(outcome)
-    return result, files, fatal
+    task = _task_result(outcome)
+    task.files = files
+    return task
 
 
-def _guarded(body: Callable[[], tuple], spec: Spec, layer: str, info: dict) -> tuple:
+def _guarded(body: Callable[[], Any], spec: Spec, layer: str, info: dict) -> Outcome:
     try:
-        return body()
+        return Outcome(Status.OK, body())
     except Skip as exc:
-        return ("skip", str(exc))
+        return Outcome(Status.SKIP, str(exc))
     except ShardError as exc:
-        return ("fatal", str(exc))
+        return Outcome(Status.FATAL, str(exc))
     except Exception as exc:
         if info.get("strict"):
             raise
         log.error("mechray: analysis %r failed on layer %r:\n%s", spec.name, layer,
                   traceback.format_exc())
-        return ("error", f"{type(exc).__name__}: {exc}")
+        return Outcome(Status.ERROR, f"{type(exc).__name__}: {exc}")
 
 
-def _outcome(outcome: tuple) -> tuple[dict, dict, Optional[str]]:
-    status, value = outcome
-    if status == "ok":
-        return value, {}, None
-    if status == "fatal":
-        return {}, {}, value
-    if status == "skip":
-        return _skipped(value), {}, None
-    return {**_skipped(f"failed: {value}"), "error": value}, {}, None
+def _task_result(outcome: Outcome) -> TaskResult:
+    if outcome.status is Status.OK:
+        return TaskResult(result=outcome.value)
+    if outcome.status is Status.FATAL:
+        return TaskResult(fatal=outcome.value)
+    if outcome.status is Status.SKIP:
+        return TaskResult(result=_skipped(outcome.value))
+    return TaskResult(result={**_skipped(f"failed: {outcome.value}"), "error": outcome.value})
 
 
 def _skipped(reason: str) -> dict[str, Any]:

@@ -34,7 +34,15 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from mechray.analysis.base import Analysis, Context, Params, Skip, register
+from mechray.analysis.base import (
+    Analysis,
+    Context,
+    Cost,
+    Params,
+    Skip,
+    Workload,
+    register,
+)
 
 
 class FeatureParams(Params):
@@ -54,6 +62,32 @@ class FeatureAnalysis(Analysis):
     name = "feature"
     kind = "stat"
     Params = FeatureParams
+    summary = "PCA from the exact merged covariance, plus MiniBatchKMeans clustering"
+    columns = (("PC1 ratio", lambda r: r["explained_variance_ratio"][0]),
+               ("cumulative ratio", lambda r: sum(r["explained_variance_ratio"])),
+               ("components", lambda r: r["n_components"]),
+               ("clusters", lambda r: r["clustering"].get("n_clusters", "skipped")),
+               ("silhouette", lambda r: r["clustering"].get("silhouette")),
+               ("file", lambda r: r.get("components_path")))
+    plot_file = "explained_variance.png"
+
+    @staticmethod
+    def plot(per: dict, plt: Any) -> Any:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for layer, r in per.items():
+            ratio = np.cumsum(r["explained_variance_ratio"])
+            ax.plot(np.arange(1, len(ratio) + 1), ratio, marker="o", ms=3, label=layer)
+        ax.set(xlabel="principal components", ylabel="cumulative explained variance ratio",
+               ylim=(0, 1.02), title="PCA explained variance")
+        ax.legend(fontsize=7)
+        return fig
+
+    @classmethod
+    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+        n, d = float(w.rows), float(w.d)
+        km = n * d * p.get("n_clusters", 8) * (p.get("kmeans_epochs", 1) + 1)
+        return Cost(n * d * d + km + d ** 3, w.shard_rows * d * 8 * 3 + d * d * 8 * 3 +
+                    p.get("sample_size", 2000) * d * 4 * 2)
 
     def map(self, rows: torch.Tensor, entry: dict[str, Any], layer: str) -> dict[str, Any]:
         x = rows.reshape(len(rows), -1).to(torch.float64)

@@ -13,7 +13,7 @@ Usage::
     change = metric.value(ablated, run_model(model, x))
 
 For tuple, list or dict outputs the first tensor is edited (the tensor capture stores, see
-``mechray.capture.sampler._pick``); the rest of the output passes through untouched.  A module called
+``mechray.capture.layers.pick_tensor``); the rest of the output passes through untouched.  A module called
 several times per forward sees the call index, so call ``i`` can be patched with recording ``i``.
 
 A user loss (``metric='loss'``) comes from the analysis parameter ``loss_fn="package.module:fn"``
@@ -35,8 +35,7 @@ import torch
 from torch import nn
 
 from mechray.analysis.base import Skip
-from mechray.capture.layers import resolve_layers
-from mechray.capture.sampler import _pick
+from mechray.capture.layers import pick_tensor, resolve_layers
 
 log = logging.getLogger(__name__)
 LOSS_FN_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
@@ -52,18 +51,18 @@ def find_module(model: nn.Module, layer: str) -> nn.Module:
 
 
 def replace_first(output: Any, new: torch.Tensor) -> Any:
-    """``output`` with its first tensor (the one ``_pick`` finds) replaced by ``new``."""
+    """``output`` with its first tensor (the one ``pick_tensor`` finds) replaced by ``new``."""
     if isinstance(output, torch.Tensor):
         return new
     if isinstance(output, dict):
         for key, value in output.items():
-            if _pick(value, None) is not None:
+            if pick_tensor(value, None) is not None:
                 out = copy.copy(output)
                 out[key] = replace_first(value, new)
                 return out
     elif isinstance(output, (tuple, list)):
         for i, value in enumerate(output):
-            if _pick(value, None) is not None:
+            if pick_tensor(value, None) is not None:
                 items = list(output)
                 items[i] = replace_first(value, new)
                 if isinstance(output, list):
@@ -71,7 +70,7 @@ def replace_first(output: Any, new: torch.Tensor) -> Any:
                 return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
     else:
         for key, value in getattr(output, "__dict__", {}).items():
-            if _pick(value, None) is not None:
+            if pick_tensor(value, None) is not None:
                 out = copy.copy(output)
                 setattr(out, key, replace_first(value, new))
                 return out
@@ -87,7 +86,7 @@ def edit_output(model: nn.Module, layer: str,
     calls = itertools.count()
 
     def hook(mod: nn.Module, inputs: Any, output: Any) -> Any:
-        tensor = _pick(output, None)
+        tensor = pick_tensor(output, None)
         if tensor is None:
             raise TypeError(f"layer {layer!r} returned {type(output).__name__} with no tensor")
         new = fn(tensor, next(calls))
@@ -131,7 +130,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 def output_of(out: Any) -> torch.Tensor:
     """The model output to compare: itself, or its first tensor."""
-    t = _pick(out, None)
+    t = pick_tensor(out, None)
     if t is None:
         raise TypeError(f"the model returned {type(out).__name__} with no tensor to compare")
     return t
@@ -162,7 +161,7 @@ def eval_inputs(ctx: Any, n: int) -> torch.Tensor:
     parts, total = [], 0
     if data is not None:                                  # a DataLoader or iterable of batches
         for batch in data:
-            t = _pick(batch, None)
+            t = pick_tensor(batch, None)
             if t is None:
                 raise TypeError(f"eval_data batch of type {type(batch).__name__} holds no tensor")
             parts.append(t[: n - total])

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from mechray.analysis.base import Analysis, Context, Params, register
+from mechray.analysis.base import Analysis, Context, Cost, Params, Workload, register
+from mechray.analysis.render import grid, mean_of
 
 # Fixed histogram edges: 0, then +-10^-4 .. +-10^4 with 4 bins per decade; outliers go to the ends.
 _MAG = 10.0 ** np.linspace(-4, 4, 33)
@@ -56,6 +57,38 @@ class NeuronStats(Analysis):
     name = "neuron"
     kind = "stat"
     Params = NeuronParams
+    summary = "per-neuron mean, std, min, max, sparsity, histogram and top-activating rows"
+    columns = (("samples", lambda r: r["num_samples"]), ("neurons", lambda r: r["num_neurons"]),
+               ("mean sparsity", mean_of("sparsity")), ("dead", lambda r: r["dead_count"]),
+               ("mean std", mean_of("std")), ("max", lambda r: max(r["max"])))
+    plot_file = "neuron_activations.png"
+
+    @staticmethod
+    def plot(per: dict, plt: Any) -> Any:
+        fig, axes = grid(plt, len(per), 2)
+        for (layer, r), (a, b) in zip(per.items(), axes):
+            edges = np.asarray(r["histogram"]["edges"])
+            counts = np.asarray(r["histogram"]["counts"])
+            used = np.flatnonzero(counts)
+            lo, hi = (used[0], used[-1] + 1) if len(used) else (0, len(counts))
+            a.stairs(counts[lo:hi], edges[lo:hi + 1], fill=True)
+            a.set_xscale("symlog", linthresh=1e-3)
+            extent = max(abs(edges[lo]), abs(edges[hi]))
+            ticks = [t for t in (1e-2, 1, 1e2, 1e4) if t <= extent * 1.01]
+            a.set_xticks([-t for t in ticks[::-1]] + [0] + ticks)
+            a.tick_params(axis="x", labelsize=7)
+            a.set_title(f"{layer}: activation values", fontsize=9)
+            a.set_ylabel("rows x neurons", fontsize=8)
+            b.hist(r["sparsity"], bins=20, range=(0, 1))
+            b.set_title(f"{layer}: sparsity per neuron", fontsize=9)
+            b.set_xlabel("fraction |a| <= eps", fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    @classmethod
+    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+        return Cost(float(w.rows) * w.d * 12,
+                    float(w.shard_rows) * w.d * 8 * 3 + p.get("top_k", 5) * w.d * 40)
 
     def map(self, rows: torch.Tensor, entry: dict[str, Any], layer: str) -> dict[str, Any]:
         """Statistics of one shard's rows, computed in blocks of :data:`CHUNK` rows merged

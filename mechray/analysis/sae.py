@@ -48,8 +48,10 @@ from mechray.analysis.base import (
     Analysis,
     AnalysisParamsError,
     Context,
+    Cost,
     Params,
     Skip,
+    Workload,
     register,
 )
 from mechray.analysis.intervene import (
@@ -108,6 +110,40 @@ class SAEAnalysis(Analysis):
     name = "sae"
     kind = "fit"
     Params = SAEParams
+    summary = "a sparse autoencoder per layer (TopK, BatchTopK or ReLU+L1), held-out metrics"
+    columns = (("l0", lambda r: r["l0"]), ("explained variance", lambda r: r["explained_variance"]),
+               ("mse", lambda r: r["mse"]), ("dead fraction", lambda r: r["dead_fraction"]),
+               ("latents", lambda r: r.get("n_latents")),
+               ("weights", lambda r: r.get("weights_path")))
+    plot_file = "sae_latent_density.png"
+
+    @staticmethod
+    def plot(per: dict, plt: Any) -> Any:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        drawn = False
+        for layer, r in per.items():
+            freq = [f for f in r.get("latent_log10_frequency") or [] if f is not None]
+            if freq:
+                ax.hist(freq, bins=30, histtype="step", label=layer)
+                drawn = True
+        if not drawn:
+            plt.close(fig)
+            return None
+        ax.set(xlabel="log10 latent firing frequency", ylabel="latents",
+               title="SAE latent density")
+        ax.legend(fontsize=7)
+        return fig
+
+    @classmethod
+    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+        n, d = float(w.rows), float(w.d)
+        latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * d)
+        rows = float(min(n, p.get("max_rows") or n))
+        seen = p["steps"] * p.get("batch_size", 4096) if p.get("steps") else \
+            rows * p.get("epochs", 1)
+        batch = float(min(p.get("batch_size", 4096), max(rows, 1)))
+        buffer = min(rows * d * 4, p.get("buffer_mb", 512) * 2 ** 20)
+        return Cost(6 * seen * latents * d, latents * d * 4 * 5 + batch * latents * 4 * 4 + buffer)
 
     def fit(self, ctx: Context, layer: str) -> dict[str, Any]:
         p: SAEParams = self.params

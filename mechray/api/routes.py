@@ -128,8 +128,8 @@ class LocalBackend:
 def add_routes(app: FastAPI, backend: Any, config: MechIntConfig, *, dashboard: bool = True
                ) -> None:
     """Install the API on ``app`` over ``backend`` (a :class:`LocalBackend` or Serve's)."""
-    from mechray import __version__
     from mechray.api.uploads import parse_params, parse_upload
+    from mechray.version import __version__
 
     router = APIRouter(route_class=_route_class(config), tags=["mechray"])
     bearer = [_bearer_doc()]

@@ -19,15 +19,16 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ANALYSIS_EXAMPLES = ["neuron", "feature", "sae", "causal", "circuit", "dynamics"]
+from mechray.analysis.base import analysis_names
+
+ANALYSIS_EXAMPLES = analysis_names()  # the registry, at import time of the API
 
 
 class InterpretRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     analysis_type: str = Field(..., min_length=1, max_length=64, examples=ANALYSIS_EXAMPLES,
-                               description="a registered analysis: neuron, feature, sae, causal, "
-                                           "circuit or dynamics")
+                               description="a registered analysis: " + ", ".join(ANALYSIS_EXAMPLES))
     layer_name: str = Field(..., min_length=1, max_length=256, examples=["popt"],
                             description="a captured layer (see GET /interpret/layers)")
     params: Optional[dict[str, Any]] = Field(

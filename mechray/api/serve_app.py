@@ -200,8 +200,8 @@ class IngressDeployment:
                                     Interpreter(None, self.config, location=a.storage))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        from mechray import __version__
         from mechray.api.routes import add_routes
+        from mechray.version import __version__
 
         app = FastAPI(title="mechray", version=__version__,
                       description="Mechanistic-interpretability results over captured shards")

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from mechray.errors import UnknownLayerError
@@ -82,3 +84,24 @@ def _glob(pattern: str) -> "re.Pattern[str]":
             out.append(re.escape(ch))
         i += 1
     return re.compile("".join(out) + r"\Z")
+
+
+def pick_tensor(output: Any, key: Any) -> Optional[torch.Tensor]:
+    """The tensor to capture (or edit) in a module output: itself, ``output[key]``, or the first
+    tensor found in a tuple, list, dict or ``ModelOutput`` (what captures and interventions agree on)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if key is not None:
+        try:
+            value = output[key]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise KeyError(f"output_keys selects {key!r} but the module output "
+                           f"({type(output).__name__}) has no such entry; fix output_keys") from exc
+        return value if isinstance(value, torch.Tensor) else pick_tensor(value, None)
+    values = output.values() if isinstance(output, dict) else \
+        output if isinstance(output, (tuple, list)) else getattr(output, "__dict__", {}).values()
+    for value in values:
+        found = pick_tensor(value, None)
+        if found is not None:
+            return found
+    return None

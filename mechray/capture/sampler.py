@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mechray.capture.layers import resolve_layers
+from mechray.capture.layers import pick_tensor, resolve_layers
 from mechray.config import MechIntConfig
 from mechray.storage.shard import Chunk, PendingShard, shard_name
 from mechray.storage.transport import Transport, make_transport
@@ -134,7 +134,7 @@ class ActivationSampler:
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if self.enabled:
-                tensor = _pick(output, key)
+                tensor = pick_tensor(output, key)
                 if tensor is None:
                     log.warning("mechray: %s returned %s with no tensor to capture; set "
                                 "output_keys[%r]", name, type(output).__name__, name)
@@ -144,7 +144,7 @@ class ActivationSampler:
 
     def _input_hook(self, module: nn.Module, args: Any) -> None:
         if self.enabled:
-            tensor = _pick(args, None)
+            tensor = pick_tensor(args, None)
             if tensor is not None:
                 self._add(INPUTS, tensor, flatten=False)
 
@@ -278,23 +278,3 @@ class ActivationSampler:
         self.remove_hooks()
         if self._transport is not None:
             self._transport.close()
-
-
-def _pick(output: Any, key: Any) -> Optional[torch.Tensor]:
-    """The tensor to capture from a module output: itself, ``output[key]``, or the first tensor."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if key is not None:
-        try:
-            value = output[key]
-        except (KeyError, IndexError, TypeError) as exc:
-            raise KeyError(f"output_keys selects {key!r} but the module output "
-                           f"({type(output).__name__}) has no such entry; fix output_keys") from exc
-        return value if isinstance(value, torch.Tensor) else _pick(value, None)
-    values = output.values() if isinstance(output, dict) else \
-        output if isinstance(output, (tuple, list)) else getattr(output, "__dict__", {}).values()
-    for value in values:
-        found = _pick(value, None)
-        if found is not None:
-            return found
-    return None
