@@ -96,6 +96,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from mechray.analysis.moments import Moments  # noqa: E402
+
 log = logging.getLogger("bench.analysis_scaling")
 LAYER = "lin"
 D_IN = 64
@@ -587,7 +589,7 @@ def proto_neuron_map(rows: torch.Tensor, entry: dict, eps: float, k: int) -> dic
     if float(eps32) > eps:                       # |a| <= eps  <=>  |a| <= largest float32 <= eps
         eps32 = np.nextafter(eps32, np.float32(-np.inf))
     vals, rows_idx = _proto_topk(x, k)
-    return {"n": n, "mean": mean.numpy(), "m2": ((x64 - mean) ** 2).sum(0).numpy(),
+    return {"n": n, "moments": Moments(n, mean.numpy(), ((x64 - mean) ** 2).sum(0).numpy()),
             "min": x.amin(0).double().numpy(), "max": x.amax(0).double().numpy(),
             "small": (x.abs() <= float(eps32)).sum(0).numpy(), "pos": (x > 0).sum(0).numpy(),
             "hist": _proto_hist(x).numpy(), "files": [entry["file"]], "top_val": vals,
@@ -596,10 +598,17 @@ def proto_neuron_map(rows: torch.Tensor, entry: dict, eps: float, k: int) -> dic
 
 
 def _same_partial(a: dict, b: dict) -> bool:
+    a, b = _flat(a), _flat(b)
     return a.keys() == b.keys() and all(
         a[key] == b[key] if isinstance(a[key], (int, list)) else
         (np.asarray(a[key]).shape == np.asarray(b[key]).shape and
          np.array_equal(np.asarray(a[key]), np.asarray(b[key]), equal_nan=True)) for key in a)
+
+
+def _flat(partial: dict) -> dict:
+    """A partial with its Moments spelled out (mean, m2) for an exact comparison."""
+    m = partial["moments"]
+    return {**{k: v for k, v in partial.items() if k != "moments"}, "mean": m.mean, "m2": m.m2}
 
 
 # --- 2. PCA -------------------------------------------------------------------------------------
@@ -734,7 +743,7 @@ def _proto_comoment(x: np.ndarray) -> dict[str, Any]:
     com = (xc.T @ xc).astype(np.float64)          # numpy spots a.T @ a: syrk, half the flops
     dm = mean - c.astype(np.float64)              # co-moment about c -> about the exact mean
     com -= n * np.outer(dm, dm)
-    return {"n": n, "mean": mean, "com": com, "sample": x[:0], "prio": np.zeros(0)}
+    return {"n": n, "moments": Moments(n, mean, com), "sample": x[:0], "prio": np.zeros(0)}
 
 
 def gemm_probe(x32: torch.Tensor) -> dict[str, float]:

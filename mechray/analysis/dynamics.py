@@ -53,6 +53,7 @@ from mechray.analysis.base import (
     Workload,
     register,
 )
+from mechray.analysis.moments import Moments
 from mechray.analysis.render import series, span
 
 
@@ -108,7 +109,7 @@ class Dynamics(Analysis):
             raise Skip("dynamics needs a shard store with several saved steps")
         ctx.store.check_layer(layer)
         p = self.params
-        cov: dict[int, list] = {}                  # step -> [n, mean, co-moment]
+        cov: dict[int, Moments] = {}               # step -> its rows' moments
         paired: dict[int, dict[str, list]] = {}    # step -> {group key -> [(positions, rows)]}
         for entry in ctx.store.shards(layer):
             payload = ctx.store.load(entry)
@@ -145,8 +146,8 @@ class Dynamics(Analysis):
             cka_rows.append(0 if x is None else int(len(x)))
             pairing.append("unpaired" if x is None else
                            "same_inputs" if p.pairing == "auto" else "positions")
-        return {"steps": steps, "rows_per_step": [int(cov[s][0]) for s in steps],
-                "total_variance": [float(np.trace(cov[s][2]) / max(cov[s][0] - 1, 1))
+        return {"steps": steps, "rows_per_step": [int(cov[s].n) for s in steps],
+                "total_variance": [float(np.trace(cov[s].covariance()))
                                    for s in steps],
                 "pairs": [[s, t] for s, t in zip(steps, steps[1:])],
                 "subspace_overlap": overlap, "n_components": p.n_components, "subspace_k": ks,
@@ -199,24 +200,16 @@ def _keyed(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.n
     return keys[by_key], rows[order][by_key]
 
 
-def _add_cov(cov: dict[int, list], step: int, x: np.ndarray) -> None:
-    n = len(x)
-    if n == 0:
+def _add_cov(cov: dict[int, Moments], step: int, x: np.ndarray) -> None:
+    if len(x) == 0:
         return
-    mean = x.mean(0)
-    com = (x - mean).T @ (x - mean)
-    if step not in cov:
-        cov[step] = [n, mean, com]
-        return
-    na, ma, ca = cov[step]
-    delta = mean - ma
-    tot = na + n
-    cov[step] = [tot, ma + delta * (n / tot), ca + com + np.outer(delta, delta) * (na * n / tot)]
+    m = Moments.of(x, full=True)
+    cov[step] = cov[step].merge(m) if step in cov else m
 
 
-def _top_subspace(c: list, k: int) -> np.ndarray:
-    evals, evecs = np.linalg.eigh(c[2])
-    k = min(k, len(evals), max(int(c[0]) - 1, 1))
+def _top_subspace(c: Moments, k: int) -> np.ndarray:
+    evals, evecs = np.linalg.eigh(c.m2)
+    k = min(k, len(evals), max(int(c.n) - 1, 1))
     return evecs[:, np.argsort(evals)[::-1][:k]]
 
 

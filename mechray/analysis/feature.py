@@ -43,6 +43,7 @@ from mechray.analysis.base import (
     Workload,
     register,
 )
+from mechray.analysis.moments import Moments
 
 
 class FeatureParams(Params):
@@ -95,28 +96,24 @@ class FeatureAnalysis(Analysis):
         if d > self.params.max_features:
             raise Skip(f"layer {layer!r} has {d} features; a {d}x{d} covariance is over "
                        f"max_features={self.params.max_features}: raise it or capture fewer")
-        mean = x.mean(0) if n else torch.zeros(d, dtype=torch.float64)
-        xc = x - mean
         key = zlib.crc32(f"{entry['file']}|{layer}".encode())   # same sample in any merge order
         rng = np.random.default_rng([self.params.seed, key])
         prio = rng.random(n)
         keep = np.sort(np.argsort(prio, kind="stable")[: self.params.sample_size])
-        return {"n": n, "mean": mean.numpy(), "com": (xc.T @ xc).numpy(),
+        return {"n": n, "moments": Moments.of(x, full=True),
                 "sample": x[torch.from_numpy(keep)].to(torch.float32).numpy(), "prio": prio[keep]}
 
     def merge(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         n = a["n"] + b["n"]
         if a["n"] == 0 or b["n"] == 0:
             return b if a["n"] == 0 else a
-        delta = b["mean"] - a["mean"]
         prio = np.concatenate([a["prio"], b["prio"]])
         keep = np.argsort(prio, kind="stable")[: self.params.sample_size]
-        return {"n": n, "mean": a["mean"] + delta * (b["n"] / n),
-                "com": a["com"] + b["com"] + np.outer(delta, delta) * (a["n"] * b["n"] / n),
+        return {"n": n, "moments": a["moments"].merge(b["moments"]),
                 "sample": np.concatenate([a["sample"], b["sample"]])[keep], "prio": prio[keep]}
 
     def finalize(self, partial: dict[str, Any], ctx: Context, layer: str) -> dict[str, Any]:
-        n, d = partial["n"], len(partial["mean"])
+        n, d = partial["n"], len(partial["moments"].mean)
         if n < 2:
             raise Skip(f"layer {layer!r} has {n} stored row(s); PCA needs at least 2")
         result = self._pca(partial, ctx, layer)
@@ -127,7 +124,7 @@ class FeatureAnalysis(Analysis):
     # --- PCA -----------------------------------------------------------------------------------
     def _pca(self, partial: dict[str, Any], ctx: Context, layer: str) -> dict[str, Any]:
         n = partial["n"]
-        cov = partial["com"] / (n - 1)
+        cov = partial["moments"].covariance()
         evals, evecs = np.linalg.eigh(cov)
         order = np.argsort(evals)[::-1]
         k = min(self.params.n_components, len(evals), n)
@@ -148,7 +145,7 @@ class FeatureAnalysis(Analysis):
 
             rel = f"feature/{slug(layer)}.safetensors"
             (ctx.out_dir / "feature").mkdir(parents=True, exist_ok=True)
-            save_file({"components": np.ascontiguousarray(comps), "mean": partial["mean"],
+            save_file({"components": np.ascontiguousarray(comps), "mean": partial["moments"].mean,
                        "explained_variance": ev}, str(ctx.out_dir / rel))
             out["components_path"] = rel
         return out

@@ -35,6 +35,7 @@ import torch
 from pydantic import Field
 
 from mechray.analysis.base import Analysis, Context, Cost, Params, Workload, register
+from mechray.analysis.moments import Moments
 from mechray.analysis.render import grid, mean_of
 
 # Fixed histogram edges: 0, then +-10^-4 .. +-10^4 with 4 bins per decade; outliers go to the ends.
@@ -109,7 +110,7 @@ class NeuronStats(Analysis):
         if not rows.is_floating_point():
             rows = rows.to(torch.float64)
         x = rows.to(torch.float64)          # sums in float64; comparisons on the stored dtype
-        mean = x.mean(0)                    # (widening is exact, so they agree with float64)
+        moments = Moments.of(x)             # (widening is exact, so they agree with float64)
         vals, rows_idx = _topk_rows(rows, min(self.params.top_k, n))
         rows_idx = rows_idx + offset
         steps = entry.get("row_steps")
@@ -119,7 +120,7 @@ class NeuronStats(Analysis):
         eps = self.params.eps
         bins = np.searchsorted(EDGES[1:-1], rows.reshape(-1).float().numpy(), side="right")
         return {
-            "n": n, "mean": mean.numpy(), "m2": ((x - mean) ** 2).sum(0).numpy(),
+            "n": n, "moments": moments,
             "min": lo.double().numpy(), "max": hi.double().numpy(),
             "small": ((x <= eps) & (x >= -eps)).sum(0).numpy(),
             "pos": (rows > 0).sum(0).numpy(),
@@ -132,7 +133,6 @@ class NeuronStats(Analysis):
         if a["n"] == 0 or b["n"] == 0:
             return b if a["n"] == 0 else a
         n = a["n"] + b["n"]
-        delta = b["mean"] - a["mean"]
         files = sorted(set(a["files"]) | set(b["files"]))
         where = {f: i for i, f in enumerate(files)}
         remap = [np.asarray([where[f] for f in p["files"]], dtype=np.int64) for p in (a, b)]
@@ -143,8 +143,7 @@ class NeuronStats(Analysis):
         order = np.lexsort((row, fil, -val), axis=0)[: self.params.top_k]
         pick = lambda arr: np.take_along_axis(arr, order, axis=0)  # noqa: E731
         return {
-            "n": n, "mean": a["mean"] + delta * (b["n"] / n),
-            "m2": a["m2"] + b["m2"] + delta ** 2 * (a["n"] * b["n"] / n),
+            "n": n, "moments": a["moments"].merge(b["moments"]),
             "min": np.minimum(a["min"], b["min"]), "max": np.maximum(a["max"], b["max"]),
             "small": a["small"] + b["small"], "pos": a["pos"] + b["pos"],
             "hist": a["hist"] + b["hist"],
@@ -163,9 +162,10 @@ class NeuronStats(Analysis):
         files = np.asarray(partial["files"], dtype=object)
         tr = lambda arr: arr.T.tolist()  # noqa: E731  ([d][k]: neuron-major)
         return {
-            "num_samples": int(n), "num_neurons": int(len(partial["mean"])),
+            "num_samples": int(n), "num_neurons": int(len(partial["moments"].mean)),
             "eps": self.params.eps,
-            "mean": partial["mean"].tolist(), "std": np.sqrt(partial["m2"] / n).tolist(),
+            "mean": partial["moments"].mean.tolist(),
+            "std": np.sqrt(partial["moments"].variance()).tolist(),
             "min": partial["min"].tolist(), "max": partial["max"].tolist(),
             "sparsity": sparsity.tolist(), "fraction_positive": (partial["pos"] / n).tolist(),
             "dead_count": int(len(dead)), "dead_neurons": dead.tolist(),
@@ -203,7 +203,7 @@ def _topk_rows(x: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _empty(d: int) -> dict[str, Any]:
     z = np.zeros(d)
-    return {"n": 0, "mean": z, "m2": z, "min": z, "max": z, "small": z.astype(np.int64),
+    return {"n": 0, "moments": Moments.empty(d), "min": z, "max": z, "small": z.astype(np.int64),
             "pos": z.astype(np.int64), "hist": np.zeros(len(EDGES) - 1, dtype=np.int64),
             "files": [], "top_val": np.zeros((0, d)), "top_file": np.zeros((0, d), np.int64),
             "top_row": np.zeros((0, d), np.int64), "top_step": np.zeros((0, d), np.int64)}
