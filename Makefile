@@ -1,5 +1,6 @@
 # make demo: train the demo model with capture through a local Ray writer pool (fresh machine OK)
-# make test: the whole test suite (starts its own local Ray, S3 server and Lightning runs)
+# make test: ruff and mypy on mechray/, then the whole test suite (starts its own local Ray,
+#            S3 server and Lightning runs)
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -8,7 +9,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +22,10 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/mechray demo --out demo_output
+
+lint: install
+	$(BIN)/ruff check mechray
+	$(BIN)/mypy
 
 test: install
 	$(BIN)/python -m pytest tests -q

@@ -97,7 +97,7 @@ class MechIntConfig(BaseModel):
     analysis_num_gpus: float = Field(0.0, description="GPUs per Ray fit/model analysis task")
     eval_max_samples: int = Field(256, description="model inputs used by model analyses at most")
 
-    # --- api (mechray.api.routes / mechray.api.serve_app: the HTTP interpretation API) --------------------------
+    # --- api (mechray.api: the HTTP interpretation API) ---------------------------------------
     api_max_upload_mb: float = Field(64.0, gt=0, le=65536,
                                      description="largest POST /interpret/upload body (else 413)")
     api_max_json_kb: float = Field(64.0, gt=0, le=65536, description="largest JSON request body")
@@ -304,7 +304,8 @@ def _explain(exc: ValidationError, data: dict[str, Any]) -> str:
             lines.append(f"{loc} is required, e.g. MechIntConfig(sample_layers=['layer1'])")
         elif err["type"] == "literal_error":
             allowed = {"storage_backend": BACKENDS, "storage_dtype": DTYPES}.get(loc, ())
-            lines.append(f"{loc}={err.get('input')!r} is not allowed{_close(str(err.get('input')), allowed)}; "
+            bad = str(err.get('input'))
+            lines.append(f"{loc}={err.get('input')!r} is not allowed{_close(bad, allowed)}; "
                          f"{msg}")
         elif not err["loc"] or loc in msg:
             lines.append(msg)

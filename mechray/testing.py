@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 
 class LocalS3:
@@ -36,7 +36,7 @@ class LocalS3:
             os.environ.setdefault(var, value)
         self._cls = ThreadedMotoServer
         self.port = port
-        self.server = None
+        self.server: Any = None
         self.outages = 0
         self.start()
 
@@ -45,9 +45,10 @@ class LocalS3:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-        self.port = self.server.get_host_and_port()[1]
+        server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        server.start()
+        self.port = server.get_host_and_port()[1]
+        self.server = server
 
     def stop(self) -> None:
         if self.server is not None:

@@ -107,6 +107,10 @@ class Analysis:
         """One line for help texts: ``summary`` or the docstring's first line."""
         return cls.summary or (cls.__doc__ or cls.name).strip().splitlines()[0].strip()
 
+    #: the validated parameters, an instance of ``Params`` (typed ``Any`` so that each analysis
+    #: reads its own fields; annotate ``p: MyParams = self.params`` for a checked view)
+    params: Any
+
     def __init__(self, params: Optional[dict[str, Any]] = None):
         try:
             self.params = self.Params(**(params or {}))

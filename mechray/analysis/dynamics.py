@@ -14,8 +14,9 @@ For consecutive saved steps ``(s, t)`` of one layer (rows grouped by ``metadata.
     ``||U_s^T U_t||_F^2 / k`` for the top-``k`` principal subspaces of each step's rows (1: the
     same subspace, ``k/d`` expected for random ones; ``subspace_k`` is the ``k`` used, capped by
     the layer width and row count, and a ``k = d`` overlap is trivially 1).  It compares the
-    same neurons' covariance at two steps, so it needs no row pairing: it is always computed.  Covariances merge exactly
-    (Chan, float64) across all shards of a step.
+    same neurons' covariance at two steps, so it needs no row pairing: it is always computed.
+    Covariances merge exactly (Chan, float64, :class:`~mechray.analysis.moments.Moments`) across
+    all shards of a step.
 
 ``cka``
     Linear CKA (Kornblith et al. 2019) ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` on centred,
@@ -128,28 +129,28 @@ class Dynamics(Analysis):
                 group = paired.setdefault(int(step), {}).setdefault(key, []) \
                     if key is not None and p.pairing != "none" else None
                 room = p.max_rows - sum(len(q) for q, _ in group) if group is not None else 0
-                if room > 0:  # the first max_rows rows in capture order: both steps keep alike
+                if group is not None and room > 0:  # the first max_rows rows in capture order
                     group.append((pos[sel][:room], x[sel][:room]))
-        steps = sorted(cov)
-        if len(steps) < 2:
-            raise Skip(f"layer {layer!r} has rows from {len(steps)} saved step(s) {steps}; "
+        saved = sorted(cov)
+        if len(saved) < 2:
+            raise Skip(f"layer {layer!r} has rows from {len(saved)} saved step(s) {saved}; "
                        "dynamics needs at least 2")
-        bases = {s: _top_subspace(cov[s], p.n_components) for s in steps}
+        bases = {s: _top_subspace(cov[s], p.n_components) for s in saved}
         overlap, ks, cka, pairing, cka_rows = [], [], [], [], []
-        for s, t in zip(steps, steps[1:]):
+        for s, t in zip(saved, saved[1:]):
             k = min(bases[s].shape[1], bases[t].shape[1])
             ks.append(k)
             overlap.append(float(np.square(bases[s][:, :k].T @ bases[t][:, :k]).sum() / k))
             x, y = self._align(paired.get(s, {}), paired.get(t, {}))
-            value = _linear_cka(x, y) if x is not None else None
+            value = _linear_cka(x, y) if x is not None and y is not None else None
             cka.append(value)
             cka_rows.append(0 if x is None else int(len(x)))
             pairing.append("unpaired" if x is None else
                            "same_inputs" if p.pairing == "auto" else "positions")
-        return {"steps": steps, "rows_per_step": [int(cov[s].n) for s in steps],
+        return {"steps": saved, "rows_per_step": [int(cov[s].n) for s in saved],
                 "total_variance": [float(np.trace(cov[s].covariance()))
-                                   for s in steps],
-                "pairs": [[s, t] for s, t in zip(steps, steps[1:])],
+                                   for s in saved],
+                "pairs": [[s, t] for s, t in zip(saved, saved[1:])],
                 "subspace_overlap": overlap, "n_components": p.n_components, "subspace_k": ks,
                 "cka": cka, "cka_pairing": pairing, "cka_rows": cka_rows,
                 "pairing_mode": p.pairing}

@@ -236,7 +236,9 @@ class Metric:
             logp_ref = ref.log_softmax(-1)
             kl = (logp_ref.exp() * (logp_ref - out.log_softmax(-1))).sum(-1)
             return kl.flatten(1).sum(1)
-        return torch.stack([torch.as_tensor(self.loss_fn(o)).float().reshape(()) * len(ref)
+        loss_fn = self.loss_fn
+        assert loss_fn is not None  # make_metric refuses metric='loss' without one
+        return torch.stack([torch.as_tensor(loss_fn(o)).float().reshape(()) * len(ref)
                             for o in out])
 
     def finish(self, mean: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,8 @@ def _safe_plot(plot: Callable, per_layer: dict[str, dict], out: Path, name: str)
         if fig is None:
             return None
         fname = analysis_class(name).plot_file
+        if fname is None:
+            return None
         fig.savefig(out / fname, dpi=90, bbox_inches="tight")
         plt.close(fig)
         return fname

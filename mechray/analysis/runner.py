@@ -162,7 +162,8 @@ def as_tensor(data: Any, max_samples: int) -> torch.Tensor:
     """``eval_data`` as one tensor: a tensor, or the inputs of a DataLoader's batches."""
     if isinstance(data, torch.Tensor):
         return data[:max_samples]
-    parts, total = [], 0
+    parts: list[torch.Tensor] = []
+    total = 0
     for batch in data:
         x = batch
         while isinstance(x, (list, tuple)) and x:
@@ -184,7 +185,8 @@ def as_tensor(data: Any, max_samples: int) -> torch.Tensor:
 def stored_inputs(store: ShardStore, max_samples: int) -> Optional[torch.Tensor]:
     """Model inputs saved with the shards (newest step first), or ``None`` when none were."""
     entries = [e for e in store.shards() if e.get("has_inputs")]
-    parts, total = [], 0
+    parts: list[torch.Tensor] = []
+    total = 0
     for entry in sorted(entries, key=lambda e: (-e["step"], e["file"])):
         x = store.load(entry).get("inputs")
         if isinstance(x, torch.Tensor) and (not parts or x.shape[1:] == parts[0].shape[1:]):

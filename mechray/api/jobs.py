@@ -62,8 +62,9 @@ class JobBoard:
             job = {"job_id": uuid.uuid4().hex, "status": "queued", "analysis_type": analysis,
                    "layer_name": layer, "created": time.time(), "started": None,
                    "finished": None, "key": key, "body": None, "error": None}
-            self._jobs[job["job_id"]] = job
-            self._by_key[key] = job["job_id"]
+            job_id = str(job["job_id"])
+            self._jobs[job_id] = job
+            self._by_key[key] = job_id
         self._pool.submit(self._work, job, request)
         return self._accepted(job)
 

@@ -221,12 +221,13 @@ def build(args: dict[str, Any] | ServeArgs, *, ingress_options: Optional[dict] =
     scale: dict[str, Any] = {"autoscaling_config": a.autoscaling_config} \
         if a.autoscaling_config else {"num_replicas": a.num_replicas}
     logs = {"logging_config": {"enable_access_log": a.access_log}}
-    analysis = AnalysisDeployment.options(
+    # (Serve deployments: .options exists at run time)
+    analysis = AnalysisDeployment.options(  # type: ignore[attr-defined]
         max_ongoing_requests=a.max_ongoing_requests,
         ray_actor_options={"num_cpus": a.analysis_num_cpus}, **scale, **logs).bind(plain)
-    jobs = JobsDeployment.options(**logs).bind(analysis, plain)
-    ingress = IngressDeployment.options(num_replicas=a.ingress_replicas,
-                                        **{**logs, **(ingress_options or {})})
+    jobs = JobsDeployment.options(**logs).bind(analysis, plain)  # type: ignore[attr-defined]
+    ingress = IngressDeployment.options(  # type: ignore[attr-defined]
+        num_replicas=a.ingress_replicas, **{**logs, **(ingress_options or {})})
     return ingress.bind(analysis, jobs, plain)
 
 

@@ -15,7 +15,8 @@ step 0 included), so other steps run the model untouched.  The step's rows are h
 writer right after its optimizer step (all micro-batches of an accumulated step go in one
 shard).  With ``steps_per_shard=N`` the rows of N sampled steps share one shard (named by the
 last of them; each row's step is in the metadata), cut earlier when the next step would push
-rows out of the bounded cache: fewer, larger shards when capturing often.  At fit end, and on an exception, everything handed off is flushed to durable storage.
+rows out of the bounded cache: fewer, larger shards when capturing often.  At fit end, and on an
+exception, everything handed off is flushed to durable storage.
 Under DDP every rank captures its own batch into rank-named shards; the callback's
 ``state_dict`` carries shard numbering across a resume so nothing is overwritten.
 
@@ -68,7 +69,7 @@ class MechIntCallback(pl.Callback):
         self.sampler = ActivationSampler(config=self.config, rank=trainer.global_rank,
                                          world_size=trainer.world_size)
         self.sampler.next_index = self._resume_index
-        self.sampler.transport  # start writers (Ray actors) now, not inside the first sampled step
+        _ = self.sampler.transport  # start writers (Ray actors) now, not inside the first sampled step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -10,8 +10,8 @@ A name matches a module named exactly so in ``model.named_modules()``; a name wi
 ``[`` is a glob whose ``*`` stays within one dotted part (``blocks.*`` matches ``blocks.3``, not
 ``blocks.3.norm``; ``**`` spans parts); a name found nowhere but ending exactly one module name
 (``popt`` for a LightningModule holding ``model.popt``) matches that module, and a glob found
-nowhere matches the module names it ends (``blocks.*`` matches ``model.backbone.blocks.0``).  Anything else fails
-at registration with the closest real names.
+nowhere matches the module names it ends (``blocks.*`` matches ``model.backbone.blocks.0``).
+Anything else fails at registration with the closest real names.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def _match(name: str, modules: dict[str, nn.Module]) -> list[str]:
     if name in modules:
         return [name]
     if any(ch in name for ch in "*?["):
-        exact, suffix = _glob(name), _glob("**." + name)
-        hits = [n for n in modules if exact.match(n)] or [n for n in modules if suffix.match(n)]
+        exact, ends = _glob(name), _glob("**." + name)
+        hits = [n for n in modules if exact.match(n)] or [n for n in modules if ends.match(n)]
         if hits:
             return hits
     else:

@@ -255,7 +255,8 @@ class ActivationSampler:
             return None
         transport = self.transport
         index = self.next_index
-        self.next_index += 1
+        assert index is not None  # set by the transport property above
+        self.next_index = index + 1
         name = shard_name(index, int(global_step), self.rank, self.world_size)
         transport.submit(PendingShard(name=name, index=index, step=int(global_step),
                                       rank=self.rank, world_size=self.world_size,

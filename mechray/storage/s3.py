@@ -80,7 +80,7 @@ def transient(exc: BaseException) -> bool:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             code = exc.response.get("Error", {}).get("Code", "")
             return status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout")
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return False
 
 

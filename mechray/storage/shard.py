@@ -155,7 +155,7 @@ def save(payload: dict[str, Any], fh) -> tuple[int, str]:
     """
     sink = _HashingWriter(fh)
     try:
-        torch.save(payload, sink)
+        torch.save(payload, sink)  # type: ignore[arg-type]  # a write()-only file object
     except RuntimeError:
         if sink.error is not None:
             raise sink.error from None

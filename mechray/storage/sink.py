@@ -119,7 +119,9 @@ def upload(target: StorageTarget, path: Path, name: str, budget_s: Optional[floa
     s3.with_backoff(lambda: target.client().upload_file(
         str(path), target.bucket, key, Config=s3.transfer_config(target.multipart_threshold_mb)),
         target.retry_seconds if budget_s is None else budget_s, f"s3://{target.bucket}/{key}")
-    return target.uri(name)
+    uri = target.uri(name)
+    assert uri is not None  # an S3 target always has a URI
+    return uri
 
 
 class ShardSink:

@@ -18,6 +18,7 @@ dropped) and named by the error ``flush`` raises; ``retry_failed()`` submits tho
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -96,7 +97,7 @@ class Transport:
         fut = self._pool.submit(self._write, pending)
         with self._lock:
             self._futures.add(fut)
-        fut.add_done_callback(lambda f, p=pending: self._finished(f, p))
+        fut.add_done_callback(functools.partial(self._finished, pending=pending))
 
     def _finished(self, fut: Future, pending: PendingShard) -> None:
         with self._lock:

@@ -44,7 +44,7 @@ class ShardWriter:
         return ray.get_runtime_context().get_node_id()
 
 
-@ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=16)
+@ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=16)  # type: ignore[call-overload]
 class ManifestOwner:
     """The one owner of ``manifest.json`` for a store; reloads it from disk after a restart.
 
@@ -76,9 +76,12 @@ class WriterPool:
     @classmethod
     def get_or_create(cls, target: StorageTarget, config) -> "WriterPool":
         common = dict(namespace=config.ray_namespace, get_if_exists=True)
-        manifest = ManifestOwner.options(name=f"mechray-manifest-{target.key}", num_cpus=0,
-                                         **common).remote(target, config.to_dict())
-        writers = [ShardWriter.options(name=f"mechray-writer-{target.key}-{i}",
+        # (ManifestOwner and ShardWriter are Ray actor classes: .options exists at run time)
+        manifest = ManifestOwner.options(  # type: ignore[attr-defined]
+            name=f"mechray-manifest-{target.key}", num_cpus=0,
+            **common).remote(target, config.to_dict())
+        writers = [ShardWriter.options(  # type: ignore[attr-defined]
+                                       name=f"mechray-writer-{target.key}-{i}",
                                        num_cpus=config.writer_num_cpus,
                                        scheduling_strategy=_spread(i), **common).remote(target)
                    for i in range(config.num_writers)]
