@@ -26,13 +26,17 @@ import ray
 import yaml
 from packaging.specifiers import SpecifierSet
 
+from mechray.version import __version__ as mechray_version
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 KUBERAY = DEPLOY / "kuberay"
 EXAMPLE = "examples/ray_train_capture.py"
 RAY_VERSION = ray.__version__
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-MECHRAY_VERSION = PYPROJECT["project"]["version"]
+# the version has one source, mechray/version.py, which pyproject reads (dynamic = ["version"])
+assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"]["attr"] == "mechray.version.__version__"
+MECHRAY_VERSION = mechray_version
 
 SERVE_IMPORT_PATH = "mechray.serve:build_app"
 # The application builder's documented arguments (mechray.serve:build_app).
