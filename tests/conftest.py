@@ -92,6 +92,25 @@ class TinyNet(nn.Module):
         return self.heads["decoder"](self.popt(h))
 
 
+def capture_tiny(path, layers, steps=(0, 1, 2), batch=(4, 5, 6), seed=0, **sampler_kw):
+    """A TinyNet's activations for ``steps`` stored at ``path`` in one process; returns the net."""
+    from mechray import ActivationSampler
+
+    torch.manual_seed(seed)
+    net = TinyNet()
+    sampler = ActivationSampler(layers=layers, save_dir=str(path), use_ray=False, verbose=False,
+                                **sampler_kw)
+    sampler.register_hooks(net)
+    g = torch.Generator().manual_seed(seed)
+    for step in steps:
+        sampler.current_step = step
+        with torch.no_grad():
+            net(torch.randn(*batch, generator=g))
+        sampler.save_activations(step)
+    sampler.close()
+    return net
+
+
 @pytest.fixture
 def tiny_net():
     torch.manual_seed(0)

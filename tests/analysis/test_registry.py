@@ -10,12 +10,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import TinyNet
+from conftest import capture_tiny
 from fastapi import FastAPI
 from pydantic import Field
 
 from mechray import (
-    ActivationSampler,
     EvalMechIntRunner,
     FastAPIIntegrationMixin,
     MechIntConfig,
@@ -88,17 +87,7 @@ def registered():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("store")
-    torch.manual_seed(0)
-    net = TinyNet()
-    sampler = ActivationSampler(layers=LAYERS, save_dir=str(path), use_ray=False, verbose=False)
-    sampler.register_hooks(net)
-    for step in range(3):
-        sampler.current_step = step
-        with torch.no_grad():
-            net(torch.randn(4, 5, 6))
-        sampler.save_activations(step)
-    sampler.close()
-    return net, path
+    return capture_tiny(path, LAYERS), path
 
 
 def expected_range(path, layer, scale=1.0):
