@@ -38,6 +38,7 @@ import re
 import sys
 import time
 import zlib
+from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 import torch
@@ -61,7 +62,22 @@ from mechray.analysis.intervene import (
     model_device,
     run_model,
 )
-from mechray.analysis.sae_model import SAETrainer, SparseAutoencoder, save_sae
+from mechray.analysis.sae_budget import (
+    auto_lr,
+    budget_rule,
+    budget_steps,
+    loss_flat,
+    sae_warnings,
+)
+from mechray.analysis.sae_examples import top_activations
+from mechray.analysis.sae_model import (
+    SAETrainer,
+    SparseAutoencoder,
+    load_sae,
+    load_saelens,
+    save_sae,
+    save_saelens,
+)
 
 log = logging.getLogger(__name__)
 MAX_LATENTS = 65536
@@ -76,10 +92,16 @@ class SAEParams(Params):
     k: int = Field(32, ge=1, le=4096, description="active latents per row (topk, batchtopk)")
     l1_coefficient: float = Field(5.0, ge=0.0, le=1e4, description="L1 weight (relu only)")
     lr: Optional[float] = Field(None, gt=0.0, le=1.0,
-                                description="Adam lr; None: 2e-4 / sqrt(n_latents / 16384)")
-    epochs: int = Field(1, ge=1, le=10_000)
-    steps: Optional[int] = Field(None, ge=1, le=10_000_000, description="overrides epochs")
-    batch_size: int = Field(4096, ge=1, le=65536)
+                                description="Adam lr; None: auto_lr(n_latents, steps run)")
+    min_steps: int = Field(1000, ge=1, le=10_000_000,
+                           description="budget: at least this many steps, as many epochs as "
+                                       "that takes (ignored when steps or epochs is set)")
+    epochs: Optional[int] = Field(None, ge=1, le=10_000,
+                                  description="overrides the budget: exactly this many epochs")
+    steps: Optional[int] = Field(None, ge=1, le=10_000_000, description="overrides everything")
+    warmup_steps: Optional[int] = Field(None, ge=0, le=1_000_000,
+                                        description="linear lr warmup; None: 5% of steps, <= 1000")
+    batch_size: int = Field(1024, ge=1, le=65536)
     seed: int = Field(0, ge=0, le=2 ** 31 - 1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     aux_k: Optional[int] = Field(None, ge=0, le=MAX_LATENTS,
@@ -94,6 +116,15 @@ class SAEParams(Params):
     b_dec_init: Literal["mean", "geometric_median", "zeros"] = "mean"
     splice_max_inputs: int = Field(256, ge=1, le=100_000, description="eval inputs spliced")
     save_weights: bool = True
+    pretrained: Optional[str] = Field(None, min_length=1, max_length=4096,
+                                      description="SAELens SAE directory (or mechray "
+                                                  ".safetensors) to evaluate; no training")
+    top_latents: int = Field(16, ge=0, le=4096,
+                             description="latents (most often active on held-out rows) whose "
+                                         "top-activating rows are listed; 0: none")
+    latents: Optional[list[int]] = Field(None, max_length=4096,
+                                         description="list these latents instead")
+    k_examples: int = Field(5, ge=1, le=1000, description="top-activating rows per latent")
 
     @model_validator(mode="after")
     def _k_fits(self) -> "SAEParams":
@@ -150,52 +181,117 @@ class SAEAnalysis(Analysis):
         if ctx.store is None:
             raise Skip("sae needs stored shards of the layer (no store was given)")
         device = _device(p.device)
+        if p.pretrained is not None:
+            return self._evaluate_pretrained(ctx, layer, device)
         data = _LayerRows(ctx.store, layer, p, device)
         d = data.d
         n_latents = p.n_latents or p.expansion_factor * d
         self._check_sizes(d, n_latents)
-        lr = p.lr or min(1e-2, 2e-4 / math.sqrt(n_latents / 16384))
+        per_epoch = data.steps_per_epoch()
+        total = budget_steps(p, per_epoch)
+        lr = p.lr or auto_lr(n_latents, total)
+        warmup = p.warmup_steps if p.warmup_steps is not None else min(1000, total // 20)
         gen = torch.Generator().manual_seed(p.seed)
         sae = SparseAutoencoder(d, n_latents, p.architecture, p.k, generator=gen).to(device)
         aux_k = min(d // 2 if p.aux_k is None else p.aux_k, n_latents)
-        per_epoch = data.steps_per_epoch()
-        total = p.steps or (per_epoch * p.epochs if per_epoch else None)
         trainer = SAETrainer(sae, lr, p.l1_coefficient, aux_k, p.aux_coefficient,
-                             p.dead_steps_threshold, total_steps=total)
-        t0, curve, rows_seen = time.perf_counter(), [], 0
-        every = max(1, (total or 1000) // 100)
+                             p.dead_steps_threshold, total_steps=total, warmup_steps=warmup)
+        losses = torch.empty(total, device=device)
+        t0, rows_seen = time.perf_counter(), 0
         with tqdm(total=total, desc=f"sae {layer}", unit="step", leave=False,
                   disable=not sys.stderr.isatty()) as bar:
-            for batch in itertools.islice(data.batches(None if p.steps else p.epochs), p.steps):
+            for batch in itertools.islice(data.batches(None), total):
                 if trainer.n_steps == 0:
                     sae.init_from_data(data.sample, p.normalize_input, p.b_dec_init)
-                loss = trainer.step(batch)
+                step = trainer.n_steps
+                losses[step] = trainer.step(batch)
                 rows_seen += len(batch)
                 bar.update(1)
-                if trainer.n_steps % every == 0:
-                    curve.append([trainer.n_steps, round(float(loss), 6)])
         seconds = time.perf_counter() - t0
+        losses = losses[: trainer.n_steps].cpu()
         sae.eval()
+        if p.architecture == "batchtopk":
+            sae.calibrate_threshold(data.sample[: p.max_eval_rows])
         window = min(p.dead_steps_threshold, trainer.n_steps)
-        result = evaluate(sae, data.eval_rows(), trainer.steps_since_fired >= window, p.batch_size)
+        held = data.eval_rows()
+        result = evaluate(sae, held, trainer.steps_since_fired >= window, p.batch_size)
         result.update(architecture=p.architecture, d_in=d, n_latents=n_latents,
-                      k=None if p.architecture == "relu" else p.k)
+                      k=None if p.architecture == "relu" else p.k, trained=True, pretrained=None)
+        every = max(1, trainer.n_steps // 100)
+        curve = [[i + 1, round(float(v), 6)] for i, v in enumerate(losses.tolist())
+                 if (i + 1) % every == 0]
+        flat, drop = loss_flat(losses)
         result["train"] = {"steps": trainer.n_steps, "epochs": data.epoch + 1,
                            "rows_seen": rows_seen, "seconds": seconds,
                            "rows_per_second": rows_seen / max(seconds, 1e-9),
-                           "lr": lr, "aux_k": aux_k, "device": str(device),
+                           "lr": lr, "lr_auto": p.lr is None, "warmup_steps": warmup,
+                           "budget": budget_rule(p, per_epoch, total), "training_rows":
+                           data.n_train, "aux_k": aux_k, "device": str(device),
                            "in_memory": data.in_memory, "loss_curve": curve,
-                           "final_loss": curve[-1][1] if curve else None}
+                           "final_loss": curve[-1][1] if curve else None,
+                           "plateau_drop": drop}
+        if p.architecture == "batchtopk":
+            result["train"]["threshold"] = float(sae.threshold.max())
+        result["converged"] = flat
+        result["warnings"] = sae_warnings(result, p, data)
+        result["top_activations"] = top_activations(sae, ctx.store, layer, result, p)
         result["splice"] = self._splice(sae, ctx, layer)
-        result["weights_path"] = result["config_path"] = None
+        result["weights_path"] = result["config_path"] = result["saelens_path"] = None
         if ctx.out_dir is not None and p.save_weights:
-            rel = f"sae/{safe_name(layer)}.safetensors"
-            save_sae(sae, ctx.out_dir / rel, {"layer": layer, "params": p.model_dump()})
-            result["weights_path"] = rel
-            result["config_path"] = rel[: -len(".safetensors")] + ".json"
-        log.info("sae %s: explained variance %.3f, l0 %.1f, dead %.3f (%d steps, %.1fs)", layer,
-                 result["explained_variance"], result["l0"], result["dead_fraction"],
-                 trainer.n_steps, seconds)
+            self._save(sae, ctx, layer, result)
+        log.info("sae %s: explained variance %.3f, l0 %.1f, dead %.3f (%d steps, %.1fs)%s",
+                 layer, result["explained_variance"], result["l0"], result["dead_fraction"],
+                 trainer.n_steps, seconds, "".join(f"; WARNING {w}" for w in result["warnings"]))
+        return _json_safe(result)
+
+    def _save(self, sae: SparseAutoencoder, ctx: Context, layer: str,
+              result: dict[str, Any]) -> None:
+        assert ctx.out_dir is not None
+        rel = f"sae/{safe_name(layer)}.safetensors"
+        save_sae(sae, ctx.out_dir / rel, {"layer": layer, "params": self.params.model_dump()})
+        result["weights_path"] = rel
+        result["config_path"] = rel[: -len(".safetensors")] + ".json"
+        lens = f"sae/saelens/{safe_name(layer)}"
+        save_saelens(sae, ctx.out_dir / lens, hook_name=layer,
+                     metadata={"explained_variance": result["explained_variance"],
+                               "l0": result["l0"]})
+        result["saelens_path"] = lens
+
+    def _evaluate_pretrained(self, ctx: Context, layer: str, device: torch.device
+                             ) -> dict[str, Any]:
+        """Metrics, latent frequencies and top-activating rows of a saved SAE; no training."""
+        p: SAEParams = self.params
+        path = Path(str(p.pretrained)).expanduser()
+        if path.is_file() and path.suffix in (".safetensors", ".json"):
+            sae, cfg = load_sae(path), {"architecture": None, "metadata": {}}
+            hook, arch = None, sae.architecture
+        else:
+            sae, cfg = load_saelens(path)
+            hook, arch = (cfg.get("metadata") or {}).get("hook_name"), cfg.get("architecture")
+        sae = sae.to(device).eval()
+        data = _LayerRows(ctx.store, layer, p, device)
+        if data.d != sae.d_in:
+            raise AnalysisParamsError(f"pretrained={str(path)!r} has d_in={sae.d_in} but layer "
+                                      f"{layer!r} has {data.d} features; evaluate it on the "
+                                      f"layer it was trained on (hook_name={hook!r})")
+        held = data.eval_rows()
+        result = evaluate(sae, held, torch.ones(sae.n_latents, dtype=torch.bool), p.batch_size)
+        result.update(architecture=sae.architecture, d_in=sae.d_in, n_latents=sae.n_latents,
+                      k=sae.k if sae.architecture in ("topk", "batchtopk") else None,
+                      trained=False, train=None, converged=None,
+                      pretrained={"path": str(path), "format": "saelens" if arch else "mechray",
+                                  "saelens_architecture": arch, "hook_name": hook})
+        warnings = sae_warnings(result, p, data)
+        if hook is not None and hook != layer:
+            warnings.append(f"the SAE's hook_name {hook!r} is not the layer {layer!r} it was "
+                            f"evaluated on; check that they are the same activation")
+        result["warnings"] = warnings
+        result["top_activations"] = top_activations(sae, ctx.store, layer, result, p)
+        result["splice"] = self._splice(sae, ctx, layer)
+        result["weights_path"] = result["config_path"] = result["saelens_path"] = None
+        log.info("sae %s: pretrained %s evaluated (no training): explained variance %.3f, l0 "
+                 "%.1f%s", layer, path, result["explained_variance"], result["l0"],
+                 "".join(f"; WARNING {w}" for w in warnings))
         return _json_safe(result)
 
     def _check_sizes(self, d: int, n_latents: int) -> None:
@@ -238,7 +334,7 @@ class _LayerRows:
         info = store.layers()[layer]
         self.d = int(math.prod(info["feature_shape"])) if info["feature_shape"] else 1
         total = info["rows"]
-        self.n_train = total - round(p.holdout_fraction * total)
+        self.n_train = self.n_available = total - round(p.holdout_fraction * total)
         if p.max_rows is not None:
             self.n_train = min(self.n_train, p.max_rows)
         budget, row_bytes = p.buffer_mb * 2 ** 20, 4 * self.d

@@ -50,7 +50,8 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
-ARCHITECTURES = ("topk", "batchtopk", "relu")
+ARCHITECTURES = ("topk", "batchtopk", "relu")          # trainable
+INFERENCE_ARCHITECTURES = ARCHITECTURES + ("jumprelu",)   # also loadable (SAELens JumpReLU)
 FORMAT = "mechray-sae/1"
 _TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
@@ -61,9 +62,10 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, d_in: int, n_latents: int, architecture: str = "topk", k: int = 32,
                  input_scale: float = 1.0, generator: Optional[torch.Generator] = None):
         super().__init__()
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture={architecture!r} is not one of {ARCHITECTURES}")
-        if architecture != "relu" and not 1 <= k <= n_latents:
+        if architecture not in INFERENCE_ARCHITECTURES:
+            raise ValueError(f"architecture={architecture!r} is not one of "
+                             f"{INFERENCE_ARCHITECTURES}")
+        if architecture in ("topk", "batchtopk") and not 1 <= k <= n_latents:
             raise ValueError(f"k={k} must be between 1 and n_latents={n_latents}; lower k or "
                              f"raise n_latents / expansion_factor")
         self.d_in, self.n_latents, self.architecture, self.k = d_in, n_latents, architecture, k
@@ -71,7 +73,8 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.W_dec = nn.Parameter(torch.empty(n_latents, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        self.register_buffer("threshold", torch.zeros(()))     # batchtopk inference threshold
+        # inference threshold per latent: batchtopk (one calibrated value) and jumprelu
+        self.register_buffer("threshold", torch.zeros(n_latents))
         self.register_buffer("input_scale", torch.tensor(float(input_scale)))
         with torch.no_grad():   # random unit decoder rows, encoder = decoder^T (Gao et al.)
             w = torch.randn(n_latents, d_in, generator=generator)
@@ -92,6 +95,8 @@ class SparseAutoencoder(nn.Module):
         acts = torch.relu(pre)
         if self.architecture == "relu":
             return acts
+        if self.architecture == "jumprelu":
+            return acts * (pre > self.threshold)
         if self.architecture == "batchtopk":
             if not self.training:
                 return acts * (acts > self.threshold)
@@ -132,6 +137,30 @@ class SparseAutoencoder(nn.Module):
         else:
             raise ValueError(f"b_dec_init={b_dec_init!r}: use 'mean', 'geometric_median' or "
                              f"'zeros'")
+        self.scale_encoder(x[:8192] - self.b_dec)
+
+    @torch.no_grad()
+    def scale_encoder(self, centred: torch.Tensor) -> None:
+        """Scale ``W_enc`` so the first reconstruction is the least-squares best, not an overshoot.
+
+        With ``b_enc = 0`` every architecture is positively homogeneous in ``W_enc`` (scaling it by
+        ``a > 0`` scales the codes by ``a``, the chosen latents do not change), so the scale
+        ``a = <c, r> / <r, r>`` for centred rows ``c`` and their reconstruction ``r`` makes the
+        untrained SAE's error ``||c - a r||`` the smallest it can be.  With ``W_enc = W_dec^T``
+        and unit decoder rows, ``r`` sums ``k`` overlapping unit directions and is several times
+        too long (the "overshoot" of a unit-norm start); ``a`` is typically 0.1-0.5.
+        """
+        if self.architecture == "batchtopk":     # the training path (batch top-k)
+            was = self.training
+            self.train()
+        r = self.activate(centred @ self.W_enc + self.b_enc) @ self.W_dec
+        if self.architecture == "batchtopk" and not was:
+            self.eval()
+        den = r.pow(2).sum().item()
+        if den > 0:
+            a = (centred * r).sum().item() / den
+            if a > 0:
+                self.W_enc.mul_(a)
 
     # --- export --------------------------------------------------------------------------------
     def folded_state(self) -> dict[str, torch.Tensor]:
@@ -141,11 +170,39 @@ class SparseAutoencoder(nn.Module):
                 "W_dec": self.W_dec.detach() / s, "b_dec": self.b_dec.detach() / s,
                 "threshold": self.threshold.detach().clone()}
 
+    @torch.no_grad()
+    def calibrate_threshold(self, rows: torch.Tensor, chunk: int = 4096) -> float:
+        """Set the batchtopk inference threshold so ``rows`` (raw) get exactly ``k`` latents/row.
+
+        Batch top-k keeps the ``k * n`` largest activations of a batch of ``n`` rows; run over
+        all of ``rows`` at once that is one cut-off value, and the threshold is set halfway
+        between the ``k*n``-th and the next largest activation, so ``encode`` in eval mode gives
+        an L0 of exactly ``k`` on these rows (and about ``k`` on rows from the same
+        distribution).  Candidates are gathered chunk by chunk (the global top ``k*n`` lies
+        within each chunk's own top ``k*n``), so memory stays at ``chunk x n_latents``.
+        """
+        if self.architecture != "batchtopk":
+            raise ValueError(f"calibrate_threshold is for batchtopk, not {self.architecture!r}")
+        x = rows.to(self.W_dec.device, torch.float32)
+        want = self.k * len(x)
+        cand = []
+        for i in range(0, len(x), chunk):
+            acts = torch.relu(self.pre_acts(x[i:i + chunk])).reshape(-1)
+            cand.append(acts.topk(min(want + 1, acts.numel()), sorted=False).values)
+        top = torch.cat(cand).topk(min(want + 1, sum(len(c) for c in cand))).values
+        if len(top) <= want:
+            value = 0.0
+        else:
+            value = 0.5 * (top[want - 1] + top[want]).item()
+        self.threshold.fill_(value)
+        return value
+
     def config(self) -> dict[str, Any]:
         return {"format": FORMAT, "d_in": self.d_in, "n_latents": self.n_latents,
                 "architecture": self.architecture,
                 "k": None if self.architecture == "relu" else self.k,
-                "threshold": float(self.threshold), "input_scale_folded": float(self.input_scale),
+                "threshold": float(self.threshold.max()) if self.architecture == "batchtopk"
+                else None, "input_scale_folded": float(self.input_scale),
                 "encode": "z = act((x - b_dec) @ W_enc + b_enc)",
                 "decode": "x_hat = z @ W_dec + b_dec"}
 
@@ -167,8 +224,10 @@ class SAETrainer:
 
     def __init__(self, sae: SparseAutoencoder, lr: float, l1_coefficient: float = 0.0,
                  aux_k: int = 0, aux_coefficient: float = 1 / 32, dead_steps_threshold: int = 256,
-                 total_steps: Optional[int] = None, decay_fraction: float = 0.2):
+                 total_steps: Optional[int] = None, decay_fraction: float = 0.2,
+                 warmup_steps: int = 0):
         self.sae, self.lr, self.l1 = sae, lr, l1_coefficient
+        self.warmup_steps = warmup_steps
         self.aux_k, self.aux_coefficient = aux_k, aux_coefficient
         self.dead_steps_threshold = dead_steps_threshold
         self.total_steps, self.decay_fraction = total_steps, decay_fraction
@@ -178,7 +237,10 @@ class SAETrainer:
         self.n_steps = 0
 
     def _lr(self) -> float:
-        """Constant, then linear decay to 0 over the last ``decay_fraction`` of known steps."""
+        """Linear warmup over ``warmup_steps``, constant, then linear decay to 0 over the last
+        ``decay_fraction`` of ``total_steps`` (when known)."""
+        if self.n_steps < self.warmup_steps:
+            return self.lr * (self.n_steps + 1) / self.warmup_steps
         if not self.total_steps:
             return self.lr
         start = self.total_steps * (1 - self.decay_fraction)
@@ -229,6 +291,7 @@ class SAETrainer:
             self.steps_since_fired += 1
             self.steps_since_fired[fired] = 0
             if sae.architecture == "batchtopk":   # running mean of the smallest kept activation
+                # (a stand-in while training; calibrate_threshold sets the final value)
                 kept = z[z > 0]
                 if kept.numel():
                     low = kept.min()
@@ -292,5 +355,104 @@ def load_sae(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
         raise ValueError(f"{path}: W_enc {tuple(tensors['W_enc'].shape)} / W_dec "
                          f"{tuple(tensors['W_dec'].shape)} do not match d_in={d}, n_latents={n}")
     sae = SparseAutoencoder(d, n, config["architecture"], config.get("k") or 1)
+    tensors["threshold"] = tensors["threshold"].expand(n).clone()   # older files: one scalar
     sae.load_state_dict({**tensors, "input_scale": torch.tensor(1.0)})
     return sae.to(device).eval()
+
+
+# --- SAELens layout ---------------------------------------------------------------------------
+SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
+_TO_SAELENS = {"topk": "topk", "relu": "standard", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+
+
+def save_saelens(sae: SparseAutoencoder, directory: Union[str, os.PathLike], hook_name: str,
+                 metadata: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``directory/cfg.json`` + ``sae_weights.safetensors`` as ``sae_lens`` saves an SAE.
+
+    ``sae_lens.SAE.load_from_disk(directory)`` then encodes and decodes raw activations exactly
+    as ``sae`` does.  Mapping: topk -> ``"topk"`` (``k``), relu -> ``"standard"``, batchtopk ->
+    ``"jumprelu"`` with every latent's threshold set to the calibrated batch threshold (what
+    SAELens itself saves a BatchTopK SAE as), jumprelu -> ``"jumprelu"``.  ``input_scale`` is
+    folded into the weights (``normalize_activations: "none"``); ``hook_name`` goes into
+    ``metadata`` as SAELens records it.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to("cpu", torch.float32).contiguous() for k, v in sae.folded_state().items()}
+    arch = _TO_SAELENS[sae.architecture]
+    if arch != "jumprelu":
+        state.pop("threshold")
+    cfg: dict[str, Any] = {
+        "architecture": arch, "d_in": sae.d_in, "d_sae": sae.n_latents, "dtype": "float32",
+        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"hook_name": hook_name, "trained_with": "mechray",
+                     "mechray_architecture": sae.architecture, **(metadata or {})}}
+    if arch == "topk":
+        cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
+    if sae.architecture == "batchtopk":
+        cfg["metadata"]["batchtopk_k"] = sae.k
+    tmp = directory / f".{SAELENS_WEIGHTS}.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, directory / SAELENS_WEIGHTS)
+    tmp = directory / f".{SAELENS_CFG}.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, directory / SAELENS_CFG)
+    return directory
+
+
+def load_saelens(directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
+                 ) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """Read an SAE saved in SAELens' disk layout (no ``sae_lens`` import, no pickle).
+
+    ``sae, cfg = load_saelens("path/to/sae_dir")`` returns an eval-mode
+    :class:`SparseAutoencoder` computing what ``sae_lens`` computes for the architectures
+    ``standard`` (ReLU), ``topk``, ``jumprelu`` and ``batchtopk``, and the raw ``cfg.json``.
+    ``apply_b_dec_to_input: false`` is folded into ``b_enc``; activation normalisation,
+    ``hook_z`` reshaping and ``rescale_acts_by_decoder_norm`` are refused with the reason.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg_path, weights_path = directory / SAELENS_CFG, directory / SAELENS_WEIGHTS
+    if not cfg_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"pretrained={str(directory)!r} is not an SAELens SAE directory: "
+                                f"it needs {SAELENS_CFG} and {SAELENS_WEIGHTS} (as written by "
+                                f"sae_lens SAE.save_model or mechray's saelens_path)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{cfg_path} is not valid JSON ({exc}); re-save the SAE") from None
+    arch = cfg.get("architecture", "standard")
+    kinds = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+    if arch not in kinds:
+        raise ValueError(f"{cfg_path}: architecture {arch!r} is not supported; mechray reads "
+                         f"{sorted(kinds)} (gated, matryoshka and transcoders are not)")
+    for key, ok in (("normalize_activations", ("none", None)), ("reshape_activations",
+                    ("none", None)), ("rescale_acts_by_decoder_norm", (False, None))):
+        if cfg.get(key) not in ok:
+            raise ValueError(f"{cfg_path}: {key}={cfg.get(key)!r} is not supported; mechray "
+                             f"evaluates SAEs that act on raw rows ({key}={ok[0]!r})")
+    t = load_file(str(weights_path), device="cpu")
+    d, n = int(cfg["d_in"]), int(cfg["d_sae"])
+    for name, shape in (("W_enc", (d, n)), ("b_enc", (n,)), ("W_dec", (n, d)), ("b_dec", (d,))):
+        if name not in t or tuple(t[name].shape) != shape:
+            raise ValueError(f"{weights_path}: tensor {name} is "
+                             f"{tuple(t[name].shape) if name in t else 'missing'}, expected "
+                             f"{shape} for d_in={d}, d_sae={n}")
+    t = {k: v.float() for k, v in t.items()}
+    if not cfg.get("apply_b_dec_to_input", True):   # pre = x @ W_enc + b_enc
+        t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
+    threshold = torch.zeros(n)
+    if kinds[arch] == "jumprelu":
+        if "threshold" not in t:
+            raise ValueError(f"{weights_path}: a {arch} SAE needs a 'threshold' tensor")
+        threshold = t["threshold"].reshape(-1).expand(n).clone()
+    k = int(cfg.get("k") or 1)
+    sae = SparseAutoencoder(d, n, kinds[arch], min(max(k, 1), n))
+    sae.load_state_dict({"W_enc": t["W_enc"], "b_enc": t["b_enc"], "W_dec": t["W_dec"],
+                         "b_dec": t["b_dec"], "threshold": threshold,
+                         "input_scale": torch.tensor(1.0)})
+    return sae.to(device).eval(), cfg
