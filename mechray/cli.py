@@ -92,10 +92,25 @@ def cmd_analyze(args) -> int:
     for name, per in results.items():
         skipped = {la: r["reason"] for la, r in per.items() if r.get("skipped")}
         print(f"{name:9s} {len(per) - len(skipped)}/{len(per)} layer(s)"
-              + "".join(f"\n  skipped {la}: {why}" for la, why in skipped.items()))
+              + "".join(f"\n  skipped {la}: {why}" for la, why in skipped.items())
+              + "".join(f"\n  {la}: {_headline(r)}" for la, r in per.items()
+                        if not r.get("skipped") and _headline(r))
+              + "".join(f"\n  WARNING {la}: {w}" for la, r in per.items()
+                        for w in r.get("warnings") or []))
     print(f"results: {report.parent / 'mechint_results.json'}")
     print(f"report:  {report}")
     return 0
+
+
+def _headline(r: dict) -> str:
+    """One line of an SAE result's metrics (empty for other analyses)."""
+    if "explained_variance" not in r or "l0" not in r:
+        return ""
+    ev, l0 = r.get("explained_variance"), r.get("l0")
+    state = ("pretrained, no training" if r.get("trained") is False else
+             f"{(r.get('train') or {}).get('steps')} steps, converged={r.get('converged')}")
+    return (f"explained variance {ev if ev is None else round(ev, 4)}, L0 "
+            f"{l0 if l0 is None else round(l0, 2)}, dead {r.get('dead_fraction')}, {state}")
 
 
 def _build_model(spec: str):

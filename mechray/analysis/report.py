@@ -53,6 +53,8 @@ def write_report(doc: dict[str, Any], out_dir: str | Path) -> Path:
             for layer, r in rows:
                 cells = " | ".join(_cell(fn, r) for _, fn in columns)
                 lines.append(f"| `{layer}` | {cells} |")
+        lines += [f"- `{la}`: **warning** — {w}" for la, r in rows for w in r.get("warnings") or []]
+        lines += getattr(cls, "report_lines", lambda rows: [])(rows) if rows else []
         plot = cls.plot if cls is not None and cls.plot_file else None
         if plot and rows:
             png = _safe_plot(plot, ok[name], out, name)

@@ -69,7 +69,7 @@ from mechray.analysis.sae_budget import (
     loss_flat,
     sae_warnings,
 )
-from mechray.analysis.sae_examples import top_activations
+from mechray.analysis.sae_examples import report_examples, top_activations
 from mechray.analysis.sae_model import (
     SAETrainer,
     SparseAutoencoder,
@@ -143,6 +143,10 @@ class SAEAnalysis(Analysis):
     Params = SAEParams
     summary = "a sparse autoencoder per layer (TopK, BatchTopK or ReLU+L1), held-out metrics"
     columns = (("l0", lambda r: r["l0"]), ("explained variance", lambda r: r["explained_variance"]),
+               ("converged", lambda r: "pretrained (no training)" if r.get("trained") is False
+                else r.get("converged")),
+               ("steps", lambda r: r["train"]["steps"]),
+               ("warnings", lambda r: len(r["warnings"])),
                ("mse", lambda r: r["mse"]), ("dead fraction", lambda r: r["dead_fraction"]),
                ("latents", lambda r: r.get("n_latents")),
                ("weights", lambda r: r.get("weights_path")))
@@ -165,14 +169,23 @@ class SAEAnalysis(Analysis):
         ax.legend(fontsize=7)
         return fig
 
+    @staticmethod
+    def report_lines(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+        """Markdown under the table: top-activating rows of the listed latents."""
+        return report_examples(rows)
+
     @classmethod
     def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
         n, d = float(w.rows), float(w.d)
         latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * d)
         rows = float(min(n, p.get("max_rows") or n))
-        seen = p["steps"] * p.get("batch_size", 4096) if p.get("steps") else \
-            rows * p.get("epochs", 1)
-        batch = float(min(p.get("batch_size", 4096), max(rows, 1)))
+        size = p.get("batch_size") or 1024
+        per_epoch = -(-rows // size)            # the budget rule (sae_budget.budget_steps)
+        steps = p.get("steps") or (per_epoch * p["epochs"] if p.get("epochs") else
+                                   max(p.get("min_steps") or 1000, per_epoch))
+        seen = 0.0 if p.get("pretrained") else steps * size
+        seen += n / 3                           # top-activating rows: one forward pass
+        batch = float(min(size, max(rows, 1)))
         buffer = min(rows * d * 4, p.get("buffer_mb", 512) * 2 ** 20)
         return Cost(6 * seen * latents * d, latents * d * 4 * 5 + batch * latents * 4 * 4 + buffer)
 
@@ -210,7 +223,7 @@ class SAEAnalysis(Analysis):
         seconds = time.perf_counter() - t0
         losses = losses[: trainer.n_steps].cpu()
         sae.eval()
-        if p.architecture == "batchtopk":
+        if p.architecture == "batchtopk" and data.sample is not None:
             sae.calibrate_threshold(data.sample[: p.max_eval_rows])
         window = min(p.dead_steps_threshold, trainer.n_steps)
         held = data.eval_rows()
@@ -262,11 +275,12 @@ class SAEAnalysis(Analysis):
         """Metrics, latent frequencies and top-activating rows of a saved SAE; no training."""
         p: SAEParams = self.params
         path = Path(str(p.pretrained)).expanduser()
+        hook: Optional[str] = None
+        arch: Optional[str] = None
         if path.is_file() and path.suffix in (".safetensors", ".json"):
-            sae, cfg = load_sae(path), {"architecture": None, "metadata": {}}
-            hook, arch = None, sae.architecture
+            sae, fmt = load_sae(path), "mechray"
         else:
-            sae, cfg = load_saelens(path)
+            (sae, cfg), fmt = load_saelens(path), "saelens"
             hook, arch = (cfg.get("metadata") or {}).get("hook_name"), cfg.get("architecture")
         sae = sae.to(device).eval()
         data = _LayerRows(ctx.store, layer, p, device)
@@ -279,7 +293,7 @@ class SAEAnalysis(Analysis):
         result.update(architecture=sae.architecture, d_in=sae.d_in, n_latents=sae.n_latents,
                       k=sae.k if sae.architecture in ("topk", "batchtopk") else None,
                       trained=False, train=None, converged=None,
-                      pretrained={"path": str(path), "format": "saelens" if arch else "mechray",
+                      pretrained={"path": str(path), "format": fmt,
                                   "saelens_architecture": arch, "hook_name": hook})
         warnings = sae_warnings(result, p, data)
         if hook is not None and hook != layer:

@@ -128,3 +128,18 @@ def top_activations(sae: SparseAutoencoder, store: Any, layer: str, result: dict
         part = stat.map(payload["activations"][layer], entry["file"], steps)
         partial = part if partial is None else stat.merge(partial, part)
     return stat.finalize(partial if partial is not None else stat._empty())
+
+
+def report_examples(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Markdown lines: ``latent i: shard:row (step s) code; ...`` per layer that has them."""
+    out = []
+    for layer, r in rows:
+        top = r.get("top_activations") or {}
+        if not top.get("latents"):
+            continue
+        out += ["", f"Top-activating rows of `{layer}` (shard:row, step, code):", ""]
+        for j, latent in enumerate(top["latents"]):
+            hits = [f"{sh}:{row} (step {st}) {v:.3g}" for v, sh, row, st in
+                    zip(top["values"][j], top["shard"][j], top["row"][j], top["step"][j])]
+            out.append(f"- latent {latent}: " + ("; ".join(hits) or "never active"))
+    return out

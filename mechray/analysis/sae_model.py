@@ -59,6 +59,9 @@ _TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 class SparseAutoencoder(nn.Module):
     """A TopK / BatchTopK / ReLU sparse autoencoder over ``d_in``-dimensional rows."""
 
+    threshold: torch.Tensor       # buffers, declared for type checkers
+    input_scale: torch.Tensor
+
     def __init__(self, d_in: int, n_latents: int, architecture: str = "topk", k: int = 32,
                  input_scale: float = 1.0, generator: Optional[torch.Generator] = None):
         super().__init__()

@@ -26,7 +26,7 @@ LAYERS = ["mamba_backbone.blocks.0", "mamba_backbone.blocks.3", "mamba_backbone.
           "perceiver", "popt", "heads.decoder", "heads.encoder"]
 # Small enough for a few minutes on 2 CPU cores.
 ANALYSIS_PARAMS = {
-    "sae": {"expansion_factor": 4, "k": 8, "steps": 150, "batch_size": 256, "device": "auto"},
+    "sae": {"expansion_factor": 4, "k": 8, "device": "auto"},   # the default budget: 1,000 steps
     "causal": {"n_inputs": 32, "top_n": 16, "max_rows": 2048},
     "circuit": {"n_inputs": 32, "check_neurons": 4, "top_k": 16},
     "feature": {"n_components": 10, "n_clusters": 6},

@@ -6,6 +6,7 @@ batch it is given, so training walks a real :class:`ShardStore`.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import OrderedDict
 
@@ -16,10 +17,13 @@ from torch import nn
 
 from mechray.analysis import Context, Skip, get_analysis
 from mechray.analysis.base import AnalysisParamsError
+from mechray.analysis.report import write_report
 from mechray.analysis.sae import safe_name, splice_metrics
+from mechray.analysis.sae_budget import auto_lr, budget_steps, sae_warnings
 from mechray.analysis.sae_model import SAETrainer, SparseAutoencoder, load_sae, save_sae
 from mechray.capture.sampler import ActivationSampler
 from mechray.storage.reader import ShardStore
+from mechray.testing import recovered_score
 
 D_IN, ATOMS, K_TRUE = 32, 64, 3
 FAST = {"n_latents": 128, "k": 3, "batch_size": 256, "lr": 3e-3, "device": "cpu"}
@@ -60,17 +64,34 @@ def fit(store, out_dir=None, model=None, eval_data=None, **params):
         Context(store=store, out_dir=out_dir, model=model, eval_data=eval_data), "src")
 
 
-def test_recovers_known_dictionary_and_splices_well(synthetic, tmp_path):
-    """Threshold: mean over true atoms of max cosine to a learned decoder row >= 0.95, and
-    >= 90% of atoms matched above 0.9 (measured: ~0.998 mean, every atom > 0.99)."""
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_defaults_recover_a_planted_dictionary(synthetic, tmp_path, architecture):
+    """Only k and expansion_factor (and the architecture): the budget rule gives this 11,400-row
+    store 1,000 steps.  Thresholds from the issue: mean max cosine >= 0.95, EV >= 0.85, and
+    BatchTopK's held-out L0 within 20% of k (measured: topk 0.999 / 0.95; batchtopk 0.998 /
+    0.95 / L0 3.0)."""
+    store, dictionary, _ = synthetic
+    r = get_analysis("sae", {"k": K_TRUE, "expansion_factor": 8, "architecture": architecture}
+                     ).fit(Context(store=store, out_dir=tmp_path), "src")
+    sae = load_sae(tmp_path / r["weights_path"])
+    assert recovered_score(dictionary, sae.W_dec) >= 0.95
+    assert r["explained_variance"] >= 0.85
+    assert r["l0"] == pytest.approx(K_TRUE, rel=0.2 if architecture == "batchtopk" else 1e-6)
+    assert r["train"]["steps"] == 1000 and r["train"]["budget"].startswith("min_steps=1000")
+    assert r["train"]["epochs"] >= 80 and r["train"]["lr_auto"]
+    assert r["train"]["warmup_steps"] == 50
+    # 256 latents for 64 true directions: the spare latents die, and the result says so
+    assert r["converged"] is True and r["dead_fraction"] > 0.3
+    assert len(r["warnings"]) == 1 and "latents are dead" in r["warnings"][0], r["warnings"]
+    assert r["trained"] is True and r["pretrained"] is None
+    json.dumps(r, allow_nan=False)
+
+
+def test_metrics_and_splicing_of_a_trained_sae(synthetic, tmp_path):
     store, dictionary, x = synthetic
     model = nn.Sequential(OrderedDict(src=nn.Identity(), head=nn.Linear(D_IN, 4)))
     r = fit(store, tmp_path, model=model, eval_data=x[:512], epochs=15)
-    sae = load_sae(tmp_path / r["weights_path"])
-    learned = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
-    best = (dictionary @ learned.T).max(dim=1).values
-    assert best.mean() >= 0.95, f"mean max cosine {best.mean():.3f}"
-    assert (best > 0.9).float().mean() >= 0.9
+    assert recovered_score(dictionary, load_sae(tmp_path / r["weights_path"]).W_dec) >= 0.95
     assert r["explained_variance"] > 0.9 and r["l0"] == pytest.approx(3.0)
     assert r["cosine_similarity"] > 0.95 and 0.8 < r["l2_ratio"] < 1.1
     assert r["dead_fraction"] < 0.5 and r["n_latents"] == 128 and r["d_in"] == D_IN
@@ -78,11 +99,56 @@ def test_recovers_known_dictionary_and_splices_well(synthetic, tmp_path):
     hist = r["latent_density_histogram"]
     assert sum(hist["counts"]) + hist["never_active"] == 128
     assert r["eval_rows"] == 600 and r["train"]["in_memory"]
+    assert r["train"]["budget"] == "epochs=15 x 45 steps" and r["train"]["steps"] == 675
     splice = r["splice"]
     assert splice["skipped"] is False and splice["clean"] == 0.0
     assert splice["zero_ablated"] > splice["spliced"] >= 0
     assert splice["fraction_recovered"] > 0.9
     json.dumps(r, allow_nan=False)
+
+
+def test_too_few_steps_say_so_in_the_result_and_the_report(synthetic, tmp_path):
+    store, _, _ = synthetic
+    r = fit(store, steps=30)
+    assert r["converged"] is False
+    assert any("only 30 optimizer steps" in w for w in r["warnings"]), r["warnings"]
+    doc = {"store": "s", "layers": {}, "results": {"sae": {"src": r}}}
+    text = write_report(doc, tmp_path).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `src`"))
+    assert "| False | 30 |" in row, row
+    assert "`src`: **warning** — only 30 optimizer steps" in text
+    assert "Top-activating rows of `src`" in text
+
+
+def test_warnings_name_each_problem():
+    p = get_analysis("sae", {"max_rows": 100}).params
+
+    class Data:
+        n_train, n_available = 100, 5000
+
+    r = {"explained_variance": -0.79, "dead_fraction": 0.3, "k": 8, "l0": 4.9,
+         "architecture": "batchtopk", "converged": False,
+         "train": {"steps": 14, "plateau_drop": 0.2}}
+    text = "\n".join(sae_warnings(r, p, Data))
+    assert "explained variance -0.790 is negative" in text
+    assert "30% of latents are dead" in text and "only 14 optimizer steps" in text
+    assert "max_rows=100 cut the training rows to 100 of 5000" in text
+    assert "held-out L0 4.9 is more than 20% from k=8" in text
+    r.update(explained_variance=0.3, dead_fraction=0.0, l0=8.0, train={"steps": 500,
+                                                                     "plateau_drop": 0.1})
+    text = "\n".join(sae_warnings(r, p, Data))
+    assert "explained variance 0.300 < 0.5" in text and "not converged" in text
+    assert "dead" not in text and "L0" not in text
+
+
+def test_budget_rule_and_auto_lr():
+    p = get_analysis("sae", {}).params
+    assert budget_steps(p, 12) == 1000 and budget_steps(p, 5000) == 5000
+    assert budget_steps(p.model_copy(update={"epochs": 3}), 12) == 36
+    assert budget_steps(p.model_copy(update={"steps": 7, "epochs": 3}), 12) == 7
+    assert auto_lr(4096, 1000) == pytest.approx(2e-3)
+    assert auto_lr(16384, 100_000) == pytest.approx(2.2e-4, rel=0.05)   # Gao et al.'s regime
+    assert auto_lr(64, 100) == 1e-2
 
 
 @pytest.mark.parametrize("architecture, extra", [
@@ -113,6 +179,8 @@ def test_streaming_with_a_small_buffer_steps_and_max_rows_is_deterministic(synth
     assert a["explained_variance"] > 0.5
     c = fit(store, max_rows=1000, epochs=2)
     assert c["train"]["rows_seen"] == 2000 and c["train"]["steps"] == 8
+    assert any("max_rows=1000 cut the training rows to 1000 of 11400" in w
+               for w in c["warnings"]), c["warnings"]
 
 
 def test_params_are_validated_with_field_and_bound(synthetic):
@@ -238,3 +306,94 @@ def test_trains_on_cuda_with_auto_device(synthetic, tmp_path):
     sae = load_sae(tmp_path / r["weights_path"])
     best = (dictionary @ (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)).T).max(1).values
     assert best.mean() >= 0.95
+
+
+# --- SAELens interop ----------------------------------------------------------------------------
+@pytest.mark.parametrize("architecture, saelens_arch", [
+    ("topk", "topk"), ("batchtopk", "jumprelu"), ("relu", "standard")])
+def test_saelens_loads_what_mechray_writes_and_computes_the_same(synthetic, tmp_path,
+                                                                 architecture, saelens_arch):
+    sae_lens = pytest.importorskip("sae_lens")
+    store, _, x = synthetic
+    r = fit(store, tmp_path, architecture=architecture, steps=150, l1_coefficient=1.0)
+    assert r["saelens_path"] == "sae/saelens/src"
+    cfg = json.loads((tmp_path / r["saelens_path"] / "cfg.json").read_text())
+    assert cfg["architecture"] == saelens_arch and cfg["metadata"]["hook_name"] == "src"
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / r["saelens_path"]))
+    ours = load_sae(tmp_path / r["weights_path"])
+    held = x[-600:]
+    with torch.no_grad():
+        z, z_theirs = ours.encode(held), theirs.encode(held)
+        torch.testing.assert_close(z_theirs, z, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(z_theirs), ours.decode(z), rtol=1e-5, atol=1e-5)
+    assert (z > 0).sum() > 0
+
+
+def test_pretrained_saelens_sae_is_evaluated_without_training(synthetic, tmp_path):
+    """An SAE built and saved by SAELens itself (JumpReLU, per-latent thresholds,
+    apply_b_dec_to_input False): mechray's metrics equal SAELens' own encode/decode."""
+    sae_lens = pytest.importorskip("sae_lens")
+    store, _, x = synthetic
+    torch.manual_seed(3)
+    cfg = sae_lens.JumpReLUSAEConfig(d_in=D_IN, d_sae=96, apply_b_dec_to_input=False)
+    theirs = sae_lens.JumpReLUSAE(cfg)
+    with torch.no_grad():
+        theirs.W_enc.copy_(torch.randn(D_IN, 96) / 4)
+        theirs.W_dec.copy_(theirs.W_enc.T.clone())
+        theirs.b_dec.copy_(x.mean(0))
+        theirs.b_enc.copy_(torch.randn(96) * 0.1)
+        theirs.threshold.copy_(torch.rand(96) * 0.5)
+    theirs.cfg.metadata.hook_name = "src"
+    theirs.save_model(str(tmp_path / "published"))
+    r = fit(store, pretrained=str(tmp_path / "published"), k_examples=3, top_latents=4)
+    assert r["trained"] is False and r["train"] is None and r["converged"] is None
+    assert r["pretrained"]["saelens_architecture"] == "jumprelu"
+    assert r["pretrained"]["hook_name"] == "src" and r["weights_path"] is None
+    assert len(r["latent_log10_frequency"]) == 96 and r["eval_rows"] == 600
+    held = torch.cat([rows for rows in _held_rows(store)])
+    with torch.no_grad():
+        z = theirs.encode(held)
+        ev = 1 - (theirs.decode(z) - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum()
+    assert r["explained_variance"] == pytest.approx(ev.item(), abs=1e-4)
+    assert r["l0"] == pytest.approx((z > 0).float().sum(1).mean().item(), abs=1e-4)
+    top = r["top_activations"]
+    assert len(top["latents"]) == 4 and all(len(v) <= 3 for v in top["values"])
+    with pytest.raises(AnalysisParamsError, match="d_in=32 but layer 'src' has 16"):
+        fit(write_store(tmp_path / "narrow", torch.randn(500, 16)),
+            pretrained=str(tmp_path / "published"))
+    with pytest.raises(FileNotFoundError, match="needs cfg.json and sae_weights.safetensors"):
+        fit(store, pretrained=str(tmp_path))
+
+
+def _held_rows(store):
+    """The held-out rows the sae analysis scores on (same split: seed 0, 5% per shard)."""
+    from mechray.analysis.sae import SAEParams, _LayerRows
+
+    data = _LayerRows(store, "src", SAEParams(), torch.device("cpu"))
+    return [data.eval_rows()]
+
+
+# --- top-activating rows per latent -------------------------------------------------------------
+def test_top_activating_rows_merge_to_the_brute_force_answer_in_any_order():
+    from mechray.analysis.sae_examples import LatentExamples
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(8, 24, "relu", generator=torch.Generator().manual_seed(0)).eval()
+    shards = {f"s{i}.pt": torch.randn(50 + 7 * i, 8) for i in range(5)}
+    steps = {f: torch.arange(len(r)) + 100 * i for i, (f, r) in enumerate(shards.items())}
+    stat = LatentExamples(sae, [0, 5, 23], k=4, batch_size=16)
+    parts = [stat.map(rows, f, steps[f]) for f, rows in shards.items()]
+    forward = stat.finalize(functools.reduce(stat.merge, parts))
+    tree = stat.finalize(stat.merge(stat.merge(parts[4], parts[1]),
+                                    stat.merge(parts[3], stat.merge(parts[0], parts[2]))))
+    assert forward == tree
+    with torch.no_grad():
+        z = torch.cat([sae.encode(r)[:, [0, 5, 23]] for r in shards.values()])
+    where = [(f, i) for f, r in shards.items() for i in range(len(r))]
+    for j in range(3):
+        vals, idx = z[:, j].topk(4)
+        assert forward["values"][j] == pytest.approx(vals[vals > 0].tolist(), rel=1e-6)
+        assert [(s, r) for s, r in zip(forward["shard"][j], forward["row"][j])] == \
+            [where[i] for i in idx[vals > 0].tolist()]
+        for s, r, st in zip(forward["shard"][j], forward["row"][j], forward["step"][j]):
+            assert st == steps[s][r].item()

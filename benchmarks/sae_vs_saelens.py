@@ -1,0 +1,175 @@
+"""mechray's ``sae`` against SAELens on the same planted-dictionary rows, side by side.
+
+Usage::
+
+    .venv/bin/python benchmarks/sae_vs_saelens.py                       # the grid in README.md
+    .venv/bin/python benchmarks/sae_vs_saelens.py --cases 64x256x8 --rows 20000   # smoke
+    .venv/bin/python benchmarks/sae_vs_saelens.py --no-saelens          # mechray's grid only
+
+Per case ``d x features x active`` (``mechray.testing.planted_dictionary``: unit directions,
+``active`` per row with magnitudes in [0.5, 2]): ``--rows`` rows are captured into a real
+:class:`ShardStore` (``ActivationSampler``, 3,000 rows per shard) and 8,192 more rows from the
+same dictionary are kept aside for scoring.  Variants, run one after the other in this process
+with ``--threads`` torch threads:
+
+* ``mechray defaults``: ``get_analysis("sae", {"k": active, "expansion_factor": 8})`` and
+  nothing else (the budget rule, automatic lr, warmup/decay, calibrated thresholds);
+* ``saelens defaults``: SAELens' own ``SAETrainer`` fed the same rows as precomputed
+  activations (a ``DataProvider`` cycling shuffled batches), ``TopKTrainingSAEConfig(d_in,
+  d_sae=8*d, k=active)`` and every other setting at its default: 2,000,000 training samples
+  (SAELens' ``training_tokens`` default), batches of 4,096, lr 3e-4, constant schedule;
+* ``saelens matched``: SAELens' trainer at mechray's default settings (the same steps, batch,
+  lr, warmup and final linear decay).
+
+Scores on the 8,192 aside rows for both: explained variance (1 - FVU), L0, dead fraction
+(latents never active on them), recovered (mean over true directions of the best cosine with a
+decoder row) and training rows/s (rows seen / training seconds).  The machine's load average is
+recorded: the machine is shared, so absolute times are only comparable within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine, setup_env, setup_logging, table, write_json  # noqa: E402
+
+log = logging.getLogger("bench")
+
+
+def write_store(path: Path, x):
+    from torch import nn
+
+    from mechray.capture.sampler import ActivationSampler
+    from mechray.storage.reader import ShardStore
+
+    model = nn.Sequential(OrderedDict(src=nn.Identity()))
+    sampler = ActivationSampler(layers=["src"], save_dir=str(path), use_ray=False, verbose=False,
+                                max_activations_per_shard=3000)
+    sampler.register_hooks(model)
+    for step, chunk in enumerate(x.split(3000)):
+        model(chunk)
+        sampler.save_activations(step)
+    sampler.close()
+    return ShardStore(path)
+
+
+def score(encode, decode, decoder, dictionary, x) -> dict:
+    import torch
+
+    from mechray.testing import recovered_score
+
+    with torch.no_grad():
+        z = encode(x)
+        xh = decode(z)
+    ev = 1 - (xh - x).pow(2).sum().item() / (x - x.mean(0)).pow(2).sum().item()
+    return {"ev": round(ev, 4), "l0": round((z > 0).float().sum(1).mean().item(), 2),
+            "dead": round(((z > 0).sum(0) == 0).float().mean().item(), 4),
+            "recovered": round(recovered_score(dictionary, decoder.detach()), 4)}
+
+
+def run_mechray(store, out: Path, k: int, dictionary, aside, params=None) -> dict:
+    from mechray.analysis import Context, get_analysis
+    from mechray.analysis.sae_model import load_sae
+
+    p = {"k": k, "expansion_factor": 8, **(params or {})}
+    r = get_analysis("sae", p).fit(Context(store=store, out_dir=out), "src")
+    sae = load_sae(out / r["weights_path"])
+    s = score(sae.encode, sae.decode, sae.W_dec, dictionary, aside)
+    t = r["train"]
+    return {**s, "steps": t["steps"], "batch": p.get("batch_size", 1024), "lr": t["lr"],
+            "seconds": round(t["seconds"], 1), "rows_per_s": round(t["rows_per_second"]),
+            "converged": r["converged"], "plateau_drop": t["plateau_drop"],
+            "warnings": len(r["warnings"]),
+            "_train": t}
+
+
+def run_saelens(x, k: int, dictionary, aside, samples: int, batch: int, lr: float,
+                warmup: int = 0, decay: int = 0) -> dict:
+    import torch
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    d = x.shape[1]
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=8 * d, k=k))
+    g = torch.Generator().manual_seed(0)
+
+    def provider():
+        while True:
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x) - batch + 1, batch):
+                yield x[perm[i:i + batch]]
+
+    cfg = SAETrainerConfig(total_training_samples=samples, train_batch_size_samples=batch, lr=lr,
+                           lr_end=lr, lr_warm_up_steps=warmup, lr_decay_steps=decay)
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=provider())
+    t0 = time.perf_counter()
+    trained = trainer.fit()
+    seconds = time.perf_counter() - t0
+    trained.eval()
+    s = score(trained.encode, trained.decode, trained.W_dec, dictionary, aside)
+    steps = samples // batch
+    return {**s, "steps": steps, "batch": batch, "lr": lr, "seconds": round(seconds, 1),
+            "rows_per_s": round(steps * batch / seconds), "converged": None, "warnings": None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="64x256x5,64x256x8,128x1024x16,256x2048x16,512x4096x32")
+    ap.add_argument("--saelens-cases", default="64x256x8,128x1024x16",
+                    help="cases also trained by SAELens (its defaults cost 2M rows each)")
+    ap.add_argument("--rows", type=int, default=60000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-saelens", action="store_true")
+    args = ap.parse_args()
+    setup_env()
+    setup_logging()
+    import torch
+    logging.getLogger("tqdm").setLevel(logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    torch.set_num_threads(args.threads)
+    from mechray.testing import planted_dictionary
+
+    rows, meta = [], {"machine": machine(), "args": vars(args), "load_start": os.getloadavg()}
+    for case in args.cases.split(","):
+        d, f, k = map(int, case.split("x"))
+        dictionary, x = planted_dictionary(d, f, k, args.rows + 8192, seed=d + f + k)
+        train, aside = x[: args.rows].contiguous(), x[args.rows:]
+        with tempfile.TemporaryDirectory() as tmp:
+            store = write_store(Path(tmp) / "store", train)
+            load = os.getloadavg()[0]
+            m = run_mechray(store, Path(tmp) / "out", k, dictionary, aside)
+            t = m.pop("_train")
+            rows.append({"case": case, "variant": "mechray defaults", "load": load, **m})
+            log.info("%s", rows[-1])
+            if not args.no_saelens and case in args.saelens_cases.split(","):
+                load = os.getloadavg()[0]
+                rows.append({"case": case, "variant": "saelens defaults", "load": load,
+                             **run_saelens(train, k, dictionary, aside, 2_000_000, 4096, 3e-4)})
+                log.info("%s", rows[-1])
+                load = os.getloadavg()[0]
+                steps = t["steps"]
+                rows.append({"case": case, "variant": "saelens matched", "load": load,
+                             **run_saelens(train, k, dictionary, aside, steps * 1024, 1024,
+                                           t["lr"], t["warmup_steps"], steps // 5)})
+                log.info("%s", rows[-1])
+    cols = ["case", "variant", "ev", "l0", "dead", "recovered", "steps", "batch", "lr",
+            "seconds", "rows_per_s", "converged", "plateau_drop", "warnings", "load"]
+    print(table(rows, cols))
+    meta["load_end"] = os.getloadavg()
+    write_json("sae_vs_saelens", {**meta, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
