@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=60000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-saelens", action="store_true")
+    ap.add_argument("--no-saelens-defaults", action="store_true",
+                    help="skip SAELens at its defaults (2M rows per case: the slow part)")
     args = ap.parse_args()
     setup_env()
     setup_logging()
@@ -154,10 +156,12 @@ def main() -> None:
             rows.append({"case": case, "variant": "mechray defaults", "load": load, **m})
             log.info("%s", rows[-1])
             if not args.no_saelens and case in args.saelens_cases.split(","):
-                load = os.getloadavg()[0]
-                rows.append({"case": case, "variant": "saelens defaults", "load": load,
-                             **run_saelens(train, k, dictionary, aside, 2_000_000, 4096, 3e-4)})
-                log.info("%s", rows[-1])
+                if not args.no_saelens_defaults:
+                    load = os.getloadavg()[0]
+                    rows.append({"case": case, "variant": "saelens defaults", "load": load,
+                                 **run_saelens(train, k, dictionary, aside, 2_000_000, 4096,
+                                               3e-4)})
+                    log.info("%s", rows[-1])
                 load = os.getloadavg()[0]
                 steps = t["steps"]
                 rows.append({"case": case, "variant": "saelens matched", "load": load,
