@@ -214,7 +214,7 @@ class SAEAnalysis(Analysis):
         with tqdm(total=total, desc=f"sae {layer}", unit="step", leave=False,
                   disable=not sys.stderr.isatty()) as bar:
             for batch in itertools.islice(data.batches(None), total):
-                if trainer.n_steps == 0:
+                if trainer.n_steps == 0 and data.sample is not None:
                     sae.init_from_data(data.sample, p.normalize_input, p.b_dec_init)
                 step = trainer.n_steps
                 losses[step] = trainer.step(batch)
@@ -330,6 +330,8 @@ class SAEAnalysis(Analysis):
     def _splice(self, sae: SparseAutoencoder, ctx: Context, layer: str) -> dict[str, Any]:
         try:
             inputs = eval_inputs(ctx, self.params.splice_max_inputs)
+            if ctx.model is None:
+                raise Skip("no model to splice into")
             return splice_metrics(sae, ctx.model, layer, inputs)
         except Skip as exc:
             return {"skipped": True, "reason": f"splice: {exc}"}

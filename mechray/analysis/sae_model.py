@@ -289,7 +289,7 @@ class SAETrainer:
             group["lr"] = self._lr()
         self.opt.step()
         with torch.no_grad():
-            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
             fired = (z > 0).any(0)
             self.steps_since_fired += 1
             self.steps_since_fired[fired] = 0
