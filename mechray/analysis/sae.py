@@ -4,12 +4,18 @@ Usage::
 
     from mechray.analysis import get_analysis, Context
 
-    sae = get_analysis("sae", {"architecture": "topk", "expansion_factor": 8, "k": 32,
-                               "epochs": 2, "device": "auto"})
+    sae = get_analysis("sae", {"k": 32, "expansion_factor": 8})   # the rest is chosen for you
     result = sae.fit(Context(store=ShardStore("./mechint_cache"), out_dir=Path("results"),
                              model=model, eval_data=inputs), "popt")
-    result["explained_variance"], result["l0"], result["weights_path"]   # "sae/popt.safetensors"
+    result["explained_variance"], result["l0"], result["converged"], result["warnings"]
+    result["weights_path"]    # "sae/popt.safetensors"; result["saelens_path"]: "sae/saelens/popt"
     # later: mechray.analysis.sae_model.load_sae("results/sae/popt.safetensors").encode(x)
+    #        or sae_lens.SAE.load_from_disk("results/sae/saelens/popt")
+    get_analysis("sae", {"pretrained": "path/to/saelens_dir"}).fit(ctx, "popt")  # no training
+
+Budget, lr, schedule and the verdict (``converged``, ``warnings``):
+:mod:`mechray.analysis.sae_budget`.  Top-activating rows per latent (``top_activations``):
+:mod:`mechray.analysis.sae_examples`.
 
 Data: every shard is split once, deterministically from ``seed`` and its file name, into training
 rows and ``holdout_fraction`` held-out rows (at most ``max_eval_rows`` in all).  A layer whose
@@ -24,8 +30,10 @@ Result keys (held-out rows, raw activation units): ``mse`` (mean squared error p
 last ``dead_steps_threshold`` training steps), ``cosine_similarity`` (mean cos(x, x_hat)),
 ``l2_ratio`` (shrinkage: mean ||x_hat|| / ||x||), ``n_latents``, ``latent_log10_frequency`` (per
 latent, ``null`` when never active), ``latent_density_histogram``, ``train`` (steps, rows, loss
-curve, ...), ``splice`` (see :func:`splice_metrics`) and ``weights_path`` / ``config_path``
-(relative to ``ctx.out_dir``; ``None`` without one).  Formulas and file layout:
+curve, budget, ...; ``None`` for ``pretrained``), ``converged``, ``warnings``, ``trained``,
+``pretrained``, ``top_activations``, ``splice`` (see :func:`splice_metrics`) and
+``weights_path`` / ``config_path`` / ``saelens_path`` (relative to ``ctx.out_dir``; ``None``
+without one).  Formulas and file layout:
 :mod:`mechray.analysis.sae_model`.
 """
 
