@@ -17,7 +17,11 @@ Accepted, told apart by their first bytes:
   ``torch.save`` writes them) so the file cannot inflate beyond its size.
 - ``.safetensors`` (an 8-byte little-endian header length, then a JSON header).
 - ``.npy`` / ``.npz`` (``np.save`` / ``np.savez``), loaded with ``allow_pickle=False``; an
-  ``.npz`` may not inflate to more than :data:`NPZ_EXPANSION` times its size.
+  ``.npz`` may not inflate to more than ``header.NPZ_EXPANSION`` times its size.
+
+Before anything is loaded, the file's header is checked (:mod:`mechray.api.header`): at most
+``max_layers`` layers, dtypes in ``header.SUPPORTED_DTYPES`` (integers and bool become
+float32), dense layouts, no view larger than the values the file carries.
 
 A dict of layers (``{name: tensor}``, or a whole mechray shard ``{'activations': {...}}``) or a
 single tensor.  Rows are flattened as capture does: ``[..., d] -> [rows, d]``.  Raw pickles,
@@ -41,9 +45,9 @@ import numpy as np
 import torch
 
 from mechray.api.errors import ApiError
+from mechray.api.header import check_declared
 
 BARE = "upload"
-NPZ_EXPANSION = 4
 _ZIP, _NPY = b"PK\x03\x04", b"\x93NUMPY"
 _PATHLIKE = re.compile(r"[/\\\x00]|\.\.|^[.~]|^[A-Za-z]:")
 _FORMATS = ("a torch.save() .pt file, .safetensors, or np.save() .npy / np.savez() .npz")
@@ -109,6 +113,7 @@ def parse_upload(data: bytes, filename: Optional[str] = None, max_layers: int = 
                        f"{name} is not {_FORMATS} (the format is read from its bytes, not its "
                        f"name).{hint}")
     try:
+        check_declared(data, kind, name, max_layers)     # before any tensor is built
         obj = _LOADERS[kind](data)
     except ApiError:
         raise
@@ -124,14 +129,7 @@ def parse_upload(data: bytes, filename: Optional[str] = None, max_layers: int = 
 
 
 # --- loaders (no pickled code runs in any of them) -----------------------------------------------
-def _load_pt(data: bytes) -> Any:
-    archive = zipfile.ZipFile(io.BytesIO(data))
-    infos = archive.infolist()
-    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
-    if packed or sum(i.file_size for i in infos) > len(data):
-        raise ApiError(422, "unsafe_upload", "the .pt archive holds compressed entries "
-                       f"{packed[:3]}; torch.save never compresses, so it was not written by "
-                       "torch.save: re-save it with torch.save(tensors, path)")
+def _load_pt(data: bytes) -> Any:          # archive and header checked by check_declared
     return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
@@ -139,11 +137,7 @@ def _load_npy(data: bytes) -> Any:
     return torch.from_numpy(np.array(np.load(io.BytesIO(data), allow_pickle=False)))
 
 
-def _load_npz(data: bytes) -> Any:
-    archive = zipfile.ZipFile(io.BytesIO(data))
-    if sum(i.file_size for i in archive.infolist()) > NPZ_EXPANSION * len(data):
-        raise ApiError(422, "unsafe_upload", f"the .npz inflates to more than {NPZ_EXPANSION}x "
-                       "its size; upload it uncompressed (np.savez, not np.savez_compressed)")
+def _load_npz(data: bytes) -> Any:          # archive and headers checked by check_declared
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
 
@@ -196,6 +190,9 @@ def parse_params(text: Optional[str]) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise ApiError(422, "bad_params", "params nest too deeply to parse; analysis parameters "
+                       "are a flat JSON object such as '{\"top_k\": 5}'") from None
     except ValueError as exc:
         raise ApiError(422, "bad_params", f"params is not valid JSON ({exc}); send a JSON object "
                        "such as '{\"top_k\": 5}'") from None
