@@ -111,15 +111,21 @@ class MechIntConfig(BaseModel):
                                 "request is refused (422); run `mechray analyze` instead")
     api_max_memory_mb: float = Field(8192.0, gt=0, description="estimated peak memory over "
                                      "which a request is refused (422)")
+    api_max_answer_mb: float = Field(64.0, gt=0, description="estimated JSON answer size over "
+                                     "which a request is refused (422)")
     api_cache_entries: int = Field(256, ge=0, le=100_000, description="cached results (LRU)")
+    api_cache_mb: float = Field(256.0, ge=0, description="bytes the result cache holds at most")
     api_max_concurrent: int = Field(2, ge=1, le=256,
-                                    description="analyses computing at once per process/replica")
+                                    description="analyses computing, and uploads parsing, at once "
+                                                "per process/replica")
     api_job_workers: int = Field(1, ge=1, le=64, description="jobs running at once")
     api_max_pending_jobs: int = Field(16, ge=1, le=10_000,
                                       description="queued + running jobs before 429")
     api_job_ttl_s: float = Field(3600.0, gt=0, description="finished jobs are kept this long")
-    api_manifest_ttl_s: float = Field(5.0, ge=0, description="re-read the manifest at least "
-                                      "this often (local stores also on any change)")
+    api_manifest_ttl_s: float = Field(5.0, ge=0, description="S3 stores: list the manifests "
+                                      "at most this often to see whether they changed (the "
+                                      "manifest is parsed only when it did; local stores are "
+                                      "checked by mtime/size on every request)")
 
     # --- end of the api section ---------------------------------------------------------------
 

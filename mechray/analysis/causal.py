@@ -55,7 +55,8 @@ class InterventionParams(Params):
     n_inputs: int = Field(256, ge=1, le=1_000_000, description="eval inputs used")
     batch_size: int = Field(64, ge=1, le=65_536, description="eval inputs per forward pass")
     neuron_batch: int = Field(16, ge=1, le=4096, description="neurons per forward pass")
-    seed: Optional[int] = Field(None, ge=0, description="default: the context's seed")
+    seed: Optional[int] = Field(None, ge=0, le=2 ** 32 - 1,
+                                description="default: the context's seed")
 
     @model_validator(mode="after")
     def _loss(self):

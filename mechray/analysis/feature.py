@@ -53,7 +53,7 @@ class FeatureParams(Params):
     kmeans_epochs: int = Field(1, ge=1, le=20, description="passes over the shards for k-means")
     sample_size: int = Field(2000, ge=10, le=50000, description="rows sampled for silhouette")
     max_features: int = Field(8192, ge=1, le=65536, description="largest d for a d x d covariance")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2 ** 32 - 1, description="k-means and sampling seed")
 
 
 @register

@@ -59,12 +59,12 @@ class JobBoard:
                                f"{self.max_pending} jobs are already queued or running; poll "
                                "them and retry later (or raise api_max_pending_jobs)",
                                headers={"Retry-After": "5"})
-            job = {"job_id": uuid.uuid4().hex, "status": "queued", "analysis_type": analysis,
-                   "layer_name": layer, "created": time.time(), "started": None,
-                   "finished": None, "key": key, "body": None, "error": None}
-            job_id = str(job["job_id"])
-            self._jobs[job_id] = job
-            self._by_key[key] = job_id
+            job: dict[str, Any] = {
+                "job_id": uuid.uuid4().hex, "status": "queued", "analysis_type": analysis,
+                "layer_name": layer, "created": time.time(), "started": None,
+                "finished": None, "key": key, "body": None, "error": None}
+            self._jobs[job["job_id"]] = job
+            self._by_key[key] = job["job_id"]
         self._pool.submit(self._work, job, request)
         return self._accepted(job)
 

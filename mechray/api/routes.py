@@ -15,8 +15,9 @@ Usage (the seed's Pattern 4)::
     # curl -X POST http://localhost:8000/interpret/upload -F "file=@activations.pt" \
     #      -F "analysis_type=feature"
 
-Routes: ``GET /interpret/layers``, ``GET /interpret/shards``, ``POST /interpret``,
-``POST /interpret/upload``, ``GET /interpret/jobs/{job_id}``, ``GET /health`` and the dashboard
+Routes: ``GET /interpret/layers``, ``GET /interpret/shards?offset=0&limit=1000`` (paged),
+``POST /interpret``, ``POST /interpret/upload``, ``GET /interpret/jobs/{job_id}``, ``GET /health``
+(never parses the manifest) and the dashboard
 (``GET /interpret/dashboard``, and ``GET /`` when the app has no root route).  Long analyses
 (``config.api_job_analyses``, or estimated over ``api_job_cost``) answer ``202`` with a job id.
 
@@ -27,7 +28,10 @@ in a threadpool (off the event loop; through Ray tasks when Ray is initialised).
 Safety, enforced per route before the body is read: bearer auth when ``$MECHRAY_API_TOKEN`` (see
 ``config.api_token_env``) is set (401, constant-time compare), a body cap from the
 ``Content-Length`` header and while streaming (413: ``api_max_upload_mb`` for uploads,
-``api_max_json_kb`` otherwise).  Every error is JSON ``{"error", "message", ...}``.
+``api_max_json_kb`` otherwise).  Uploads are read and parsed at most ``api_max_concurrent`` at
+a time (429 after 30 s of waiting), their headers checked before any tensor is built (see
+:mod:`mechray.api.header`).  Every error is JSON ``{"error", "message", ...}``; a 5xx carries a
+``request_id`` and never a traceback, path or pid (those go to the server log under that id).
 
 A long-lived server should call ``gc.collect(); gc.freeze()`` once after start-up (Ray Serve
 replicas do): otherwise an occasional full collection over torch's objects stalls every
@@ -36,12 +40,15 @@ in-flight request for ~100 ms (see benchmarks/README.md, "Serve latency").
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
-from typing import Any, Optional
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Optional
 
-from fastapi import APIRouter, FastAPI, File, Form, Path, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
@@ -63,13 +70,19 @@ from mechray.api.schema import (
 )
 from mechray.config import MechIntConfig
 
+if TYPE_CHECKING:
+    from mechray.api.service import Answer
+
 log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD = 64 * 1024
-_ERRORS = {code: {"model": ErrorResponse, "description": what} for code, what in {
+SHARDS_PAGE, MAX_SHARDS_PAGE = 1000, 10_000
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse, "description": what} for code, what in {
     400: "malformed request body", 401: "missing or wrong bearer token",
     404: "unknown layer, job or store",
     413: "request body over the configured limit", 415: "upload format not accepted",
-    422: "invalid request or parameters", 429: "too many jobs queued"}.items()}
+    422: "invalid request or parameters", 429: "too many jobs queued or uploads parsing",
+    500: "a server bug (the body carries only a request id)",
+    503: "the store cannot be read, or a shard of it is corrupt"}.items()}
 _JSON = "application/json"
 
 
@@ -108,13 +121,13 @@ class LocalBackend:
     async def layers(self) -> bytes:
         return await run_in_threadpool(self.service.layers_json)
 
-    async def shards(self) -> bytes:
-        return await run_in_threadpool(self.service.shards_json)
+    async def shards(self, offset: int, limit: int) -> bytes:
+        return await run_in_threadpool(self.service.shards_json, offset, limit)
 
     async def health(self) -> dict[str, Any]:
         return {**await run_in_threadpool(self.service.health), "jobs_pending": self.jobs.pending()}
 
-    async def interpret(self, request: dict) -> tuple[str, Any]:
+    async def interpret(self, request: dict) -> Answer:
         return await run_in_threadpool(self.service.interpret, request)
 
     async def submit(self, key: str, request: dict) -> dict[str, Any]:
@@ -128,10 +141,11 @@ class LocalBackend:
 def add_routes(app: FastAPI, backend: Any, config: MechIntConfig, *, dashboard: bool = True
                ) -> None:
     """Install the API on ``app`` over ``backend`` (a :class:`LocalBackend` or Serve's)."""
-    from mechray.api.uploads import parse_params, parse_upload
+    from mechray.api.uploads import parse_params
     from mechray.version import __version__
 
     router = APIRouter(route_class=_route_class(config), tags=["mechray"])
+    parsing = ParseSlots(config.api_max_concurrent)
     bearer = [_bearer_doc()]
 
     @router.get("/interpret/layers", response_model=LayersResponse, responses=_ERRORS,
@@ -140,9 +154,12 @@ def add_routes(app: FastAPI, backend: Any, config: MechIntConfig, *, dashboard: 
         return Response(await backend.layers(), media_type=_JSON)
 
     @router.get("/interpret/shards", response_model=ShardsResponse, responses=_ERRORS,
-                dependencies=bearer, summary="The store's shards (from its manifest)")
-    async def interpret_shards() -> Response:
-        return Response(await backend.shards(), media_type=_JSON)
+                dependencies=bearer, summary="The store's shards (from its manifest), paged")
+    async def interpret_shards(
+            offset: int = Query(0, ge=0, le=10 ** 9, description="first shard of the page"),
+            limit: int = Query(SHARDS_PAGE, ge=1, le=MAX_SHARDS_PAGE,
+                               description="shards per page")) -> Response:
+        return Response(await backend.shards(offset, limit), media_type=_JSON)
 
     @router.post("/interpret", response_model=InterpretResponse, dependencies=bearer,
                  responses={**_ERRORS, 202: {"model": JobAccepted, "description": "queued job"}},
@@ -164,10 +181,11 @@ def add_routes(app: FastAPI, backend: Any, config: MechIntConfig, *, dashboard: 
             layer_name: Optional[str] = Form(None, max_length=256,
                                              description="analyse only this uploaded layer"),
     ) -> Response:
-        data = await file.read()
-        upload = await run_in_threadpool(parse_upload, data, file.filename)
+        spec = parse_params(params)
+        async with parsing:
+            upload = await run_in_threadpool(_read_upload, file)
         work = {"analysis_type": analysis_type, "layer_name": layer_name or None,
-                "params": parse_params(params), "upload": upload}
+                "params": spec, "upload": upload}
         return await _answer(backend, work, request)
 
     @router.get("/interpret/jobs/{job_id}", response_model=JobStatus, responses=_ERRORS,
@@ -175,7 +193,7 @@ def add_routes(app: FastAPI, backend: Any, config: MechIntConfig, *, dashboard: 
     async def interpret_job(job_id: str = Path(..., pattern=r"^[0-9a-f]{32}$")) -> Response:
         return Response(await backend.job(job_id), media_type=_JSON)
 
-    taken = {(r.path, m) for r in app.routes if isinstance(r, APIRoute) for m in r.methods}
+    taken = {(r.path, m) for r in app.routes if isinstance(r, APIRoute) for m in r.methods or ()}
     if ("/health", "GET") not in taken:
         @router.get("/health", response_model=HealthResponse, summary="Liveness and store state")
         async def health() -> dict[str, Any]:
@@ -191,11 +209,40 @@ def add_routes(app: FastAPI, backend: Any, config: MechIntConfig, *, dashboard: 
     app.include_router(router)
 
 
+def _read_upload(file: UploadFile):
+    from mechray.api.uploads import parse_upload
+
+    file.file.seek(0)
+    return parse_upload(file.file.read(), file.filename)
+
+
+class ParseSlots:
+    """At most ``n`` uploads read and parsed at once (their bodies wait spooled on disk); a
+    request that waits over ``wait_s`` gets 429 with Retry-After.  Polled from the event loop,
+    so waiting requests hold no threadpool thread."""
+
+    def __init__(self, n: int, wait_s: float = 30.0):
+        self._slots, self.wait_s = threading.BoundedSemaphore(n), wait_s
+
+    async def __aenter__(self) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while not self._slots.acquire(blocking=False):
+            if time.monotonic() > deadline:
+                raise ApiError(429, "too_many_uploads",
+                               f"uploads are being parsed at the limit (api_max_concurrent) for "
+                               f"over {self.wait_s:g} s; retry later",
+                               headers={"Retry-After": "5"})
+            await asyncio.sleep(0.02)
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._slots.release()
+
+
 async def _answer(backend: Any, work: dict, request: Request) -> Response:
-    status, value = await backend.interpret(work)
-    if status == "done":
-        return Response(value, media_type=_JSON)
-    accepted = await backend.submit(value, work)
+    answer = await backend.interpret(work)
+    if answer.result is not None:
+        return Response(answer.body(), media_type=_JSON)
+    accepted = await backend.submit(answer.job_key, work)
     accepted["poll"] = request.scope.get("root_path", "") + accepted["poll"]
     return JSONResponse(accepted, status_code=202, headers={"Location": accepted["poll"]})
 
@@ -244,11 +291,10 @@ def _route_class(config: MechIntConfig) -> type[APIRoute]:
                                        if upload else "UTF-8 JSON such as {\"analysis_type\": "
                                        "\"neuron\", \"layer_name\": \"popt\"}"))
                     return ApiError(exc.status_code, _CODES.get(exc.status_code, "http_error"),
-                                    message, headers=exc.headers).response()
-                except Exception as exc:  # a bug: still JSON, and logged with its traceback
-                    log.exception("mechray: %s %s failed", request.method, request.url.path)
-                    return ApiError(500, "internal_error", f"{type(exc).__name__}: {exc} "
-                                    "(a server bug; see the server log)").response()
+                                    message, headers=dict(exc.headers or {}) or None).response()
+                except Exception:  # a bug: JSON with a request id; the traceback is logged
+                    return ApiError.internal(f"{request.method} {request.url.path}",
+                                             log).response()
             return handler
     return MechrayRoute
 

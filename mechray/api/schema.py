@@ -64,6 +64,10 @@ class ShardInfo(BaseModel):
 class ShardsResponse(BaseModel):
     store: str
     manifest_version: str
+    total: int = Field(description="shards in the store")
+    offset: int = Field(description="index of this page's first shard")
+    limit: int = Field(description="shards per page")
+    next_offset: Optional[int] = Field(description="offset of the next page; null on the last")
     shards: list[ShardInfo]
 
 
@@ -115,7 +119,8 @@ class JobStatus(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok"]
     version: str
-    store_ready: bool = Field(description="the store's manifest could be read")
+    store_ready: bool = Field(description="the store has a manifest (checked without parsing "
+                                          "it: a damaged one answers 503 on the other routes)")
     ray: bool = Field(description="analyses fan out over Ray")
     jobs_pending: int
 
@@ -125,6 +130,8 @@ class ErrorResponse(BaseModel):
     message: str = Field(description="what was wrong and how to fix it")
     valid: Optional[list[str]] = Field(None, description="the valid values, when one was wrong")
     errors: Optional[list[dict[str, Any]]] = Field(None, description="per-field problems")
+    request_id: Optional[str] = Field(None, description="on a 5xx: the id the server logged "
+                                                        "the details under")
 
 
 JobStatus.model_rebuild()

@@ -150,6 +150,29 @@ def test_uploads_over_http(served, tmp_path):
     assert r.status_code == 413 and "api_max_upload_mb" in r.json()["message"]
 
 
+def test_hostile_inputs_over_serve_are_4xx_before_reaching_a_replica(served):
+    """float8 (a 500 carrying a RayTaskError before), sparse, quantized, expanded views, deep and
+    out-of-range params: 4xx from the ingress, naming what is supported; shards paged."""
+    client, _ = served
+    quantized = torch.quantize_per_tensor(torch.rand(4, 3), 0.1, 0, torch.quint8)
+    for obj, code in [(torch.zeros(4, 3).to(torch.float8_e4m3fn), "unsupported_dtype"),
+                      (torch.eye(3).to_sparse(), "unsupported_layout"),
+                      (quantized, "unsupported_layout"),
+                      (torch.zeros(1).expand(100_000, 10_000), "expanded_upload")]:
+        r = client.post("/interpret/upload", files={"file": ("x.pt", pt_bytes(obj))},
+                        data={"analysis_type": "neuron"})
+        assert r.status_code == 422 and r.json()["error"] == code, r.text
+        assert "Traceback" not in r.text and "site-packages" not in r.text
+    r = client.post("/interpret/upload", files={"file": ("x.pt", pt_bytes(torch.ones(4, 3)))},
+                    data={"analysis_type": "neuron", "params": "[" * 10_000 + "]" * 10_000})
+    assert r.status_code == 422 and r.json()["error"] == "bad_params", r.text
+    r = client.post("/interpret", json={"analysis_type": "feature", "layer_name": LAYER,
+                                        "params": {"seed": 10 ** 30}})
+    assert r.status_code == 422 and "seed" in r.json()["message"], r.text
+    page = client.get("/interpret/shards", params={"offset": 1, "limit": 1}).json()
+    assert page["total"] == 3 and len(page["shards"]) == 1 and page["next_offset"] == 2
+
+
 def test_errors_over_http_name_the_problem(served):
     client, _ = served
     r = client.post("/interpret", json={"analysis_type": "neuron", "layer_name": "popt2"})

@@ -1,0 +1,176 @@
+"""Turning a request into a :class:`Plan`: validated params, layers, cost checked, cache key.
+
+Usage::
+
+    from mechray.api.planner import Planner
+
+    planner = Planner(view, config, model_params=0)
+    plan = planner.plan({"analysis_type": "neuron", "layer_name": "popt", "params": {}})
+    plan.key, plan.cost.ops, plan.layers     # 4xx ApiError first if anything is wrong
+
+Every check runs here, before anything is computed: the analysis is registered, its params
+validate (bounded, nested at most :data:`MAX_PARAMS_DEPTH` deep, none that imports code), the
+layer exists (404 naming the valid ones), and the estimated operations, peak memory and answer
+size are under ``config.api_max_cost``, ``api_max_memory_mb`` and ``api_max_answer_mb``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from mechray.analysis.base import REGISTRY, AnalysisParamsError, get_analysis
+from mechray.api.cost import Workload, answer_bytes, estimate
+from mechray.api.errors import ApiError
+from mechray.api.store_view import LayerInfo, StoreView
+from mechray.api.uploads import Upload, check_layer_name
+from mechray.config import MechIntConfig
+
+CODE_PARAMS = ("loss_fn",)          # parameters that import code: refused over HTTP
+MAX_PARAMS_DEPTH = 32
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A request's cost: operations (all layers), peak bytes (one layer at a time) and the bytes
+    of its JSON answer (all layers)."""
+
+    ops: float
+    bytes: float
+    answer: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one request runs: the analysis on ``layers`` of the store or of an upload."""
+
+    analysis: str
+    params: dict[str, Any]              # the full validated parameters
+    layers: list[str]
+    layer: Optional[str]                # as requested (None: every layer of an upload)
+    upload: Optional[Upload]
+    source: str                         # the manifest version, or "upload:<sha256>"
+    cost: Estimate
+    key: str                            # the cache key: analysis, layers, params, source
+
+
+class Planner:
+    """Validates requests against the store view and the config; see the module docstring."""
+
+    def __init__(self, view: StoreView, config: MechIntConfig, model_params: int = 0):
+        self.view, self.config, self.model_params = view, config, model_params
+
+    def plan(self, request: dict[str, Any]) -> Plan:
+        analysis, upload = request["analysis_type"], request.get("upload")
+        spec = self.params(analysis, request.get("params") or {})
+        layer = request.get("layer_name")
+        if upload is not None:
+            source = f"upload:{upload.sha256}"
+            layers = self._upload_layers(upload, layer)
+            work = [Workload(len(upload.tensors[la]), upload.tensors[la].shape[1],
+                             len(upload.tensors[la])) for la in layers]
+        else:
+            info, source, n_layers = self._store_layer(layer)
+            work = [Workload(info.rows, info.features, info.shard_rows, len(info.steps),
+                             self.model_params, n_layers, self.config.eval_max_samples)]
+            layers = [check_layer_name(layer)]
+        costs = [estimate(analysis, spec, w) for w in work]
+        cost = Estimate(sum(c.ops for c in costs), max(c.bytes for c in costs),
+                        sum(answer_bytes(analysis, spec, w) for w in work))
+        self._check_cost(analysis, cost)
+        key = hashlib.sha256(json.dumps([analysis, layers, spec, source],
+                                        sort_keys=True).encode()).hexdigest()
+        return Plan(analysis, spec, layers, layer, upload, source, cost, key)
+
+    def params(self, analysis: str, params: Any) -> dict[str, Any]:
+        """The analysis's full validated params (422 naming the problem)."""
+        if not isinstance(params, dict):
+            raise ApiError(422, "bad_params", f"params must be a JSON object, got "
+                           f"{type(params).__name__}")
+        depth = nesting(params)
+        if depth > MAX_PARAMS_DEPTH:
+            raise ApiError(422, "bad_params", f"params nest {depth} levels deep; at most "
+                           f"{MAX_PARAMS_DEPTH} (analysis parameters are flat values)")
+        for name in CODE_PARAMS:
+            if params.get(name) is not None:
+                raise ApiError(422, "code_param_refused",
+                               f"params.{name}={str(params[name])[:80]!r} would import and run "
+                               "code on the server, which the HTTP API never does; use "
+                               "metric='mse' or 'kl', or run `mechray analyze` / "
+                               "EvalMechIntRunner locally with your loss function")
+        if params.get("metric") == "loss":
+            raise ApiError(422, "code_param_refused", "metric='loss' needs a loss_fn, which the "
+                           "HTTP API never imports; use metric='mse' or 'kl'")
+        try:
+            return get_analysis(analysis, params).params.model_dump(mode="json")
+        except KeyError as exc:
+            raise ApiError(422, "unknown_analysis", str(exc.args[0]),
+                           valid=sorted(REGISTRY)) from None
+        except AnalysisParamsError as exc:
+            raise ApiError(422, "bad_params", str(exc)) from None
+
+    def _store_layer(self, layer: Optional[str]) -> tuple[LayerInfo, str, int]:
+        """The layer's catalog entry, the manifest version and the number of captured layers."""
+        if layer is None:
+            raise ApiError(422, "missing_layer_name", "layer_name is required; GET "
+                           "/interpret/layers lists the captured layers")
+        check_layer_name(layer)
+        snap = self.view.snapshot()
+        info = snap.layers.get(layer)
+        if info is None:
+            close = difflib.get_close_matches(layer, list(snap.layers), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ApiError(404, "unknown_layer", f"layer {layer!r} is not in "
+                           f"{snap.store.location}{hint}; captured layers: {sorted(snap.layers)}",
+                           valid=sorted(snap.layers))
+        return info, snap.version, len(snap.layers)
+
+    def _upload_layers(self, upload: Upload, layer: Optional[str]) -> list[str]:
+        if layer is None:
+            return list(upload.tensors)
+        check_layer_name(layer)
+        if layer not in upload.tensors:
+            raise ApiError(404, "unknown_layer", f"layer {layer!r} is not in the uploaded file; "
+                           f"it holds {sorted(upload.tensors)}", valid=sorted(upload.tensors))
+        return [layer]
+
+    def _check_cost(self, analysis: str, cost: Estimate) -> None:
+        cfg = self.config
+        if cost.bytes > cfg.api_max_memory_mb * 2 ** 20:
+            raise ApiError(422, "too_expensive",
+                           f"{analysis} with these params needs about {cost.bytes / 2 ** 20:,.0f} "
+                           f"MiB, over api_max_memory_mb={cfg.api_max_memory_mb:g}; lower the "
+                           "sizes in params (latents, components, rows) or run `mechray analyze`")
+        if cost.ops > cfg.api_max_cost:
+            raise ApiError(422, "too_expensive",
+                           f"{analysis} with these params needs about {cost.ops:.2g} operations, "
+                           f"over api_max_cost={cfg.api_max_cost:.2g}; lower epochs/steps/rows "
+                           "in params or run `mechray analyze` offline")
+        if cost.answer > cfg.api_max_answer_mb * 2 ** 20:
+            raise ApiError(422, "too_expensive",
+                           f"{analysis}'s answer here would be about "
+                           f"{cost.answer / 2 ** 20:,.0f} MiB of JSON, over api_max_answer_mb="
+                           f"{cfg.api_max_answer_mb:g} (it grows with the features per row: "
+                           "a 1-D upload is one row of many features; upload [rows, features], "
+                           "or run `mechray analyze`, which writes results to files)")
+
+
+def nesting(value: Any) -> int:
+    """How deep dicts and lists nest in ``value`` (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            items = list(item.values())
+        elif isinstance(item, list):
+            items = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_PARAMS_DEPTH:
+            return deepest
+        stack.extend((x, depth + 1) for x in items)
+    return deepest

@@ -1,0 +1,217 @@
+"""A read-only view of the served store: its manifest parsed once per change, and its catalog.
+
+Usage::
+
+    from mechray.api.store_view import StoreView
+
+    view = StoreView("./mechint_cache", config)
+    snap = view.snapshot()          # Snapshot(store, version, layers, entries); 404/503 if none
+    snap.layers["popt"].rows        # per-layer catalog (LayerInfo), built once per version
+    view.layers_json()              # bytes of LayersResponse (cached per version)
+    view.shards_json(offset=0, limit=100)   # one page of ShardsResponse
+    view.ready()                    # for /health: never parses the manifest
+
+The manifest is parsed again only when it changed: on local disk when the directory's or the
+manifest's (mtime, size, inode) changed, on S3 when the listed manifests' ETags or sizes changed
+(listed at most every ``config.api_manifest_ttl_s`` seconds).  The version is a hash of the
+manifest's (file, checksum) pairs, so a new or replaced shard moves it.  A manifest that fails
+to parse after a good one keeps the good one served (logged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+from mechray.api.errors import ApiError
+from mechray.config import MechIntConfig
+from mechray.storage.reader import ShardStore
+
+log = logging.getLogger(__name__)
+_SHARD_KEYS = ("file", "step", "rank", "rows", "bytes", "s3_uri")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One captured layer, as ``GET /interpret/layers`` lists it (plus its largest shard)."""
+
+    feature_shape: list[int]
+    dtype: str
+    shards: int
+    rows: int
+    steps: list[int]
+    shard_rows: int                      # rows of its largest shard: what one task holds
+
+    @property
+    def features(self) -> int:
+        d = 1
+        for s in self.feature_shape:
+            d *= s
+        return d
+
+    def public(self) -> dict[str, Any]:
+        return {"feature_shape": self.feature_shape, "dtype": self.dtype, "shards": self.shards,
+                "rows": self.rows, "steps": self.steps}
+
+
+class Snapshot(NamedTuple):
+    """The store as of one manifest version."""
+
+    store: ShardStore
+    version: str
+    layers: dict[str, LayerInfo]
+    entries: list[dict[str, Any]]
+
+
+class StoreView:
+    """The served store; thread-safe; see the module docstring."""
+
+    def __init__(self, location: str, config: MechIntConfig):
+        self.location, self.config = str(location), config
+        self.is_s3 = self.location.startswith("s3://")
+        self._snap: Optional[Snapshot] = None
+        self._stamp: Any = None
+        self._listed = 0.0                              # S3: when the manifests were last listed
+        self._pages: dict[str, tuple[str, bytes]] = {}
+        self._lock = threading.Lock()
+
+    # --- the manifest ---------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """The current :class:`Snapshot`, re-read only when the manifest changed."""
+        with self._lock:
+            snap = self._snap
+            if snap is not None and self.is_s3 and \
+                    time.monotonic() - self._listed < self.config.api_manifest_ttl_s:
+                return snap
+            stamp = self._current_stamp()
+            if snap is not None and stamp == self._stamp:
+                return snap
+            try:
+                snap = self._read(snap)
+            except FileNotFoundError as exc:
+                if self._snap is None:
+                    raise ApiError(404, "no_store", str(exc)) from None
+                self._kept(exc)
+            except Exception as exc:  # S3 unreachable, a damaged manifest: the server's problem
+                if self._snap is None:
+                    raise _unreadable(self.location, exc) from None
+                self._kept(exc)
+            assert snap is not None                    # read now, or the previous one kept
+            self._stamp = stamp
+            self._snap = snap
+            return snap
+
+    def _read(self, snap: Optional[Snapshot]) -> Snapshot:
+        """Parse the manifest (opening the store the first time) and catalog a new version."""
+        if snap is None:
+            store = ShardStore(self.location, endpoint_url=self.config.endpoint_url,
+                               region=self.config.s3_region)
+        else:
+            store = snap.store
+            store.refresh()
+        version = manifest_version(store.manifest)
+        if snap is not None and version == snap.version:
+            return snap
+        entries = store.shards()
+        return Snapshot(store, version, _catalog(store, entries), entries)
+
+    def _kept(self, exc: BaseException) -> None:
+        log.warning("mechray: re-reading the manifest of %s failed (%s: %s); serving the "
+                    "previous one", self.location, type(exc).__name__, exc)
+
+    def _current_stamp(self) -> Any:
+        """What changes when the manifest does (never parses it)."""
+        if not self.is_s3:
+            root = Path(self.location).expanduser()
+            try:
+                d, m = root.stat(), (root / "manifest.json").stat()
+            except OSError:
+                return None
+            return (d.st_mtime_ns, m.st_mtime_ns, m.st_size, m.st_ino)
+        self._listed = time.monotonic()
+        try:
+            return tuple(_s3_manifests(self.location, self.config))
+        except Exception as exc:  # listing failed: treat as unchanged, say so
+            log.warning("mechray: listing the manifests of %s failed (%s)", self.location, exc)
+            return self._stamp
+
+    def ready(self) -> bool:
+        """Whether the store has a manifest to serve, without parsing it (for ``/health``)."""
+        if self._snap is not None:
+            return True
+        if not self.is_s3:
+            return (Path(self.location).expanduser() / "manifest.json").is_file()
+        try:
+            return bool(_s3_manifests(self.location, self.config))
+        except Exception:
+            return False
+
+    # --- responses -------------------------------------------------------------------------------
+    def layers_json(self) -> bytes:
+        snap = self.snapshot()
+        hit = self._pages.get("layers")
+        if hit is not None and hit[0] == snap.version:
+            return hit[1]
+        body = json.dumps({"store": snap.store.location, "manifest_version": snap.version,
+                           "layers": {n: i.public() for n, i in snap.layers.items()}}).encode()
+        self._pages["layers"] = (snap.version, body)
+        return body
+
+    def shards_json(self, offset: int = 0, limit: int = 1000) -> bytes:
+        """One page of the shard list: ``limit`` entries from ``offset`` (and the total)."""
+        snap = self.snapshot()
+        page = snap.entries[offset: offset + limit]
+        end = offset + len(page)
+        return json.dumps({
+            "store": snap.store.location, "manifest_version": snap.version,
+            "total": len(snap.entries), "offset": offset, "limit": limit,
+            "next_offset": end if end < len(snap.entries) else None,
+            "shards": [{k: e.get(k) for k in _SHARD_KEYS} | {"steps": e.get("steps", [e["step"]])}
+                       for e in page]}).encode()
+
+
+def _unreadable(location: str, exc: BaseException) -> ApiError:
+    rid = uuid.uuid4().hex[:12]
+    log.error("mechray: request %s: the store %s cannot be read: %s: %s", rid, location,
+              type(exc).__name__, exc)
+    return ApiError(503, "store_unreadable",
+                    f"the store cannot be read ({type(exc).__name__}); if its manifest is damaged, "
+                    f"run `mechray repair` on the store. Request id {rid} in the server log has "
+                    "the details", request_id=rid)
+
+
+def manifest_version(manifest: dict[str, Any]) -> str:
+    """A short hash of the manifest's (file, checksum) pairs: any new or changed shard moves it."""
+    pairs = sorted((e["file"], e["checksum"]) for e in manifest.get("shards", []))
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
+
+
+def _catalog(store: ShardStore, entries: list[dict[str, Any]]) -> dict[str, LayerInfo]:
+    largest: dict[str, int] = {}
+    for e in entries:
+        rows = e.get("rows")
+        if isinstance(rows, dict):
+            for name, n in rows.items():
+                largest[name] = max(largest.get(name, 0), n)
+    return {name: LayerInfo(list(info["feature_shape"]), info["dtype"], info["shards"],
+                            info["rows"], list(info["steps"]),
+                            largest.get(name, 0) or info["rows"])
+            for name, info in store.layers().items()}
+
+
+def _s3_manifests(location: str, config: MechIntConfig) -> list[tuple[str, str, int]]:
+    """(key, ETag, size) of the manifest objects of an S3 store (one list call)."""
+    from mechray.storage import s3
+
+    bucket, prefix = s3.parse_uri(location)
+    listed = s3.client(config.endpoint_url, config.s3_region).list_objects_v2(
+        Bucket=bucket, Prefix=s3.key_for(prefix, "manifest"))
+    return sorted((o["Key"], o.get("ETag", ""), o.get("Size", 0))
+                  for o in listed.get("Contents", []))

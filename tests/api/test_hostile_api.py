@@ -1,0 +1,382 @@
+"""Hostile and careless clients against the API (issue 13, defects 4-6, API side): checks before
+memory is spent, no 5xx for a client's input, no internals in a 5xx body, a corrupt store named
+with its repair command, a manifest parsed once per change, paged shards.
+
+Over real HTTP: the FastAPI mixin under uvicorn in a thread (``serve_in_thread``), and for the
+memory bounds a separate server process whose peak RSS (``VmHWM``) is read from /proc."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi import FastAPI
+from test_api import LAYERS, capture_store
+
+from mechray import FastAPIIntegrationMixin, MechIntConfig
+from mechray.api.header import SUPPORTED_DTYPES
+from mechray.api.routes import add_routes
+from mechray.storage.reader import ShardStore
+from mechray.testing import free_port, serve_in_thread
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pt_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def upload(client, data, analysis="neuron", **form):
+    return client.post("/interpret/upload", files={"file": ("x.pt", data)},
+                       data={"analysis_type": analysis, **form})
+
+
+def error(r, status, code, *words):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"] == code, body
+    for word in words:
+        assert word in body["message"], (word, body["message"])
+    return body
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hostile") / "store"
+    capture_store(path)
+    return path
+
+
+def serve_mixin(path, **fields):
+    config = MechIntConfig(sample_layers=LAYERS, storage_path=str(path), verbose=False, **fields)
+    mixin = FastAPIIntegrationMixin(None, config)
+    return mixin, mixin.add_routes(FastAPI())
+
+
+@pytest.fixture(scope="module")
+def api(store):
+    mixin, app = serve_mixin(store)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client, mixin
+    mixin.close()
+
+
+# --- defect 4: checks before memory -------------------------------------------------------------
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_hostile_uploads_are_refused_before_the_server_spends_memory(tmp_path):
+    """A 1.5 KB expanded view (4 GB dense), a 4 TB one, a 1-D upload of 10^6 values (a 600 MB
+    answer) and a 2,000-layer file: each a 4xx, and the server's peak RSS grows < 150 MB."""
+    port = free_port()
+    code = ("import sys, uvicorn; from fastapi import FastAPI; "
+            "from mechray import FastAPIIntegrationMixin, MechIntConfig; "
+            "m = FastAPIIntegrationMixin(None, MechIntConfig(sample_layers=['*'], "
+            "storage_path=sys.argv[1], verbose=False)); "
+            "uvicorn.run(m.add_routes(FastAPI()), host='127.0.0.1', port=int(sys.argv[2]), "
+            "log_level='warning')")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    server = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "none"), str(port)],
+                              env=env)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            deadline = time.time() + 60
+            while True:
+                try:
+                    client.get("/health")
+                    break
+                except httpx.TransportError:
+                    assert time.time() < deadline and server.poll() is None, "server did not start"
+                    time.sleep(0.2)
+            ok = upload(client, pt_bytes(torch.randn(64, 8)))     # warm: imports, one analysis
+            assert ok.status_code == 200, ok.text
+            before = _peak_rss(server.pid)
+            expanded = pt_bytes(torch.zeros(1).expand(100_000, 10_000))
+            assert len(expanded) < 2000
+            error(upload(client, expanded), 422, "expanded_upload", "[100000, 10000]")
+            error(upload(client, pt_bytes(torch.zeros(1).expand(10 ** 6, 10 ** 6))), 422,
+                  "expanded_upload")
+            error(upload(client, pt_bytes(torch.randn(10 ** 6))), 422, "too_expensive",
+                  "api_max_answer_mb")
+            many = pt_bytes({f"l{i}": torch.ones(1, 2) for i in range(2000)})
+            error(upload(client, many), 422, "too_many_layers")
+            grown = _peak_rss(server.pid) - before
+        assert grown < 150 * 2 ** 20, f"peak RSS grew {grown / 2 ** 20:.0f} MiB"
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_headers_are_checked_before_any_tensor_is_built(monkeypatch):
+    from mechray.api import uploads
+    from mechray.api.errors import ApiError
+
+    built = []
+    monkeypatch.setitem(uploads._LOADERS, "pt", lambda data: built.append(1))
+    cases = {
+        "expanded": (torch.zeros(1).expand(1000, 1000), "expanded_upload"),
+        "float8": (torch.zeros(4, 3).to(torch.float8_e4m3fn), "unsupported_dtype"),
+        "complex": (torch.zeros(4, 3, dtype=torch.complex64), "unsupported_dtype"),
+        "sparse": (torch.eye(3).to_sparse(), "unsupported_layout"),
+        "too many": ({f"l{i}": torch.ones(1, 2) for i in range(300)}, "too_many_layers"),
+    }
+    for what, (obj, code) in cases.items():
+        with pytest.raises(ApiError) as info:
+            uploads.parse_upload(pt_bytes(obj), "x.pt", max_layers=64)
+        assert info.value.status == 422 and info.value.code == code, (what, info.value)
+    assert not built                                  # nothing was loaded for any of them
+    lie = io.BytesIO()
+    np.save(lie, np.zeros((3, 4), np.float32))
+    lying = lie.getvalue().replace(b"(3, 4)", b"(999999999, 4)")
+    with pytest.raises(ApiError) as info:
+        uploads.parse_upload(lying, "x.npy")
+    assert info.value.code == "expanded_upload"
+
+
+def test_unsupported_dtypes_and_layouts_are_4xx_naming_the_supported_ones(api):
+    client, _ = api
+    quantized = torch.quantize_per_tensor(torch.rand(4, 3), 0.1, 0, torch.quint8)
+    from safetensors.torch import save as st_save
+
+    cases = [(pt_bytes(torch.zeros(4, 3).to(torch.float8_e5m2)), "unsupported_dtype"),
+             (st_save({"a": torch.zeros(4, 3).to(torch.float8_e4m3fn)}), "unsupported_dtype"),
+             (pt_bytes(quantized), "unsupported_layout"),
+             (pt_bytes({"a": torch.eye(4).to_sparse_csr()}), "unsupported_layout"),
+             (pt_bytes(torch.eye(4).to_sparse()), "unsupported_layout")]
+    for data, code in cases:
+        body = error(upload(client, data), 422, code)
+        named = SUPPORTED_DTYPES if code == "unsupported_dtype" else ("dense", "to_dense()")
+        assert all(n in body["message"] for n in named), body
+    ok = upload(client, pt_bytes(torch.ones(8, 3, dtype=torch.int8)))   # ints become float32
+    assert ok.status_code == 200 and ok.json()["results"]["upload"]["mean"] == [1.0] * 3
+
+
+# --- defect 6: no 500 for a client's input, no internals in a 5xx ---------------------------------
+def test_deep_params_and_out_of_range_params_are_422_and_never_run(api, monkeypatch):
+    client, mixin = api
+    deep = "[" * 10_000 + "]" * 10_000
+    error(upload(client, pt_bytes(torch.randn(16, 3)), params=deep), 422, "bad_params")
+    nested = {"a": 1}
+    for _ in range(100):
+        nested = {"a": nested}
+    error(upload(client, pt_bytes(torch.randn(16, 3)), params=json.dumps(nested)), 422,
+          "bad_params", "deep")
+    r = client.post("/interpret", json={"analysis_type": "neuron", "layer_name": "popt",
+                                        "params": nested})
+    error(r, 422, "bad_params", "deep")
+    ran, cached = [], len(mixin.service.cache)
+    monkeypatch.setattr(type(mixin.service), "_run", lambda self, plan: ran.append(plan))
+    big = str(10 ** 30)
+    error(upload(client, pt_bytes(torch.randn(16, 3)), "feature", params=f'{{"seed": {big}}}'),
+          422, "bad_params", "seed")
+    r = client.post("/interpret", json={"analysis_type": "feature", "layer_name": "popt",
+                                        "params": {"seed": 10 ** 30}})
+    error(r, 422, "bad_params", "seed")
+    assert not ran and len(mixin.service.cache) == cached
+
+
+def test_a_result_with_a_failure_inside_is_never_cached():
+    from mechray.api.result_cache import Result, ResultCache
+
+    cache = ResultCache(max_bytes=2 ** 20, max_entries=8)
+    failed = Result.of({"analysis_type": "x"}, "results", {"a": {"skipped": True, "error": "E"}},
+                       0.1)
+    assert cache.put("k", failed) is False and cache.get("k") is None
+    fine = Result.of({"analysis_type": "x"}, "result", {"mean": [1.0]}, 0.1)
+    assert cache.put("k", fine) and json.loads(cache.get("k").render(True)) == {
+        "analysis_type": "x", "result": {"mean": [1.0]}, "seconds": 0.1, "cached": True}
+
+
+class _BrokenBackend:
+    """A backend with a bug whose exception text holds what must never reach a client."""
+
+    async def layers(self):
+        raise RuntimeError("Traceback (most recent call last): File \"/srv/secret/app.py\", "
+                           "pid=4242, ActorID(abc123)")
+
+
+def test_a_5xx_carries_a_request_id_and_no_internals(caplog):
+    app = FastAPI()
+    add_routes(app, _BrokenBackend(), MechIntConfig(sample_layers=["*"], verbose=False))
+    with serve_in_thread(app) as url:
+        r = httpx.get(f"{url}/interpret/layers")
+    body = error(r, 500, "internal_error")
+    text = r.text
+    assert body["request_id"] and body["request_id"] in body["message"]
+    for secret in ("Traceback", "/srv/secret", "4242", "ActorID", "RuntimeError"):
+        assert secret not in text, (secret, text)
+    logged = "\n".join(rec.getMessage() + (rec.exc_text or "") for rec in caplog.records)
+    assert body["request_id"] in logged and "/srv/secret" in logged
+
+
+def test_a_corrupt_shard_is_503_store_corrupt_naming_the_file_and_the_repair(tmp_path):
+    path = tmp_path / "store"
+    capture_store(path)
+    shard = sorted(path.glob("activations_*.pt"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    mixin, app = serve_mixin(path)
+    try:
+        with serve_in_thread(app) as url:
+            r = httpx.post(f"{url}/interpret", json={"analysis_type": "neuron",
+                                                     "layer_name": "popt"}, timeout=60)
+    finally:
+        mixin.close()
+    body = error(r, 503, "store_corrupt", shard.name, "mechray repair")
+    assert str(tmp_path) not in r.text and "/" not in body["message"].replace(shard.name, "")
+    assert body["request_id"]
+
+
+@pytest.mark.parametrize("damage", ["entries without layers", "a list", "truncated"])
+def test_a_damaged_manifest_is_503_naming_the_repair_and_no_path(tmp_path, damage):
+    path = tmp_path / "store"
+    capture_store(path, steps=(0,))
+    manifest = path / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    if damage == "entries without layers":              # valid JSON, valid header, wrong shape
+        for entry in doc["shards"]:
+            del entry["layers"]
+        manifest.write_text(json.dumps(doc))
+    elif damage == "a list":
+        manifest.write_text("[]")
+    else:
+        manifest.write_text(manifest.read_text()[:40])
+    mixin, app = serve_mixin(path)
+    try:
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            for r in (client.get("/interpret/layers"),
+                      client.post("/interpret", json={"analysis_type": "neuron",
+                                                      "layer_name": "popt"})):
+                body = error(r, 503, "store_unreadable", "mechray repair")
+                assert str(tmp_path) not in r.text and body["request_id"]
+    finally:
+        mixin.close()
+
+
+# --- defect 5, API side: parse on change only, health without parsing, paged shards ---------------
+def test_the_manifest_is_parsed_only_when_it_changes(tmp_path, monkeypatch):
+    """With api_manifest_ttl_s=0 the old timer re-parsed it on every request; now layers, shards,
+    health and cached answers parse nothing until the manifest changes.  (Computing an analysis
+    still has the engine re-read the store it runs on.)"""
+    path = tmp_path / "store"
+    capture_store(path, steps=(0, 1))
+    parsed = []
+    refresh = ShardStore.refresh
+    monkeypatch.setattr(ShardStore, "refresh", lambda self: (parsed.append(1), refresh(self)))
+    mixin, app = serve_mixin(path, api_manifest_ttl_s=0)
+    neuron = {"analysis_type": "neuron", "layer_name": "popt"}
+    try:
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/health").json()["store_ready"] is True
+            assert parsed == []                                # /health parses nothing
+            first = client.get("/interpret/layers").json()
+            assert len(parsed) == 1
+            assert client.post("/interpret", json=neuron).json()["cached"] is False
+            parsed.clear()
+            for _ in range(5):
+                client.get("/health")
+                client.get("/interpret/layers")
+                client.get("/interpret/shards")
+                assert client.post("/interpret", json=neuron).json()["cached"] is True
+            assert parsed == []
+            capture_store(path, steps=(2,), seed=1)            # a new shard: the manifest changes
+            after = client.get("/interpret/layers").json()
+            assert len(parsed) == 1
+            assert after["manifest_version"] != first["manifest_version"]
+            assert after["layers"]["popt"]["steps"] == [0, 1, 2]
+            assert client.post("/interpret", json=neuron).json()["cached"] is False
+    finally:
+        mixin.close()
+
+
+def test_shards_are_paged(api):
+    client, _ = api
+    whole = client.get("/interpret/shards").json()
+    assert whole["total"] == 4 and len(whole["shards"]) == 4 and whole["next_offset"] is None
+    pages, offset = [], 0
+    while offset is not None:
+        page = client.get("/interpret/shards", params={"offset": offset, "limit": 3}).json()
+        assert page["total"] == 4 and page["limit"] == 3 and len(page["shards"]) <= 3
+        pages += page["shards"]
+        offset = page["next_offset"]
+    assert pages == whole["shards"]
+    error(client.get("/interpret/shards", params={"limit": 0}), 422, "invalid_request", "limit")
+    error(client.get("/interpret/shards", params={"limit": 10 ** 6}), 422, "invalid_request")
+
+
+def test_the_result_cache_is_bounded_in_bytes(store):
+    mixin, app = serve_mixin(store, api_cache_mb=0.004)         # ~4 KB: one neuron answer fits
+    try:
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            for top_k in (1, 2, 3, 4, 5):
+                r = client.post("/interpret", json={"analysis_type": "neuron",
+                                                    "layer_name": "popt",
+                                                    "params": {"top_k": top_k}})
+                assert r.status_code == 200, r.text
+                assert mixin.service.cache.nbytes <= 0.004 * 2 ** 20
+            assert 0 < len(mixin.service.cache) < 5
+    finally:
+        mixin.close()
+
+
+def test_a_bug_in_a_serve_replica_crosses_the_handle_as_a_request_id_only(caplog):
+    from mechray.api.errors import ApiError
+    from mechray.api.serve_app import _unwrap, _wrap
+
+    def compute():
+        raise RuntimeError("/srv/secret/model.py failed in pid 4242")
+
+    out = _wrap(compute)
+    with pytest.raises(ApiError) as info:
+        _unwrap(out)
+    body = info.value.body()
+    assert info.value.status == 500 and body["error"] == "internal_error" and body["request_id"]
+    assert "/srv/secret" not in json.dumps(body) and "4242" not in json.dumps(body)
+    assert any(body["request_id"] in rec.getMessage() for rec in caplog.records)
+
+
+def test_uploads_parse_under_a_concurrency_bound():
+    import asyncio
+
+    from mechray.api.errors import ApiError
+    from mechray.api.routes import ParseSlots
+
+    async def scenario():
+        slots, inside, most = ParseSlots(2, wait_s=5), 0, 0
+
+        async def parse():
+            nonlocal inside, most
+            async with slots:
+                inside += 1
+                most = max(most, inside)
+                await asyncio.sleep(0.05)
+                inside -= 1
+
+        await asyncio.gather(*(parse() for _ in range(8)))
+        assert most == 2
+        busy = ParseSlots(1, wait_s=0.1)
+        async with busy:
+            with pytest.raises(ApiError) as info:
+                async with busy:
+                    pass
+        assert info.value.status == 429 and info.value.headers["Retry-After"]
+
+    asyncio.run(scenario())
