@@ -99,11 +99,8 @@ class JobBoard:
             body, error = self._run(request), None
         except ApiError as exc:
             body, error = None, exc.body()
-        except Exception as exc:  # a bug: keep the board alive, say so in the job
-            log.exception("mechray: job %s failed", job["job_id"])
-            body, error = None, {"error": "internal_error",
-                                 "message": f"the analysis failed unexpectedly "
-                                            f"({type(exc).__name__}: {exc}); see the server log"}
+        except Exception:  # a bug: keep the board alive; the job says only the request id
+            body, error = None, ApiError.internal(f"job {job['job_id']}", log).body()
         with self._lock:
             job["body"], job["error"] = body, error
             job["status"] = "done" if error is None else "failed"

@@ -380,3 +380,24 @@ def test_uploads_parse_under_a_concurrency_bound():
         assert info.value.status == 429 and info.value.headers["Retry-After"]
 
     asyncio.run(scenario())
+
+
+def test_a_job_that_hits_a_bug_reports_a_request_id_only(caplog):
+    from mechray.api.jobs import JobBoard
+
+    def run(request):
+        raise RuntimeError("/srv/secret/sae.py exploded in pid 4242")
+
+    board = JobBoard(run, workers=1)
+    try:
+        job = board.submit("k", {}, analysis="sae")
+        deadline = time.time() + 10
+        while (status := json.loads(board.status(job["job_id"])))["status"] != "failed":
+            assert time.time() < deadline
+            time.sleep(0.02)
+    finally:
+        board.close()
+    error = status["error"]
+    assert error["error"] == "internal_error" and error["request_id"] in error["message"]
+    assert "/srv/secret" not in json.dumps(status) and "4242" not in json.dumps(status)
+    assert any(error["request_id"] in rec.getMessage() for rec in caplog.records)
