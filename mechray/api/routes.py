@@ -76,13 +76,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD = 64 * 1024
 SHARDS_PAGE, MAX_SHARDS_PAGE = 1000, 10_000
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse, "description": what} for code, what in {
-    400: "malformed request body", 401: "missing or wrong bearer token",
-    404: "unknown layer, job or store",
-    413: "request body over the configured limit", 415: "upload format not accepted",
-    422: "invalid request or parameters", 429: "too many jobs queued or uploads parsing",
-    500: "a server bug (the body carries only a request id)",
-    503: "the store cannot be read, or a shard of it is corrupt"}.items()}
+_WHEN = {400: "malformed request body", 401: "missing or wrong bearer token",
+         404: "unknown layer, job or store",
+         413: "request body over the configured limit", 415: "upload format not accepted",
+         422: "invalid request or parameters", 429: "too many jobs queued or uploads parsing",
+         500: "a server bug (the body carries only a request id)",
+         503: "the store cannot be read, or a shard of it is corrupt"}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": what} for code, what in _WHEN.items()}
 _JSON = "application/json"
 
 
