@@ -307,6 +307,49 @@ def test_the_manifest_is_parsed_only_when_it_changes(tmp_path, monkeypatch):
         mixin.close()
 
 
+def test_an_s3_manifest_is_parsed_only_when_its_etag_changes(s3_bucket, tmp_path, monkeypatch):
+    """On S3 the view lists the manifests (ETag, size) and parses only when they changed."""
+    from conftest import TinyNet
+
+    from mechray import ActivationSampler
+
+    monkeypatch.setenv("MECHRAY_CACHE_DIR", str(tmp_path / "cache"))
+    endpoint, bucket = s3_bucket
+    fields = dict(sample_layers=LAYERS, storage_backend="s3", s3_bucket=bucket, s3_prefix="exp",
+                  s3_endpoint_url=endpoint, storage_path=str(tmp_path / "spool"), verbose=False,
+                  use_ray=False)
+
+    def capture(steps):
+        net = TinyNet()
+        with ActivationSampler(config=MechIntConfig(**fields)).attach(net) as sampler:
+            for step in steps:
+                sampler.current_step = step
+                with torch.no_grad():
+                    net(torch.randn(3, 5, 6))
+                sampler.save_activations(step)
+
+    capture((0, 1))
+    parsed = []
+    refresh = ShardStore.refresh
+    monkeypatch.setattr(ShardStore, "refresh", lambda self: (parsed.append(1), refresh(self)))
+    mixin = FastAPIIntegrationMixin(None, MechIntConfig(**fields, api_manifest_ttl_s=0))
+    try:
+        with serve_in_thread(mixin.add_routes(FastAPI())) as url, \
+                httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/health").json()["store_ready"] is True and parsed == []
+            assert client.get("/interpret/layers").json()["layers"]["popt"]["shards"] == 2
+            parsed.clear()
+            for _ in range(4):
+                client.get("/interpret/layers")
+                client.get("/interpret/shards")
+            assert parsed == []
+            capture((2,))
+            assert client.get("/interpret/layers").json()["layers"]["popt"]["shards"] == 3
+            assert len(parsed) == 1
+    finally:
+        mixin.close()
+
+
 def test_shards_are_paged(api):
     client, _ = api
     whole = client.get("/interpret/shards").json()
