@@ -285,6 +285,10 @@ def _route_class(config: MechIntConfig) -> type[APIRoute]:
                     return invalid(exc).response()
                 except HTTPException as exc:
                     message = str(exc.detail)
+                    if isinstance(exc.__cause__, RecursionError):
+                        return ApiError(422, "invalid_request", "the JSON body nests too deeply "
+                                        "to parse; analysis parameters are a flat object such "
+                                        "as {\"top_k\": 5}").response()
                     if exc.status_code == 400 and exc.__cause__ is not None:
                         cause = exc.__cause__
                         message += (f" ({type(cause).__name__}: {str(cause)[:200]}); send "

@@ -181,6 +181,10 @@ def test_deep_params_and_out_of_range_params_are_422_and_never_run(api, monkeypa
     r = client.post("/interpret", json={"analysis_type": "neuron", "layer_name": "popt",
                                         "params": nested})
     error(r, 422, "bad_params", "deep")
+    body = '{"analysis_type": "neuron", "layer_name": "popt", "params": ' + \
+        '{"a": ' * 5000 + "1" + "}" * 5001                  # deeper than json can parse
+    r = client.post("/interpret", content=body, headers={"content-type": "application/json"})
+    error(r, 422, "invalid_request", "nests too deeply")
     ran, cached = [], len(mixin.service.cache)
     monkeypatch.setattr(type(mixin.service), "_run", lambda self, plan: ran.append(plan))
     big = str(10 ** 30)
