@@ -27,11 +27,45 @@ import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from mechray.api.errors import ApiError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One queued, running or finished request (changed only under the board's lock)."""
+
+    job_id: str
+    key: str
+    analysis_type: str
+    layer_name: Optional[str]
+    created: float
+    status: str = "queued"                      # queued | running | done | failed
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    body: Optional[bytes] = field(default=None, repr=False)   # the response, when done
+    error: Optional[dict[str, Any]] = None                    # an ErrorResponse, when failed
+
+    @property
+    def pending(self) -> bool:
+        return self.status in ("queued", "running")
+
+    def accepted(self) -> dict[str, Any]:
+        """The ``JobAccepted`` body."""
+        return {"job_id": self.job_id, "status": self.status,
+                "analysis_type": self.analysis_type, "layer_name": self.layer_name,
+                "poll": f"/interpret/jobs/{self.job_id}"}
+
+    def head(self) -> dict[str, Any]:
+        """The ``JobStatus`` body without its result."""
+        return {"job_id": self.job_id, "status": self.status,
+                "analysis_type": self.analysis_type, "layer_name": self.layer_name,
+                "created": self.created, "started": self.started, "finished": self.finished,
+                "error": self.error}
 
 
 class JobBoard:
@@ -42,7 +76,7 @@ class JobBoard:
         self._run = run
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mechray-job")
         self.max_pending, self.ttl_s, self.keep = max_pending, ttl_s, keep
-        self._jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._by_key: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -52,21 +86,18 @@ class JobBoard:
         with self._lock:
             self._expire()
             same = self._jobs.get(self._by_key.get(key, ""))
-            if same is not None and same["status"] != "failed":
-                return self._accepted(same)
+            if same is not None and same.status != "failed":
+                return same.accepted()
             if self.pending() >= self.max_pending:
                 raise ApiError(429, "too_many_jobs",
                                f"{self.max_pending} jobs are already queued or running; poll "
                                "them and retry later (or raise api_max_pending_jobs)",
                                headers={"Retry-After": "5"})
-            job: dict[str, Any] = {
-                "job_id": uuid.uuid4().hex, "status": "queued", "analysis_type": analysis,
-                "layer_name": layer, "created": time.time(), "started": None,
-                "finished": None, "key": key, "body": None, "error": None}
-            self._jobs[job["job_id"]] = job
-            self._by_key[key] = job["job_id"]
+            job = Job(uuid.uuid4().hex, key, analysis, layer, time.time())
+            self._jobs[job.job_id] = job
+            self._by_key[key] = job.job_id
         self._pool.submit(self._work, job, request)
-        return self._accepted(job)
+        return job.accepted()
 
     def status(self, job_id: str) -> bytes:
         """The job as ``JobStatus`` JSON; 404 naming the id when it is unknown or expired."""
@@ -77,46 +108,38 @@ class JobBoard:
                 raise ApiError(404, "unknown_job",
                                f"job {job_id!r} does not exist or expired (finished jobs are "
                                f"kept {self.ttl_s:g} s); submit the request again")
-            head = {k: job[k] for k in ("job_id", "status", "analysis_type", "layer_name",
-                                        "created", "started", "finished")}
-            head["error"] = job["error"]
-            body = job["body"]
+            head, body = job.head(), job.body
         if body is None:
             return json.dumps({**head, "result": None}).encode()
         return json.dumps(head).encode()[:-1] + b', "result": ' + body + b"}"
 
     def pending(self) -> int:
-        return sum(j["status"] in ("queued", "running") for j in self._jobs.values())
+        return sum(j.pending for j in self._jobs.values())
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------------------
-    def _work(self, job: dict, request: dict) -> None:
+    def _work(self, job: Job, request: dict) -> None:
         with self._lock:
-            job["status"], job["started"] = "running", time.time()
+            job.status, job.started = "running", time.time()
         try:
             body, error = self._run(request), None
         except ApiError as exc:
             body, error = None, exc.body()
         except Exception:  # a bug: keep the board alive; the job says only the request id
-            body, error = None, ApiError.internal(f"job {job['job_id']}", log).body()
+            body, error = None, ApiError.internal(f"job {job.job_id}", log).body()
         with self._lock:
-            job["body"], job["error"] = body, error
-            job["status"] = "done" if error is None else "failed"
-            job["finished"] = time.time()
-
-    def _accepted(self, job: dict) -> dict[str, Any]:
-        return {"job_id": job["job_id"], "status": job["status"],
-                "analysis_type": job["analysis_type"], "layer_name": job["layer_name"],
-                "poll": f"/interpret/jobs/{job['job_id']}"}
+            job.body, job.error = body, error
+            job.status = "done" if error is None else "failed"
+            job.finished = time.time()
 
     def _expire(self) -> None:
         now = time.time()
-        done = [j for j in self._jobs.values() if j["finished"] is not None]
-        old = {j["job_id"] for j in done if now - j["finished"] > self.ttl_s}
-        old |= {j["job_id"] for j in done[: max(0, len(done) - self.keep)]}
+        done = [j for j in self._jobs.values() if j.finished is not None]
+        old = {j.job_id for j in done if now - (j.finished or now) > self.ttl_s}
+        old |= {j.job_id for j in done[: max(0, len(done) - self.keep)]}
         for job_id in old:
             job = self._jobs.pop(job_id)
-            if self._by_key.get(job["key"]) == job_id:
-                del self._by_key[job["key"]]
+            if self._by_key.get(job.key) == job_id:
+                del self._by_key[job.key]
