@@ -20,9 +20,9 @@ header.  Refused before any memory is spent on them:
   ``unsupported_dtype``), a layout other than dense (sparse, quantized, nested:
   ``unsupported_layout``),
 - a view with more values than its storage carries (``torch.zeros(1).expand(10**5, 10**4)``:
-  ``expanded_upload``), or a storage whose declared size differs from the bytes in the file.
-
-So every accepted tensor, made dense and float, takes at most 4x the bytes the upload carries.
+  ``expanded_upload``), layers that together, made dense and float, would take more than
+  :data:`DENSE_FACTOR` times the upload's bytes (views sharing one storage), or a storage whose
+  declared size differs from the bytes in the file.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "
                        "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64",
                        "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64",
                        "BOOL": "bool"}
+DENSE_FACTOR = 4             # accepted layers, dense and float, take at most 4x the upload
 NPZ_EXPANSION = 4            # an .npz may inflate to at most this many times its size
 _EXTRA_TENSORS = 64          # a whole shard also holds inputs and the like beside its layers
 
@@ -66,6 +67,12 @@ class Declared:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes once contiguous; integer and bool values become float32."""
+        floating = self.dtype.startswith(("float", "bfloat"))
+        return self.numel * (_itemsize(self.dtype) if floating else 4)
+
 
 def check_declared(data: bytes, kind: str, name: str, max_layers: int) -> None:
     """Refuse (4xx) an upload whose header declares too many layers, an unsupported dtype or
@@ -79,9 +86,17 @@ def check_declared(data: bytes, kind: str, name: str, max_layers: int) -> None:
     if len(layers) > max_layers:
         raise ApiError(422, "too_many_layers", f"{name} holds {len(layers)} layers; at most "
                        f"{max_layers} per upload: split it")
+    dense = 0
     for layer, t in layers.items():
         if isinstance(t, Declared):
             _check(t, f"{name}: layer {str(layer)[:80]!r}")
+            dense += t.dense_bytes
+    if dense > DENSE_FACTOR * len(data) + 2 ** 20:
+        raise ApiError(422, "expanded_upload",
+                       f"{name}'s layers would take {dense / 2 ** 20:,.0f} MiB once made dense "
+                       f"and float, from a {len(data) / 2 ** 20:,.1f} MiB upload: they share "
+                       "their storage (views of one tensor); upload each layer's own values "
+                       "(.clone() them before saving)")
 
 
 def _check(t: Declared, where: str) -> None:

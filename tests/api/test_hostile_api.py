@@ -130,12 +130,14 @@ def test_headers_are_checked_before_any_tensor_is_built(monkeypatch):
 
     built = []
     monkeypatch.setitem(uploads._LOADERS, "pt", lambda data: built.append(1))
+    shared = torch.ones(1024, 1024, dtype=torch.int8)  # 1 MB; 60 float32 copies would be 240 MB
     cases = {
         "expanded": (torch.zeros(1).expand(1000, 1000), "expanded_upload"),
         "float8": (torch.zeros(4, 3).to(torch.float8_e4m3fn), "unsupported_dtype"),
         "complex": (torch.zeros(4, 3, dtype=torch.complex64), "unsupported_dtype"),
         "sparse": (torch.eye(3).to_sparse(), "unsupported_layout"),
         "too many": ({f"l{i}": torch.ones(1, 2) for i in range(300)}, "too_many_layers"),
+        "shared storage": ({f"l{i}": shared.t() for i in range(60)}, "expanded_upload"),
     }
     for what, (obj, code) in cases.items():
         with pytest.raises(ApiError) as info:
