@@ -45,7 +45,7 @@ from mechray.api.result_cache import Result, ResultCache
 from mechray.api.store_view import StoreView, manifest_version
 from mechray.api.upload_store import UploadStores
 from mechray.config import MechIntConfig
-from mechray.storage.reader import ShardError
+from mechray.errors import ShardError
 
 __all__ = ["Answer", "CODE_PARAMS", "Interpreter", "manifest_version"]
 log = logging.getLogger(__name__)
