@@ -109,3 +109,52 @@ def test_code_running_pickles_execute_nothing(tmp_path, monkeypatch, how):
         parse_upload(buf.getvalue(), filename="evil.pt")
     assert 400 <= info.value.status < 500
     assert not marker.exists()
+
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int64,
+           torch.uint8, torch.bool, torch.float8_e4m3fn, torch.complex64]
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.data())
+def test_header_checks_agree_with_what_torch_loads(data):
+    """Random dtypes, shapes and views (slices, transposes, broadcasts), saved as torch.save
+    and safetensors: refused (422) exactly when the dtype is unsupported or a view repeats
+    values; otherwise accepted with the very values that were saved."""
+    dtype = data.draw(st.sampled_from(_DTYPES))
+    shape = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=3))
+    base = (torch.rand(shape) * 10).to(dtype)
+    view = data.draw(st.sampled_from(["same", "slice", "transpose", "expand"]))
+    if view == "slice":
+        t = base[..., ::2]
+    elif view == "transpose":
+        t = base.transpose(0, -1)
+    elif view == "expand":
+        t = base.reshape(-1)[:1].expand(3, *shape)
+    else:
+        t = base
+    unsupported = dtype in (torch.float8_e4m3fn, torch.complex64)
+    repeats = view == "expand"
+    fmt = data.draw(st.sampled_from(["pt", "safetensors"]))
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        if repeats or dtype == torch.complex64:          # safetensors stores dense values only
+            return
+        blob = save({"a": t.contiguous()})
+    else:
+        buf = io.BytesIO()
+        torch.save({"a": t}, buf)
+        blob = buf.getvalue()
+    try:
+        up = parse_upload(blob, filename=f"x.{fmt}")
+    except ApiError as exc:
+        assert exc.status == 422, exc
+        assert unsupported or repeats, (dtype, view, fmt, exc)
+        assert exc.code == ("unsupported_dtype" if unsupported else "expanded_upload"), exc
+        return
+    assert not (unsupported or repeats), (dtype, view, fmt)
+    expect = t.reshape(-1, t.shape[-1])
+    got = up.tensors["a"]
+    assert got.shape == expect.shape
+    assert torch.equal(got, expect if expect.is_floating_point() else expect.to(torch.float32))
