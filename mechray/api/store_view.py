@@ -128,12 +128,16 @@ class StoreView:
 
     def _current_stamp(self) -> Any:
         """What changes when the manifest does (never parses it)."""
-        if not self.is_s3:
-            root = Path(self.location).expanduser()
+        if not self.is_s3:                    # the directory's mtime moves when a per-rank
+            root = Path(self.location).expanduser()        # manifest appears or is replaced
             try:
-                d, m = root.stat(), (root / "manifest.json").stat()
+                d = root.stat()
             except OSError:
                 return None
+            try:
+                m = (root / "manifest.json").stat()
+            except OSError:
+                return (d.st_mtime_ns, None)
             return (d.st_mtime_ns, m.st_mtime_ns, m.st_size, m.st_ino)
         self._listed = time.monotonic()
         try:
@@ -147,7 +151,10 @@ class StoreView:
         if self._snap is not None:
             return True
         if not self.is_s3:
-            return (Path(self.location).expanduser() / "manifest.json").is_file()
+            root = Path(self.location).expanduser()
+            if not root.is_dir():
+                return False
+            return (root / "manifest.json").is_file() or any(root.glob("manifest.rank*.json"))
         try:
             return bool(_s3_manifests(self.location, self.config))
         except Exception:

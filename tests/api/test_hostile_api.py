@@ -313,6 +313,26 @@ def test_the_manifest_is_parsed_only_when_it_changes(tmp_path, monkeypatch):
         mixin.close()
 
 
+def test_per_rank_manifests_alone_are_served_and_followed(tmp_path):
+    """A store with only per-rank partial manifests (no merged manifest.json yet): ready, and a
+    new rank's manifest is picked up."""
+    path = tmp_path / "store"
+    capture_store(path)
+    doc = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").rename(path / "manifest.rank000.json")
+    mixin, app = serve_mixin(path)
+    try:
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/health").json()["store_ready"] is True
+            assert client.get("/interpret/layers").json()["layers"]["popt"]["shards"] == 4
+            extra = dict(doc["shards"][0], file="activations_rank001_shard_000000_step_0.pt",
+                         rank=1)
+            (path / "manifest.rank001.json").write_text(json.dumps({**doc, "shards": [extra]}))
+            assert client.get("/interpret/layers").json()["layers"]["popt"]["shards"] == 5
+    finally:
+        mixin.close()
+
+
 def test_an_s3_manifest_is_parsed_only_when_its_etag_changes(s3_bucket, tmp_path, monkeypatch):
     """On S3 the view lists the manifests (ETag, size) and parses only when they changed."""
     from conftest import TinyNet
