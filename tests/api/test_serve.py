@@ -270,8 +270,8 @@ def test_the_deploy_serve_config_builds():
 
 
 def test_the_model_loads_from_a_checkpoint(tmp_path):
-    from mechray.demo.model import NeuroFMX
     from mechray.api.serve_app import _load_model
+    from mechray.demo.model import NeuroFMX
 
     torch.manual_seed(3)
     torch.save(NeuroFMX().state_dict(), tmp_path / "m.pt")
