@@ -12,7 +12,8 @@ Usage::
 Every 4xx the API sends is one of these, and so is every 5xx: :meth:`ApiError.internal` logs
 the exception under a request id and answers only that id, never a traceback, path or pid.
 It subclasses Starlette's ``HTTPException`` so it passes through FastAPI's body parsing
-unchanged (an oversize body stops the parser with 413).
+unchanged (an oversize body stops the parser with 413), and :class:`mechray.errors.MechrayError`
+so a caller of :func:`mechray.api.uploads.parse_upload` catches it with mechray's other errors.
 ``as_tuple``/``from_tuple`` carry it across a Ray Serve handle as plain data.
 """
 
@@ -25,8 +26,10 @@ from typing import Any, Optional
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
+from mechray.errors import MechrayError
 
-class ApiError(HTTPException):
+
+class ApiError(HTTPException, MechrayError):
     """An HTTP error whose JSON body says what was wrong and how to fix it."""
 
     def __init__(self, status: int, code: str, message: str, *,
