@@ -151,9 +151,13 @@ def test_uploads_over_http(served, tmp_path):
 
 
 def test_hostile_inputs_over_serve_are_4xx_before_reaching_a_replica(served):
-    """float8 (a 500 carrying a RayTaskError before), sparse, quantized, expanded views, deep and
-    out-of-range params: 4xx from the ingress, naming what is supported; shards paged."""
+    """float8 (a 500 carrying a RayTaskError before), sparse, quantized, expanded views, a 1-D
+    upload with a huge answer, deep and out-of-range params: 4xx from the ingress, naming what is
+    supported, with the ingress replicas' peak RSS (VmHWM) growing < 150 MB; shards paged."""
     client, _ = served
+    ingress = _processes_named("MechrayIngress")
+    assert ingress, "no ingress replica process found under this test's Ray"
+    before = {pid: _peak_rss(pid) for pid in ingress}
     quantized = torch.quantize_per_tensor(torch.rand(4, 3), 0.1, 0, torch.quint8)
     for obj, code in [(torch.zeros(4, 3).to(torch.float8_e4m3fn), "unsupported_dtype"),
                       (torch.eye(3).to_sparse(), "unsupported_layout"),
@@ -163,6 +167,12 @@ def test_hostile_inputs_over_serve_are_4xx_before_reaching_a_replica(served):
                         data={"analysis_type": "neuron"})
         assert r.status_code == 422 and r.json()["error"] == code, r.text
         assert "Traceback" not in r.text and "site-packages" not in r.text
+    r = client.post("/secure/interpret/upload", headers={"Authorization": f"Bearer {TOKEN}"},
+                    files={"file": ("x.pt", pt_bytes(torch.randn(10 ** 6)))},   # 4 MB: the
+                    data={"analysis_type": "neuron"})            # app at /secure allows 64 MB
+    assert r.status_code == 422 and r.json()["error"] == "too_expensive", r.text
+    grown = max(_peak_rss(pid) - before[pid] for pid in ingress)
+    assert grown < 150 * 2 ** 20, f"an ingress replica's peak RSS grew {grown / 2 ** 20:.0f} MiB"
     r = client.post("/interpret/upload", files={"file": ("x.pt", pt_bytes(torch.ones(4, 3)))},
                     data={"analysis_type": "neuron", "params": "[" * 10_000 + "]" * 10_000})
     assert r.status_code == 422 and r.json()["error"] == "bad_params", r.text
@@ -171,6 +181,35 @@ def test_hostile_inputs_over_serve_are_4xx_before_reaching_a_replica(served):
     assert r.status_code == 422 and "seed" in r.json()["message"], r.text
     page = client.get("/interpret/shards", params={"offset": 1, "limit": 1}).json()
     assert page["total"] == 3 and len(page["shards"]) == 1 and page["next_offset"] == 2
+
+
+def _processes_named(word: str) -> list[int]:
+    """Pids of this process's descendants (this test's Ray) whose command line holds ``word``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [os.getpid()]
+    while stack:
+        for pid in children.get(stack.pop(), []):
+            stack.append(pid)
+            try:
+                if word in Path(f"/proc/{pid}/cmdline").read_text():
+                    found.append(pid)
+            except OSError:
+                pass
+    return found
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
 
 
 def test_errors_over_http_name_the_problem(served):
