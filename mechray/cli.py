@@ -32,10 +32,17 @@ def cmd_ls(args) -> int:
     shards = store.shards()
     print(f"{store.location}: {len(shards)} shard(s), "
           f"{sum(e['bytes'] for e in shards) / 1e6:.2f} MB, steps {store.steps()}")
-    print(f"{'layer':32s} {'features':>12s} {'dtype':>9s} {'rows':>9s} {'shards':>7s}")
-    for name, info in store.layers().items():
+    print(f"{'layer':32s} {'features':>12s} {'dtype':>9s} {'rows':>9s} {'shards':>7s} "
+          f"{'dropped':>9s} {'tokens':>6s}")
+    layers = store.layers()
+    for name, info in layers.items():
         print(f"{name:32s} {str(info['feature_shape']):>12s} {info['dtype']:>9s} "
-              f"{info['rows']:9d} {info['shards']:7d}")
+              f"{info['rows']:9d} {info['shards']:7d} {info['dropped_rows']:9d} "
+              f"{'yes' if info['provenance_shards'] == info['shards'] else 'some' if info['provenance_shards'] else 'no':>6s}")
+    dropped = {n: i["dropped_rows"] for n, i in layers.items() if i["dropped_rows"]}
+    if dropped:
+        print(f"rows dropped by the cap: {dropped}; raise max_activations_per_shard (or set "
+              f"rows_per_step, or save more often) to keep them")
     if args.shards:
         for e in shards:
             print(f"  {e['file']}  rank={e['rank']} step={e['step']} bytes={e['bytes']} "

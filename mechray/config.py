@@ -75,6 +75,13 @@ class MechIntConfig(BaseModel):
     output_keys: dict[str, Union[int, str]] = Field(
         default_factory=dict, description="layer -> tuple index or dict key of the tensor to keep")
     save_inputs: bool = Field(False, description="store each sampled step's model input too")
+    mask_key: Optional[str] = Field(
+        "attention_mask", description="keyword argument (or batch key, for MechIntCallback) "
+                                      "holding the [batch, seq] mask of real tokens; only "
+                                      "those positions are stored. None: store every position")
+    token_ids_key: Optional[str] = Field(
+        "input_ids", description="keyword argument / batch key of the token ids stored with "
+                                 "each row (provenance, token contexts)")
     steps_per_shard: int = Field(
         1, description="sampled steps gathered into one shard by MechIntCallback (cut earlier "
                        "when max_activations_per_shard would be exceeded)")

@@ -59,6 +59,13 @@ class StorageFullError(MechrayError, OSError):
     exit_code = 4
 
 
+class ShardBuildError(MechrayError, ValueError):
+    """The rows captured for a shard do not fit together (not a disk or S3 problem); the
+    message names the layer and what to change in how the model is captured."""
+
+    exit_code = 2
+
+
 class ShardWriteError(MechrayError, RuntimeError):
     """One or more shards could not be made durable; ``failed`` names them."""
 
@@ -67,10 +74,13 @@ class ShardWriteError(MechrayError, RuntimeError):
     def __init__(self, failed: dict[str, BaseException]):
         self.failed = failed
         first_name, first_exc = next(iter(failed.items()))
+        hint = ("retrying cannot help: the captured tensors themselves do not fit together "
+                "(see above)" if isinstance(first_exc, ShardBuildError) else
+                "fix the cause (disk space, permissions, S3 credentials/endpoint) and call "
+                "retry_failed()")
         super().__init__(
             f"{len(failed)} shard(s) failed to write, first {first_name}: "
-            f"{type(first_exc).__name__}: {first_exc}. They are kept in memory: fix the cause "
-            f"(disk space, permissions, S3 credentials/endpoint) and call retry_failed()")
+            f"{type(first_exc).__name__}: {first_exc}. They are kept in memory: {hint}")
 
     def __reduce__(self):  # survives pickling across Ray (the default would re-call with a str)
         return (type(self), (self.failed,))

@@ -20,6 +20,12 @@ exception, everything handed off is flushed to durable storage.
 Under DDP every rank captures its own batch into rank-named shards; the callback's
 ``state_dict`` carries shard numbering across a resume so nothing is overwritten.
 
+Token models: when a batch is a dict (a tokenizer's output), its ``config.mask_key``
+(``attention_mask``) selects the positions stored and its ``config.token_ids_key``
+(``input_ids``) gives each row's token; for other batches pass ``tokens_fn=lambda batch:
+(mask, input_ids)`` (either may be ``None``).  At fit end the log line names any rows the
+``max_activations_per_shard`` cap dropped, per layer.
+
 ``probe_inputs`` (a tensor the model accepts) adds, after each sampled step, one eval-mode pass
 over that fixed batch saved as its own shard with its inputs: the same inputs at every saved
 step, which is what ``dynamics`` needs to compare representations across training.
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import pytorch_lightning as pl
 
@@ -46,10 +52,12 @@ log = logging.getLogger(__name__)
 class MechIntCallback(pl.Callback):
     """Captures activations of ``config.sample_layers`` during ``trainer.fit``."""
 
-    def __init__(self, config: MechIntConfig | dict[str, Any], probe_inputs: Any = None):
+    def __init__(self, config: MechIntConfig | dict[str, Any], probe_inputs: Any = None,
+                 tokens_fn: Optional[Callable[[Any], Any]] = None):
         super().__init__()
         self.config = MechIntConfig.coerce(config)
         self.probe_inputs = probe_inputs
+        self.tokens_fn = tokens_fn
         if probe_inputs is not None and self.config.steps_per_shard > 1:
             raise ValueError(f"probe_inputs needs steps_per_shard=1 (got "
                              f"{self.config.steps_per_shard}): probe shards hold one step each")
@@ -83,6 +91,22 @@ class MechIntCallback(pl.Callback):
             self.sampler.register_hooks(pl_module)
             self._capturing = step
             self._hook_seconds += time.perf_counter() - t0
+        if self._capturing is not None:
+            self._set_tokens(batch)
+
+    def _set_tokens(self, batch: Any) -> None:
+        """The mask and token ids of this batch: ``tokens_fn(batch)``, or the batch's keys."""
+        cfg, mask, ids = self.config, None, None
+        if self.tokens_fn is not None:
+            got = self.tokens_fn(batch)
+            mask, ids = got if isinstance(got, tuple) else (got, None)
+        elif isinstance(batch, Mapping):
+            mask = batch.get(cfg.mask_key) if cfg.mask_key else None
+            ids = batch.get(cfg.token_ids_key) if cfg.token_ids_key else None
+            if mask is None and ids is not None and cfg.mask_key:
+                log.debug("mechray: batch has %r but no %r; every position is stored",
+                          cfg.token_ids_key, cfg.mask_key)
+        self.sampler.set_tokens(mask, ids)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._capturing is not None and trainer.global_step != self._capturing:
@@ -132,6 +156,7 @@ class MechIntCallback(pl.Callback):
         t0 = time.perf_counter()
         if step is not None:
             self.sampler.remove_hooks()
+            self.sampler.clear_tokens()
             self._pending.append(step)
             self._step_rows = max(self.sampler.cached_rows.values(), default=0) - self._rows_before
         if self._pending and (force or len(self._pending) >= self.config.steps_per_shard):
@@ -155,7 +180,11 @@ class MechIntCallback(pl.Callback):
         try:
             sampler.register_hooks(pl_module, inputs=True)
             with torch.no_grad():
-                pl_module(self.probe_inputs.to(pl_module.device))
+                probe = self.probe_inputs
+                if isinstance(probe, Mapping):
+                    pl_module(**{k: v.to(pl_module.device) for k, v in probe.items()})
+                else:
+                    pl_module(probe.to(pl_module.device))
         finally:
             sampler.remove_hooks()
             pl_module.train(was_training)
@@ -187,7 +216,15 @@ class MechIntCallback(pl.Callback):
             trainer.strategy.barrier("mechray-manifest-merged")
         if self.config.verbose and trainer.is_global_zero:
             f = self.figures()
-            log.info("mechray: %d shard(s), %.1f MB captured on rank 0 into %s",
+            dropped = {k: v for k, v in self.sampler.rows_dropped.items() if v}
+            log.info("mechray: %d shard(s), %.1f MB captured on rank 0 into %s%s",
                      f["mechray/shards_written"], f["mechray/bytes_captured"] / 1e6,
-                     self.config.storage_path)
+                     self.config.storage_path,
+                     f"; rows DROPPED by max_activations_per_shard="
+                     f"{self.config.max_activations_per_shard}: {dropped} (raise it, set "
+                     f"rows_per_step, or lower save_hidden_every_n_steps/steps_per_shard to keep "
+                     f"them)" if dropped else "; no rows dropped")
+            if dropped:
+                log.warning("mechray: %d row(s) dropped by the max_activations_per_shard cap: %s",
+                            sum(dropped.values()), dropped)
 

@@ -22,6 +22,18 @@ it.  CPU tensors are copied; CUDA tensors are copied into pinned host memory on 
 an event is recorded, so the training thread never waits for the device.  Joining, serialising,
 hashing and uploading happen later on a writer.
 
+Token models: only real positions are stored.  The mask of a forward call is found in its
+keyword arguments (``config.mask_key``, default ``attention_mask``; token ids under
+``config.token_ids_key``, default ``input_ids``), so ``model(**tokenizer(texts, padding=True,
+return_tensors="pt"))`` needs nothing else; or give it around the forward::
+
+    with sampler.tokens(mask=enc["attention_mask"], input_ids=enc["input_ids"]):
+        model(enc["input_ids"], enc["attention_mask"])
+
+A hooked output ``[B, T, ..., d]`` then keeps the rows of real tokens only, and each stored row
+carries its example (index into the shard's ``examples`` table of token ids), position and token
+id (see :mod:`mechray.capture.tokens`); outputs ``[B, d]`` keep one row per example.
+
 Memory is bounded: per layer the cache keeps the **newest** ``max_activations_per_shard`` rows.
 When more arrive, whole older chunks are dropped (counted as ``dropped_rows`` in the shard's
 metadata) and the surplus of a partly dropped chunk is trimmed when the shard is written, so at
@@ -42,12 +54,12 @@ import torch
 from torch import nn
 
 from mechray.capture.layers import pick_tensor, resolve_layers
+from mechray.capture.tokens import TokenBatch, find_tokens
 from mechray.config import MechIntConfig
 from mechray.storage.shard import Chunk, PendingShard, shard_name
 from mechray.storage.transport import Transport, make_transport
 
 log = logging.getLogger(__name__)
-INPUTS = "__inputs__"
 
 
 class ActivationSampler:
@@ -80,7 +92,17 @@ class ActivationSampler:
         self._streams: dict[torch.device, Any] = {}
         self._transport: Optional[Transport] = None
         self._lock = threading.Lock()
+        self._explicit: Optional[TokenBatch] = None    # set by tokens()/set_tokens()
+        self._auto: Optional[TokenBatch] = None        # found in the running forward's kwargs
+        self._example0: dict[int, int] = {}            # id(batch) -> its first example index
+        self._examples: list[torch.Tensor] = []        # [B, T] int32 id tables, this shard
+        self._example_steps: list[int] = []
+        self._n_examples = 0
+        self._inputs: list[Any] = []                   # model inputs (save_inputs)
+        self._input_rows = 0
+        self._unmasked: set[str] = set()               # layers warned about a mask misfit
         self.rows_captured = 0
+        self.rows_dropped: dict[str, int] = {}   # per layer, over the sampler's life
         self.bytes_captured = 0
         self.capture_seconds = 0.0  # spent in hooks on the training thread
 
@@ -88,14 +110,18 @@ class ActivationSampler:
     def register_hooks(self, model: nn.Module, inputs: Optional[bool] = None) -> "ActivationSampler":
         """Hook every module ``sample_layers`` names (exact names or globs); fails fast on typos.
 
-        ``inputs`` (default ``config.save_inputs``) also captures the model's first input tensor.
+        ``inputs`` (default ``config.save_inputs``) also captures the model's inputs: its first
+        positional tensor, or its keyword tensors (``model(**enc)``).  With ``config.mask_key``
+        set, a mask among the forward's keyword arguments selects the real positions.
         """
         modules = resolve_layers(model, self.config.sample_layers)
         try:
             for name, module in modules.items():
                 self._handles.append(module.register_forward_hook(self._hook(name)))
-            if self.config.save_inputs if inputs is None else inputs:
-                self._handles.append(model.register_forward_pre_hook(self._input_hook))
+            save = self.config.save_inputs if inputs is None else inputs
+            if save or self.config.mask_key:
+                self._handles.append(model.register_forward_pre_hook(
+                    self._pre_hook(save), with_kwargs=True))  # each call resets the mask
         except BaseException:
             self.remove_hooks()
             raise
@@ -108,6 +134,7 @@ class ActivationSampler:
         """Remove every handle this sampler registered (idempotent)."""
         while self._handles:
             self._handles.pop().remove()
+        self._auto = None
 
     @property
     def hooked(self) -> bool:
@@ -142,33 +169,107 @@ class ActivationSampler:
                 self._add(name, tensor)
         return hook
 
-    def _input_hook(self, module: nn.Module, args: Any) -> None:
-        if self.enabled:
+    def _pre_hook(self, save: bool):
+        cfg = self.config
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not self.enabled:
+                return
+            if cfg.mask_key and self._explicit is None:
+                self._auto = find_tokens(args, kwargs, cfg.mask_key, cfg.token_ids_key)
+            if save:
+                self._add_inputs(args, kwargs)
+        return hook
+
+    # --- token masks ---------------------------------------------------------------------------
+    @contextmanager
+    def tokens(self, mask: Any = None, input_ids: Any = None) -> Iterator["ActivationSampler"]:
+        """``with sampler.tokens(mask=attention_mask, input_ids=ids): model(...)``: forward
+        calls inside store only the positions where ``mask`` is true, with their provenance."""
+        self.set_tokens(mask, input_ids)
+        try:
+            yield self
+        finally:
+            self.clear_tokens()
+
+    def set_tokens(self, mask: Any = None, input_ids: Any = None) -> None:
+        """The mask (``[batch, seq]``) and token ids of the next forward calls, until
+        :meth:`clear_tokens` (the Lightning callback sets them from each batch)."""
+        self._explicit = TokenBatch.of(mask, input_ids)
+
+    def clear_tokens(self) -> None:
+        self._explicit = None
+
+    def _example_offset(self, batch: TokenBatch) -> int:
+        """The index of ``batch``'s first example in this shard's examples table (with the lock
+        held; a batch is added to the table the first time one of its rows is captured)."""
+        key = id(batch)
+        if key not in self._example0:
+            self._example0 = {key: self._n_examples}   # only the running batch is remembered
+            self._examples.append(batch.ids_table())
+            self._example_steps.append(self.current_step)
+            self._n_examples += batch.size
+        return self._example0[key]
+
+    def _add_inputs(self, args: tuple, kwargs: dict) -> None:
+        """Keep the forward's inputs: keyword tensors as a dict, else the first positional."""
+        kw = {k: v.detach().cpu().clone() for k, v in kwargs.items()
+              if isinstance(v, torch.Tensor) and v.dim() >= 1}
+        if not kw and args and isinstance(args[0], dict):
+            kw = {k: v.detach().cpu().clone() for k, v in args[0].items()
+                  if isinstance(v, torch.Tensor) and v.dim() >= 1}
+        value: Any = kw or None
+        if value is None:
             tensor = pick_tensor(args, None)
-            if tensor is not None:
-                self._add(INPUTS, tensor, flatten=False)
+            if tensor is None:
+                return
+            value = tensor.detach().cpu().clone()
+            first = next((x for x in self._inputs if isinstance(x, torch.Tensor)), None)
+            if first is not None and first.shape[1:] != value.shape[1:]:
+                raise ValueError(
+                    f"save_inputs: this shard already holds model inputs of shape "
+                    f"{list(first.shape)} and the forward got {list(value.shape)}; positional "
+                    f"inputs of different lengths cannot share a shard. Call the model with "
+                    f"keyword inputs and a mask (model(**tokenizer(..., return_tensors='pt'))), "
+                    f"pad to one length, or save_activations after each batch")
+        with self._lock:
+            self._inputs.append(value)
+            self._input_rows += len(next(iter(value.values())) if isinstance(value, dict)
+                                    else value)
+            while len(self._inputs) > 1 and self._input_rows > self._cap:
+                old = self._inputs.pop(0)
+                self._input_rows -= len(next(iter(old.values())) if isinstance(old, dict) else old)
 
     # --- the cache -----------------------------------------------------------------------------
-    def _add(self, layer: str, tensor: torch.Tensor, flatten: bool = True) -> None:
+    def _add(self, layer: str, tensor: torch.Tensor) -> None:
         t0 = time.perf_counter()
         src = tensor.detach()
         shape = list(src.shape)
-        rows = src.reshape(-1, shape[-1] if shape else 1) if flatten else src.reshape(
-            (-1,) + tuple(shape[1:]) if shape else (1,))
+        batch = self._explicit or self._auto
+        picked = batch.select(src, 0) if batch is not None else None
+        if batch is not None and picked is None and layer not in self._unmasked:
+            self._unmasked.add(layer)
+            log.warning("mechray: %s outputs %s, which does not start with the mask's [batch, "
+                        "seq] %s: its rows are stored unmasked", layer, shape,
+                        list(batch.mask.shape))
+        rows = picked.rows if picked is not None else \
+            src.reshape(-1, shape[-1] if shape else 1)
         n = rows.shape[0]
         positions, start = None, 0
+        keep: Optional[torch.Tensor] = None
         k = self.config.rows_per_step
-        if flatten and k is not None and n > k:
-            idx = torch.from_numpy(np.sort(self._rng.choice(n, size=k, replace=False)))
+        if k is not None and n > k:
+            keep = torch.from_numpy(np.sort(self._rng.choice(n, size=k, replace=False)))
             if rows.is_cuda:  # a pinned index copies host->device without a sync
-                rows = rows.index_select(0, idx.pin_memory().to(rows.device, non_blocking=True))
+                rows = rows.index_select(0, keep.pin_memory().to(rows.device, non_blocking=True))
             else:
-                rows = rows.index_select(0, idx)
-            positions = idx
+                rows = rows.index_select(0, keep)
+            positions = keep
         elif n > self._cap:
             start = n - self._cap
             rows = rows[start:]
-        if flatten and rows.dtype != self._dtype and rows.is_floating_point():
+            keep = torch.arange(start, n)
+        if rows.dtype != self._dtype and rows.is_floating_point():
             rows = rows.to(self._dtype)
         if rows.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
             rows = rows.clone()  # snapshot: later in-place ops must not change captured rows
@@ -176,19 +277,27 @@ class ActivationSampler:
         if rows.is_cuda:
             self._to_host(chunk)
         with self._lock:
+            if picked is not None:
+                offset = self._example_offset(batch)
+                prov = (picked.example + offset, picked.position, picked.token)
+                if keep is not None:
+                    prov = tuple(p[keep] for p in prov)
+                chunk.example, chunk.position, chunk.token = prov
             cache = self._cache.setdefault(layer, deque())
             cache.append(chunk)
             total = self._cached_rows.get(layer, 0) + len(rows)
             info = self._info.setdefault(layer, {"source_shape": shape, "dropped_rows": 0})
             info["source_shape"] = shape
+            dropped = start
             while len(cache) > 1 and total - len(cache[0].rows) >= self._cap:
-                dropped = cache.popleft()
-                total -= len(dropped.rows)
-                info["dropped_rows"] += len(dropped.rows)
+                old = cache.popleft()
+                total -= len(old.rows)
+                dropped += len(old.rows)
+            info["dropped_rows"] += dropped
+            self.rows_dropped[layer] = self.rows_dropped.get(layer, 0) + dropped
             self._cached_rows[layer] = total
-        if layer != INPUTS:
-            self.rows_captured += len(rows)
-            self.bytes_captured += rows.numel() * rows.element_size()
+        self.rows_captured += len(rows)
+        self.bytes_captured += rows.numel() * rows.element_size()
         self.capture_seconds += time.perf_counter() - t0
 
     def _to_host(self, chunk: Chunk) -> None:
@@ -210,14 +319,29 @@ class ActivationSampler:
     def cached_rows(self) -> dict[str, int]:
         """Rows currently held per layer (at most ``max_activations_per_shard`` once written)."""
         with self._lock:
-            return {k: min(v, self._cap) for k, v in self._cached_rows.items() if k != INPUTS}
+            return {k: min(v, self._cap) for k, v in self._cached_rows.items()}
 
     def clear_cache(self) -> None:
         """Drop every cached row without writing it."""
         with self._lock:
-            self._cache.clear()
-            self._cached_rows.clear()
-            self._info.clear()
+            self._take()
+
+    def _take(self) -> tuple:
+        """With the lock held: everything cached for one shard, and an empty cache."""
+        chunks = {k: list(v) for k, v in self._cache.items() if v}
+        info = {k: dict(v) for k, v in self._info.items()}
+        for layer, total in self._cached_rows.items():  # the surplus the writer trims
+            if total > self._cap:
+                self.rows_dropped[layer] = self.rows_dropped.get(layer, 0) + total - self._cap
+        examples = (self._examples, self._example_steps)
+        inputs = self._inputs
+        self._cache.clear()
+        self._cached_rows.clear()
+        self._info.clear()
+        self._examples, self._example_steps, self._n_examples = [], [], 0
+        self._example0 = {}
+        self._inputs, self._input_rows = [], 0
+        return chunks, info, examples, inputs
 
     # --- hand-off ------------------------------------------------------------------------------
     @property
@@ -241,12 +365,7 @@ class ActivationSampler:
         if self._transport is not None:
             self._transport.check()  # a failed write stops us before more rows are handed off
         with self._lock:
-            chunks = {k: list(v) for k, v in self._cache.items() if v}
-            info = {k: dict(v) for k, v in self._info.items()}
-            self._cache.clear()
-            self._cached_rows.clear()
-            self._info.clear()
-        inputs = chunks.pop(INPUTS, [])
+            chunks, info, (examples, example_steps), inputs = self._take()
         if not chunks:
             if self.config.verbose:
                 log.warning("mechray: nothing captured before save_activations(%d); check that "
@@ -261,7 +380,8 @@ class ActivationSampler:
         transport.submit(PendingShard(name=name, index=index, step=int(global_step),
                                       rank=self.rank, world_size=self.world_size,
                                       max_rows=self._cap, chunks=chunks, layer_info=info,
-                                      inputs=inputs))
+                                      inputs=inputs, examples=examples,
+                                      example_steps=example_steps))
         return name
 
     @property

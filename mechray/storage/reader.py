@@ -94,15 +94,21 @@ class ShardStore:
         return [e for e in self.manifest["shards"] if layer is None or layer in e["layers"]]
 
     def layers(self) -> dict[str, dict[str, Any]]:
-        """Per layer: feature shape, dtype, shard count, total rows, steps."""
+        """Per layer: feature shape, dtype, shard count, total rows, steps, rows dropped by the
+        ``max_activations_per_shard`` cap, and how many shards carry token provenance."""
         out: dict[str, dict[str, Any]] = {}
         for e in self.manifest["shards"]:
+            dropped = e.get("dropped_rows") if isinstance(e.get("dropped_rows"), dict) else {}
+            prov = e.get("provenance") if isinstance(e.get("provenance"), list) else []
             for name, info in e["layers"].items():
                 d = out.setdefault(name, {"feature_shape": info["shape"][1:], "dtype": info["dtype"],
-                                          "shards": 0, "rows": 0, "steps": set()})
+                                          "shards": 0, "rows": 0, "steps": set(),
+                                          "dropped_rows": 0, "provenance_shards": 0})
                 d["shards"] += 1
                 d["rows"] += info["shape"][0]
                 d["steps"].update(e.get("steps", [e["step"]]))
+                d["dropped_rows"] += int(dropped.get(name, 0) or 0)
+                d["provenance_shards"] += name in prov
         for d in out.values():
             d["steps"] = sorted(d["steps"])
         return out

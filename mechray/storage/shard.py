@@ -11,9 +11,15 @@ Usage::
     payload = decode(data)                           # never runs pickled code
 
 A shard file holds ``{'activations': {layer: Tensor[rows, d]}, 'metadata': {...}}`` and, when
-inputs are captured, ``'inputs': Tensor[batch, ...]``.  Metadata says the step(s), the rank, and
+inputs are captured, ``'inputs'``: a ``Tensor[batch, ...]`` (positional inputs) or a dict of
+keyword tensors (``input_ids``, ``attention_mask``, ...; sequences of different lengths are
+right-padded with 0, which the mask marks as padding).  Metadata says the step(s), the rank, and
 for every layer ``row_steps[layer][i]`` (the step row ``i`` came from) and
-``row_positions[layer][i]`` (its index among the rows that forward call produced).
+``row_positions[layer][i]`` (its index among the rows that forward call produced, after the
+mask).  For token models (a mask was given, see :mod:`mechray.capture.tokens`), ``'examples'`` is an
+int32 ``[E, T]`` table of the token ids of every example in the shard (``-1``: padding), with
+``metadata['example_steps']``, and ``'provenance'[layer]`` holds int32 ``example`` (row of that
+table), ``position`` (in the sequence, ``-1`` for per-example rows) and ``token`` (id) per row.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from mechray.errors import ShardBuildError
 
 FORMAT = "mechray.shard/1"
 _NAME = re.compile(r"^activations_(?:rank(?P<rank>\d{3,})_)?shard_(?P<index>\d{6,})"
@@ -71,6 +79,9 @@ class Chunk:
     positions: Optional[torch.Tensor]  # None: rows are 0..n-1 of that call's output
     start: int = 0                   # first kept position when positions is None
     event: Any = None                # torch.cuda.Event of the device->host copy, or None
+    example: Optional[torch.Tensor] = None   # int32 provenance (token models), or None
+    position: Optional[torch.Tensor] = None
+    token: Optional[torch.Tensor] = None
 
     def ready(self) -> torch.Tensor:
         if self.event is not None:
@@ -91,12 +102,27 @@ class PendingShard:
     max_rows: int
     chunks: dict[str, list[Chunk]]
     layer_info: dict[str, dict[str, Any]]
-    inputs: list[Chunk] = field(default_factory=list)
+    inputs: list[Any] = field(default_factory=list)       # tensors, or dicts of tensors
+    examples: list[torch.Tensor] = field(default_factory=list)   # [B, T] int32 id tables
+    example_steps: list[int] = field(default_factory=list)
 
     def materialize(self) -> dict[str, Any]:
         """Wait for device copies, join chunks, keep the newest ``max_rows`` rows per layer."""
-        acts, row_steps, row_pos, layers = {}, {}, {}, {}
+        try:
+            return self._materialize()
+        except Exception as exc:
+            raise ShardBuildError(f"shard {self.name} could not be assembled from the captured "
+                                  f"rows ({type(exc).__name__}: {exc}); this is not a storage "
+                                  f"problem: the captured tensors do not fit together") from exc
+
+    def _materialize(self) -> dict[str, Any]:
+        acts, row_steps, row_pos, layers, prov = {}, {}, {}, {}, {}
         for layer, chunks in self.chunks.items():
+            widths = {tuple(c.rows.shape[1:]) for c in chunks}
+            if len(widths) > 1:
+                raise ValueError(f"layer {layer!r} produced rows of different feature shapes "
+                                 f"{sorted(widths)} in one shard; capture a layer whose last "
+                                 f"dimension is fixed, or pick the tensor with output_keys")
             rows = torch.cat([c.ready() for c in chunks]) if len(chunks) > 1 else chunks[0].ready()
             steps = torch.cat([torch.full((len(c.rows),), c.step if c.step >= 0 else self.step,
                                           dtype=torch.int64) for c in chunks])
@@ -108,6 +134,9 @@ class PendingShard:
                 rows, steps, pos = rows[extra:], steps[extra:], pos[extra:]
             acts[layer] = rows.contiguous()
             row_steps[layer], row_pos[layer] = steps, pos
+            if any(c.example is not None for c in chunks):
+                prov[layer] = {key: torch.cat([_companion(c, key) for c in chunks])[max(extra, 0):]
+                               for key in ("example", "position", "token")}
             info = dict(self.layer_info.get(layer, {}))
             info["dropped_rows"] = int(info.get("dropped_rows", 0)) + max(extra, 0)
             layers[layer] = {**info, "rows": len(rows), "shape": list(rows.shape),
@@ -124,8 +153,45 @@ class PendingShard:
             },
         }
         if self.inputs:
-            payload["inputs"] = torch.cat([c.ready() for c in self.inputs])
+            payload["inputs"] = join_inputs(self.inputs)
+        if prov:
+            width = max(t.shape[1] for t in self.examples)
+            payload["examples"] = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]),
+                                                                     value=-1)
+                                             for t in self.examples])
+            payload["metadata"]["example_steps"] = torch.tensor(
+                [s if s >= 0 else self.step for t, s in zip(self.examples, self.example_steps)
+                 for _ in range(len(t))], dtype=torch.int64)
+            payload["provenance"] = prov
         return payload
+
+
+def _companion(chunk: Chunk, key: str) -> torch.Tensor:
+    value = getattr(chunk, key)
+    return value if value is not None else torch.full((len(chunk.rows),), -1, dtype=torch.int32)
+
+
+def join_inputs(parts: list[Any]) -> Any:
+    """Model inputs of several forward calls as one: positional tensors concatenated, keyword
+    dicts concatenated per key with sequences right-padded with 0 to the longest."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)
+    if not all(isinstance(p, dict) for p in parts) or \
+            len({tuple(sorted(p)) for p in parts}) != 1:
+        raise ValueError("the model was called with different kinds of inputs within one shard "
+                         f"({[sorted(p) if isinstance(p, dict) else 'tensor' for p in parts]}); "
+                         "call it the same way for every batch, or set save_inputs=False")
+    out = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if len({v.shape[2:] for v in values}) != 1 or any(v.dim() < 1 for v in values):
+            raise ValueError(f"input {key!r} has shapes {[list(v.shape) for v in values]} in one "
+                             "shard; only the sequence dimension (dim 1) may vary")
+        width = max(v.shape[1] if v.dim() > 1 else 0 for v in values)
+        out[key] = torch.cat([torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) +
+                                                      (0, width - v.shape[1]))
+                              if v.dim() > 1 else v for v in values])
+    return out
 
 
 class _HashingWriter:
@@ -192,6 +258,10 @@ def entry_for(payload: dict[str, Any], nbytes: int, digest: str) -> dict[str, An
         "rows": {k: v["rows"] for k, v in meta["layers"].items()},
         "layers": {k: {"shape": v["shape"], "dtype": v["dtype"]} for k, v in meta["layers"].items()},
         "has_inputs": "inputs" in payload,
+        "provenance": sorted(payload.get("provenance", {})),
+        "examples": int(len(payload["examples"])) if "examples" in payload else 0,
+        "dropped_rows": {k: int(v.get("dropped_rows", 0)) for k, v in meta["layers"].items()
+                         if v.get("dropped_rows")},
         "bytes": nbytes, "checksum": digest, "s3_uri": None,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

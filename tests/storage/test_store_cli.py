@@ -25,7 +25,8 @@ def store_dir(tiny_net, tmp_path):
 def test_store_lists_layers_steps_and_shards(store_dir):
     store = ShardStore(store_dir)
     assert store.layers()["popt"] == {"feature_shape": [8], "dtype": "float32", "shards": 3,
-                                      "rows": 36, "steps": [0, 10, 20]}
+                                      "rows": 36, "steps": [0, 10, 20],
+                                      "dropped_rows": 0, "provenance_shards": 0}
     assert store.layers()["heads.decoder"]["feature_shape"] == [3]
     assert store.steps() == [0, 10, 20]
     assert [rows.shape[0] for _, rows in store.iter_layer("popt")] == [12, 12, 12]

