@@ -44,11 +44,12 @@ class Context:
 
     store: Any                                   # mechray.storage.reader.ShardStore (or None for uploads)
     model: Optional[torch.nn.Module] = None
-    eval_data: Optional[torch.Tensor] = None     # model inputs for causal / circuit
+    eval_data: Any = None                        # model inputs (see analysis.inputs.as_inputs)
     out_dir: Optional[Path] = None               # where weights / components files go
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # earlier analyses' results
     device: str = "cpu"
     seed: int = 0
+    progress: bool = False                       # bars inside long analyses (verbose runs)
 
 
 @dataclass(frozen=True)

@@ -29,16 +29,16 @@ import torch
 from pydantic import Field, model_validator
 
 from mechray.analysis.base import Analysis, Context, Cost, Params, Workload, register
+from mechray.analysis.inputs import ModelInputs
 from mechray.analysis.intervene import (
     LOSS_FN_PATTERN,
     Metric,
     can_stack,
     eval_inputs,
     eval_mode,
-    model_device,
+    forward,
     record_outputs,
     resolve_loss_fn,
-    run_model,
     sweep,
 )
 from mechray.analysis.render import plot_ranked, top_effects
@@ -79,17 +79,18 @@ def intervention_bytes(p: dict[str, Any], w: Workload) -> float:
     return float(w.model_params) * 4 * 4 + acts + float(w.shard_rows) * w.d * 8 * 3
 
 
-def prepare(ctx: Context, layer: str, x: torch.Tensor, params: InterventionParams
-            ) -> tuple[Metric, list[torch.Tensor], int]:
-    """The metric, eval inputs split into batches, and the layer width (checks the layer)."""
+def prepare(ctx: Context, layer: str, x: ModelInputs, params: InterventionParams,
+            pair: Optional[ModelInputs] = None) -> tuple[Metric, list[ModelInputs], int]:
+    """The metric, eval inputs split into batches (similar lengths together; ``pair``'s
+    batches follow, aligned), and the layer width (checks the layer)."""
     metric = Metric(params.metric, resolve_loss_fn(params.loss_fn, ctx)
                     if params.metric == "loss" else None)
     with torch.no_grad(), record_outputs(ctx.model, layer) as acts:
-        ctx.model(x[: min(len(x), params.batch_size)].to(model_device(ctx.model)))
+        x.select(slice(0, min(len(x), params.batch_size)))(ctx.model)
     if not acts:
         raise ValueError(f"layer {layer!r} did not run in the model's forward pass on eval_data; "
                          f"check that eval_data are inputs of this model")
-    return metric, list(torch.split(x, params.batch_size)), acts[0].shape[-1]
+    return metric, x.batches(params.batch_size, pair), acts[0].shape[-1]
 
 
 def ranked(neurons: torch.Tensor, effects: torch.Tensor, **extra: torch.Tensor
@@ -130,14 +131,15 @@ class Causal(Analysis):
                 rows = self._rows(ctx, layer, p, d)
             if source == "none" and rows is not None:
                 mean, var, source = rows.mean(0), rows.var(0, unbiased=False), "stored rows"
-            refs = [run_model(ctx.model, xb, len(xb)) for xb in xs]
+            refs = [forward(ctx.model, xb) for xb in xs]
             metric.reference(refs)
             batches = list(zip(xs, refs))
             fill = self._fill(p.method, mean, rows, d, seed)
             stack = p.neuron_batch if can_stack(ctx.model, layer, xs[0]) else 1
             neurons = torch.arange(d) if d <= p.top_n else \
                 torch.sort(torch.topk(var, p.top_n).indices).values
-            effects = sweep(ctx.model, layer, batches, fill, metric, neurons, stack)
+            label = f"causal {layer}" if ctx.progress else None
+            effects = sweep(ctx.model, layer, batches, fill, metric, neurons, stack, label)
             layer_effect = float(sweep(ctx.model, layer, batches, fill, metric, None)[0])
         log.info("mechray: causal %s: %d neurons, %s/%s, %.2fs", layer, len(neurons), p.method,
                  p.metric, time.perf_counter() - t0)
@@ -145,6 +147,7 @@ class Causal(Analysis):
             "ranked": ranked(neurons, effects),
             "method": p.method, "metric": p.metric, "layer_effect": layer_effect,
             "n_evaluated": len(neurons), "n_neurons": d, "n_inputs": len(x),
+            "masked": x.mask is not None, "neurons_per_pass": stack,
             "selection": "all" if d <= p.top_n else f"top {p.top_n} by variance",
             "stats_source": source, "seconds": round(time.perf_counter() - t0, 3),
         }

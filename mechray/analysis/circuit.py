@@ -43,13 +43,13 @@ from mechray.analysis.causal import (
     prepare,
     ranked,
 )
+from mechray.analysis.inputs import ModelInputs, as_inputs
 from mechray.analysis.intervene import (
     can_stack,
     edit_output,
     eval_inputs,
     eval_mode,
     find_module,
-    model_device,
     output_of,
     record_outputs,
     sweep,
@@ -93,13 +93,16 @@ class Circuit(Analysis):
         corrupt = corrupt_inputs(ctx, clean, p, seed)
         model = ctx.model
         with eval_mode(model):
-            metric, xs, d = prepare(ctx, layer, clean, p)
-            xr = list(torch.split(corrupt, p.batch_size))
+            metric, both, d = prepare(ctx, layer, clean, p, corrupt)
+            xs, xr = both[: len(both) // 2], both[len(both) // 2:]
             acts_c, refs = _record(model, layer, xs)
             acts_r, outs_r = _record(model, layer, xr)
             metric.reference(refs)
-            count = sum(metric.count(r) for r in refs)
-            mean_r = float(sum(metric.sums(o[None], r)[0] for o, r in zip(outs_r, refs)) / count)
+            masks = [x.mask for x in xs]     # real positions of the clean inputs are compared
+            xr = [_with_mask(r, m) for r, m in zip(xr, masks)]
+            count = sum(metric.count(r, m) for r, m in zip(refs, masks))
+            mean_r = float(sum(metric.sums(o[None], r, m)[0]
+                               for o, r, m in zip(outs_r, refs, masks)) / count)
             m_r = float(metric.finish(torch.tensor(mean_r)))
             if metric.negligible(m_r, refs):
                 raise Skip(f"corruption={p.corruption!r} does not change the {p.metric} metric "
@@ -108,6 +111,7 @@ class Circuit(Analysis):
             batches = list(zip(xr, refs))
             patch = lambda b, call, positions: _call(acts_c[b], call, layer)  # noqa: E731
             layer_m = float(sweep(model, layer, batches, patch, metric, None)[0])
+            label = f"circuit {layer}" if ctx.progress else None
             attr = _attribution(model, layer, batches, acts_c, acts_r, metric, mean_r, count, d)
             attr_effect = -attr / m_r
             stack = p.neuron_batch if can_stack(model, layer, xr[0]) else 1
@@ -115,7 +119,8 @@ class Circuit(Analysis):
                              seed)
             exact = torch.full((d,), float("nan"))
             if len(sample):
-                exact[sample] = 1 - sweep(model, layer, batches, patch, metric, sample, stack) / m_r
+                exact[sample] = 1 - sweep(model, layer, batches, patch, metric, sample, stack,
+                                          label) / m_r
             paths = _paths(ctx, model, layer, batches, acts_c, metric, m_r) if p.paths else {}
         effect = exact if p.method == "exact" else attr_effect
         entries = ranked(torch.arange(d), effect, attribution=attr_effect)
@@ -130,23 +135,24 @@ class Circuit(Analysis):
             "corruption": p.corruption, "corrupt_metric": m_r, "patched_metric": layer_m,
             "attribution_check": _check(attr_effect[sample], exact[sample], sample),
             "paths": paths, "n_neurons": d, "n_inputs": len(clean),
+            "masked": clean.mask is not None,
             "seconds": round(time.perf_counter() - t0, 3),
         }
 
 
-def corrupt_inputs(ctx: Context, clean: torch.Tensor, p: CircuitParams, seed: int
-                   ) -> torch.Tensor:
+def corrupt_inputs(ctx: Context, clean: ModelInputs, p: CircuitParams, seed: int
+                   ) -> ModelInputs:
     """The corrupted counterpart of every clean input."""
     gen = torch.Generator().manual_seed(seed)
     if p.corruption == "pairs":
         given = getattr(ctx, "corrupt_data", None)
-        if not isinstance(given, torch.Tensor):
-            raise Skip("corruption='pairs' needs ctx.corrupt_data, a tensor of corrupted inputs "
-                       "paired with eval_data")
-        given = given[: len(clean)]
-        if given.shape != clean.shape:
-            raise ValueError(f"ctx.corrupt_data has shape {list(given.shape)} but the clean "
-                             f"inputs have {list(clean.shape)}; give one corrupted input per clean")
+        if given is None:
+            raise Skip("corruption='pairs' needs ctx.corrupt_data, corrupted inputs (a tensor or "
+                       "a dict of tensors) paired with eval_data")
+        given = as_inputs(given, len(clean))
+        if given.shapes != clean.shapes:
+            raise ValueError(f"ctx.corrupt_data has shapes {given.shapes} but the clean "
+                             f"inputs have {clean.shapes}; give one corrupted input per clean")
         return given
     if p.corruption == "shuffle":
         if len(clean) < 2:
@@ -154,21 +160,28 @@ def corrupt_inputs(ctx: Context, clean: torch.Tensor, p: CircuitParams, seed: in
         perm = torch.randperm(len(clean), generator=gen)
         source = torch.empty_like(perm)
         source[perm] = perm.roll(-1)          # a derangement: no input is paired with itself
-        return clean[source]
-    if not clean.is_floating_point():
-        raise ValueError(f"corruption='noise' needs float inputs, eval_data is {clean.dtype}; "
+        return clean.select(source)
+    x = clean.tensor
+    if x is None or not x.is_floating_point():
+        raise ValueError(f"corruption='noise' needs one float input tensor, eval_data is "
+                         f"{x.dtype if x is not None else 'keyword inputs ' + str(clean.shapes)}; "
                          f"use corruption='shuffle' or 'pairs'")
-    noise = torch.randn(clean.shape, generator=gen, dtype=torch.float32).to(clean.dtype)
-    return clean + p.noise_scale * clean.float().std().to(clean.dtype) * noise
+    noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.dtype)
+    return ModelInputs(x + p.noise_scale * x.float().std().to(x.dtype) * noise)
 
 
-def _record(model, layer: str, xs: list[torch.Tensor]):
+def _with_mask(x: ModelInputs, mask) -> ModelInputs:
+    """``x`` run as is, but edited and compared at the clean batch's real positions."""
+    return ModelInputs(x.tensor, x.kwargs, x.mask_key, positions=mask) if mask is not None else x
+
+
+def _record(model, layer: str, xs: list[ModelInputs]):
     """Per batch: the layer's outputs (one per call) and the model's output."""
     acts, outs = [], []
     with torch.no_grad():
         for x in xs:
             with record_outputs(model, layer) as got:
-                outs.append(output_of(model(x.to(model_device(model)))).float())
+                outs.append(output_of(x(model)).float())
             acts.append(got)
     return acts, outs
 
@@ -184,7 +197,6 @@ def _attribution(model, layer, batches, acts_c, acts_r, metric, mean_r, count, d
     """Sum over positions of d metric / d activation (at the corrupt run) x (clean - corrupt)."""
     total = torch.zeros(d)
     scale = metric.finish_grad(mean_r) / count
-    device = model_device(model)
     for b, (x, ref) in enumerate(batches):
         leaves: list[torch.Tensor] = []
 
@@ -193,8 +205,8 @@ def _attribution(model, layer, batches, acts_c, acts_r, metric, mean_r, count, d
             return leaves[-1]
 
         with torch.enable_grad(), edit_output(model, layer, leaf):
-            y = output_of(model(x.to(device)))
-            m = metric.sums(y[None], ref.to(y.device))[0] * scale
+            y = output_of(x(model))
+            m = metric.sums(y[None], ref.to(y.device), x.mask)[0] * scale
             grads = torch.autograd.grad(m, leaves, allow_unused=True)
         for call, (g, a_r) in enumerate(zip(grads, acts_r[b])):
             if g is not None:
@@ -246,7 +258,6 @@ def _paths(ctx, model, sender, batches, acts_c, metric, m_r) -> dict[str, dict[s
     """Effect of ``sender`` mediated only by each later captured layer (exact path patching)."""
     receivers = _later_layers(ctx, model, sender, batches[0][0])
     out: dict[str, dict[str, float]] = {}
-    device = model_device(model)
     for r in receivers:
         through: list[list[torch.Tensor]] = []
         with torch.no_grad():
@@ -255,14 +266,14 @@ def _paths(ctx, model, sender, batches, acts_c, metric, m_r) -> dict[str, dict[s
                     return _call(acts_c[b], call, sender).reshape(t.shape)
 
                 with edit_output(model, sender, patch), record_outputs(model, r) as got:
-                    model(x.to(device))
+                    x(model)
                 through.append(got)
         fill = lambda b, call, positions: _call(through[b], call, r)  # noqa: E731
         out[r] = {"effect": 1 - float(sweep(model, r, batches, fill, metric, None)[0]) / m_r}
     return out
 
 
-def _later_layers(ctx, model, sender: str, x: torch.Tensor) -> list[str]:
+def _later_layers(ctx, model, sender: str, x: ModelInputs) -> list[str]:
     """Captured layers (other than ``sender``) whose first call comes after ``sender``'s."""
     if ctx.store is None:
         return []
@@ -278,7 +289,7 @@ def _later_layers(ctx, model, sender: str, x: torch.Tensor) -> list[str]:
             handles.append(module.register_forward_hook(
                 lambda m, i, o, n=n: order.append(n) if n not in order else None))
         with torch.no_grad():
-            model(x.to(model_device(model)))
+            x(model)
     finally:
         for h in handles:
             h.remove()

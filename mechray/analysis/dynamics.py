@@ -180,11 +180,14 @@ def _column(values: Any, n: int, default: Optional[int]) -> np.ndarray:
 def _inputs_key(payload: dict[str, Any]) -> Optional[str]:
     """A digest of a shard's stored inputs (``None`` without inputs): equal digest, same inputs."""
     inputs = payload.get("inputs")
-    if not isinstance(inputs, torch.Tensor):
+    parts = sorted(inputs.items()) if isinstance(inputs, dict) else [("", inputs)]
+    if not parts or not all(isinstance(t, torch.Tensor) for _, t in parts):
         return None
-    t = inputs.detach().contiguous()
-    h = hashlib.sha256(f"{t.dtype}{list(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h = hashlib.sha256()
+    for key, t in parts:                       # keyword inputs (model(**enc)): every key
+        t = t.detach().contiguous()
+        h.update(f"{key}{t.dtype}{list(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -159,7 +159,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     def run(self, names: list[str], params: Optional[dict[str, dict]] = None, *,
             layers: Optional[list[str]] = None, model: Optional[torch.nn.Module] = None,
-            eval_data: Optional[torch.Tensor] = None) -> dict[str, dict[str, dict[str, Any]]]:
+            eval_data: Any = None) -> dict[str, dict[str, dict[str, Any]]]:
         """Run ``names`` on ``layers`` (default: every captured layer); see the module docstring."""
         params = params or {}
         self.store.refresh()
@@ -255,7 +255,8 @@ class Engine:
         done = {n: dict(v) for n, v in results.items() if v}
         device = "cuda" if gpu and self.num_gpus else self.device
         return {"results": done, "seed": self.seed, "device": device, "strict": self.strict,
-                "collect_files": self.out_dir is not None}
+                "collect_files": self.out_dir is not None,
+                "progress": self.progress and not self.use_ray}
 
     def _put(self, value: Any) -> Any:
         """One object-store copy shared by many tasks (the value itself without Ray)."""
@@ -380,7 +381,8 @@ def _with_ctx(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_dat
     if device.startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"
     ctx = Context(store=store, model=model, eval_data=eval_data, out_dir=tmp,
-                  results=info["results"], device=device, seed=info["seed"])
+                  results=info["results"], device=device, seed=info["seed"],
+                  progress=info.get("progress", False))
     try:
         with model_lock(model):  # hooks of concurrent analyses on one model would interfere
             outcome = _guarded(lambda: body(spec.build(), ctx), spec, layer, info)

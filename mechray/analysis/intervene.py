@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from mechray.analysis.base import Skip
+from mechray.analysis.inputs import ModelInputs, as_inputs, stored_inputs
 from mechray.capture.layers import pick_tensor, resolve_layers
 
 log = logging.getLogger(__name__)
@@ -136,50 +137,49 @@ def output_of(out: Any) -> torch.Tensor:
     return t
 
 
-def run_model(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Outputs (first tensor) for ``x`` in batches under ``torch.no_grad()``, on the model's
-    device."""
-    device = model_device(model)
+def run_model(model: nn.Module, x: "torch.Tensor | ModelInputs", batch_size: int = 64
+              ) -> torch.Tensor:
+    """Outputs (first tensor) for ``x`` in consecutive batches under ``torch.no_grad()``, on the
+    model's device (``x`` a tensor or :class:`ModelInputs` of one sequence length)."""
+    x = x if isinstance(x, ModelInputs) else ModelInputs(x)
     with torch.no_grad():
-        return torch.cat([output_of(model(x[i:i + batch_size].to(device))).float()
+        return torch.cat([output_of(x.select(slice(i, i + batch_size))(model)).float()
                           for i in range(0, len(x), batch_size)])
 
 
-def repeat_batch(x: torch.Tensor, k: int) -> torch.Tensor:
-    """``[k * B, ...]``: ``k`` stacked copies of the batch (copy ``j`` is rows ``j*B:(j+1)*B``)."""
-    return x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
+def forward(model: nn.Module, x: ModelInputs) -> torch.Tensor:
+    """The model's output (first tensor, float) on one batch, without gradients."""
+    with torch.no_grad():
+        return output_of(x(model)).float()
 
 
-def eval_inputs(ctx: Any, n: int) -> torch.Tensor:
-    """Up to ``n`` model inputs: ``ctx.eval_data`` (tensor or DataLoader) or inputs saved with
-    the shards (``save_inputs=True``); raises :class:`Skip` naming what is missing."""
+def eval_inputs(ctx: Any, n: int) -> ModelInputs:
+    """Up to ``n`` model inputs: ``ctx.eval_data`` (anything :func:`as_inputs` takes) or inputs
+    saved with the shards (``save_inputs=True``); raises :class:`Skip` naming what is missing."""
     if ctx.model is None:
         raise Skip("no model: pass the model to EvalMechIntRunner(model, config)")
-    data = ctx.eval_data
-    if isinstance(data, torch.Tensor):
-        return data[:n]
-    parts, total = [], 0
-    if data is not None:                                  # a DataLoader or iterable of batches
-        for batch in data:
-            t = pick_tensor(batch, None)
-            if t is None:
-                raise TypeError(f"eval_data batch of type {type(batch).__name__} holds no tensor")
-            parts.append(t[: n - total])
-            total += len(parts[-1])
-            if total >= n:
-                break
-    elif ctx.store is not None:
-        for entry in ctx.store.shards():
-            if entry.get("has_inputs"):
-                t = ctx.store.load(entry)["inputs"]
-                parts.append(t[: n - total].clone())
-                total += len(parts[-1])
-                if total >= n:
-                    break
-    if not parts:
+    if ctx.eval_data is not None:
+        return as_inputs(ctx.eval_data, n)
+    x = stored_inputs(ctx.store, n) if ctx.store is not None else None
+    if x is None:
         raise Skip("no eval inputs: pass eval_data to run_mechint_eval(...), or capture with "
                    "save_inputs=True so shards hold the model inputs")
-    return torch.cat(parts)
+    return x
+
+
+def position_mask(t: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``mask`` (``[B, T]``) when ``t``'s leading dims are ``[..., B, T]`` (stacked copies
+    allowed: ``[K * B, T]`` or ``[K, B, T]``), reshaped to ``t``'s leading dims; else ``None``."""
+    if mask is None or t.dim() < 2:
+        return None
+    b, s = mask.shape
+    if tuple(t.shape[:2]) == (b, s):
+        return mask.to(t.device)
+    if t.dim() >= 2 and t.shape[1] == s and t.shape[0] % b == 0 and t.shape[0] > b:
+        return mask.to(t.device).repeat(t.shape[0] // b, 1)
+    if t.dim() >= 3 and tuple(t.shape[1:3]) == (b, s):
+        return mask.to(t.device).expand(t.shape[0], b, s)
+    return None
 
 
 def resolve_loss_fn(spec: Optional[str], ctx: Any) -> Optional[Callable]:
@@ -221,20 +221,32 @@ class Metric:
             self.ref_loss = total / sum(len(r) for r in refs)
         return self
 
-    def count(self, ref: torch.Tensor) -> int:
+    def count(self, ref: torch.Tensor, mask: Optional[torch.Tensor] = None) -> int:
+        """How many values ``sums`` adds up for ``ref`` (only real positions under ``mask``)."""
+        m = position_mask(ref, mask)
         if self.name == "mse":
-            return ref.numel()
+            return ref.numel() if m is None else int(m.sum()) * (ref[0, 0].numel())
         if self.name == "kl":
-            return ref.numel() // max(ref.shape[-1], 1)
+            return ref.numel() // max(ref.shape[-1], 1) if m is None else \
+                int(m.sum()) * (ref[0, 0].numel() // max(ref.shape[-1], 1))
         return len(ref)
 
-    def sums(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    def sums(self, out: torch.Tensor, ref: torch.Tensor,
+             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[K]`` sums for ``out`` ``[K, B, ...]`` against ``ref`` ``[B, ...]``; with a mask
+        ``[B, T]`` (the batch's ``attention_mask``) padded positions are not counted."""
         out, ref = out.float(), ref.float()
+        m = position_mask(ref, mask)
         if self.name == "mse":
-            return (out - ref).pow(2).flatten(1).sum(1)
+            sq = (out - ref).pow(2)
+            if m is not None:
+                sq = sq * m.reshape(*m.shape, *([1] * (ref.dim() - 2)))
+            return sq.flatten(1).sum(1)
         if self.name == "kl":
             logp_ref = ref.log_softmax(-1)
             kl = (logp_ref.exp() * (logp_ref - out.log_softmax(-1))).sum(-1)
+            if m is not None:
+                kl = kl * m.reshape(*m.shape, *([1] * (ref.dim() - 3)))
             return kl.flatten(1).sum(1)
         loss_fn = self.loss_fn
         assert loss_fn is not None  # make_metric refuses metric='loss' without one
@@ -258,9 +270,10 @@ class Metric:
             max(sum(r.numel() for r in refs), 1)
         return value <= 1e-10 * max(power, 1e-6)
 
-    def value(self, out: torch.Tensor, ref: torch.Tensor) -> float:
+    def value(self, out: torch.Tensor, ref: torch.Tensor,
+              mask: Optional[torch.Tensor] = None) -> float:
         """The change from ``ref`` to ``out`` (both ``[B, ...]``) on one batch."""
-        return float(self.finish(self.sums(out[None], ref)[0] / self.count(ref)))
+        return float(self.finish(self.sums(out[None], ref, mask)[0] / self.count(ref, mask)))
 
 
 def make_metric(name: str, loss_fn: Optional[Callable] = None) -> Metric:
@@ -270,10 +283,11 @@ def make_metric(name: str, loss_fn: Optional[Callable] = None) -> Metric:
 Fill = Callable[[int, int, int], torch.Tensor]   # (batch index, call index, positions) -> [P, d]
 
 
-def edit_neurons(t: torch.Tensor, neurons: Optional[torch.Tensor], values: torch.Tensor
-                 ) -> torch.Tensor:
+def edit_neurons(t: torch.Tensor, neurons: Optional[torch.Tensor], values: torch.Tensor,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A copy of ``t`` (``[K * B, ..., d]``) where stacked copy ``k`` has neuron ``neurons[k]``
-    set from ``values`` (``[P, d]`` per copy); ``neurons=None`` sets every neuron (K = 1)."""
+    set from ``values`` (``[P, d]`` per copy); ``neurons=None`` sets every neuron (K = 1).  With
+    ``mask`` (the batch's ``[B, T]``), padded positions keep their values."""
     d = t.shape[-1]
     k = 1 if neurons is None else len(neurons)
     flat = t.reshape(k, -1, d).clone()
@@ -283,55 +297,69 @@ def edit_neurons(t: torch.Tensor, neurons: Optional[torch.Tensor], values: torch
     else:
         idx = neurons.to(t.device)
         flat[torch.arange(k, device=t.device), :, idx] = values[:, idx].T
-    return flat.reshape(t.shape)
+    out = flat.reshape(t.shape)
+    m = position_mask(t, mask)
+    if m is not None:
+        out = torch.where(m.reshape(*m.shape, *([1] * (t.dim() - 2))), out, t)
+    return out
 
 
-def sweep(model: nn.Module, layer: str, batches: list[tuple[torch.Tensor, torch.Tensor]],
-          fill: Fill, metric: Metric, neurons: Optional[torch.Tensor] = None,
-          stack: int = 1) -> torch.Tensor:
+Batch = tuple[ModelInputs, torch.Tensor]   # (model inputs, clean reference output)
+
+
+def sweep(model: nn.Module, layer: str, batches: list[Batch], fill: Fill, metric: Metric,
+          neurons: Optional[torch.Tensor] = None, stack: int = 1,
+          progress: Optional[str] = None) -> torch.Tensor:
     """The metric for each neuron edited alone (``[len(neurons)]``), or for the whole layer
     edited (``neurons=None``, a 1-element tensor).
 
-    ``batches`` holds ``(model input, clean reference output)`` pairs; each run edits the layer's
-    output with ``fill`` and compares the model output with the reference.  ``stack`` neurons
-    share one forward pass by stacking copies of the batch (only where :func:`can_stack`).
+    ``batches`` holds ``(model inputs, clean reference output)`` pairs; each run edits the
+    layer's output with ``fill`` (real positions only, when the inputs carry a mask) and
+    compares the model output with the reference at real positions.  ``stack`` neurons share
+    one forward pass by stacking copies of the batch (only where :func:`can_stack`).
+    ``progress`` (a label) shows a bar over the forward passes.
     """
+    from tqdm.auto import tqdm
+
     groups = [None] if neurons is None else list(torch.split(neurons, max(stack, 1)))
-    device = model_device(model)
     out = []
-    with torch.no_grad():
+    bar = tqdm(total=len(groups) * len(batches), desc=progress, unit="pass", leave=False,
+               disable=progress is None)
+    with torch.no_grad(), bar:
         for group in groups:
             k = 1 if group is None else len(group)
             total = torch.zeros(k)
             count = 0
             for b, (x, ref) in enumerate(batches):
-                def fn(t: torch.Tensor, call: int, b=b, group=group) -> torch.Tensor:
+                mask = x.mask
+
+                def fn(t: torch.Tensor, call: int, b=b, group=group, mask=mask) -> torch.Tensor:
                     positions = t.numel() // (t.shape[-1] * k)
-                    return edit_neurons(t, group, fill(b, call, positions))
+                    return edit_neurons(t, group, fill(b, call, positions), mask)
 
                 with edit_output(model, layer, fn):
-                    y = output_of(model(repeat_batch(x, k).to(device)))
-                total += metric.sums(y.reshape(k, *ref.shape), ref.to(y.device)).cpu()
-                count += metric.count(ref)
+                    y = output_of(x.repeat(k)(model))
+                total += metric.sums(y.reshape(k, *ref.shape), ref.to(y.device), mask).cpu()
+                count += metric.count(ref, mask)
+                bar.update(1)
             out.append(metric.finish(total / max(count, 1)))
     return torch.cat(out)
 
 
-def can_stack(model: nn.Module, layer: str, x: torch.Tensor) -> bool:
+def can_stack(model: nn.Module, layer: str, x: ModelInputs) -> bool:
     """Whether stacking copies of a batch is sound here: the layer's outputs and the model's
     output keep the batch in dim 0, and rows do not mix (a batch's outputs equal its rows run
     one at a time), so each stacked copy sees only its own edit."""
     n = min(len(x), 4)
     if n < 2:
         return False
-    device = model_device(model)
-    x = x[:n].to(device)
+    x = x.select(slice(0, n))
     with torch.no_grad():
         with record_outputs(model, layer) as acts:
-            y = output_of(model(x))
+            y = output_of(x(model))
         if y.shape[:1] != (n,) or not acts or any(a.shape[:1] != (n,) for a in acts):
             return False
-        alone = [output_of(model(x[i:i + 1])) for i in range(n)]
+        alone = [output_of(x.select(slice(i, i + 1))(model)) for i in range(n)]
     ok = all(a.shape == y[i:i + 1].shape for i, a in enumerate(alone)) and torch.allclose(
         torch.cat(alone).float(), y.float(), rtol=1e-4, atol=1e-5)
     if not ok:

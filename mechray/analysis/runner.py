@@ -7,7 +7,7 @@ Usage (the seed's Pattern 3)::
     runner = EvalMechIntRunner(model, config)
     results = runner.run_mechint_eval(checkpoint_path="./model.pt",        # optional
                                       hidden_shards_path="./mechint_cache", # or s3://bucket/prefix
-                                      eval_data=inputs)                     # tensor or DataLoader
+                                      eval_data=inputs)    # tensor, tokenizer output, DataLoader
     results["neuron"]["popt"]["mean"]          # {analysis: {layer: result}}
     runner.export_results("./results")         # mechint_results.json, mechint_report.md, *.png
 
@@ -17,7 +17,11 @@ checkpoint may be a Lightning checkpoint (its ``state_dict``) or a plain ``state
 read with ``torch.load(weights_only=True)``, never unpickling code.  The shards default to
 ``config.storage_path`` (or ``s3://{s3_bucket}/{s3_prefix}`` for the S3 backend).  Model inputs
 for ``causal``/``circuit``/``sae`` splicing come from ``eval_data``, else from inputs stored with
-the shards (``save_inputs=True``, newest step first), at most ``config.eval_max_samples``.
+the shards (``save_inputs=True``, newest step first), at most ``config.eval_max_samples``;
+``eval_data`` is anything :func:`mechray.analysis.inputs.as_inputs` takes (a tensor, a dict of
+tensors such as ``tokenizer(texts, padding=True, return_tensors="pt")``, a list of either, or a
+DataLoader); dicts are passed as ``model(**batch)`` and their ``attention_mask`` keeps padding
+out of every intervention and metric.
 Artifacts (PCA components, SAE weights) are written to ``out_dir`` (a temporary directory by
 default) and copied by :meth:`export_results`.
 """
@@ -34,6 +38,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from mechray.analysis.inputs import MASK_KEY, as_inputs, stored_inputs
 from mechray.config import MechIntConfig
 from mechray.storage.reader import ShardStore
 
@@ -72,8 +77,8 @@ class EvalMechIntRunner:
         store = ShardStore(location, endpoint_url=cfg.endpoint_url, region=cfg.s3_region)
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="mechint-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        inputs = as_tensor(eval_data, cfg.eval_max_samples) if eval_data is not None else \
-            stored_inputs(store, cfg.eval_max_samples)
+        inputs = as_inputs(eval_data, cfg.eval_max_samples, cfg.mask_key or MASK_KEY) \
+            if eval_data is not None else stored_inputs(store, cfg.eval_max_samples)
         t0 = time.time()
         engine = Engine(store, out_dir=self.out_dir, use_ray=cfg.use_ray,
                         num_cpus=cfg.analysis_num_cpus, num_gpus=cfg.analysis_num_gpus,
@@ -90,7 +95,7 @@ class EvalMechIntRunner:
                                                            "shards", "steps")}
                        for name in (layers or cfg.analysis_layers or info)},
             "checkpoint": str(checkpoint_path) if checkpoint_path else None,
-            "eval_inputs": None if inputs is None else list(inputs.shape),
+            "eval_inputs": None if inputs is None else inputs.shapes,
             "eval_inputs_source": "eval_data" if eval_data is not None else
             ("stored inputs" if inputs is not None else None),
             "analysis_params": cfg.analysis_params, "used_ray": engine.use_ray,
@@ -156,45 +161,6 @@ def load_checkpoint(model: torch.nn.Module, path: Union[str, Path]) -> None:
                          "with the same architecture the checkpoint was saved from")
     model.load_state_dict(state)
     log.info("mechray: loaded %d tensors from %s", len(state), path)
-
-
-def as_tensor(data: Any, max_samples: int) -> torch.Tensor:
-    """``eval_data`` as one tensor: a tensor, or the inputs of a DataLoader's batches."""
-    if isinstance(data, torch.Tensor):
-        return data[:max_samples]
-    parts: list[torch.Tensor] = []
-    total = 0
-    for batch in data:
-        x = batch
-        while isinstance(x, (list, tuple)) and x:
-            x = x[0]
-        if isinstance(x, dict):
-            x = next((v for v in x.values() if isinstance(v, torch.Tensor)), None)
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"eval_data yields {type(batch).__name__} batches without a tensor; "
-                            "pass a tensor of model inputs or a DataLoader of (inputs, ...)")
-        parts.append(x)
-        total += len(x)
-        if total >= max_samples:
-            break
-    if not parts:
-        raise ValueError("eval_data is empty; pass a tensor or a non-empty DataLoader")
-    return torch.cat(parts)[:max_samples]
-
-
-def stored_inputs(store: ShardStore, max_samples: int) -> Optional[torch.Tensor]:
-    """Model inputs saved with the shards (newest step first), or ``None`` when none were."""
-    entries = [e for e in store.shards() if e.get("has_inputs")]
-    parts: list[torch.Tensor] = []
-    total = 0
-    for entry in sorted(entries, key=lambda e: (-e["step"], e["file"])):
-        x = store.load(entry).get("inputs")
-        if isinstance(x, torch.Tensor) and (not parts or x.shape[1:] == parts[0].shape[1:]):
-            parts.append(x.clone())
-            total += len(x)
-        if total >= max_samples:
-            break
-    return torch.cat(parts)[:max_samples] if parts else None
 
 
 def json_safe(value: Any) -> Any:

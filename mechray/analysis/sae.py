@@ -63,12 +63,15 @@ from mechray.analysis.base import (
     Workload,
     register,
 )
+from mechray.analysis.inputs import as_inputs
 from mechray.analysis.intervene import (
+    Metric,
     edit_output,
     eval_inputs,
     eval_mode,
+    forward,
     model_device,
-    run_model,
+    position_mask,
 )
 from mechray.analysis.sae_budget import (
     auto_lr,
@@ -487,36 +490,57 @@ def evaluate(sae: SparseAutoencoder, x: torch.Tensor, dead_in_training: torch.Te
 # --- splicing into the model ------------------------------------------------------------------
 @torch.no_grad()
 def splice_metrics(sae: SparseAutoencoder, model: torch.nn.Module, layer: str,
-                   inputs: torch.Tensor, batch_size: int = 64) -> dict[str, Any]:
+                   inputs: Any, batch_size: int = 64) -> dict[str, Any]:
     """Output degradation when ``layer``'s output is replaced by the SAE's reconstruction.
 
     ``splice_metrics(sae, model, "popt", x)``: the layer's output (any shape ``[..., d]``) is
     flattened to rows, reconstructed and reshaped back inside a hook that always comes off; the
-    model runs in eval mode (its training flags are restored).  Metric: MSE of the model's output
-    (its first tensor) against the clean output on ``inputs``, so ``clean`` is 0;
-    ``zero_ablated`` replaces the layer's output with zeros; ``fraction_recovered = (zero_ablated
-    - spliced) / (zero_ablated - clean)`` (1: the SAE loses nothing, 0: as bad as deleting the
-    layer; ``None`` when zeroing the layer does not change the output).
+    model runs in eval mode (its training flags are restored).  ``inputs`` is anything
+    :func:`~mechray.analysis.inputs.as_inputs` takes; with an ``attention_mask`` only real
+    positions are spliced and compared.  Metric: MSE of the model's output (its first tensor)
+    against the clean output on ``inputs``, so ``clean`` is 0; ``zero_ablated`` replaces the
+    layer's output with zeros; ``fraction_recovered = (zero_ablated - spliced) / (zero_ablated -
+    clean)`` (1: the SAE loses nothing, 0: as bad as deleting the layer; ``None`` when zeroing
+    the layer does not change the output).
     """
     sae = sae.to(model_device(model)).eval()
+    x = as_inputs(inputs, 1 << 62)
+    metric = Metric("mse")
 
-    def reconstruct(out: torch.Tensor, call: int) -> torch.Tensor:
-        if out.shape[-1] != sae.d_in:
-            raise ValueError(f"layer {layer!r} outputs feature size {out.shape[-1]} but the SAE "
-                             f"was trained on {sae.d_in}; splice into the layer the shards hold")
-        return sae(out.reshape(-1, sae.d_in).float()).reshape(out.shape).to(out.dtype)
+    def run(batch, edit) -> torch.Tensor:
+        mask = batch.mask
 
+        def fn(out: torch.Tensor, call: int) -> torch.Tensor:
+            if out.shape[-1] != sae.d_in:
+                raise ValueError(f"layer {layer!r} outputs feature size {out.shape[-1]} but the "
+                                 f"SAE was trained on {sae.d_in}; splice into the layer the "
+                                 "shards hold")
+            new = edit(out)
+            m = position_mask(out, mask)
+            return new if m is None else torch.where(m[..., None], new, out)
+        with edit_output(model, layer, fn):
+            return forward(model, batch)
+
+    sums = torch.zeros(3, dtype=torch.float64)
+    count, power = 0, 0.0
     with eval_mode(model):
-        clean = run_model(model, inputs, batch_size)
-        with edit_output(model, layer, reconstruct):
-            spliced = (run_model(model, inputs, batch_size) - clean).pow(2).mean().item()
-        with edit_output(model, layer, lambda out, call: torch.zeros_like(out)):
-            zero = (run_model(model, inputs, batch_size) - clean).pow(2).mean().item()
-    recovered = (zero - spliced) / zero if zero > 1e-12 * max(clean.pow(2).mean().item(), 1e-6) \
+        for batch in x.batches(batch_size):
+            clean = forward(model, batch)
+            mask = batch.mask
+            rec = run(batch, lambda o: sae(o.reshape(-1, sae.d_in).float()).reshape(o.shape)
+                      .to(o.dtype))
+            zero = run(batch, torch.zeros_like)
+            sums += torch.stack([metric.sums(clean[None], clean, mask)[0],
+                                 metric.sums(rec[None], clean, mask)[0],
+                                 metric.sums(zero[None], clean, mask)[0]]).double()
+            count += metric.count(clean, mask)
+            power += float(metric.sums(torch.zeros_like(clean)[None], clean, mask)[0])
+    _, spliced, zero_m = (sums / max(count, 1)).tolist()
+    recovered = (zero_m - spliced) / zero_m if zero_m > 1e-12 * max(power / max(count, 1), 1e-6) \
         else None
     return {"metric": "mse_vs_clean_output", "clean": 0.0, "spliced": spliced,
-            "zero_ablated": zero, "fraction_recovered": recovered, "inputs": len(inputs),
-            "skipped": False}
+            "zero_ablated": zero_m, "fraction_recovered": recovered, "inputs": len(x),
+            "masked": x.mask is not None, "skipped": False}
 
 
 # --- helpers ----------------------------------------------------------------------------------
