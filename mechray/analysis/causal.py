@@ -16,7 +16,10 @@ Metrics: ``mse`` between ablated and clean outputs, ``kl`` (clean || ablated) fo
 ``loss`` with ``loss_fn="package.module:function"`` (or ``ctx.loss_fn``): ``|loss change|``.
 Layers wider than ``top_n`` ablate only their ``top_n`` highest-variance neurons.  Neurons share
 forward passes ``neuron_batch`` at a time by stacking copies of the eval batch when that is
-exact for the model (checked on the first batch), else one per pass.
+exact for the model (checked on the first batch), else one per pass; the modules that finish
+before the layer are run once per batch, not once per pass (``reuse_prefix``, checked too).
+Inputs with an ``attention_mask`` are batched by length with padding trimmed, and padded
+positions are neither ablated nor counted in the metric.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from mechray.analysis.intervene import (
     eval_inputs,
     eval_mode,
     forward,
+    prefixes,
     record_outputs,
     resolve_loss_fn,
     sweep,
@@ -55,6 +59,8 @@ class InterventionParams(Params):
     n_inputs: int = Field(256, ge=1, le=1_000_000, description="eval inputs used")
     batch_size: int = Field(64, ge=1, le=65_536, description="eval inputs per forward pass")
     neuron_batch: int = Field(16, ge=1, le=4096, description="neurons per forward pass")
+    reuse_prefix: bool = Field(True, description="skip re-running the modules that finish "
+                               "before the layer (checked to leave the output unchanged)")
     seed: Optional[int] = Field(None, ge=0, le=2 ** 32 - 1,
                                 description="default: the context's seed")
 
@@ -139,8 +145,12 @@ class Causal(Analysis):
             neurons = torch.arange(d) if d <= p.top_n else \
                 torch.sort(torch.topk(var, p.top_n).indices).values
             label = f"causal {layer}" if ctx.progress else None
-            effects = sweep(ctx.model, layer, batches, fill, metric, neurons, stack, label)
-            layer_effect = float(sweep(ctx.model, layer, batches, fill, metric, None)[0])
+            skip = prefixes(ctx.model, layer, batches, min(stack, 2)) if p.reuse_prefix else \
+                [None] * len(batches)
+            effects = sweep(ctx.model, layer, batches, fill, metric, neurons, stack, label,
+                            skip=skip)
+            layer_effect = float(sweep(ctx.model, layer, batches, fill, metric, None,
+                                       skip=skip)[0])
         log.info("mechray: causal %s: %d neurons, %s/%s, %.2fs", layer, len(neurons), p.method,
                  p.metric, time.perf_counter() - t0)
         return {
@@ -148,6 +158,7 @@ class Causal(Analysis):
             "method": p.method, "metric": p.metric, "layer_effect": layer_effect,
             "n_evaluated": len(neurons), "n_neurons": d, "n_inputs": len(x),
             "masked": x.mask is not None, "neurons_per_pass": stack,
+            "prefix_reused": skip[0] is not None if skip else False,
             "selection": "all" if d <= p.top_n else f"top {p.top_n} by variance",
             "stats_source": source, "seconds": round(time.perf_counter() - t0, 3),
         }

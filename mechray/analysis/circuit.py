@@ -51,6 +51,7 @@ from mechray.analysis.intervene import (
     eval_mode,
     find_module,
     output_of,
+    prefixes,
     record_outputs,
     sweep,
 )
@@ -110,7 +111,8 @@ class Circuit(Analysis):
                            f"another corruption or metric, or give ctx.corrupt_data")
             batches = list(zip(xr, refs))
             patch = lambda b, call, positions: _call(acts_c[b], call, layer)  # noqa: E731
-            layer_m = float(sweep(model, layer, batches, patch, metric, None)[0])
+            skip = prefixes(model, layer, batches) if p.reuse_prefix else None
+            layer_m = float(sweep(model, layer, batches, patch, metric, None, skip=skip)[0])
             label = f"circuit {layer}" if ctx.progress else None
             attr = _attribution(model, layer, batches, acts_c, acts_r, metric, mean_r, count, d)
             attr_effect = -attr / m_r
@@ -120,7 +122,7 @@ class Circuit(Analysis):
             exact = torch.full((d,), float("nan"))
             if len(sample):
                 exact[sample] = 1 - sweep(model, layer, batches, patch, metric, sample, stack,
-                                          label) / m_r
+                                          label, skip=skip) / m_r
             paths = _paths(ctx, model, layer, batches, acts_c, metric, m_r) if p.paths else {}
         effect = exact if p.method == "exact" else attr_effect
         entries = ranked(torch.arange(d), effect, attribution=attr_effect)
@@ -269,7 +271,8 @@ def _paths(ctx, model, sender, batches, acts_c, metric, m_r) -> dict[str, dict[s
                     x(model)
                 through.append(got)
         fill = lambda b, call, positions: _call(through[b], call, r)  # noqa: E731
-        out[r] = {"effect": 1 - float(sweep(model, r, batches, fill, metric, None)[0]) / m_r}
+        out[r] = {"effect": 1 - float(sweep(model, r, batches, fill, metric, None,
+                                            reuse=False)[0]) / m_r}
     return out
 
 

@@ -28,7 +28,7 @@ import copy
 import importlib
 import itertools
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -307,16 +307,134 @@ def edit_neurons(t: torch.Tensor, neurons: Optional[torch.Tensor], values: torch
 Batch = tuple[ModelInputs, torch.Tensor]   # (model inputs, clean reference output)
 
 
+class Prefix:
+    """The outputs of the modules that finish before ``layer`` starts, for one batch, so runs
+    that edit ``layer`` (or later) can skip recomputing them.
+
+    ``Prefix.record(model, layer, x)`` runs ``x`` once with hooks on every module; a module
+    qualifies when it ran exactly once, ended before ``layer``'s first call began, is neither
+    ``layer`` nor an ancestor or descendant of it, and returned a tensor or a tuple of tensors.
+    Only the outermost qualifying modules are kept.  ``with prefix.reused(k):`` then makes each
+    of them return its recorded output (batch dimension repeated ``k`` times for stacked
+    copies) instead of running.  :func:`sweep` checks on the first batch that the model's output
+    is unchanged by this and otherwise runs the whole model.
+    """
+
+    def __init__(self, outputs: list[tuple[nn.Module, Any]], batch: int):
+        self.outputs, self.batch = outputs, batch
+
+    @classmethod
+    def record(cls, model: nn.Module, layer: str, x: ModelInputs
+               ) -> tuple["Prefix", torch.Tensor]:
+        target = find_module(model, layer)
+        mods = [(n, m) for n, m in model.named_modules() if n]
+        tname = next((n for n, m in mods if m is target), None)
+        events: list[tuple[str, str]] = []
+        outs: dict[str, Any] = {}
+        calls: dict[str, int] = {}
+        handles = []
+
+        def pre(name):
+            def hook(m, args):
+                events.append(("s", name))
+                calls[name] = calls.get(name, 0) + 1
+            return hook
+
+        def post(name):
+            def hook(m, args, out):
+                events.append(("e", name))
+                outs[name] = _copy(out) if _plain(out) else None  # later in-place ops stay out
+            return hook
+        try:
+            for n, m in mods:
+                handles.append(m.register_forward_pre_hook(pre(n)))
+                handles.append(m.register_forward_hook(post(n)))
+            y = forward(model, x)
+        finally:
+            for h in handles:
+                h.remove()
+        if tname is None or ("s", tname) not in events:
+            return cls([], len(x)), y
+        begin = events.index(("s", tname))
+        ended = {n for kind, n in events[:begin] if kind == "e"}
+        ok = {n for n in ended if calls.get(n) == 1 and _plain(outs.get(n))
+              and not tname.startswith(n + ".") and not n.startswith(tname + ".")}
+        keep = [n for n in ok if not any(n.startswith(a + ".") for a in ok)]
+        by_name = dict(mods)
+        return cls([(by_name[n], outs[n]) for n in sorted(keep)], len(x)), y
+
+    @contextmanager
+    def reused(self, k: int = 1) -> Iterator[None]:
+        saved = []
+        try:
+            for module, out in self.outputs:
+                value = _repeat_batch(out, k, self.batch)
+                saved.append((module, module.__dict__.get("forward")))
+                module.forward = lambda *a, _v=value, **kw: _v
+            yield
+        finally:
+            for module, old in saved:
+                if old is None:
+                    del module.forward
+                else:
+                    module.forward = old
+
+
+def _plain(out: Any) -> bool:
+    return isinstance(out, torch.Tensor) or (isinstance(out, tuple) and type(out) is tuple and
+                                             all(isinstance(v, torch.Tensor) or v is None
+                                                 for v in out))
+
+
+def _copy(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    return tuple(None if v is None else v.detach().clone() for v in out)
+
+
+def _repeat_batch(out: Any, k: int, batch: int) -> Any:
+    """``out`` with its batch dimension repeated ``k`` times (always a fresh copy)."""
+    if k == 1:
+        return _copy(out)
+    if isinstance(out, torch.Tensor):
+        return out.repeat(k, *([1] * (out.dim() - 1))) if out.dim() and len(out) == batch else out
+    return tuple(_repeat_batch(v, k, batch) if v is not None else None for v in out)
+
+
+def prefixes(model: nn.Module, layer: str, batches: list[Batch], stack: int = 2
+             ) -> list[Optional[Prefix]]:
+    """One :class:`Prefix` per batch, or ``None`` each when reusing them would change the
+    model's output on the first batch (checked with ``stack`` stacked copies)."""
+    out = []
+    for b, (x, ref) in enumerate(batches):
+        prefix, y = Prefix.record(model, layer, x)
+        if b == 0:
+            if not prefix.outputs:
+                return [None] * len(batches)
+            with prefix.reused(stack):
+                again = forward(model, x.repeat(stack))
+            want = y.repeat(stack, *([1] * (y.dim() - 1)))
+            if again.shape != want.shape or not torch.allclose(again, want, rtol=1e-4, atol=1e-5):
+                log.info("mechray: %s: the modules before it cannot be skipped; running the "
+                         "whole model per intervention", layer)
+                return [None] * len(batches)
+        out.append(prefix)
+    return out
+
+
 def sweep(model: nn.Module, layer: str, batches: list[Batch], fill: Fill, metric: Metric,
           neurons: Optional[torch.Tensor] = None, stack: int = 1,
-          progress: Optional[str] = None) -> torch.Tensor:
+          progress: Optional[str] = None, reuse: bool = True,
+          skip: Optional[list[Optional[Prefix]]] = None) -> torch.Tensor:
     """The metric for each neuron edited alone (``[len(neurons)]``), or for the whole layer
     edited (``neurons=None``, a 1-element tensor).
 
     ``batches`` holds ``(model inputs, clean reference output)`` pairs; each run edits the
     layer's output with ``fill`` (real positions only, when the inputs carry a mask) and
     compares the model output with the reference at real positions.  ``stack`` neurons share
-    one forward pass by stacking copies of the batch (only where :func:`can_stack`).
+    one forward pass by stacking copies of the batch (only where :func:`can_stack`).  With
+    ``reuse`` the modules that finish before ``layer`` are not re-run (see :class:`Prefix`;
+    ``skip``, from :func:`prefixes`, saves recording them again for the same batches).
     ``progress`` (a label) shows a bar over the forward passes.
     """
     from tqdm.auto import tqdm
@@ -325,6 +443,8 @@ def sweep(model: nn.Module, layer: str, batches: list[Batch], fill: Fill, metric
     out = []
     bar = tqdm(total=len(groups) * len(batches), desc=progress, unit="pass", leave=False,
                disable=progress is None)
+    if skip is None:
+        skip = prefixes(model, layer, batches) if reuse else [None] * len(batches)
     with torch.no_grad(), bar:
         for group in groups:
             k = 1 if group is None else len(group)
@@ -337,7 +457,8 @@ def sweep(model: nn.Module, layer: str, batches: list[Batch], fill: Fill, metric
                     positions = t.numel() // (t.shape[-1] * k)
                     return edit_neurons(t, group, fill(b, call, positions), mask)
 
-                with edit_output(model, layer, fn):
+                with edit_output(model, layer, fn), \
+                        skip[b].reused(k) if skip[b] is not None else nullcontext():
                     y = output_of(x.repeat(k)(model))
                 total += metric.sums(y.reshape(k, *ref.shape), ref.to(y.device), mask).cpu()
                 count += metric.count(ref, mask)
