@@ -74,8 +74,8 @@ class ShardWriteError(MechrayError, RuntimeError):
     def __init__(self, failed: dict[str, BaseException]):
         self.failed = failed
         first_name, first_exc = next(iter(failed.items()))
-        hint = ("retrying cannot help: the captured tensors themselves do not fit together "
-                "(see above)" if isinstance(first_exc, ShardBuildError) else
+        hint = ("this is not a storage problem and retrying cannot help: change how the model "
+                "is captured, as the error says" if isinstance(first_exc, ShardBuildError) else
                 "fix the cause (disk space, permissions, S3 credentials/endpoint) and call "
                 "retry_failed()")
         super().__init__(

@@ -112,8 +112,7 @@ class PendingShard:
             return self._materialize()
         except Exception as exc:
             raise ShardBuildError(f"shard {self.name} could not be assembled from the captured "
-                                  f"rows ({type(exc).__name__}: {exc}); this is not a storage "
-                                  f"problem: the captured tensors do not fit together") from exc
+                                  f"rows: {exc}") from exc
 
     def _materialize(self) -> dict[str, Any]:
         acts, row_steps, row_pos, layers, prov = {}, {}, {}, {}, {}
