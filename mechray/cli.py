@@ -8,6 +8,8 @@ Usage::
     mechray repair ./mechint_cache        # after a crash: adopt complete orphans, drop the gone
     mechray analyze ./mechint_cache --analyses neuron,feature,sae --out results/
     mechray analyze s3://bucket/prefix --endpoint-url http://127.0.0.1:9000 --analyses neuron
+    mechray analyze ./cache --analyses neuron,causal --model mechray.demo.text:minilm_model \
+        --eval-texts sentences.txt --tokenizer path/or/name   # token contexts in the report too
     mechray demo --out demo_output        # train the demo model with capture through Ray
     mechray serve --storage ./mechint_cache --host 127.0.0.1 --port 8000   # API + dashboard
 """
@@ -18,6 +20,7 @@ import argparse
 import json
 import logging
 import sys
+from typing import Any
 
 import torch
 
@@ -92,9 +95,11 @@ def cmd_analyze(args) -> int:
                            analysis_params=params, s3_endpoint_url=args.endpoint_url,
                            analysis_layers=layers, analysis_num_gpus=args.num_gpus,
                            use_ray=bool(args.ray), verbose=not args.quiet)
-    runner = EvalMechIntRunner(model, config)
+    runner = EvalMechIntRunner(model, config,
+                               tokenizer=_tokenizer(args.tokenizer) if args.tokenizer else None)
     results = runner.run_mechint_eval(checkpoint_path=args.model_checkpoint,
-                                      hidden_shards_path=args.path, out_dir=args.out)
+                                      hidden_shards_path=args.path, out_dir=args.out,
+                                      eval_data=_eval_data(args))
     report = runner.export_results(args.out)
     for name, per in results.items():
         skipped = {la: r["reason"] for la, r in per.items() if r.get("skipped")}
@@ -118,6 +123,39 @@ def _headline(r: dict) -> str:
              f"{(r.get('train') or {}).get('steps')} steps, converged={r.get('converged')}")
     return (f"explained variance {ev if ev is None else round(ev, 4)}, L0 "
             f"{l0 if l0 is None else round(l0, 2)}, dead {r.get('dead_fraction')}, {state}")
+
+
+def _eval_data(args) -> Any:
+    """``--eval-texts`` (one text per line, tokenised with ``--tokenizer``) or ``--eval-inputs``
+    (a ``.pt`` file of token ids or a dict of tensors, read with ``weights_only=True``)."""
+    if args.eval_texts and args.eval_inputs:
+        raise ValueError("give --eval-texts or --eval-inputs, not both")
+    if args.eval_inputs:
+        try:
+            data = torch.load(args.eval_inputs, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"--eval-inputs {args.eval_inputs} is not a loadable tensor file: "
+                             f"{load_error(exc)}") from None
+        return data
+    if not args.eval_texts:
+        return None
+    if not args.tokenizer:
+        raise ValueError("--eval-texts needs --tokenizer (a tokenizer directory or a Hugging "
+                         "Face name) to turn the texts into model inputs")
+    with open(args.eval_texts, encoding="utf-8") as fh:
+        texts = [line.rstrip("\n") for line in fh if line.strip()]
+    if not texts:
+        raise ValueError(f"--eval-texts {args.eval_texts} holds no non-empty lines")
+    return _tokenizer(args.tokenizer)(texts, padding=True, truncation=True,
+                                      max_length=args.max_length, return_tensors="pt")
+
+
+def _tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec)
 
 
 def _build_model(spec: str):
@@ -216,6 +254,13 @@ def main(argv=None) -> int:
                    "circuit and SAE splicing)")
     p.add_argument("--model-checkpoint", default=None,
                    help="Lightning .ckpt or state_dict file loaded into --model")
+    p.add_argument("--eval-texts", default=None, help="file of texts, one per line, tokenised "
+                   "with --tokenizer: the model inputs of causal, circuit and SAE splicing")
+    p.add_argument("--eval-inputs", default=None, help=".pt file of model inputs (token ids, "
+                   "or a dict of tensors such as a tokenizer's output)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or Hugging Face name "
+                   "(transformers), for --eval-texts and the token contexts in the report")
+    p.add_argument("--max-length", type=int, default=128, help="longest tokenised text")
     p.add_argument("--ray", action="store_true", help="fan out over Ray (see --ray-address)")
     p.add_argument("--ray-address", default="local", help="Ray address for --ray")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per fit/model Ray task")

@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional
 from mechray.analysis.base import REGISTRY, analysis_class, analysis_names
 from mechray.analysis.render import span
 
+from mechray.analysis.contexts import markdown as contexts_markdown
+
 log = logging.getLogger(__name__)
 REPORT_MD = "mechint_report.md"
 
@@ -60,6 +62,7 @@ def write_report(doc: dict[str, Any], out_dir: str | Path) -> Path:
             png = _safe_plot(plot, ok[name], out, name)
             if png:
                 lines += ["", f"![{name}]({png})"]
+        lines += contexts_markdown(name, ok[name])
         for layer, r in per.items():
             if not isinstance(r, dict) or r.get("skipped"):
                 reason = r.get("reason") if isinstance(r, dict) else "no result"

@@ -11,6 +11,10 @@ Usage (the seed's Pattern 3)::
     results["neuron"]["popt"]["mean"]          # {analysis: {layer: result}}
     runner.export_results("./results")         # mechint_results.json, mechint_report.md, *.png
 
+    runner = EvalMechIntRunner(model, config, tokenizer=tokenizer)   # top rows shown as text:
+    runner.run_mechint_eval(eval_data=tokenizer(texts, padding=True, return_tensors="pt"))
+    runner.results["neuron"][layer]["top_k"]["contexts"][neuron][0]["text"]
+
 Runs ``config.analyses_to_run`` with ``config.analysis_params`` (see :mod:`mechray.analysis.engine`
 for how work is spread over Ray, when ``ray.is_initialized()`` or ``config.use_ray``).  The
 checkpoint may be a Lightning checkpoint (its ``state_dict``) or a plain ``state_dict``; it is
@@ -50,9 +54,11 @@ REPORT_MD = "mechint_report.md"
 class EvalMechIntRunner:
     """Analyses a model's stored activations (``model`` may be ``None`` for store-only analyses)."""
 
-    def __init__(self, model: Optional[torch.nn.Module], config: Union[MechIntConfig, dict]):
+    def __init__(self, model: Optional[torch.nn.Module], config: Union[MechIntConfig, dict],
+                 tokenizer: Any = None, context_window: int = 8):
         self.model = model
         self.config = MechIntConfig.coerce(config)
+        self.tokenizer, self.context_window = tokenizer, context_window
         self.results: Optional[dict[str, dict[str, Any]]] = None
         self.meta: dict[str, Any] = {}
         self.out_dir: Optional[Path] = None
@@ -86,6 +92,12 @@ class EvalMechIntRunner:
         self.results = engine.run(cfg.analyses_to_run, cfg.analysis_params,
                                   layers=layers or cfg.analysis_layers, model=self.model,
                                   eval_data=inputs)
+        contexts = 0
+        if self.tokenizer is not None:   # top rows as text (shards with token provenance)
+            from mechray.analysis.contexts import add_contexts, decoder
+
+            contexts = add_contexts(self.results, store, decoder(self.tokenizer),
+                                    self.context_window)
         info = store.layers()
         self.meta = {
             "format": "mechray.results/1", "store": store.location,
@@ -99,6 +111,7 @@ class EvalMechIntRunner:
             "eval_inputs_source": "eval_data" if eval_data is not None else
             ("stored inputs" if inputs is not None else None),
             "analysis_params": cfg.analysis_params, "used_ray": engine.use_ray,
+            "token_contexts": contexts,
         }
         log.info("mechray: analyses %s done in %.1f s", list(self.results), self.meta["seconds"])
         return self.results

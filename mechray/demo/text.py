@@ -78,3 +78,8 @@ def load_minilm() -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()
     return model, tokenizer
+
+
+def minilm_model() -> Any:
+    """The model alone (``mechray analyze --model mechray.demo.text:minilm_model``)."""
+    return load_minilm()[0]
