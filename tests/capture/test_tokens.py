@@ -219,3 +219,33 @@ def test_callback_masks_dict_batches_of_varying_length_and_logs_dropped_rows(tmp
     assert dropped == 9 + 8 - 12
     assert any("rows DROPPED by max_activations_per_shard=12" in r.getMessage()
                for r in caplog.records)
+
+
+def test_minilm_padded_capture_equals_the_unpadded_loop(tmp_path):
+    """The real model: a padded batch stores the rows of the real tokens only, equal (to the
+    float rounding of different matmul shapes) to the layer's rows for each sentence alone."""
+    from mechray.analysis.intervene import record_outputs
+    from mechray.demo.text import load_minilm, sentences as english
+
+    model, tok = load_minilm()
+    texts = english(6, seed=3)
+    config = MechIntConfig(sample_layers=["encoder.layer.2"], storage_path=str(tmp_path),
+                           use_ray=False)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    assert enc["attention_mask"].float().mean() < 0.9            # there is padding
+    with MechIntHooks(config).attach(model) as hooks, torch.no_grad():
+        model(**enc)
+        hooks.sampler.save_activations(0)
+    loop = []
+    with torch.no_grad():
+        for t in texts:
+            with record_outputs(model, "encoder.layer.2") as acts:
+                model(**tok([t], return_tensors="pt"))
+            loop.append(acts[0][0])
+    store = ShardStore(tmp_path)
+    payload = store.load(store.shards()[0])
+    rows = payload["activations"]["encoder.layer.2"]
+    assert rows.shape == (int(enc["attention_mask"].sum()), 384)
+    torch.testing.assert_close(rows, torch.cat(loop), rtol=1e-4, atol=1e-5)
+    ids = payload["provenance"]["encoder.layer.2"]["token"]
+    assert ids.tolist() == enc["input_ids"][enc["attention_mask"].bool()].tolist()
