@@ -91,14 +91,14 @@ class FastAPIIntegrationMixin:
     """Adds mechray's interpretation routes to a FastAPI app (see the module docstring)."""
 
     def __init__(self, model: Any = None, config: Optional[MechIntConfig | dict] = None, *,
-                 storage: Optional[str] = None):
+                 storage: Optional[str] = None, tokenizer: Any = None):
         from mechray.api.jobs import JobBoard
         from mechray.api.service import Interpreter
 
         cfg = MechIntConfig.coerce(config) if config is not None else \
             MechIntConfig(sample_layers=["*"])
         self.config = cfg
-        self.service = Interpreter(model, cfg, location=storage)
+        self.service = Interpreter(model, cfg, location=storage, tokenizer=tokenizer)
         self.jobs = JobBoard(self.service.compute, workers=cfg.api_job_workers,
                              max_pending=cfg.api_max_pending_jobs, ttl_s=cfg.api_job_ttl_s)
 

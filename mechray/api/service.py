@@ -70,10 +70,11 @@ class Interpreter:
     """One store (and optionally a model) served to many concurrent requests."""
 
     def __init__(self, model: Optional[torch.nn.Module], config: MechIntConfig | dict, *,
-                 location: Optional[str] = None):
+                 location: Optional[str] = None, tokenizer: Any = None):
         from mechray.analysis.runner import default_location
 
         self.config = cfg = MechIntConfig.coerce(config)
+        self.tokenizer = tokenizer          # top rows answered with their token contexts
         self.model = model.eval() if model is not None else None
         self.location = str(location or default_location(cfg))
         params = sum(p.numel() for p in model.parameters()) if model is not None else 0
@@ -152,6 +153,10 @@ class Interpreter:
                 with model_lock:
                     results = engine.run([name], {name: plan.params}, layers=plan.layers,
                                          model=self.model)
+                if self.tokenizer is not None and upload is None:
+                    from mechray.analysis.contexts import add_contexts, decoder
+
+                    add_contexts(results, store, decoder(self.tokenizer))
             except ShardError as exc:
                 raise store_error(exc) from None
             seconds = round(time.perf_counter() - t0, 4)

@@ -73,3 +73,35 @@ def test_without_provenance_contexts_are_none(tiny_net, tmp_path):
 def test_escape_markdown_neutralises_markup():
     assert escape_markdown("a|b\n`x` <img src=y> [l](u) *s* _t_ #h") == \
         "a\\|b \\`x\\` &lt;img src=y&gt; \\[l\\]\\(u\\) \\*s\\* \\_t\\_ \\#h"
+
+
+def test_interpret_answers_carry_token_contexts_over_http(tmp_path):
+    import httpx
+    from fastapi import FastAPI
+
+    from mechray import FastAPIIntegrationMixin
+    from mechray.testing import serve_in_thread
+
+    ids = torch.tensor([[1, 6, 3, 0], [7, 8, 9, 2]])
+    mask = (ids > 0).long()
+    config = MechIntConfig(sample_layers=["out"], storage_path=str(tmp_path), use_ray=False,
+                           verbose=False)
+    model = Spiky()
+    with MechIntHooks(config).attach(model) as hooks, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        hooks.sampler.save_activations(0)
+    app = FastAPI()
+    mixin = FastAPIIntegrationMixin(None, config, tokenizer=decode)
+    mixin.add_routes(app)
+    try:
+        with serve_in_thread(app) as url:
+            answer = httpx.post(f"{url}/interpret", json={"analysis_type": "neuron",
+                                                          "layer_name": "out",
+                                                          "params": {"top_k": 1}}, timeout=60)
+    finally:
+        mixin.close()
+    assert answer.status_code == 200, answer.text
+    contexts = answer.json()["result"]["top_k"]["contexts"]
+    assert contexts[5][0]["token"] == "<script>|*x*"          # JSON-escaped data, not markup
+    assert contexts[5][0]["left"] == "the" and contexts[5][0]["right"] == "sat"
+    assert contexts[6][0]["token"] == "dog" and contexts[6][0]["right"] == "ran far cat"
