@@ -39,9 +39,10 @@ def cmd_ls(args) -> int:
           f"{'dropped':>9s} {'tokens':>6s}")
     layers = store.layers()
     for name, info in layers.items():
+        tokens = "yes" if info["provenance_shards"] == info["shards"] else \
+            "some" if info["provenance_shards"] else "no"
         print(f"{name:32s} {str(info['feature_shape']):>12s} {info['dtype']:>9s} "
-              f"{info['rows']:9d} {info['shards']:7d} {info['dropped_rows']:9d} "
-              f"{'yes' if info['provenance_shards'] == info['shards'] else 'some' if info['provenance_shards'] else 'no':>6s}")
+              f"{info['rows']:9d} {info['shards']:7d} {info['dropped_rows']:9d} {tokens:>6s}")
     dropped = {n: i["dropped_rows"] for n, i in layers.items() if i["dropped_rows"]}
     if dropped:
         print(f"rows dropped by the cap: {dropped}; raise max_activations_per_shard (or set "

@@ -406,7 +406,7 @@ def prefixes(model: nn.Module, layer: str, batches: list[Batch], stack: int = 2
     """One :class:`Prefix` per batch, or ``None`` each when reusing them would change the
     model's output on the first batch (checked with ``stack`` stacked copies)."""
     out = []
-    for b, (x, ref) in enumerate(batches):
+    for b, (x, _) in enumerate(batches):
         prefix, y = Prefix.record(model, layer, x)
         if b == 0:
             if not prefix.outputs:

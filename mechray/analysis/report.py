@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from mechray.analysis.base import REGISTRY, analysis_class, analysis_names
-from mechray.analysis.render import span
-
 from mechray.analysis.contexts import markdown as contexts_markdown
+from mechray.analysis.render import span
 
 log = logging.getLogger(__name__)
 REPORT_MD = "mechint_report.md"

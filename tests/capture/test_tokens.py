@@ -225,7 +225,8 @@ def test_minilm_padded_capture_equals_the_unpadded_loop(tmp_path):
     """The real model: a padded batch stores the rows of the real tokens only, equal (to the
     float rounding of different matmul shapes) to the layer's rows for each sentence alone."""
     from mechray.analysis.intervene import record_outputs
-    from mechray.demo.text import load_minilm, sentences as english
+    from mechray.demo.text import load_minilm
+    from mechray.demo.text import sentences as english
 
     model, tok = load_minilm()
     texts = english(6, seed=3)
