@@ -107,7 +107,8 @@ class EvalMechIntRunner:
                                                            "shards", "steps")}
                        for name in (layers or cfg.analysis_layers or info)},
             "checkpoint": str(checkpoint_path) if checkpoint_path else None,
-            "eval_inputs": None if inputs is None else inputs.shapes,
+            "eval_inputs": None if inputs is None else list(inputs.tensor.shape)
+            if inputs.tensor is not None else inputs.shapes,     # keyword inputs: per key
             "eval_inputs_source": "eval_data" if eval_data is not None else
             ("stored inputs" if inputs is not None else None),
             "analysis_params": cfg.analysis_params, "used_ray": engine.use_ray,
