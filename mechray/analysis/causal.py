@@ -36,6 +36,7 @@ from mechray.analysis.inputs import ModelInputs
 from mechray.analysis.intervene import (
     LOSS_FN_PATTERN,
     Metric,
+    Prefix,
     can_stack,
     eval_inputs,
     eval_mode,
@@ -145,8 +146,8 @@ class Causal(Analysis):
             neurons = torch.arange(d) if d <= p.top_n else \
                 torch.sort(torch.topk(var, p.top_n).indices).values
             label = f"causal {layer}" if ctx.progress else None
-            skip = prefixes(ctx.model, layer, batches, min(stack, 2)) if p.reuse_prefix else \
-                [None] * len(batches)
+            skip: list[Optional[Prefix]] = prefixes(ctx.model, layer, batches, min(stack, 2)) \
+                if p.reuse_prefix else [None] * len(batches)
             effects = sweep(ctx.model, layer, batches, fill, metric, neurons, stack, label,
                             skip=skip)
             layer_effect = float(sweep(ctx.model, layer, batches, fill, metric, None,

@@ -77,14 +77,14 @@ def _lookup(store: Any, wanted: dict[str, set[tuple[str, int]]], decode: Decode,
             by_shard[shard].append((layer, row))
     entries = {e["file"]: e for e in store.shards()}
     out: dict[tuple[str, str, int], Optional[dict[str, Any]]] = {}
-    for shard, refs in by_shard.items():
+    for shard, layer_rows in by_shard.items():
         entry = entries.get(shard)
         if entry is None or not entry.get("provenance"):
             continue
         payload = store.load(entry)
         table = payload.get("examples")
         steps = payload.get("metadata", {}).get("example_steps")
-        for layer, row in refs:
+        for layer, row in layer_rows:
             prov = payload.get("provenance", {}).get(layer)
             if prov is None or table is None or not 0 <= row < len(prov["example"]):
                 continue

@@ -185,12 +185,13 @@ def concat(parts: list[ModelInputs]) -> ModelInputs:
     """One :class:`ModelInputs` from several batches (sequences padded as the docstring says)."""
     if len(parts) == 1:
         return parts[0]
-    if all(p.tensor is not None for p in parts):
-        shapes = {tuple(p.tensor.shape[1:]) for p in parts}
+    tensors = [p.tensor for p in parts if p.tensor is not None]
+    if len(tensors) == len(parts):
+        shapes = {tuple(t.shape[1:]) for t in tensors}
         if len(shapes) > 1:
             raise ValueError(f"eval_data batches have different shapes {sorted(shapes)}; pad them "
                              "to one shape, or give dicts with an attention_mask")
-        return ModelInputs(torch.cat([p.tensor for p in parts]), mask_key=parts[0].mask_key)
+        return ModelInputs(torch.cat(tensors), mask_key=parts[0].mask_key)
     keys = {tuple(sorted(p.kwargs)) for p in parts if p.tensor is None}
     if any(p.tensor is not None for p in parts) or len(keys) > 1:
         raise ValueError(f"eval_data mixes batches of different kinds (keys {sorted(keys)}); "

@@ -405,7 +405,7 @@ def prefixes(model: nn.Module, layer: str, batches: list[Batch], stack: int = 2
              ) -> list[Optional[Prefix]]:
     """One :class:`Prefix` per batch, or ``None`` each when reusing them would change the
     model's output on the first batch (checked with ``stack`` stacked copies)."""
-    out = []
+    out: list[Optional[Prefix]] = []
     for b, (x, _) in enumerate(batches):
         prefix, y = Prefix.record(model, layer, x)
         if b == 0:
@@ -457,8 +457,9 @@ def sweep(model: nn.Module, layer: str, batches: list[Batch], fill: Fill, metric
                     positions = t.numel() // (t.shape[-1] * k)
                     return edit_neurons(t, group, fill(b, call, positions), mask)
 
+                pre = skip[b]
                 with edit_output(model, layer, fn), \
-                        skip[b].reused(k) if skip[b] is not None else nullcontext():
+                        pre.reused(k) if pre is not None else nullcontext():
                     y = output_of(x.repeat(k)(model))
                 total += metric.sums(y.reshape(k, *ref.shape), ref.to(y.device), mask).cpu()
                 count += metric.count(ref, mask)

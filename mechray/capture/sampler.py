@@ -277,11 +277,11 @@ class ActivationSampler:
         if rows.is_cuda:
             self._to_host(chunk)
         with self._lock:
-            if picked is not None:
+            if picked is not None and batch is not None:
                 offset = self._example_offset(batch)
-                prov = (picked.example + offset, picked.position, picked.token)
+                prov = [picked.example + offset, picked.position, picked.token]
                 if keep is not None:
-                    prov = tuple(p[keep] for p in prov)
+                    prov = [p[keep] for p in prov]
                 chunk.example, chunk.position, chunk.token = prov
             cache = self._cache.setdefault(layer, deque())
             cache.append(chunk)
