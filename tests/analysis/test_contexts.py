@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -105,3 +106,29 @@ def test_interpret_answers_carry_token_contexts_over_http(tmp_path):
     assert contexts[5][0]["token"] == "<script>|*x*"          # JSON-escaped data, not markup
     assert contexts[5][0]["left"] == "the" and contexts[5][0]["right"] == "sat"
     assert contexts[6][0]["token"] == "dog" and contexts[6][0]["right"] == "ran far cat"
+
+
+@pytest.mark.slow
+def test_cli_analyze_takes_eval_texts_and_a_tokenizer(tmp_path, capsys):
+    from mechray.cli import main as cli
+    from mechray.demo.text import load_minilm, minilm_dir, sentences
+
+    model, tok = load_minilm()
+    texts = sentences(6, seed=5)
+    config = MechIntConfig(sample_layers=["encoder.layer.4"], storage_path=str(tmp_path / "c"),
+                           use_ray=False, verbose=False)
+    with MechIntHooks(config).attach(model) as hooks, torch.no_grad():
+        model(**tok(texts, padding=True, return_tensors="pt"))
+        hooks.sampler.save_activations(0)
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    code = cli(["analyze", str(tmp_path / "c"), "--analyses", "neuron,causal", "--quiet",
+                "--model", "mechray.demo.text:minilm_model", "--eval-texts",
+                str(tmp_path / "texts.txt"), "--tokenizer", str(minilm_dir()),
+                "--params", '{"causal": {"top_n": 2}}', "--out", str(tmp_path / "res")])
+    assert code == 0, capsys.readouterr()
+    doc = json.loads((tmp_path / "res" / "mechint_results.json").read_text())
+    causal = doc["results"]["causal"]["encoder.layer.4"]
+    assert causal["masked"] and causal["n_inputs"] == 6 and len(causal["ranked"]) == 2
+    assert doc["eval_inputs_source"] == "eval_data"
+    ctx = doc["results"]["neuron"]["encoder.layer.4"]["top_k"]["contexts"][0][0]
+    assert ctx["token"].strip() and ctx["text"]
