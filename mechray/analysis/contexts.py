@@ -142,7 +142,9 @@ def markdown(name: str, per: dict[str, Any], units: int = 5, per_unit: int = 3) 
                     if ctx is None:
                         continue
                     value = values[u][i] if isinstance(values, list) else None
-                    head = f"- {label} {u}" if i == 0 else "  -"
+                    ids = table.get("latents")
+                    unit = ids[u] if isinstance(ids, list) and len(ids) == len(order) else u
+                    head = f"- {label} {unit}" if i == 0 else "  -"
                     val = f" ({value:.3g})" if isinstance(value, (int, float)) else ""
                     lines.append(f"{head}{val}: {escape_markdown(ctx['left'])} "
                                  f"**{escape_markdown(ctx['token'].strip())}** "

@@ -183,4 +183,7 @@ def test_transformers_text_example_masks_padding_and_shows_token_contexts(tmp_pa
     assert results["eval_inputs"]["attention_mask"][0] == 12
     report = (tmp_path / "out" / "results" / "mechint_report.md").read_text()
     assert "Top token contexts, `encoder.layer.3` (neuron `top_k`)" in report
+    assert "Top token contexts, `encoder.layer.3` (sae `top_activations`)" in report
+    sae_top = results["results"]["sae"]["encoder.layer.3"]["top_activations"]
+    assert any(c and c["token"] for unit in sae_top["contexts"] for c in unit)
     assert "top contexts:" in proc.stdout
