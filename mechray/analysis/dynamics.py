@@ -180,8 +180,9 @@ def _column(values: Any, n: int, default: Optional[int]) -> np.ndarray:
 def _inputs_key(payload: dict[str, Any]) -> Optional[str]:
     """A digest of a shard's stored inputs (``None`` without inputs): equal digest, same inputs."""
     inputs = payload.get("inputs")
-    parts = sorted(inputs.items()) if isinstance(inputs, dict) else [("", inputs)]
-    if not parts or not all(isinstance(t, torch.Tensor) for _, t in parts):
+    items = sorted(inputs.items()) if isinstance(inputs, dict) else [("", inputs)]
+    parts = [(k, t) for k, t in items if isinstance(t, torch.Tensor)]
+    if not parts or len(parts) != len(items):
         return None
     h = hashlib.sha256()
     for key, t in parts:                       # keyword inputs (model(**enc)): every key
