@@ -27,7 +27,7 @@ lint: install
 	$(BIN)/ruff check mechray
 	$(BIN)/mypy
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest tests -q
 
 test-fast: install

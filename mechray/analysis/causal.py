@@ -41,6 +41,7 @@ from mechray.analysis.intervene import (
     eval_inputs,
     eval_mode,
     forward,
+    model_of,
     prefixes,
     record_outputs,
     resolve_loss_fn,
@@ -92,8 +93,9 @@ def prepare(ctx: Context, layer: str, x: ModelInputs, params: InterventionParams
     batches follow, aligned), and the layer width (checks the layer)."""
     metric = Metric(params.metric, resolve_loss_fn(params.loss_fn, ctx)
                     if params.metric == "loss" else None)
-    with torch.no_grad(), record_outputs(ctx.model, layer) as acts:
-        x.select(slice(0, min(len(x), params.batch_size)))(ctx.model)
+    model = model_of(ctx)
+    with torch.no_grad(), record_outputs(model, layer) as acts:
+        x.select(slice(0, min(len(x), params.batch_size)))(model)
     if not acts:
         raise ValueError(f"layer {layer!r} did not run in the model's forward pass on eval_data; "
                          f"check that eval_data are inputs of this model")
@@ -130,7 +132,8 @@ class Causal(Analysis):
         t0 = time.perf_counter()
         seed = ctx.seed if p.seed is None else p.seed
         x = eval_inputs(ctx, p.n_inputs)                     # Skip without model or inputs
-        with eval_mode(ctx.model):
+        model = model_of(ctx)
+        with eval_mode(model):
             metric, xs, d = prepare(ctx, layer, x, p)
             mean, var, source = self._neuron_stats(ctx, layer, d)
             rows = None                 # stored rows: read only for what the results lack
@@ -138,19 +141,19 @@ class Causal(Analysis):
                 rows = self._rows(ctx, layer, p, d)
             if source == "none" and rows is not None:
                 mean, var, source = rows.mean(0), rows.var(0, unbiased=False), "stored rows"
-            refs = [forward(ctx.model, xb) for xb in xs]
+            refs = [forward(model, xb) for xb in xs]
             metric.reference(refs)
             batches = list(zip(xs, refs))
             fill = self._fill(p.method, mean, rows, d, seed)
-            stack = p.neuron_batch if can_stack(ctx.model, layer, xs[0]) else 1
+            stack = p.neuron_batch if can_stack(model, layer, xs[0]) else 1
             neurons = torch.arange(d) if d <= p.top_n else \
                 torch.sort(torch.topk(var, p.top_n).indices).values
             label = f"causal {layer}" if ctx.progress else None
-            skip: list[Optional[Prefix]] = prefixes(ctx.model, layer, batches, min(stack, 2)) \
+            skip: list[Optional[Prefix]] = prefixes(model, layer, batches, min(stack, 2)) \
                 if p.reuse_prefix else [None] * len(batches)
-            effects = sweep(ctx.model, layer, batches, fill, metric, neurons, stack, label,
+            effects = sweep(model, layer, batches, fill, metric, neurons, stack, label,
                             skip=skip)
-            layer_effect = float(sweep(ctx.model, layer, batches, fill, metric, None,
+            layer_effect = float(sweep(model, layer, batches, fill, metric, None,
                                        skip=skip)[0])
         log.info("mechray: causal %s: %d neurons, %s/%s, %.2fs", layer, len(neurons), p.method,
                  p.metric, time.perf_counter() - t0)

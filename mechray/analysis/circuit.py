@@ -50,6 +50,7 @@ from mechray.analysis.intervene import (
     eval_inputs,
     eval_mode,
     find_module,
+    model_of,
     output_of,
     prefixes,
     record_outputs,
@@ -92,7 +93,7 @@ class Circuit(Analysis):
         seed = ctx.seed if p.seed is None else p.seed
         clean = eval_inputs(ctx, p.n_inputs)
         corrupt = corrupt_inputs(ctx, clean, p, seed)
-        model = ctx.model
+        model = model_of(ctx)
         with eval_mode(model):
             metric, both, d = prepare(ctx, layer, clean, p, corrupt)
             xs, xr = both[: len(both) // 2], both[len(both) // 2:]

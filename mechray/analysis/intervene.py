@@ -153,11 +153,17 @@ def forward(model: nn.Module, x: ModelInputs) -> torch.Tensor:
         return output_of(x(model)).float()
 
 
+def model_of(ctx: Any) -> nn.Module:
+    """``ctx.model``, or :class:`Skip` saying how to pass one."""
+    if ctx.model is None:
+        raise Skip("no model: pass the model to EvalMechIntRunner(model, config)")
+    return ctx.model
+
+
 def eval_inputs(ctx: Any, n: int) -> ModelInputs:
     """Up to ``n`` model inputs: ``ctx.eval_data`` (anything :func:`as_inputs` takes) or inputs
     saved with the shards (``save_inputs=True``); raises :class:`Skip` naming what is missing."""
-    if ctx.model is None:
-        raise Skip("no model: pass the model to EvalMechIntRunner(model, config)")
+    model_of(ctx)
     if ctx.eval_data is not None:
         return as_inputs(ctx.eval_data, n)
     x = stored_inputs(ctx.store, n) if ctx.store is not None else None

@@ -56,9 +56,9 @@ def grid(plt: Any, n: int, cols: int, w: float = 4.0, h: float = 2.6) -> tuple[A
     return fig, axes
 
 
-def plot_ranked(per: dict, plt: Any) -> Any:
+def plot_ranked(per_layer: dict[str, dict[str, Any]], plt: Any) -> Any:
     """Bars of the top ranked effects per layer (causal, circuit)."""
-    per = {la: r for la, r in per.items() if r.get("ranked")}
+    per = {la: r for la, r in per_layer.items() if r.get("ranked")}
     if not per:
         return None
     fig, axes = grid(plt, len(per), 1, w=6.0)

@@ -79,16 +79,25 @@ class MechIntCallback(pl.Callback):
         self.sampler.next_index = self._resume_index
         _ = self.sampler.transport  # start writers (Ray actors) now, not inside the first sampled step
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def _live(self) -> ActivationSampler:
+        """The sampler made in ``setup``; a hook called before it is a Lightning misuse."""
+        if self.sampler is None:
+            raise RuntimeError("MechIntCallback was used before Trainer.fit set it up; pass it "
+                               "in Trainer(callbacks=[...]) and call trainer.fit")
+        return self.sampler
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if self._capturing is None and step % self.config.save_hidden_every_n_steps == 0:
             t0 = time.perf_counter()
-            if self._pending and max(self.sampler.cached_rows.values(), default=0) + \
+            sampler = self._live()
+            if self._pending and max(sampler.cached_rows.values(), default=0) + \
                     self._step_rows > self.config.max_activations_per_shard:
                 self._save()  # this step would push older rows out of the bounded cache
-            self._rows_before = max(self.sampler.cached_rows.values(), default=0)
-            self.sampler.current_step = step
-            self.sampler.register_hooks(pl_module)
+            self._rows_before = max(sampler.cached_rows.values(), default=0)
+            sampler.current_step = step
+            sampler.register_hooks(pl_module)
             self._capturing = step
             self._hook_seconds += time.perf_counter() - t0
         if self._capturing is not None:
@@ -106,9 +115,10 @@ class MechIntCallback(pl.Callback):
             if mask is None and ids is not None and cfg.mask_key:
                 log.debug("mechray: batch has %r but no %r; every position is stored",
                           cfg.token_ids_key, cfg.mask_key)
-        self.sampler.set_tokens(mask, ids)
+        self._live().set_tokens(mask, ids)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._capturing is not None and trainer.global_step != self._capturing:
             step = self._capturing
             self._hand_off()
@@ -116,13 +126,14 @@ class MechIntCallback(pl.Callback):
                 self._probe(pl_module, step)
             pl_module.log_dict(self.figures(), on_step=True, on_epoch=False, sync_dist=False)
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._hand_off(force=True)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish(trainer)
 
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
         if self.sampler is None:
             return
         log.warning("mechray: training raised %s; flushing captured shards", type(exception).__name__)
@@ -133,7 +144,7 @@ class MechIntCallback(pl.Callback):
             log.error("mechray: could not flush shards after %s: %s",
                       type(exception).__name__, exc)
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.sampler is not None:
             self.sampler.remove_hooks()
 
@@ -155,10 +166,11 @@ class MechIntCallback(pl.Callback):
         step, self._capturing = self._capturing, None
         t0 = time.perf_counter()
         if step is not None:
-            self.sampler.remove_hooks()
-            self.sampler.clear_tokens()
+            sampler = self._live()
+            sampler.remove_hooks()
+            sampler.clear_tokens()
             self._pending.append(step)
-            self._step_rows = max(self.sampler.cached_rows.values(), default=0) - self._rows_before
+            self._step_rows = max(sampler.cached_rows.values(), default=0) - self._rows_before
         if self._pending and (force or len(self._pending) >= self.config.steps_per_shard):
             self._save()
         self._hook_seconds += time.perf_counter() - t0
@@ -166,7 +178,7 @@ class MechIntCallback(pl.Callback):
     def _save(self) -> None:
         """Hand the cached rows of the pending sampled steps to the writer as one shard."""
         last, self._pending = self._pending[-1], []
-        self.sampler.save_activations(last)
+        self._live().save_activations(last)
 
     def _probe(self, pl_module: pl.LightningModule, step: int) -> None:
         """Run the fixed probe batch (eval mode, no grad) and save it as a shard of its own, with
@@ -174,7 +186,7 @@ class MechIntCallback(pl.Callback):
         import torch
 
         t0 = time.perf_counter()
-        sampler, was_training = self.sampler, pl_module.training
+        sampler, was_training = self._live(), pl_module.training
         sampler.current_step = step
         pl_module.eval()
         try:
