@@ -97,6 +97,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mechray.analysis.moments import Moments  # noqa: E402
+from mechray.analysis.feature import FeaturePartial  # noqa: E402
+from mechray.analysis.neuron import NeuronPartial, TopRows  # noqa: E402
 
 log = logging.getLogger("bench.analysis_scaling")
 LAYER = "lin"
@@ -578,7 +580,7 @@ def _proto_topk(x: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     return v, r
 
 
-def proto_neuron_map(rows: torch.Tensor, entry: dict, eps: float, k: int) -> dict[str, Any]:
+def proto_neuron_map(rows: torch.Tensor, entry: dict, eps: float, k: int) -> NeuronPartial:
     """``NeuronStats.map`` with the order statistics, counts, top-k and histogram on the float32
     rows (exact: every float32 is a float64) and float64 only for mean and m2."""
     x = rows.reshape(len(rows), -1)
@@ -589,26 +591,29 @@ def proto_neuron_map(rows: torch.Tensor, entry: dict, eps: float, k: int) -> dic
     if float(eps32) > eps:                       # |a| <= eps  <=>  |a| <= largest float32 <= eps
         eps32 = np.nextafter(eps32, np.float32(-np.inf))
     vals, rows_idx = _proto_topk(x, k)
-    return {"n": n, "moments": Moments(n, mean.numpy(), ((x64 - mean) ** 2).sum(0).numpy()),
-            "min": x.amin(0).double().numpy(), "max": x.amax(0).double().numpy(),
-            "small": (x.abs() <= float(eps32)).sum(0).numpy(), "pos": (x > 0).sum(0).numpy(),
-            "hist": _proto_hist(x).numpy(), "files": [entry["file"]], "top_val": vals,
-            "top_file": np.zeros_like(rows_idx), "top_row": rows_idx,
-            "top_step": np.full(rows_idx.shape, int(entry.get("step", -1)))}
+    return NeuronPartial(
+        n=n, moments=Moments(n, mean.numpy(), ((x64 - mean) ** 2).sum(0).numpy()),
+        min=x.amin(0).double().numpy(), max=x.amax(0).double().numpy(),
+        small=(x.abs() <= float(eps32)).sum(0).numpy(), pos=(x > 0).sum(0).numpy(),
+        hist=_proto_hist(x).numpy(),
+        top=TopRows(files=[entry["file"]], val=vals, file=np.zeros_like(rows_idx), row=rows_idx,
+                    step=np.full(rows_idx.shape, int(entry.get("step", -1)))))
 
 
-def _same_partial(a: dict, b: dict) -> bool:
-    a, b = _flat(a), _flat(b)
-    return a.keys() == b.keys() and all(
-        a[key] == b[key] if isinstance(a[key], (int, list)) else
-        (np.asarray(a[key]).shape == np.asarray(b[key]).shape and
-         np.array_equal(np.asarray(a[key]), np.asarray(b[key]), equal_nan=True)) for key in a)
+def _same_partial(a: NeuronPartial, b: NeuronPartial) -> bool:
+    fa, fb = _flat(a), _flat(b)
+    return fa.keys() == fb.keys() and all(
+        fa[key] == fb[key] if isinstance(fa[key], (int, list)) else
+        (np.asarray(fa[key]).shape == np.asarray(fb[key]).shape and
+         np.array_equal(np.asarray(fa[key]), np.asarray(fb[key]), equal_nan=True)) for key in fa)
 
 
-def _flat(partial: dict) -> dict:
-    """A partial with its Moments spelled out (mean, m2) for an exact comparison."""
-    m = partial["moments"]
-    return {**{k: v for k, v in partial.items() if k != "moments"}, "mean": m.mean, "m2": m.m2}
+def _flat(partial: NeuronPartial) -> dict:
+    """A partial's fields spelled out (Moments and TopRows too) for an exact comparison."""
+    out = {k: getattr(partial, k) for k in ("n", "min", "max", "small", "pos", "hist")}
+    t = partial.top
+    return {**out, "mean": partial.moments.mean, "m2": partial.moments.m2, "files": t.files,
+            "top_val": t.val, "top_file": t.file, "top_row": t.row, "top_step": t.step}
 
 
 # --- 2. PCA -------------------------------------------------------------------------------------
@@ -734,7 +739,7 @@ def run_pca(args, root: Path) -> dict[str, Any]:
     return res
 
 
-def _proto_comoment(x: np.ndarray) -> dict[str, Any]:
+def _proto_comoment(x: np.ndarray) -> FeaturePartial:
     """A ``feature`` partial (without the silhouette sample) from float32 rows ``x``."""
     n = len(x)
     mean = x.mean(0, dtype=np.float64)
@@ -743,7 +748,7 @@ def _proto_comoment(x: np.ndarray) -> dict[str, Any]:
     com = (xc.T @ xc).astype(np.float64)          # numpy spots a.T @ a: syrk, half the flops
     dm = mean - c.astype(np.float64)              # co-moment about c -> about the exact mean
     com -= n * np.outer(dm, dm)
-    return {"n": n, "moments": Moments(n, mean, com), "sample": x[:0], "prio": np.zeros(0)}
+    return FeaturePartial(Moments(n, mean, com), x[:0], np.zeros(0))
 
 
 def gemm_probe(x32: torch.Tensor) -> dict[str, float]:

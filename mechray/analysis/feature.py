@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -90,7 +91,7 @@ class FeatureAnalysis(Analysis):
         return Cost(n * d * d + km + d ** 3, w.shard_rows * d * 8 * 3 + d * d * 8 * 3 +
                     p.get("sample_size", 2000) * d * 4 * 2)
 
-    def map(self, rows: torch.Tensor, entry: dict[str, Any], layer: str) -> dict[str, Any]:
+    def map(self, rows: torch.Tensor, entry: dict[str, Any], layer: str) -> "FeaturePartial":
         x = rows.reshape(len(rows), -1).to(torch.float64)
         n, d = x.shape
         if d > self.params.max_features:
@@ -100,20 +101,19 @@ class FeatureAnalysis(Analysis):
         rng = np.random.default_rng([self.params.seed, key])
         prio = rng.random(n)
         keep = np.sort(np.argsort(prio, kind="stable")[: self.params.sample_size])
-        return {"n": n, "moments": Moments.of(x, full=True),
-                "sample": x[torch.from_numpy(keep)].to(torch.float32).numpy(), "prio": prio[keep]}
+        return FeaturePartial(Moments.of(x, full=True),
+                              x[torch.from_numpy(keep)].to(torch.float32).numpy(), prio[keep])
 
-    def merge(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        n = a["n"] + b["n"]
-        if a["n"] == 0 or b["n"] == 0:
-            return b if a["n"] == 0 else a
-        prio = np.concatenate([a["prio"], b["prio"]])
+    def merge(self, a: "FeaturePartial", b: "FeaturePartial") -> "FeaturePartial":
+        if a.n == 0 or b.n == 0:
+            return b if a.n == 0 else a
+        prio = np.concatenate([a.prio, b.prio])
         keep = np.argsort(prio, kind="stable")[: self.params.sample_size]
-        return {"n": n, "moments": a["moments"].merge(b["moments"]),
-                "sample": np.concatenate([a["sample"], b["sample"]])[keep], "prio": prio[keep]}
+        return FeaturePartial(a.moments.merge(b.moments),
+                              np.concatenate([a.sample, b.sample])[keep], prio[keep])
 
-    def finalize(self, partial: dict[str, Any], ctx: Context, layer: str) -> dict[str, Any]:
-        n, d = partial["n"], len(partial["moments"].mean)
+    def finalize(self, partial: "FeaturePartial", ctx: Context, layer: str) -> dict[str, Any]:
+        n, d = partial.n, len(partial.moments.mean)
         if n < 2:
             raise Skip(f"layer {layer!r} has {n} stored row(s); PCA needs at least 2")
         result = self._pca(partial, ctx, layer)
@@ -122,9 +122,9 @@ class FeatureAnalysis(Analysis):
         return result
 
     # --- PCA -----------------------------------------------------------------------------------
-    def _pca(self, partial: dict[str, Any], ctx: Context, layer: str) -> dict[str, Any]:
-        n = partial["n"]
-        cov = partial["moments"].covariance()
+    def _pca(self, partial: "FeaturePartial", ctx: Context, layer: str) -> dict[str, Any]:
+        n = partial.n
+        cov = partial.moments.covariance()
         evals, evecs = np.linalg.eigh(cov)
         order = np.argsort(evals)[::-1]
         k = min(self.params.n_components, len(evals), n)
@@ -145,17 +145,17 @@ class FeatureAnalysis(Analysis):
 
             rel = f"feature/{slug(layer)}.safetensors"
             (ctx.out_dir / "feature").mkdir(parents=True, exist_ok=True)
-            save_file({"components": np.ascontiguousarray(comps), "mean": partial["moments"].mean,
+            save_file({"components": np.ascontiguousarray(comps), "mean": partial.moments.mean,
                        "explained_variance": ev}, str(ctx.out_dir / rel))
             out["components_path"] = rel
         return out
 
     # --- clustering ----------------------------------------------------------------------------
-    def _cluster(self, partial: dict[str, Any], ctx: Context, layer: str) -> dict[str, Any]:
+    def _cluster(self, partial: "FeaturePartial", ctx: Context, layer: str) -> dict[str, Any]:
         from sklearn.cluster import MiniBatchKMeans
         from sklearn.metrics import pairwise_distances_argmin_min, silhouette_score
 
-        p, n, sample = self.params, partial["n"], partial["sample"]
+        p, n, sample = self.params, partial.n, partial.sample
         if n < p.n_clusters:
             return {"skipped": True, "reason": f"{n} rows < n_clusters={p.n_clusters}"}
         km = MiniBatchKMeans(n_clusters=p.n_clusters, batch_size=p.batch_size, random_state=p.seed,
@@ -203,3 +203,18 @@ def row_batches(store, layer: str, batch_size: int) -> Iterator[np.ndarray]:
 def slug(layer: str) -> str:
     """A file-name-safe form of a layer name (``heads.decoder`` stays ``heads.decoder``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", layer).strip(".") or "layer"
+
+
+@dataclass(frozen=True)
+class FeaturePartial:
+    """The rows' co-moments (for PCA) and a seeded sample of them (for the silhouette): the
+    sample keeps the ``sample_size`` rows with the smallest priorities, the same in any merge
+    order."""
+
+    moments: Moments
+    sample: np.ndarray       # [<= sample_size, d] float32
+    prio: np.ndarray         # each sampled row's priority
+
+    @property
+    def n(self) -> int:
+        return self.moments.n

@@ -28,6 +28,7 @@ adds from the shard's metadata) and falls back to ``entry["step"]``.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -91,7 +92,7 @@ class NeuronStats(Analysis):
         return Cost(float(w.rows) * w.d * 12,
                     float(w.shard_rows) * w.d * 8 * 3 + p.get("top_k", 5) * w.d * 40)
 
-    def map(self, rows: torch.Tensor, entry: dict[str, Any], layer: str) -> dict[str, Any]:
+    def map(self, rows: torch.Tensor, entry: dict[str, Any], layer: str) -> "NeuronPartial":
         """Statistics of one shard's rows, computed in blocks of :data:`CHUNK` rows merged
         exactly: float64 temporaries stay small enough for the allocator to reuse (whole-shard
         temporaries cost a page fault per 4 KiB, which dominated the time)."""
@@ -103,7 +104,7 @@ class NeuronStats(Analysis):
                                              for i in range(0, total, CHUNK)))
 
     def _map_block(self, rows: torch.Tensor, entry: dict[str, Any], offset: int,
-                   total: int) -> dict[str, Any]:
+                   total: int) -> "NeuronPartial":
         n, d = rows.shape
         if n == 0:
             return _empty(d)
@@ -119,61 +120,83 @@ class NeuronStats(Analysis):
         lo, hi = torch.aminmax(rows, dim=0)
         eps = self.params.eps
         bins = np.searchsorted(EDGES[1:-1], rows.reshape(-1).float().numpy(), side="right")
-        return {
-            "n": n, "moments": moments,
-            "min": lo.double().numpy(), "max": hi.double().numpy(),
-            "small": ((x <= eps) & (x >= -eps)).sum(0).numpy(),
-            "pos": (rows > 0).sum(0).numpy(),
-            "hist": np.bincount(bins, minlength=len(EDGES) - 1),
-            "files": [entry["file"]], "top_val": vals, "top_file": np.zeros_like(rows_idx),
-            "top_row": rows_idx, "top_step": steps,
-        }
+        return NeuronPartial(
+            n=n, moments=moments, min=lo.double().numpy(), max=hi.double().numpy(),
+            small=((x <= eps) & (x >= -eps)).sum(0).numpy(), pos=(rows > 0).sum(0).numpy(),
+            hist=np.bincount(bins, minlength=len(EDGES) - 1),
+            top=TopRows(files=[entry["file"]], val=vals, file=np.zeros_like(rows_idx),
+                        row=rows_idx, step=steps))
 
-    def merge(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        if a["n"] == 0 or b["n"] == 0:
-            return b if a["n"] == 0 else a
-        n = a["n"] + b["n"]
-        files = sorted(set(a["files"]) | set(b["files"]))
-        where = {f: i for i, f in enumerate(files)}
-        remap = [np.asarray([where[f] for f in p["files"]], dtype=np.int64) for p in (a, b)]
-        val = np.concatenate([a["top_val"], b["top_val"]])
-        fil = np.concatenate([remap[0][a["top_file"]], remap[1][b["top_file"]]])
-        row = np.concatenate([a["top_row"], b["top_row"]])
-        stp = np.concatenate([a["top_step"], b["top_step"]])
-        order = np.lexsort((row, fil, -val), axis=0)[: self.params.top_k]
-        pick = lambda arr: np.take_along_axis(arr, order, axis=0)  # noqa: E731
-        return {
-            "n": n, "moments": a["moments"].merge(b["moments"]),
-            "min": np.minimum(a["min"], b["min"]), "max": np.maximum(a["max"], b["max"]),
-            "small": a["small"] + b["small"], "pos": a["pos"] + b["pos"],
-            "hist": a["hist"] + b["hist"],
-            "files": files, "top_val": pick(val), "top_file": pick(fil), "top_row": pick(row),
-            "top_step": pick(stp),
-        }
+    def merge(self, a: "NeuronPartial", b: "NeuronPartial") -> "NeuronPartial":
+        if a.n == 0 or b.n == 0:
+            return b if a.n == 0 else a
+        return NeuronPartial(
+            n=a.n + b.n, moments=a.moments.merge(b.moments),
+            min=np.minimum(a.min, b.min), max=np.maximum(a.max, b.max),
+            small=a.small + b.small, pos=a.pos + b.pos, hist=a.hist + b.hist,
+            top=a.top.merge(b.top, self.params.top_k))
 
-    def finalize(self, partial: dict[str, Any], ctx: Context, layer: str) -> dict[str, Any]:
-        n = partial["n"]
+    def finalize(self, partial: "NeuronPartial", ctx: Context, layer: str) -> dict[str, Any]:
+        n = partial.n
         if n == 0:
             from mechray.analysis.base import Skip
 
             raise Skip(f"layer {layer!r} has no stored rows")
-        sparsity = partial["small"] / n
-        dead = np.flatnonzero(partial["small"] == n)
-        files = np.asarray(partial["files"], dtype=object)
+        sparsity = partial.small / n
+        dead = np.flatnonzero(partial.small == n)
+        top = partial.top
+        files = np.asarray(top.files, dtype=object)
         tr = lambda arr: arr.T.tolist()  # noqa: E731  ([d][k]: neuron-major)
         return {
-            "num_samples": int(n), "num_neurons": int(len(partial["moments"].mean)),
+            "num_samples": int(n), "num_neurons": int(len(partial.moments.mean)),
             "eps": self.params.eps,
-            "mean": partial["moments"].mean.tolist(),
-            "std": np.sqrt(partial["moments"].variance()).tolist(),
-            "min": partial["min"].tolist(), "max": partial["max"].tolist(),
-            "sparsity": sparsity.tolist(), "fraction_positive": (partial["pos"] / n).tolist(),
+            "mean": partial.moments.mean.tolist(),
+            "std": np.sqrt(partial.moments.variance()).tolist(),
+            "min": partial.min.tolist(), "max": partial.max.tolist(),
+            "sparsity": sparsity.tolist(), "fraction_positive": (partial.pos / n).tolist(),
             "dead_count": int(len(dead)), "dead_neurons": dead.tolist(),
-            "histogram": {"edges": EDGES.tolist(), "counts": partial["hist"].tolist()},
-            "top_k": {"k": int(partial["top_val"].shape[0]), "values": tr(partial["top_val"]),
-                      "shard": tr(files[partial["top_file"]]), "row": tr(partial["top_row"]),
-                      "step": tr(partial["top_step"])},
+            "histogram": {"edges": EDGES.tolist(), "counts": partial.hist.tolist()},
+            "top_k": {"k": int(top.val.shape[0]), "values": tr(top.val),
+                      "shard": tr(files[top.file]), "row": tr(top.row), "step": tr(top.step)},
         }
+
+
+@dataclass(frozen=True)
+class TopRows:
+    """Per neuron, the k rows where it fires hardest: ``val``, ``file`` (index into ``files``),
+    ``row`` and ``step``, each ``[k, d]``, ordered by (value desc, file, row)."""
+
+    files: list[str]
+    val: np.ndarray
+    file: np.ndarray
+    row: np.ndarray
+    step: np.ndarray
+
+    def merge(self, other: "TopRows", k: int) -> "TopRows":
+        files = sorted(set(self.files) | set(other.files))
+        where = {f: i for i, f in enumerate(files)}
+        remap = [np.asarray([where[f] for f in t.files], dtype=np.int64) for t in (self, other)]
+        val = np.concatenate([self.val, other.val])
+        fil = np.concatenate([remap[0][self.file], remap[1][other.file]])
+        row = np.concatenate([self.row, other.row])
+        stp = np.concatenate([self.step, other.step])
+        order = np.lexsort((row, fil, -val), axis=0)[:k]
+        pick = lambda arr: np.take_along_axis(arr, order, axis=0)  # noqa: E731
+        return TopRows(files, pick(val), pick(fil), pick(row), pick(stp))
+
+
+@dataclass(frozen=True)
+class NeuronPartial:
+    """What ``map`` gives for some rows and ``merge`` combines exactly."""
+
+    n: int
+    moments: Moments
+    min: np.ndarray
+    max: np.ndarray
+    small: np.ndarray        # rows with |a| <= eps, per neuron
+    pos: np.ndarray          # rows with a > 0, per neuron
+    hist: np.ndarray         # counts over EDGES
+    top: TopRows
 
 
 def _topk_rows(x: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -201,9 +224,9 @@ def _topk_rows(x: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(vals_np, order, 0), np.take_along_axis(rows_np, order, 0)
 
 
-def _empty(d: int) -> dict[str, Any]:
+def _empty(d: int) -> NeuronPartial:
     z = np.zeros(d)
-    return {"n": 0, "moments": Moments.empty(d), "min": z, "max": z, "small": z.astype(np.int64),
-            "pos": z.astype(np.int64), "hist": np.zeros(len(EDGES) - 1, dtype=np.int64),
-            "files": [], "top_val": np.zeros((0, d)), "top_file": np.zeros((0, d), np.int64),
-            "top_row": np.zeros((0, d), np.int64), "top_step": np.zeros((0, d), np.int64)}
+    none = np.zeros((0, d), np.int64)
+    return NeuronPartial(0, Moments.empty(d), z, z, z.astype(np.int64), z.astype(np.int64),
+                         np.zeros(len(EDGES) - 1, dtype=np.int64),
+                         TopRows([], np.zeros((0, d)), none, none, none))
