@@ -30,12 +30,25 @@ import torch
 
 from mechray.errors import ShardError
 from mechray.storage import s3
-from mechray.storage.manifest import MAIN, merge, validate
-from mechray.storage.shard import file_checksum, load_error
+from mechray.storage.manifest import MAIN, merge, parse
+from mechray.storage.shard import file_checksum, load_error, shard_path
 
 log = logging.getLogger(__name__)
-_PARTIAL = re.compile(r"manifest\.rank\d{3,}\.json$")
+_PARTIAL = re.compile(r"manifest\.rank[0-9]{3,}\.json")
 
+
+
+def cache_root(base: Path, bucket: str, prefix: str) -> Path:
+    """The local cache directory of ``s3://bucket/prefix``: one plain directory per bucket and
+    per prefix under ``base/s3``, whatever characters the prefix holds (``..`` included)."""
+    from urllib.parse import quote
+
+    parts = [quote(bucket, safe=""), quote(prefix, safe="") if prefix else "_root"]
+    parts = [f"_{p}" if p in (".", "..") or not p else p for p in parts]
+    root = base / "s3" / parts[0] / parts[1]
+    if not root.resolve().is_relative_to((base / "s3").resolve()):
+        raise ValueError(f"s3://{bucket}/{prefix} maps outside the cache {base}: refused")
+    return root
 
 
 class ShardStore:
@@ -50,7 +63,7 @@ class ShardStore:
             self.bucket, self.prefix = s3.parse_uri(self.location)
             base = cache_dir or os.environ.get("MECHRAY_CACHE_DIR") or \
                 Path.home() / ".cache" / "mechray"
-            self.root = Path(base) / "s3" / self.bucket / (self.prefix or "_root")
+            self.root = cache_root(Path(base), self.bucket, self.prefix)
         else:
             self.root = Path(self.location).expanduser().resolve()
         self._verified: dict[str, tuple] = {}
@@ -59,7 +72,7 @@ class ShardStore:
     # --- the manifest --------------------------------------------------------------------------
     def refresh(self) -> None:
         """Re-read the manifest (and any per-rank partial manifests not merged yet)."""
-        docs = [validate(json.loads(text), where) for where, text in self._manifest_texts()]
+        docs = [parse(text, where) for where, text in self._manifest_texts()]
         if not docs:
             raise FileNotFoundError(
                 f"{self.location} holds no {MAIN}: nothing was captured there yet, or the path is "
@@ -71,14 +84,17 @@ class ShardStore:
         if not self.is_s3:
             if not self.root.is_dir():
                 return []
-            names = [MAIN] + sorted(p.name for p in self.root.iterdir() if _PARTIAL.match(p.name))
+            names = [MAIN] + sorted(p.name for p in self.root.iterdir()
+                                    if _PARTIAL.fullmatch(p.name))
             return [(str(self.root / n), (self.root / n).read_text()) for n in names
                     if (self.root / n).is_file()]
         client = self._client()
         listed = client.list_objects_v2(Bucket=self.bucket, Prefix=s3.key_for(self.prefix, "manifest"))
         keys = sorted(o["Key"] for o in listed.get("Contents", []))
         main = s3.key_for(self.prefix, MAIN)
-        keys = [k for k in keys if k == main] + [k for k in keys if _PARTIAL.search(k)]
+        keys = [k for k in keys if k == main] + \
+            [k for k in keys if _PARTIAL.fullmatch(k.rsplit("/", 1)[-1]) and
+             k.rsplit("/", 1)[0] == main.rsplit("/", 1)[0]]
         return [(f"s3://{self.bucket}/{k}",
                  client.get_object(Bucket=self.bucket, Key=k)["Body"].read().decode()) for k in keys]
 
@@ -131,9 +147,9 @@ class ShardStore:
     def path(self, shard: Union[str, dict[str, Any]]) -> Path:
         """A verified local path for a shard (downloaded into the cache when it lives on S3)."""
         entry = self._entry(shard)
-        local = self.root / entry["file"]
+        local = shard_path(self.root, entry["file"])
         if not local.is_file() and not self.is_s3:
-            spool = self.root / ".spool" / entry["file"]
+            spool = shard_path(self.root / ".spool", entry["file"])
             local = spool if spool.is_file() else local
         if not local.is_file():
             if not entry.get("s3_uri") and not self.is_s3:
@@ -185,7 +201,13 @@ class ShardStore:
     def _download(self, entry: dict[str, Any], local: Path) -> None:
         bucket, key = s3.parse_uri(entry["s3_uri"]) if entry.get("s3_uri") else \
             (self.bucket, s3.key_for(self.prefix, entry["file"]))
+        if key.rsplit("/", 1)[-1] != entry["file"]:
+            raise ShardError(f"the manifest of {self.location} gives shard {entry['file']} the "
+                             f"S3 object {key!r}, which has another name: refused")
         local.parent.mkdir(parents=True, exist_ok=True)
+        if local.parent.resolve() != self.root.resolve():  # contained, after resolving links
+            raise ShardError(f"shard {entry['file']} would be downloaded to {local.parent}, "
+                             f"outside the cache {self.root}: refused")
         fd, name = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".part", dir=local.parent)
         os.close(fd)
         tmp = Path(name)  # unique: concurrent readers of one shard never share a temp file
