@@ -33,10 +33,13 @@ from mechray.storage.shard import load_error
 def cmd_ls(args) -> int:
     from mechray.storage.reader import ShardStore
 
+    from mechray.storage.summary import runs
+
     store = ShardStore(args.path, endpoint_url=args.endpoint_url)
-    shards = store.shards()
-    print(f"{store.location}: {len(shards)} shard(s), "
-          f"{sum(e['bytes'] for e in shards) / 1e6:.2f} MB, steps {store.steps()}")
+    spans = [str(a) if a == b else f"{a}..{b}" + (f" every {s}" if s != 1 else "")
+             for a, b, s in runs(store.steps())]
+    print(f"{store.location}: {store.count()} shard(s), {store.total_bytes() / 1e6:.2f} MB, "
+          f"steps {', '.join(spans[:8])}{' ...' if len(spans) > 8 else ''}")
     print(f"{'layer':32s} {'features':>12s} {'dtype':>9s} {'rows':>9s} {'shards':>7s} "
           f"{'dropped':>9s} {'tokens':>6s}")
     layers = store.layers()
@@ -50,7 +53,7 @@ def cmd_ls(args) -> int:
         print(f"rows dropped by the cap: {dropped}; raise max_activations_per_shard (or set "
               f"rows_per_step, or save more often) to keep them")
     if args.shards:
-        for e in shards:
+        for e in store.shards():
             print(f"  {e['file']}  rank={e['rank']} step={e['step']} bytes={e['bytes']} "
                   f"{e['checksum'][:19]}{'  ' + e['s3_uri'] if e.get('s3_uri') else ''}")
     return 0

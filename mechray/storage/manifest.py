@@ -28,6 +28,7 @@ from mechray.errors import ShardError
 from mechray.storage import s3
 from mechray.storage.shard import parse_shard_name, shard_path, temp_target
 from mechray.storage.sink import ShardSink, StorageTarget, atomic_write, orphans, upload
+from mechray.storage.summary import Summary
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,9 @@ class Manifest:
             doc = read(self.path)
             if config:
                 doc["config"] = config
-        self.doc = {k: v for k, v in doc.items() if k != "shards"}
+        self.doc = {k: v for k, v in doc.items() if k not in ("shards", "summary")}
         self._by_file = {e["file"]: e for e in doc["shards"]}
+        self._summary = Summary(self._by_file.values())
         self._lines = {f: json.dumps(e, allow_nan=False) for f, e in self._by_file.items()}
         self.upload_pending = False
         self._version = self._durable = 0
@@ -182,6 +184,10 @@ class Manifest:
         """
         with self._cond:
             for entry in entries:
+                old = self._by_file.get(entry["file"])
+                if old is not None:
+                    self._summary.remove(old)
+                self._summary.add(entry)
                 self._by_file[entry["file"]] = entry
                 self._lines[entry["file"]] = json.dumps(entry, allow_nan=False)
             return self._commit()
@@ -190,7 +196,9 @@ class Manifest:
         """Forget entries (used by ``mechray repair`` for files that are gone or corrupt)."""
         with self._cond:
             for f in files:
-                self._by_file.pop(f, None)
+                old = self._by_file.pop(f, None)
+                if old is not None:
+                    self._summary.remove(old)
                 self._lines.pop(f, None)
             self._commit()
 
@@ -234,9 +242,10 @@ class Manifest:
         return max(used, default=-1) + 1
 
     def _render(self) -> str:
-        """The manifest as JSON text: one shard entry per line (readable, and fast to encode)."""
+        """The manifest as JSON text: the head (config, per-layer summary) first, then one shard
+        entry per line (readable, fast to encode, and readers list layers from the head alone)."""
         self.doc["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        head = json.dumps(self.doc, indent=1)
+        head = json.dumps({**self.doc, "summary": self._summary.to_json()}, indent=1)
         order = sorted(self._by_file, key=lambda f: (self._by_file[f].get("rank", 0),
                                                      self._by_file[f]["index"]))
         shards = ",\n  ".join(self._lines[f] for f in order)
