@@ -280,3 +280,57 @@ def test_claim_records_host(tmp_path):
     claim = StoreClaim(target, "run-h").acquire()
     assert claim.holder().host == socket.gethostname()
     claim.release()
+
+
+# --- 5: large manifests: parse once per change, list from the head, page entries ----------------
+
+def test_layers_come_from_the_head_and_match_the_entries(tiny_net, tmp_path, monkeypatch):
+    import mechray.store as store_mod
+    from mechray.summary import Summary
+
+    d = tmp_path / "cache"
+    _capture(tiny_net, d, steps=(0, 10, 20, 25))
+    parsed = []
+    real = store_mod.parse
+    monkeypatch.setattr(store_mod, "parse", lambda text, where: parsed.append(where) or
+                        real(text, where))
+    store = ShardStore(d)
+    layers = store.layers()
+    assert parsed == ["head"]                                  # no entry parsed to list layers
+    assert layers["popt"]["steps"] == [0, 10, 20, 25] and store.count() == 4
+    assert cli(["ls", str(d)]) == 0 and "head" in parsed[-1]
+    assert layers == Summary(store.shards()).layers_info()     # the summary agrees with entries
+    assert parsed[-1].endswith("manifest.json")                # entries parsed on first use
+
+
+def test_refresh_rereads_only_after_a_change(tiny_net, tmp_path):
+    d = tmp_path / "cache"
+    _capture(tiny_net, d, steps=(0,))
+    store = ShardStore(d)
+    assert store.shards() and store.refresh() is False         # unchanged: a stat, no read
+    _capture(tiny_net, d, steps=(5,))
+    assert store.refresh() is True and store.count() == 2
+    assert [e["step"] for e in store.shards()] == [0, 5]
+
+
+def test_shards_page(tiny_net, tmp_path):
+    d = tmp_path / "cache"
+    _capture(tiny_net, d, steps=range(0, 50, 10))
+    store = ShardStore(d)
+    assert [e["step"] for e in store.shards(offset=1, limit=2)] == [10, 20]
+    assert [e["step"] for e in store.shards(offset=4, limit=10)] == [40]
+    assert store.shards(offset=9, limit=1) == []
+    with pytest.raises(ValueError, match="offset"):
+        store.shards(offset=-1)
+
+
+def test_hostile_summary_cannot_blow_up_a_reader(store_dir):
+    from mechray.summary import layers_from_json
+
+    bomb = {"shards": 1, "bytes": 1, "layers": {"popt": {"feature_shape": [8], "dtype": "float32",
+                                                          "shards": 1, "rows": 1,
+                                                          "steps": [[0, 10 ** 12, 1]]}}}
+    with pytest.raises(ValueError, match="more than"):
+        layers_from_json(bomb, "manifest.json")
+    with pytest.raises(ValueError, match="summary is not"):
+        layers_from_json({"layers": {"popt": {"steps": "x"}}}, "manifest.json")

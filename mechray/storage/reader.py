@@ -124,8 +124,7 @@ class ShardStore:
         with self._load_lock:
             head = self._head_of(sources[0][2]) if len(sources) == 1 else None
             if head is not None:
-                self._doc, self._summary = None, layers_from_json(head["summary"],
-                                                                  sources[0][0])
+                self._doc, self._summary = None, head["layers"]
                 self._total = head["summary"].get("shards")
                 self._bytes = head["summary"].get("bytes")
                 self._config = head.get("config", {})
@@ -165,9 +164,10 @@ class ShardStore:
             return None
         try:
             doc = parse(head, "head")
+            doc["layers"] = layers_from_json(doc.get("summary"), "head")
         except ValueError:
-            return None  # not laid out as mechray writes it: parse the whole file
-        return doc if isinstance(doc.get("summary"), dict) else None
+            return None  # not laid out as mechray writes it, or no summary: parse it all
+        return doc
 
     def _sources(self) -> list[tuple[str, tuple, Any]]:
         """``(where, stamp, read)`` per manifest file, the main manifest first."""

@@ -110,25 +110,24 @@ def _int(v: Any) -> bool:
 
 
 def layers_from_json(doc: Any, where: str) -> dict[str, dict[str, Any]]:
-    """Per layer ``feature_shape, dtype, shards, rows, steps``; ``ValueError`` for a wrong shape."""
-    ok = isinstance(doc, dict) and isinstance(doc.get("layers"), dict)
-    out: dict[str, dict[str, Any]] = {}
-    for name, la in (doc.get("layers") or {}).items() if ok else ():
-        if not (isinstance(la, dict) and isinstance(la.get("feature_shape"), list) and
-                all(_int(d) for d in la["feature_shape"]) and isinstance(la.get("dtype"), str) and
-                _int(la.get("shards")) and _int(la.get("rows")) and
-                isinstance(la.get("steps"), list) and
-                all(isinstance(r, list) and len(r) == 3 and all(_int(x) for x in r) and r[2] > 0
-                    and r[1] >= r[0] for r in la["steps"])):
-            ok = False
-            break
-        out[name] = {"feature_shape": la["feature_shape"], "dtype": la["dtype"],
-                     "shards": la["shards"], "rows": la["rows"], "steps": expand(la["steps"]),
-                     "dropped_rows": int(la.get("dropped_rows", 0) or 0),
-                     "provenance_shards": int(la.get("provenance_shards", 0) or 0)}
-    if ok and sum((r[1] - r[0]) // r[2] + 1 for la in doc["layers"].values()
-                  for r in la["steps"]) > MAX_STEPS:
-        raise ValueError(f"{where}: the summary lists more than {MAX_STEPS} steps")
+    """Per layer ``feature_shape, dtype, shards, rows, steps, dropped_rows,
+    provenance_shards``; ``ValueError`` for a wrong shape (checked, sizes included, before
+    anything is expanded)."""
+    layers = doc.get("layers") if isinstance(doc, dict) else None
+    ok = isinstance(layers, dict) and all(
+        isinstance(la, dict) and isinstance(la.get("feature_shape"), list) and
+        all(_int(d) for d in la["feature_shape"]) and isinstance(la.get("dtype"), str) and
+        _int(la.get("shards")) and _int(la.get("rows")) and isinstance(la.get("steps"), list) and
+        _int(la.get("dropped_rows", 0)) and _int(la.get("provenance_shards", 0)) and
+        all(isinstance(r, list) and len(r) == 3 and all(_int(x) for x in r) and r[2] > 0 and
+            r[1] >= r[0] for r in la["steps"])
+        for la in layers.values())
     if not ok:
         raise ValueError(f"{where}: the summary is not {SHAPE}")
-    return out
+    if sum((r[1] - r[0]) // r[2] + 1 for la in layers.values() for r in la["steps"]) > MAX_STEPS:
+        raise ValueError(f"{where}: the summary lists more than {MAX_STEPS} steps")
+    return {name: {"feature_shape": la["feature_shape"], "dtype": la["dtype"],
+                   "shards": la["shards"], "rows": la["rows"], "steps": expand(la["steps"]),
+                   "dropped_rows": la.get("dropped_rows", 0),
+                   "provenance_shards": la.get("provenance_shards", 0)}
+            for name, la in layers.items()}
