@@ -36,7 +36,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from mechray.errors import ShardBuildError
+from mechray.errors import ShardBuildError, ShardError
 
 FORMAT = "mechray.shard/1"
 _NAME = re.compile(r"activations_(?:rank(?P<rank>[0-9]{3,})_)?shard_(?P<index>[0-9]{6,})"
@@ -44,7 +44,7 @@ _NAME = re.compile(r"activations_(?:rank(?P<rank>[0-9]{3,})_)?shard_(?P<index>[0
 MAX_NAME = 255  # one path component on every file system we write to
 
 
-class UnsafeNameError(ValueError):
+class UnsafeNameError(ShardError, ValueError):
     """A store named a file that is not a plain shard file name (a path, ``..``, a link out)."""
 
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from mechray import ActivationSampler, MechIntConfig, ShardStore
-from mechray.claim import LOCK, StoreBusyError, StoreClaim
+from mechray.storage.claim import LOCK, StoreBusyError, StoreClaim
 from mechray.cli import main as cli
-from mechray.manifest import ManifestError
-from mechray.recovery import repair, sync
-from mechray.shard import UnsafeNameError, shard_path
-from mechray.storage import StorageTarget
+from mechray.storage.manifest import ManifestError
+from mechray.storage.recovery import repair, sync
+from mechray.storage.shard import UnsafeNameError, shard_path
+from mechray.storage.sink import StorageTarget
 
 OUTSIDE = ["../../../../../../etc/passwd", "/etc/passwd", "sub/activations_shard_000000_step_0.pt",
            "activations_shard_000000_step_0.pt/../../x", "activations_shard_000000_step_0.pt\n",
@@ -58,7 +58,7 @@ def test_local_manifest_pointing_outside_is_refused_without_reading(store_dir, n
     _poison(store_dir, name)
     with pytest.raises(ManifestError, match="not a shard file name.*repair --rebuild"):
         ShardStore(store_dir)
-    assert cli(["ls", str(store_dir)]) == 2
+    assert cli(["ls", str(store_dir)]) == 3  # ShardError's exit status
     err = capsys.readouterr().err
     assert "repair --rebuild" in err and "bytes" not in err and "Traceback" not in err
 
@@ -108,7 +108,7 @@ def test_s3_manifest_cannot_write_outside_the_cache(tiny_net, tmp_path, s3_bucke
         store.load(other["file"])
     # a prefix of '..' still maps to a directory inside the cache
     dotted = ShardStore.__new__(ShardStore)
-    from mechray.store import cache_root
+    from mechray.storage.reader import cache_root
     root = cache_root(tmp_path / "dl", bucket, "..")
     assert root.resolve().is_relative_to((tmp_path / "dl" / "s3").resolve()), dotted
     assert not target.exists()
@@ -229,7 +229,7 @@ def test_damaged_manifest_says_rebuild_and_rebuild_recovers(store_dir, damage, c
            "entry_not_object": json.dumps({**doc, "shards": [3]})}[damage]
     path.write_text(bad)
     for argv in (["ls", str(store_dir)], ["repair", str(store_dir)]):
-        assert cli(argv) == 2
+        assert cli(argv) == 3
         err = capsys.readouterr().err
         assert f"mechray repair --rebuild {store_dir}" in err and "Traceback" not in err
     assert cli(["repair", "--rebuild", str(store_dir)]) == 0
@@ -285,8 +285,8 @@ def test_claim_records_host(tmp_path):
 # --- 5: large manifests: parse once per change, list from the head, page entries ----------------
 
 def test_layers_come_from_the_head_and_match_the_entries(tiny_net, tmp_path, monkeypatch):
-    import mechray.store as store_mod
-    from mechray.summary import Summary
+    import mechray.storage.reader as store_mod
+    from mechray.storage.summary import Summary
 
     d = tmp_path / "cache"
     _capture(tiny_net, d, steps=(0, 10, 20, 25))
@@ -325,7 +325,7 @@ def test_shards_page(tiny_net, tmp_path):
 
 
 def test_hostile_summary_cannot_blow_up_a_reader(store_dir):
-    from mechray.summary import layers_from_json
+    from mechray.storage.summary import layers_from_json
 
     bomb = {"shards": 1, "bytes": 1, "layers": {"popt": {"feature_shape": [8], "dtype": "float32",
                                                           "shards": 1, "rows": 1,
