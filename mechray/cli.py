@@ -32,7 +32,6 @@ from mechray.storage.shard import load_error
 
 def cmd_ls(args) -> int:
     from mechray.storage.reader import ShardStore
-
     from mechray.storage.summary import runs
 
     store = ShardStore(args.path, endpoint_url=args.endpoint_url)

@@ -19,10 +19,10 @@ Nothing here unpickles code: shards load with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import logging
-import threading
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 

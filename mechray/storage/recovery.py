@@ -31,8 +31,15 @@ from typing import Any, Iterator, Optional
 
 from mechray.storage.claim import StoreClaim
 from mechray.storage.manifest import FORMAT, MAIN, Manifest, merge, read
-from mechray.storage.shard import (UnsafeNameError, checksum, decode, entry_for, file_checksum,
-                                   shard_path, temp_target)
+from mechray.storage.shard import (
+    UnsafeNameError,
+    checksum,
+    decode,
+    entry_for,
+    file_checksum,
+    shard_path,
+    temp_target,
+)
 from mechray.storage.sink import StorageTarget, orphans
 
 log = logging.getLogger(__name__)

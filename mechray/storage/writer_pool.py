@@ -19,7 +19,6 @@ rank, index and step and the manifest is keyed by file name.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from typing import Any, Optional
 

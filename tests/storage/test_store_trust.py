@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mechray import ActivationSampler, MechIntConfig, ShardStore
-from mechray.storage.claim import LOCK, StoreBusyError, StoreClaim
 from mechray.cli import main as cli
+from mechray.storage.claim import LOCK, StoreBusyError, StoreClaim
 from mechray.storage.manifest import ManifestError
 from mechray.storage.recovery import repair, sync
 from mechray.storage.shard import UnsafeNameError, shard_path
