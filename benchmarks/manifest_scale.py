@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 from _common import machine, mechray_source, table, write_json  # noqa: E402
 
 CHILD = r"""
-import json, resource, sys, time, io, contextlib
+import json, sys, time, io, contextlib
 op, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 from mechray.cli import main as cli
 out = {}
@@ -69,7 +69,9 @@ else:
     out["layers"] = {k: v["shards"] for k, v in layers.items()}
 import mechray
 out["mechray"] = mechray.__file__
-out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's peak (ru_maxrss would carry the forking parent's peak across exec)
+hwm = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+out["max_rss_mb"] = int(hwm.split()[1]) / 1024
 print("RESULT " + json.dumps(out))
 """
 
@@ -112,6 +114,11 @@ def baseline_tree(ref: str) -> Path:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--build"]:
+        t0 = time.perf_counter()
+        mb = build(Path(sys.argv[2]), int(sys.argv[3]))
+        print(mb, time.perf_counter() - t0)
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--baseline", default=None,
@@ -130,9 +137,11 @@ def main() -> None:
     try:
         for n in args.sizes:
             with tempfile.TemporaryDirectory(prefix="mechray-manifest-") as d:
-                t0 = time.perf_counter()
-                mb = build(Path(d), n)
-                build_s = time.perf_counter() - t0
+                made_by = subprocess.run(  # in a child: the parent stays small
+                    [sys.executable, str(Path(__file__)), "--build", d, str(n)], cwd=str(ROOT),
+                    env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                    check=True).stdout.split()
+                mb, build_s = float(made_by[-2]), float(made_by[-1])
                 old = child("baseline-ls", Path(d), n, base)
                 new = child("ls", Path(d), n, str(ROOT))
                 ref = child("open+refresh", Path(d), n, str(ROOT))

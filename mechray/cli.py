@@ -32,11 +32,10 @@ from mechray.storage.shard import load_error
 
 def cmd_ls(args) -> int:
     from mechray.storage.reader import ShardStore
-    from mechray.storage.summary import runs
 
     store = ShardStore(args.path, endpoint_url=args.endpoint_url)
     spans = [str(a) if a == b else f"{a}..{b}" + (f" every {s}" if s != 1 else "")
-             for a, b, s in runs(store.steps())]
+             for a, b, s in store.step_runs()]
     print(f"{store.location}: {store.count()} shard(s), {store.total_bytes() / 1e6:.2f} MB, "
           f"steps {', '.join(spans[:8])}{' ...' if len(spans) > 8 else ''}")
     print(f"{'layer':32s} {'features':>12s} {'dtype':>9s} {'rows':>9s} {'shards':>7s} "

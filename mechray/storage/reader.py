@@ -18,6 +18,7 @@ Nothing here unpickles code: shards load with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -30,9 +31,16 @@ import torch
 
 from mechray.errors import ShardError
 from mechray.storage import s3
-from mechray.storage.manifest import MAIN, merge, parse
+from mechray.storage.manifest import (
+    MAIN,
+    ManifestError,
+    entry_problem,
+    merge,
+    parse,
+    rebuild_hint,
+)
 from mechray.storage.shard import file_checksum, load_error, shard_path
-from mechray.storage.summary import Summary, layers_from_json
+from mechray.storage.summary import Summary, layers_from_json, runs
 
 log = logging.getLogger(__name__)
 _PARTIAL = re.compile(r"manifest\.rank[0-9]{3,}\.json")
@@ -79,6 +87,28 @@ def _read_local(path: Path, head: bool = False) -> Optional[bytes]:
     return None
 
 
+def _entry_lines(path: Path):
+    """Byte offsets where the entry lines of a mechray-laid-out manifest start, plus the offset
+    where they end (numpy, scanned 64 MiB at a time); None for another layout."""
+    import mmap
+
+    import numpy as np
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        first = mm.find(_SHARDS)
+        end = mm.rfind(b"\n ]\n}")
+        if first < 0 or end < 0:
+            return None
+        first = mm.find(b"\n", first + 1) + 1
+        parts, step = [np.array([first], dtype=np.int64)], 64 << 20
+        for at in range(first, end, step):
+            chunk = np.frombuffer(mm, dtype=np.uint8, count=min(step, end - at), offset=at)
+            parts.append(np.flatnonzero(chunk == 10).astype(np.int64) + at + 1)
+            del chunk
+        starts = np.concatenate(parts + [np.array([end + 1], dtype=np.int64)])
+    return starts if starts[-1] > starts[0] else starts[:1]
+
+
 class ShardStore:
     """A read-only view of one store's manifest and shards."""
 
@@ -101,6 +131,8 @@ class ShardStore:
         self._summary: Optional[dict[str, dict[str, Any]]] = None
         self._config: dict[str, Any] = {}
         self._total: Optional[int] = None
+        self._lines: Optional[tuple] = None     # (stamp, entry line starts) for paging
+        self._head_runs: list = []
         self._bytes: Optional[int] = None
         self._sources_now: list = []
         self.refresh()
@@ -125,6 +157,7 @@ class ShardStore:
             head = self._head_of(sources[0][2]) if len(sources) == 1 else None
             if head is not None:
                 self._doc, self._summary = None, head["layers"]
+                self._head_runs = [la["steps"] for la in head["summary"]["layers"].values()]
                 self._total = head["summary"].get("shards")
                 self._bytes = head["summary"].get("bytes")
                 self._config = head.get("config", {})
@@ -212,9 +245,42 @@ class ShardStore:
         ``limit`` page through them (``count()`` gives the total)."""
         if offset < 0 or (limit is not None and limit < 0):
             raise ValueError(f"offset={offset} and limit={limit} must be >= 0")
+        if layer is None and limit is not None and self._doc is None:
+            page = self._page(offset, limit)  # one entry per line: read only the page's lines
+            if page is not None:
+                return page
         picked = self.manifest["shards"] if layer is None else \
             [e for e in self.manifest["shards"] if layer in e["layers"]]
         return picked[offset: None if limit is None else offset + limit]
+
+    def _page(self, offset: int, limit: int) -> Optional[list[dict[str, Any]]]:
+        """Entries ``offset..offset+limit`` of a local manifest laid out one entry per line,
+        through an index of line starts built once per manifest change (None: not that layout)."""
+        if self.is_s3 or len(self._sources_now) != 1:
+            return None
+        path = Path(self._sources_now[0][0])
+        with self._load_lock:
+            if self._lines is None or self._lines[0] != self._stamp:
+                starts = _entry_lines(path)
+                if starts is None or len(starts) - 1 != self._total:
+                    return None
+                self._lines = (self._stamp, starts)
+            starts = self._lines[1]
+        out = []
+        with open(path, "rb") as fh:
+            for i in range(offset, min(offset + limit, len(starts) - 1)):
+                fh.seek(int(starts[i]))
+                line = fh.read(int(starts[i + 1] - starts[i])).strip().rstrip(b",")
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    return None
+                problem = entry_problem(entry)
+                if problem:
+                    raise ManifestError(f"{path}: shard entry {i} {problem}; "
+                                        f"{rebuild_hint(str(path))}")
+                out.append(entry)
+        return out
 
     def count(self, layer: Optional[str] = None) -> int:
         """How many shards the manifest lists (holding ``layer``); from the summary if it has one."""
@@ -236,6 +302,14 @@ class ShardStore:
         if self._summary is None:
             self._summary = Summary(self.manifest["shards"]).layers_info()
         return {k: dict(v, steps=list(v["steps"])) for k, v in self._summary.items()}
+
+    def step_runs(self) -> list[list[int]]:
+        """Every captured step as ``[first, last, stride]`` runs, without listing each step when
+        the summary's layers agree (a million-shard store answers at once)."""
+        head = self._head_runs
+        if head and self._doc is None and all(r == head[0] for r in head):
+            return head[0]
+        return runs(self.steps())
 
     def steps(self) -> list[int]:
         return sorted({s for info in self.layers().values() for s in info["steps"]})
