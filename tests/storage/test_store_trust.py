@@ -320,8 +320,18 @@ def test_shards_page(tiny_net, tmp_path):
     assert [e["step"] for e in store.shards(offset=1, limit=2)] == [10, 20]
     assert [e["step"] for e in store.shards(offset=4, limit=10)] == [40]
     assert store.shards(offset=9, limit=1) == []
+    assert store._doc is None                       # pages came from their lines alone
+    assert store.shards(offset=1, limit=3) == store.shards()[1:4]
     with pytest.raises(ValueError, match="offset"):
         store.shards(offset=-1)
+    lines = (d / "manifest.json").read_text().split("\n")
+    at = next(i for i, ln in enumerate(lines) if "_step_20.pt" in ln)
+    lines[at] = lines[at].replace("activations_shard_000002_step_20.pt", "../../etc/passwd")
+    (d / "manifest.json").write_text("\n".join(lines))
+    store = ShardStore(d)
+    assert [e["step"] for e in store.shards(offset=0, limit=2)] == [0, 10]
+    with pytest.raises(ManifestError, match="not a shard file name"):
+        store.shards(offset=2, limit=1)             # every paged entry is validated
 
 
 def test_hostile_summary_cannot_blow_up_a_reader(store_dir):
