@@ -55,8 +55,8 @@ from torch import nn
 
 from mechray.capture.layers import pick_tensor, resolve_layers
 from mechray.capture.tokens import TokenBatch, find_tokens
-from mechray.storage.claim import run_id_for
 from mechray.config import MechIntConfig
+from mechray.storage.claim import run_id_for
 from mechray.storage.shard import Chunk, PendingShard, shard_name
 from mechray.storage.transport import Transport, make_transport
 
@@ -371,7 +371,7 @@ class ActivationSampler:
         if self._transport is not None:
             self._transport.check()  # a failed write stops us before more rows are handed off
         elif any(self._cache.values()):
-            self.transport  # claim the store before the cache is emptied: a refusal loses nothing
+            _ = self.transport  # claim the store before the cache is emptied: a refusal loses nothing
         with self._lock:
             chunks, info, (examples, example_steps), inputs = self._take()
         if not chunks:

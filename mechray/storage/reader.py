@@ -182,11 +182,12 @@ class ShardStore:
                 if self._doc is None:
                     self._set_doc(merge([parse(read(), where)
                                          for where, _, read in self._sources_now]))
+        assert self._doc is not None
         return self._doc
 
     @property
     def entries(self) -> dict[str, dict[str, Any]]:
-        self.manifest
+        _ = self.manifest  # parses the entries on first use
         return self._entries
 
     @staticmethod

@@ -55,7 +55,7 @@ def shard_name(index: int, step: int, rank: int = 0, world_size: int = 1) -> str
     return f"activations_shard_{index:06d}_step_{step}.pt"
 
 
-def parse_shard_name(name: str) -> Optional[dict[str, int]]:
+def parse_shard_name(name: object) -> Optional[dict[str, int]]:
     """``{'rank', 'index', 'step'}`` for a shard file name, ``None`` for anything else."""
     m = _NAME.fullmatch(name) if isinstance(name, str) and len(name) <= MAX_NAME else None
     if not m:

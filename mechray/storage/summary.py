@@ -122,7 +122,7 @@ def layers_from_json(doc: Any, where: str) -> dict[str, dict[str, Any]]:
         all(isinstance(r, list) and len(r) == 3 and all(_int(x) for x in r) and r[2] > 0 and
             r[1] >= r[0] for r in la["steps"])
         for la in layers.values())
-    if not ok:
+    if not ok or layers is None:
         raise ValueError(f"{where}: the summary is not {SHAPE}")
     if sum((r[1] - r[0]) // r[2] + 1 for la in layers.values() for r in la["steps"]) > MAX_STEPS:
         raise ValueError(f"{where}: the summary lists more than {MAX_STEPS} steps")

@@ -141,7 +141,7 @@ class Transport:
             left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
             done, not_done = wait(pending, timeout=STALL_LOG_S if left is None else
                                   min(left, STALL_LOG_S))
-            if not_done and left is not None and time.monotonic() - t0 >= timeout:
+            if not_done and timeout is not None and time.monotonic() - t0 >= timeout:
                 raise TimeoutError(f"{len(not_done)} shard(s) still being written after "
                                    f"{timeout}s; call flush() again or raise the timeout")
             if not_done:  # a stall says what it waits for

@@ -57,7 +57,7 @@ class ManifestOwner:
 
     def __init__(self, target: StorageTarget, config: dict[str, Any]):
         self.target = target
-        self.token = "ray-actor:" + ray.get_runtime_context().get_actor_id()
+        self.token = f"ray-actor:{ray.get_runtime_context().get_actor_id()}"
         self.members: dict[str, tuple[str, int]] = {}   # member -> (host, pid)
         self.claim: Optional[StoreClaim] = None
         held = StoreClaim(target, "", token=self.token).holder()
