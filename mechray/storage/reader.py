@@ -175,6 +175,14 @@ class ShardStore:
         self._bytes = sum(e["bytes"] for e in doc["shards"])
 
     @property
+    def version(self) -> str:
+        """Changes whenever a manifest file changes (its size, mtime and inode; ETag on S3):
+        a cache key that costs one ``refresh()``, no parse."""
+        import hashlib
+
+        return hashlib.sha1(repr(self._stamp).encode()).hexdigest()[:16]
+
+    @property
     def manifest(self) -> dict[str, Any]:
         """The whole manifest (entries parsed and validated on first use after a change)."""
         if self._doc is None:

@@ -344,3 +344,33 @@ def test_hostile_summary_cannot_blow_up_a_reader(store_dir):
         layers_from_json(bomb, "manifest.json")
     with pytest.raises(ValueError, match="summary is not"):
         layers_from_json({"layers": {"popt": {"steps": "x"}}}, "manifest.json")
+
+
+def test_version_moves_with_the_manifest(tiny_net, tmp_path):
+    d = tmp_path / "cache"
+    _capture(tiny_net, d, steps=(0,))
+    store = ShardStore(d)
+    v = store.version
+    assert store.refresh() is False and store.version == v
+    _capture(tiny_net, d, steps=(1,))
+    assert store.refresh() is True and store.version != v
+
+
+def test_s3_stall_says_what_it_waits_for_and_loses_nothing(tiny_net, tmp_path, caplog,
+                                                          monkeypatch):
+    import logging
+
+    import mechray.storage.transport as transport
+
+    monkeypatch.setattr(transport, "STALL_LOG_S", 0.2)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    caplog.set_level(logging.INFO)
+    d = tmp_path / "cache"
+    s = _capture(tiny_net, d, steps=(0, 1, 2), storage_backend="both", s3_bucket="nowhere",
+                 s3_endpoint_url="http://127.0.0.1:1", s3_retry_seconds=1.0)
+    assert s.stats.pending_uploads == 3
+    assert "still waiting for" in caplog.text and "s3://nowhere/" in caplog.text
+    assert "uploading 3 pending shard(s)" in caplog.text   # close: one budget for all of them
+    entries = ShardStore(d).shards()
+    assert len(entries) == 3 and all(e["pending_upload"] for e in entries)
