@@ -207,9 +207,13 @@ class StoreClaim:
             self.owned = True
 
     def _busy(self, held: Holder, where: str) -> StoreBusyError:
+        here = held.host == socket.gethostname() and held.pid == os.getpid()
         return StoreBusyError(
             f"the store {self.target.local_dir} is being written by {held.describe()} "
-            f"(claim {where}); a second run would overwrite or drop its shards. Choose another "
+            f"(claim {where}); a second run would overwrite or drop its shards. "
+            + ("That run is another sampler in this process: close() it first (or use "
+               "`with ActivationSampler(...)`). " if here else "") +
+            f"Choose another "
             f"storage_path (or s3_prefix) for this run; to resume that run, pass "
             f"MechIntConfig(run_id={held.run_id!r}) (MechIntCallback does from its checkpoint); "
             f"a claim whose holder died is taken over by itself after {self.stale_after_s:.0f}s, "
