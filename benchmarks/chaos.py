@@ -7,7 +7,12 @@ Usage::
 Captures ``--steps`` sampled steps through the Ray writer pool with ``storage_backend='both'``
 while a chaos thread kills random writer actors (``ray.kill(no_restart=False)``) and stops the
 S3 server for a moment now and then.  Afterwards every sampled step's shard must be listed in
-the manifest exactly once, load, match its checksum, and be in S3.  Prints the figures and
+the manifest exactly once, load, match its checksum, and be in S3.  Then hostile stores: 19
+malicious manifests (paths out of the store, links, wrong shapes, truncation, a summary bomb, an
+``s3_uri`` naming another object) against every reader (``ShardStore``, ``ls``, ``inspect``,
+``repair``, ``sync``, the S3 cache), counting files written or changed outside the store and
+unclean errors; and two runs on one store (Ray pool, writer threads, one after the other), counting
+refusals and shards silently lost.  ``--store-phases-only`` runs just those two phases.  Prints the figures and
 writes them to ``benchmarks/out/chaos.json``.  ``run()`` is also the short version the tests use.
 """
 
@@ -297,17 +302,53 @@ def two_writers(root: Path, model) -> dict:
             "staggered_shards_listed": staggered, "silent_losses": lost}
 
 
+def store_phases(out_dir: str | None = None) -> dict:
+    """The hostile-store phases alone, with a local Ray (for the writer pool) and S3."""
+    import ray
+    import torch
+    from torch import nn
+
+    from mechray import ActivationSampler
+    from mechray.testing import LocalS3
+
+    s3 = LocalS3()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        bucket = s3.create_bucket("phases")
+        root = Path(out_dir or tempfile.mkdtemp(prefix="mechray-phases-"))
+        model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8))
+        with ActivationSampler(layers=["1"], save_dir=str(root / "cache"), use_ray=False,
+                               storage_backend="both", s3_bucket=bucket, s3_prefix="phases",
+                               s3_endpoint_url=s3.url, verbose=False).attach(model) as s:
+            for step in range(4):
+                model(torch.randn(16, 32))
+                s.save_activations(step)
+        t0 = time.perf_counter()
+        figures = {**malicious_manifests(root / "cache", root / "hostile", s3, bucket),
+                   **two_writers(root / "two-writers", model)}
+        figures["seconds"] = round(time.perf_counter() - t0, 1)
+        return figures
+    finally:
+        ray.shutdown()
+        s3.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="store directory (default: a temp dir)")
+    parser.add_argument("--store-phases-only", action="store_true",
+                        help="only the malicious-manifest and two-writer phases (no writer "
+                             "kills), on a small store of their own")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    figures = run(args.steps, args.out, seed=args.seed)
+    figures = store_phases(args.out) if args.store_phases_only else \
+        run(args.steps, args.out, seed=args.seed)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
-    (out / "chaos.json").write_text(json.dumps(figures, indent=1))
+    name = "chaos_store_phases.json" if args.store_phases_only else "chaos.json"
+    (out / name).write_text(json.dumps(figures, indent=1))
     width = max(map(len, figures))
     for key, value in figures.items():
         print(f"{key:{width}s}  {value}")
