@@ -55,6 +55,10 @@ class ManifestError(ShardError, ValueError):
 
 def rebuild_hint(where: str) -> str:
     store = where.rsplit("/", 1)[0] if "/" in where else "."
+    if where.startswith("s3://"):
+        return (f"every shard carries its own entry: on the machine that captured it, "
+                f"`mechray repair --rebuild <storage_path>` then `mechray sync <storage_path>` "
+                f"recreate and upload the manifest of {store}")
     return (f"every shard carries its own entry: `mechray repair --rebuild {store}` recreates "
             f"the manifest from the shard files (the damaged one is kept beside it)")
 

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from mechray.errors import ShardError
 from mechray.storage.claim import StoreClaim
 from mechray.storage.manifest import FORMAT, MAIN, Manifest, merge, read
 from mechray.storage.shard import (
@@ -101,6 +102,14 @@ def repair(path, endpoint_url: Optional[str] = None, rebuild: bool = False) -> d
     """
     root = _root(path)
     if rebuild:
+        config = _salvage_config((root / MAIN).read_bytes()) if (root / MAIN).is_file() else {}
+        if config.get("storage_backend") == "s3":
+            raise ShardError(
+                f"{root} was captured with storage_backend='s3': its shards live in "
+                f"s3://{config.get('s3_bucket')}/{config.get('s3_prefix')}, not here, so a "
+                f"manifest rebuilt from this directory would drop them. If the S3 copy of "
+                f"manifest.json is intact, copy it here; otherwise download the shards into "
+                f"{root} and run the rebuild again")
         with _claimed(StorageTarget(backend="local", local_dir=str(root)), "repair"):
             kept = _set_aside(root)
         report = repair(root, endpoint_url)

@@ -11,7 +11,7 @@ import boto3
 import pytest
 import torch
 
-from mechray import ActivationSampler, MechIntConfig, ShardStore
+from mechray import ActivationSampler, MechIntConfig, ShardError, ShardStore
 from mechray.cli import main as cli
 from mechray.storage.claim import LOCK, StoreBusyError, StoreClaim
 from mechray.storage.manifest import ManifestError
@@ -374,3 +374,12 @@ def test_s3_stall_says_what_it_waits_for_and_loses_nothing(tiny_net, tmp_path, c
     assert "uploading 3 pending shard(s)" in caplog.text   # close: one budget for all of them
     entries = ShardStore(d).shards()
     assert len(entries) == 3 and all(e["pending_upload"] for e in entries)
+
+
+def test_rebuild_refuses_an_s3_only_store_whose_shards_are_not_here(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"format": "mechray.manifest", "config": '
+                                            '{"storage_backend": "s3", "s3_bucket": "b", '
+                                            '"s3_prefix": "p"}, "shards": [')
+    with pytest.raises(ShardError, match="s3://b/p, not here"):
+        repair(tmp_path, rebuild=True)
+    assert (tmp_path / "manifest.json").exists()   # nothing set aside
