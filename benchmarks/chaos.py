@@ -7,7 +7,12 @@ Usage::
 Captures ``--steps`` sampled steps through the Ray writer pool with ``storage_backend='both'``
 while a chaos thread kills random writer actors (``ray.kill(no_restart=False)``) and stops the
 S3 server for a moment now and then.  Afterwards every sampled step's shard must be listed in
-the manifest exactly once, load, match its checksum, and be in S3.  Prints the figures and
+the manifest exactly once, load, match its checksum, and be in S3.  Then hostile stores: 19
+malicious manifests (paths out of the store, links, wrong shapes, truncation, a summary bomb, an
+``s3_uri`` naming another object) against every reader (``ShardStore``, ``ls``, ``inspect``,
+``repair``, ``sync``, the S3 cache), counting files written or changed outside the store and
+unclean errors; and two runs on one store (Ray pool, writer threads, one after the other), counting
+refusals and shards silently lost.  ``--store-phases-only`` runs just those two phases.  Prints the figures and
 writes them to ``benchmarks/out/chaos.json``.  ``run()`` is also the short version the tests use.
 """
 
@@ -110,6 +115,8 @@ def run(steps: int = 300, out_dir: str | None = None, kill_every_s: float = 1.0,
             corrupt += 1
     in_s3 = {k.rsplit("/", 1)[1] for k in s3.keys(bucket, "chaos/")}
     bad_inputs, server_errors = hostile_requests(root / "cache", rng)
+    hostile_stores = malicious_manifests(root / "cache", root / "hostile", s3, bucket)
+    writers = two_writers(root / "two-writers", model)
     figures = {
         "steps": steps, "seconds": round(elapsed, 1),
         "faults_injected": sum(faults.values()), **faults,
@@ -121,6 +128,7 @@ def run(steps: int = 300, out_dir: str | None = None, kill_every_s: float = 1.0,
         "shards_missing_in_s3": sum(1 for n in expected if n not in in_s3),
         "uploads_deferred_then_synced": deferred - left, "uploads_still_pending": left,
         "bad_inputs_tried": bad_inputs, "responses_5xx": server_errors,
+        **hostile_stores, **writers,
         "store": str(root / "cache"),
     }
     s3.stop()
@@ -162,17 +170,185 @@ def hostile_requests(store_dir: Path, rng: random.Random, n_random: int = 60) ->
     return len(answers), sum(1 for code in answers if code >= 500)
 
 
+def malicious_manifests(good: Path, work: Path, s3, bucket: str) -> dict:
+    """Hostile manifests against every reader (ShardStore, ls, inspect, repair, sync, the S3
+    cache): counts attacks, files written or changed outside the store, and unclean errors
+    (anything but a mechray error naming the problem)."""
+    import contextlib
+    import io
+    import shutil
+
+    from mechray.cli import main as cli
+    from mechray.errors import MechrayError
+    from mechray.storage.reader import ShardStore
+
+    doc = json.loads((good / "manifest.json").read_text())
+    first = doc["shards"][0]
+    work.mkdir(parents=True, exist_ok=True)
+    victim = work / "victim"
+
+    def names(where: Path) -> list:
+        return [str(victim / "secret.pt"), "../victim/secret.pt", "../../" * 8 + "tmp/x.pt",
+                str(where / "created.pt"), "sub/" + first["file"], first["file"] + "\n",
+                first["file"] + "\x00", ".." , "activations_shard_\u0660\u0660\u0660\u0660"
+                "\u0660\u0660_step_0.pt", "~/x.pt"]
+
+    cases = [dict(first, file=n, pending_upload=True) for n in names(victim)]
+    cases += [dict(first, layers="x"), dict(first, bytes="7"), dict(first, steps=[[1]]), 5,
+              dict(first, s3_uri=f"s3://{bucket}/elsewhere/x.pt")]
+    texts = [json.dumps({**doc, "shards": [c]}) for c in cases]
+    texts += ["{", json.dumps({**doc, "shards": {"a": 1}}), json.dumps([doc]),
+              json.dumps({**doc, "summary": {"layers": {"1": {"steps": [[0, 10 ** 15, 1]]}}}})]
+    attacks = outside_changes = unclean = 0
+    for i, text in enumerate(texts):
+        case = work / f"case{i}"
+        store = case / "store"
+        shutil.copytree(good, store)
+        victim.mkdir(exist_ok=True)
+        (victim / "secret.pt").write_bytes(b"not yours")
+        def outside() -> set:  # files (with their mtimes) and folders outside the store
+            return {(p.relative_to(work), p.is_file() and p.stat().st_mtime_ns)
+                    for p in work.rglob("*") if store not in p.parents and p != store and
+                    (case / "s3cache") not in p.parents and p != case / "s3cache"}
+
+        before = outside()
+        (store / "manifest.json").write_text(text)
+        s3.client().put_object(Bucket=bucket, Key=f"hostile{i}/manifest.json", Body=text.encode())
+        ops = [lambda: ShardStore(store).load(first["file"]),
+               lambda: [ShardStore(store).load(e) for e in ShardStore(store).shards()],
+               lambda: cli(["ls", str(store)]), lambda: cli(["ls", "--shards", str(store)]),
+               lambda: cli(["inspect", str(store / first["file"])]),
+               lambda: cli(["repair", str(store)]), lambda: cli(["sync", str(store)]),
+               lambda: [ShardStore(f"s3://{bucket}/hostile{i}", endpoint_url=s3.url,
+                                   cache_dir=str(case / "s3cache")).load(e["file"])
+                        for e in ShardStore(f"s3://{bucket}/hostile{i}", endpoint_url=s3.url,
+                                            cache_dir=str(case / "s3cache")).shards()]]
+        for op in ops:
+            attacks += 1
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), \
+                        contextlib.redirect_stderr(io.StringIO()):
+                    op()
+            except (MechrayError, FileNotFoundError):
+                pass
+            except Exception as exc:  # a raw traceback for a hostile store
+                unclean += 1
+                log.warning("unclean error for case %d: %s: %s", i, type(exc).__name__, exc)
+        changed = outside() ^ before
+        if changed:
+            log.warning("case %d changed outside the store: %s", i, changed)
+        outside_changes += len(changed) + \
+            ((victim / "secret.pt").read_bytes() != b"not yours") + Path("/tmp/x.pt").exists()
+    return {"hostile_manifests": len(texts), "hostile_store_operations": attacks,
+            "writes_outside_store": outside_changes, "hostile_unclean_errors": unclean}
+
+
+def two_writers(root: Path, model) -> dict:
+    """Two runs on one store: started together (the Ray pool, then writer threads) the second
+    is refused at start and writes elsewhere; started one after the other both land in it.
+    Returns the refusals and the shards silently lost (expected but not listed anywhere)."""
+    import torch
+
+    from mechray import ActivationSampler, ShardStore
+    from mechray.storage.claim import StoreBusyError
+
+    refused, expected, stores = 0, [], []
+
+    def capture(sampler, steps, fallback=None):
+        sampler.register_hooks(model)
+        names = []
+        try:
+            for step in steps:
+                model(torch.randn(8, 32))
+                names.append(sampler.save_activations(step))
+        except StoreBusyError:
+            sampler.close()
+            if fallback is None:
+                raise
+            return None
+        return names
+
+    from mechray.storage.transport import ray_active
+
+    for use_ray in (True, False) if ray_active() else (False,):
+        store = root / f"shared-{'ray' if use_ray else 'threads'}"
+        a = ActivationSampler(layers=["1"], save_dir=str(store), use_ray=use_ray, verbose=False)
+        b = ActivationSampler(layers=["1"], save_dir=str(store), use_ray=use_ray, verbose=False)
+        got_a = capture(a, range(5))
+        got_b = capture(b, range(5), fallback=True)
+        if got_b is None:  # refused, as it should be: the error names another path to choose
+            refused += 1
+            b = ActivationSampler(layers=["1"], save_dir=str(store) + "-b", use_ray=use_ray,
+                                  verbose=False)
+            got_b = capture(b, range(5))
+            stores.append((store.parent / (store.name + "-b"), got_b))
+        else:
+            stores.append((store, got_b))
+        a.close()
+        b.close()
+        expected += got_a + got_b
+        stores.append((store, got_a))
+    store = root / "staggered"           # one after the other: both runs in one store
+    for _ in range(2):
+        s = ActivationSampler(layers=["1"], save_dir=str(store), use_ray=False, verbose=False)
+        names = capture(s, range(5))
+        s.close()
+        expected += names
+        stores.append((store, names))
+    lost = sum(1 for where, names in stores for n in names
+               if n not in ShardStore(where).entries)
+    staggered = ShardStore(store).count()
+    return {"two_writer_runs": len(stores) // 2, "second_run_refused": refused,
+            "staggered_shards_listed": staggered, "silent_losses": lost}
+
+
+def store_phases(out_dir: str | None = None) -> dict:
+    """The hostile-store phases alone, with a local Ray (for the writer pool) and S3."""
+    import ray
+    import torch
+    from torch import nn
+
+    from mechray import ActivationSampler
+    from mechray.testing import LocalS3
+
+    s3 = LocalS3()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        bucket = s3.create_bucket("phases")
+        root = Path(out_dir or tempfile.mkdtemp(prefix="mechray-phases-"))
+        model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8))
+        with ActivationSampler(layers=["1"], save_dir=str(root / "cache"), use_ray=False,
+                               storage_backend="both", s3_bucket=bucket, s3_prefix="phases",
+                               s3_endpoint_url=s3.url, verbose=False).attach(model) as s:
+            for step in range(4):
+                model(torch.randn(16, 32))
+                s.save_activations(step)
+        t0 = time.perf_counter()
+        figures = {**malicious_manifests(root / "cache", root / "hostile", s3, bucket),
+                   **two_writers(root / "two-writers", model)}
+        figures["seconds"] = round(time.perf_counter() - t0, 1)
+        return figures
+    finally:
+        ray.shutdown()
+        s3.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="store directory (default: a temp dir)")
+    parser.add_argument("--store-phases-only", action="store_true",
+                        help="only the malicious-manifest and two-writer phases (no writer "
+                             "kills), on a small store of their own")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    figures = run(args.steps, args.out, seed=args.seed)
+    figures = store_phases(args.out) if args.store_phases_only else \
+        run(args.steps, args.out, seed=args.seed)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
-    (out / "chaos.json").write_text(json.dumps(figures, indent=1))
+    name = "chaos_store_phases.json" if args.store_phases_only else "chaos.json"
+    (out / name).write_text(json.dumps(figures, indent=1))
     width = max(map(len, figures))
     for key, value in figures.items():
         print(f"{key:{width}s}  {value}")

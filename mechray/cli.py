@@ -6,6 +6,8 @@ Usage::
     mechray inspect mechint_cache/activations_shard_000000_step_0.pt
     mechray sync ./mechint_cache          # upload shards an S3 outage left in the local spool
     mechray repair ./mechint_cache        # after a crash: adopt complete orphans, drop the gone
+    mechray repair --rebuild ./mechint_cache   # manifest damaged: rebuild it from the shards
+    mechray unlock ./mechint_cache        # remove the claim of a run you know is gone
     mechray analyze ./mechint_cache --analyses neuron,feature,sae --out results/
     mechray analyze s3://bucket/prefix --endpoint-url http://127.0.0.1:9000 --analyses neuron
     mechray analyze ./cache --analyses neuron,causal --model mechray.demo.text:minilm_model \
@@ -32,9 +34,10 @@ def cmd_ls(args) -> int:
     from mechray.storage.reader import ShardStore
 
     store = ShardStore(args.path, endpoint_url=args.endpoint_url)
-    shards = store.shards()
-    print(f"{store.location}: {len(shards)} shard(s), "
-          f"{sum(e['bytes'] for e in shards) / 1e6:.2f} MB, steps {store.steps()}")
+    spans = [str(a) if a == b else f"{a}..{b}" + (f" every {s}" if s != 1 else "")
+             for a, b, s in store.step_runs()]
+    print(f"{store.location}: {store.count()} shard(s), {store.total_bytes() / 1e6:.2f} MB, "
+          f"steps {', '.join(spans[:8])}{' ...' if len(spans) > 8 else ''}")
     print(f"{'layer':32s} {'features':>12s} {'dtype':>9s} {'rows':>9s} {'shards':>7s} "
           f"{'dropped':>9s} {'tokens':>6s}")
     layers = store.layers()
@@ -48,13 +51,43 @@ def cmd_ls(args) -> int:
         print(f"rows dropped by the cap: {dropped}; raise max_activations_per_shard (or set "
               f"rows_per_step, or save more often) to keep them")
     if args.shards:
-        for e in shards:
+        for e in store.shards():
             print(f"  {e['file']}  rank={e['rank']} step={e['step']} bytes={e['bytes']} "
                   f"{e['checksum'][:19]}{'  ' + e['s3_uri'] if e.get('s3_uri') else ''}")
     return 0
 
 
+def _verify_against_manifest(shard: str) -> tuple[bool, str]:
+    """Check a shard file against the manifest entry of the store it sits in, if it has one."""
+    from pathlib import Path
+
+    from mechray.storage.reader import ShardStore
+
+    path = Path(shard).expanduser().resolve()
+    root = path.parent.parent if path.parent.name == ".spool" else path.parent
+    if not (root / "manifest.json").is_file():
+        return True, f"not verified: no manifest.json beside {path.name}"
+    try:
+        store = ShardStore(root)
+    except ValueError as exc:
+        return True, f"not verified: {exc}"
+    if path.name not in store.entries:
+        return True, f"not verified: {path.name} is not listed in {root / 'manifest.json'}"
+    try:
+        store.path(path.name)
+    except Exception as exc:
+        return False, str(exc)
+    return True, f"verified: bytes and sha256 match the manifest entry of {path.name}"
+
+
 def cmd_inspect(args) -> int:
+    if not args.no_verify:
+        ok, note = _verify_against_manifest(args.shard)
+        print(f"mechray: {note}", file=sys.stderr if not ok else sys.stdout)
+        if not ok:
+            print("mechray: the shard does not match its manifest entry; run `mechray repair` "
+                  "on its store (or --no-verify to read it anyway)", file=sys.stderr)
+            return 1
     try:
         data = torch.load(args.shard, weights_only=True, map_location="cpu", mmap=True)
     except FileNotFoundError:
@@ -181,13 +214,24 @@ def cmd_sync(args) -> int:
 def cmd_repair(args) -> int:
     from mechray.storage.recovery import repair
 
-    report = repair(args.path, endpoint_url=args.endpoint_url)
+    report = repair(args.path, endpoint_url=args.endpoint_url, rebuild=args.rebuild)
+    if report.get("set_aside"):
+        print(f"set aside    {len(report['set_aside']):4d}  {' '.join(report['set_aside'])}")
     for key in ("adopted", "salvaged", "quarantined", "missing", "removed_temp"):
         names = report[key]
         print(f"{key:13s} {len(names):4d}  {' '.join(names[:6])}{' ...' if len(names) > 6 else ''}")
     print(f"{args.path}: {report['shards']} shard(s) listed"
           + (f", {report['pending_upload']} pending upload: run `mechray sync {args.path}`"
              if report["pending_upload"] else ""))
+    return 0
+
+
+def cmd_unlock(args) -> int:
+    from mechray.storage.claim import unlock
+
+    held = unlock(args.path)
+    print(f"{args.path}: " + (f"removed the claim of {held.describe()}" if held else
+                              "no claim to remove"))
     return 0
 
 
@@ -239,8 +283,11 @@ def main(argv=None) -> int:
     p.add_argument("--shards", action="store_true", help="list every shard too")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
     p.set_defaults(fn=cmd_ls)
-    p = sub.add_parser("inspect", help="show one shard's metadata and per-layer figures")
+    p = sub.add_parser("inspect", help="show one shard's metadata and per-layer figures "
+                       "(verified against its store's manifest entry first)")
     p.add_argument("shard")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the size and checksum check against the manifest")
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("analyze", help="run analyses over a store; write JSON, report, plots")
     p.add_argument("path", help="a store directory or s3://bucket/prefix")
@@ -274,7 +321,12 @@ def main(argv=None) -> int:
     p = sub.add_parser("repair", help="reconcile files and manifest after a crash")
     p.add_argument("path", help="the capture's storage_path (holds manifest.json)")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    p.add_argument("--rebuild", action="store_true", help="set manifest.json aside and rebuild "
+                   "it from the shard files (a damaged or hostile manifest)")
     p.set_defaults(fn=cmd_repair)
+    p = sub.add_parser("unlock", help="remove a store's claim when its run is known to be gone")
+    p.add_argument("path", help="the capture's storage_path")
+    p.set_defaults(fn=cmd_unlock)
     p = sub.add_parser("serve", help="serve the interpretation API and dashboard with Ray Serve")
     p.add_argument("--storage", required=True, help="a store directory or s3://bucket/prefix")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -307,6 +359,12 @@ def main(argv=None) -> int:
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         print(f"mechray: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if type(exc).__module__.startswith(("botocore", "boto3", "s3transfer")):
+            print(f"mechray: error: S3 request failed ({type(exc).__name__}: {exc}); check "
+                  f"--endpoint-url, the network and your credentials", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -92,6 +92,10 @@ class MechIntConfig(BaseModel):
     max_shards_in_flight: int = 4
     writer_num_cpus: float = 0.0
     ray_namespace: str = "mechray"
+    run_id: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
+        description="the writing run's id; a store has one writing run at a time. None: a new "
+                    "id per run (shared by its ranks); give the old run's id to resume it")
     on_write_error: Literal["raise", "drop"] = Field(
         "raise", description="'raise': keep the failed shard in memory and stop training at the "
                              "next save; 'drop': log loudly, discard the shard, keep training")
@@ -214,6 +218,15 @@ class MechIntConfig(BaseModel):
             if name not in known:
                 raise ValueError(f"analysis_params has unknown analysis {name!r}"
                                  f"{_close(name, known)}; valid keys are {known}")
+        return v
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_path(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("storage_path is empty; name the store's directory, e.g. "
+                             "'./mechint_cache' (an empty path would write into the current "
+                             "directory)")
         return v
 
     @field_validator("s3_prefix")

@@ -67,6 +67,7 @@ class MechIntCallback(pl.Callback):
         self._step_rows = 0                # most rows one layer got in the last sampled step
         self._rows_before = 0
         self._resume_index = 0
+        self._resume_run_id: Optional[str] = None
         self._hook_seconds = 0.0
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -77,7 +78,12 @@ class MechIntCallback(pl.Callback):
         self.sampler = ActivationSampler(config=self.config, rank=trainer.global_rank,
                                          world_size=trainer.world_size)
         self.sampler.next_index = self._resume_index
-        _ = self.sampler.transport  # start writers (Ray actors) now, not inside the first sampled step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # start writers (Ray actors) and claim the store now, not inside the first sampled step;
+        # after a checkpoint restore, so a resumed run claims with its old run id
+        if self.sampler is not None:
+            _ = self.sampler.transport
 
     def _live(self) -> ActivationSampler:
         """The sampler made in ``setup``; a hook called before it is a Lightning misuse."""
@@ -152,12 +158,17 @@ class MechIntCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         index = self.sampler.next_index if self.sampler and self.sampler.next_index is not None \
             else self._resume_index
-        return {"next_shard_index": int(index), "config": self.config.to_dict()}
+        run_id = self.sampler.run_id if self.sampler is not None else self._resume_run_id
+        return {"next_shard_index": int(index), "config": self.config.to_dict(),
+                "run_id": run_id}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_index = max(self._resume_index, int(state_dict.get("next_shard_index", 0)))
+        self._resume_run_id = state_dict.get("run_id") or self._resume_run_id
         if self.sampler is not None:
             self.sampler.next_index = max(self.sampler.next_index or 0, self._resume_index)
+            if self._resume_run_id and self.sampler._transport is None:
+                self.sampler.run_id = self._resume_run_id  # the resumed run keeps its claim
 
     # --- internals -----------------------------------------------------------------------------
     def _hand_off(self, force: bool = False) -> None:

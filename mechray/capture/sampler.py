@@ -56,6 +56,7 @@ from torch import nn
 from mechray.capture.layers import pick_tensor, resolve_layers
 from mechray.capture.tokens import TokenBatch, find_tokens
 from mechray.config import MechIntConfig
+from mechray.storage.claim import run_id_for
 from mechray.storage.shard import Chunk, PendingShard, shard_name
 from mechray.storage.transport import Transport, make_transport
 
@@ -78,6 +79,10 @@ class ActivationSampler:
             fields["storage_path"] = str(save_dir)
         self.config = MechIntConfig.coerce(config, **fields)
         self.rank, self.world_size = rank, world_size
+        # the run this sampler writes for (one writing run per store; see mechray.storage.claim).  Ranks
+        # of one run must agree on it, so with several ranks it is settled now, on every rank.
+        self.run_id: Optional[str] = self.config.run_id if world_size == 1 else \
+            run_id_for(self.config.run_id, rank, world_size)
         self.enabled = True
         self.current_step = -1
         self.next_index: Optional[int] = None
@@ -348,7 +353,8 @@ class ActivationSampler:
     def transport(self) -> Transport:
         """The writer (Ray pool or threads), created on first use."""
         if self._transport is None:
-            transport = make_transport(self.config, self.rank, self.world_size)
+            transport = make_transport(self.config, self.rank, self.world_size, self.run_id)
+            self.run_id = transport.run_id
             first = transport.start()
             self.next_index = first if self.next_index is None else max(self.next_index, first)
             self._transport = transport
@@ -364,6 +370,8 @@ class ActivationSampler:
             raise ValueError(f"global_step={global_step!r} must be an integer >= 0")
         if self._transport is not None:
             self._transport.check()  # a failed write stops us before more rows are handed off
+        elif any(self._cache.values()):
+            _ = self.transport  # claim the store before the cache is emptied: a refusal loses nothing
         with self._lock:
             chunks, info, (examples, example_steps), inputs = self._take()
         if not chunks:
@@ -381,7 +389,7 @@ class ActivationSampler:
                                       rank=self.rank, world_size=self.world_size,
                                       max_rows=self._cap, chunks=chunks, layer_info=info,
                                       inputs=inputs, examples=examples,
-                                      example_steps=example_steps))
+                                      example_steps=example_steps, run_id=self.run_id))
         return name
 
     @property

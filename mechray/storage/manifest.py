@@ -24,16 +24,19 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from mechray.errors import ShardError
 from mechray.storage import s3
-from mechray.storage.shard import parse_shard_name, temp_target
+from mechray.storage.shard import parse_shard_name, shard_path, temp_target
 from mechray.storage.sink import ShardSink, StorageTarget, atomic_write, orphans, upload
+from mechray.storage.summary import Summary
 
 log = logging.getLogger(__name__)
 
 FORMAT = "mechray.manifest"
 VERSION = 1
 MAIN = "manifest.json"
-_PARTIAL = re.compile(r"^manifest\.rank(\d{3,})\.json$")
+_PARTIAL = re.compile(r"manifest\.rank([0-9]{3,})\.json")
+_CHECKSUM = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def partial_name(rank: int) -> str:
@@ -46,18 +49,98 @@ def empty(config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
             "config": config or {}, "shards": []}
 
 
+class ManifestError(ShardError, ValueError):
+    """A manifest cannot be read or is not a mechray manifest; the message says how to rebuild it."""
+
+
+def rebuild_hint(where: str) -> str:
+    store = where.rsplit("/", 1)[0] if "/" in where else "."
+    if where.startswith("s3://"):
+        return (f"every shard carries its own entry: on the machine that captured it, "
+                f"`mechray repair --rebuild <storage_path>` then `mechray sync <storage_path>` "
+                f"recreate and upload the manifest of {store}")
+    return (f"every shard carries its own entry: `mechray repair --rebuild {store}` recreates "
+            f"the manifest from the shard files (the damaged one is kept beside it)")
+
+
+def parse(text: str | bytes, where: str) -> dict[str, Any]:
+    """Parse and validate manifest text; :class:`ManifestError` (never a bare decode error)."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ManifestError(f"{where} is not valid JSON ({str(exc)[:120]}): it is damaged or "
+                            f"truncated; {rebuild_hint(where)}") from None
+    return validate(doc, where)
+
+
+def read(path: Path) -> dict[str, Any]:
+    """Read, parse and validate a manifest file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"{path} cannot be read ({exc.strerror or exc}); "
+                            f"{rebuild_hint(str(path))}") from None
+    return parse(data, str(path))
+
+
 def validate(doc: Any, where: str) -> dict[str, Any]:
-    """Check a parsed manifest's shape; raise ``ValueError`` naming ``where`` and the problem."""
+    """Check a parsed manifest's shape, every entry included; :class:`ManifestError` naming
+    ``where``, the entry and the problem.  Entries name shard files and nothing else."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ValueError(f"{where} is not a mechray manifest (format field missing or wrong)")
+        raise ManifestError(f"{where} is not a mechray manifest (format field missing or wrong); "
+                            f"{rebuild_hint(where)}")
     if doc.get("version") != VERSION:
-        raise ValueError(f"{where} has manifest version {doc.get('version')!r}; this mechray "
-                         f"reads version {VERSION}: upgrade mechray")
+        raise ManifestError(f"{where} has manifest version {doc.get('version')!r}; this mechray "
+                            f"reads version {VERSION}: upgrade mechray")
     shards = doc.get("shards")
-    if not isinstance(shards, list) or not all(isinstance(e, dict) and "file" in e and
-                                               "checksum" in e for e in shards):
-        raise ValueError(f"{where}: 'shards' must be a list of entries with 'file' and 'checksum'")
+    if not isinstance(shards, list):
+        raise ManifestError(f"{where}: 'shards' must be a list of entries; {rebuild_hint(where)}")
+    if not isinstance(doc.get("config", {}), dict):
+        raise ManifestError(f"{where}: 'config' must be an object; {rebuild_hint(where)}")
+    for i, entry in enumerate(shards):
+        problem = entry_problem(entry)
+        if problem:
+            raise ManifestError(f"{where}: shard entry {i} {problem}; {rebuild_hint(where)}")
     return doc
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def entry_problem(e: Any) -> Optional[str]:
+    """What is wrong with one manifest entry, or ``None`` when it is well formed."""
+    if not isinstance(e, dict):
+        return f"is {type(e).__name__}, not an object"
+    name = e.get("file")
+    if parse_shard_name(name) is None:
+        return (f"names {str(name)[:120]!r}, which is not a shard file name "
+                f"(activations_[rankNNN_]shard_NNNNNN_step_N.pt, no directories)")
+    digest = e.get("checksum")
+    if not (isinstance(digest, str) and _CHECKSUM.fullmatch(digest)):
+        return f"({name}) has checksum {str(digest)[:80]!r}, not 'sha256:<64 hex digits>'"
+    for key in ("bytes", "index", "rank", "step"):
+        if not _int(e.get(key)):
+            return f"({name}) has {key}={str(e.get(key))[:40]!r}, not an integer"
+    if e["bytes"] < 0:
+        return f"({name}) has negative bytes"
+    steps = e.get("steps", [e["step"]])
+    if not (isinstance(steps, list) and all(_int(s) for s in steps)):
+        return f"({name}) has steps that are not a list of integers"
+    layers = e.get("layers")
+    if not isinstance(layers, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("dtype"), str) and
+            isinstance(v.get("shape"), list) and v["shape"] and all(_int(d) and d >= 0
+                                                                    for d in v["shape"])
+            for k, v in layers.items()):
+        return f"({name}) has 'layers' that are not {{layer: {{'shape': [rows, ...], 'dtype'}}}}"
+    rows = e.get("rows", {})
+    if not (isinstance(rows, dict) and all(_int(v) for v in rows.values())):
+        return f"({name}) has 'rows' that are not {{layer: count}}"
+    uri = e.get("s3_uri")
+    if uri is not None and not (isinstance(uri, str) and uri.startswith("s3://")):
+        return f"({name}) has s3_uri {str(uri)[:80]!r}, not an s3:// URI"
+    return None
 
 
 def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -85,11 +168,12 @@ class Manifest:
         self._cond = threading.Condition()
         doc = empty(config)
         if self.path.exists():
-            doc = validate(json.loads(self.path.read_text()), str(self.path))
+            doc = read(self.path)
             if config:
                 doc["config"] = config
-        self.doc = {k: v for k, v in doc.items() if k != "shards"}
+        self.doc = {k: v for k, v in doc.items() if k not in ("shards", "summary")}
         self._by_file = {e["file"]: e for e in doc["shards"]}
+        self._summary = Summary(self._by_file.values())
         self._lines = {f: json.dumps(e, allow_nan=False) for f, e in self._by_file.items()}
         self.upload_pending = False
         self._version = self._durable = 0
@@ -104,6 +188,10 @@ class Manifest:
         """
         with self._cond:
             for entry in entries:
+                old = self._by_file.get(entry["file"])
+                if old is not None:
+                    self._summary.remove(old)
+                self._summary.add(entry)
                 self._by_file[entry["file"]] = entry
                 self._lines[entry["file"]] = json.dumps(entry, allow_nan=False)
             return self._commit()
@@ -112,7 +200,9 @@ class Manifest:
         """Forget entries (used by ``mechray repair`` for files that are gone or corrupt)."""
         with self._cond:
             for f in files:
-                self._by_file.pop(f, None)
+                old = self._by_file.pop(f, None)
+                if old is not None:
+                    self._summary.remove(old)
                 self._lines.pop(f, None)
             self._commit()
 
@@ -156,9 +246,10 @@ class Manifest:
         return max(used, default=-1) + 1
 
     def _render(self) -> str:
-        """The manifest as JSON text: one shard entry per line (readable, and fast to encode)."""
+        """The manifest as JSON text: the head (config, per-layer summary) first, then one shard
+        entry per line (readable, fast to encode, and readers list layers from the head alone)."""
         self.doc["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        head = json.dumps(self.doc, indent=1)
+        head = json.dumps({**self.doc, "summary": self._summary.to_json()}, indent=1)
         order = sorted(self._by_file, key=lambda f: (self._by_file[f].get("rank", 0),
                                                      self._by_file[f]["index"]))
         shards = ",\n  ".join(self._lines[f] for f in order)
@@ -188,10 +279,19 @@ class Manifest:
         """Upload every pending shard (and the manifest); returns ``(uploaded, still_pending)``."""
         sink = ShardSink(self.target)
         uploaded = 0
-        for entry in self.pending():
+        budget = self.target.retry_seconds if budget_s is None else budget_s
+        deadline = time.monotonic() + budget  # one budget for all, not one per shard
+        pending = self.pending()
+        if pending:
+            log.info("uploading %d pending shard(s) to s3://%s/%s (up to %.0fs)", len(pending),
+                     self.target.bucket, self.target.prefix, budget)
+        for entry in pending:
             entry = dict(entry)
-            if sink.upload(entry, self.target.shard_dir / entry["file"], budget_s):
+            left = max(0.0, deadline - time.monotonic())
+            if sink.upload(entry, shard_path(self.target.shard_dir, entry["file"]), left):
                 uploaded += 1
+            else:
+                deadline = 0.0  # still down: the rest get one quick try each
             self.add(entry)
         with self._cond:
             self._commit()  # uploads the manifest too (it may be all that was pending)
@@ -205,9 +305,9 @@ def merge_rank_manifests(target: StorageTarget, config: Optional[dict[str, Any]]
     durable (and uploaded), so nothing is listed only in a file that is gone.
     """
     root = Path(target.local_dir)
-    partials = sorted(p for p in root.glob("manifest.rank*.json") if _PARTIAL.match(p.name))
+    partials = sorted(p for p in root.glob("manifest.rank*.json") if _PARTIAL.fullmatch(p.name))
     owner = Manifest(target, config)
-    docs = [validate(json.loads(p.read_text()), str(p)) for p in partials]
+    docs = [read(p) for p in partials]
     count = owner.add(*[e for d in docs for e in d["shards"]])
     for p in partials:
         p.unlink(missing_ok=True)

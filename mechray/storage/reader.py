@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -30,12 +31,82 @@ import torch
 
 from mechray.errors import ShardError
 from mechray.storage import s3
-from mechray.storage.manifest import MAIN, merge, validate
-from mechray.storage.shard import file_checksum, load_error
+from mechray.storage.manifest import (
+    MAIN,
+    ManifestError,
+    entry_problem,
+    merge,
+    parse,
+    rebuild_hint,
+)
+from mechray.storage.shard import file_checksum, load_error, shard_path
+from mechray.storage.summary import Summary, layers_from_json, runs
 
 log = logging.getLogger(__name__)
-_PARTIAL = re.compile(r"manifest\.rank\d{3,}\.json$")
+_PARTIAL = re.compile(r"manifest\.rank[0-9]{3,}\.json")
 
+
+
+def cache_root(base: Path, bucket: str, prefix: str) -> Path:
+    """The local cache directory of ``s3://bucket/prefix``: one plain directory per bucket and
+    per prefix under ``base/s3``, whatever characters the prefix holds (``..`` included)."""
+    from urllib.parse import quote
+
+    parts = [quote(bucket, safe=""), quote(prefix, safe="") if prefix else "_root"]
+    parts = [f"_{p}" if p in (".", "..") or not p else p for p in parts]
+    root = base / "s3" / parts[0] / parts[1]
+    if not root.resolve().is_relative_to((base / "s3").resolve()):
+        raise ValueError(f"s3://{bucket}/{prefix} maps outside the cache {base}: refused")
+    return root
+
+
+_SHARDS = b'\n "shards": ['   # where mechray's manifests end their head and start the entries
+
+
+def _read_local(path: Path, head: bool = False) -> Optional[bytes]:
+    """A manifest's bytes, or with ``head`` only those before its entries (None: not found)."""
+    if not head:
+        return path.read_bytes()
+    buf = b""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() < 16:
+            return None
+        fh.seek(-16, os.SEEK_END)
+        if not fh.read().endswith(b"]\n}\n"):  # truncated (or not laid out by mechray)
+            return None
+        fh.seek(0)
+        while len(buf) < (64 << 20):
+            chunk = fh.read(1 << 20)
+            buf += chunk
+            at = buf.find(_SHARDS)
+            if at >= 0:
+                return buf[:at] + b'\n "shards": []\n}'
+            if not chunk:
+                return None
+    return None
+
+
+def _entry_lines(path: Path):
+    """Byte offsets where the entry lines of a mechray-laid-out manifest start, plus the offset
+    where they end (numpy, scanned 64 MiB at a time); None for another layout."""
+    import mmap
+
+    import numpy as np
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        first = mm.find(_SHARDS)
+        end = mm.rfind(b"\n ]\n}")
+        if first < 0 or end < 0:
+            return None
+        first = mm.find(b"\n", first + 1) + 1
+        parts, step = [np.array([first], dtype=np.int64)], 64 << 20
+        for at in range(first, end, step):
+            chunk = np.frombuffer(mm, dtype=np.uint8, count=min(step, end - at), offset=at)
+            parts.append(np.flatnonzero(chunk == 10).astype(np.int64) + at + 1)
+            del chunk
+        starts = np.concatenate(parts + [np.array([end + 1], dtype=np.int64)])
+    return starts if starts[-1] > starts[0] else starts[:1]
 
 
 class ShardStore:
@@ -50,71 +121,207 @@ class ShardStore:
             self.bucket, self.prefix = s3.parse_uri(self.location)
             base = cache_dir or os.environ.get("MECHRAY_CACHE_DIR") or \
                 Path.home() / ".cache" / "mechray"
-            self.root = Path(base) / "s3" / self.bucket / (self.prefix or "_root")
+            self.root = cache_root(Path(base), self.bucket, self.prefix)
         else:
             self.root = Path(self.location).expanduser().resolve()
         self._verified: dict[str, tuple] = {}
+        self._load_lock = threading.RLock()
+        self._stamp: tuple = ()
+        self._doc: Optional[dict[str, Any]] = None
+        self._summary: Optional[dict[str, dict[str, Any]]] = None
+        self._config: dict[str, Any] = {}
+        self._total: Optional[int] = None
+        self._lines: Optional[tuple] = None     # (stamp, entry line starts) for paging
+        self._head_runs: list = []
+        self._bytes: Optional[int] = None
+        self._sources_now: list = []
         self.refresh()
 
     # --- the manifest --------------------------------------------------------------------------
-    def refresh(self) -> None:
-        """Re-read the manifest (and any per-rank partial manifests not merged yet)."""
-        docs = [validate(json.loads(text), where) for where, text in self._manifest_texts()]
-        if not docs:
+    def refresh(self) -> bool:
+        """Re-read the manifest (and any per-rank partial manifests) if it changed since the last
+        read (size, mtime and inode on disk; ETag on S3); returns whether it changed.
+
+        Only the head (config and per-layer summary) is parsed here when the manifest has one;
+        the entries are parsed on first use (``shards()``, ``load()``...), once per change.
+        """
+        sources = self._sources()
+        if not sources:
             raise FileNotFoundError(
                 f"{self.location} holds no {MAIN}: nothing was captured there yet, or the path is "
                 f"wrong. Shards land in MechIntConfig.storage_path (default ./mechint_cache)")
-        self.manifest = merge(docs)
-        self.entries = {e["file"]: e for e in self.manifest["shards"]}
+        stamp = tuple((where, st) for where, st, _ in sources)
+        if stamp == self._stamp:
+            return False
+        with self._load_lock:
+            head = self._head_of(sources[0][2]) if len(sources) == 1 else None
+            if head is not None:
+                self._doc, self._summary = None, head["layers"]
+                self._head_runs = [la["steps"] for la in head["summary"]["layers"].values()]
+                self._total = head["summary"].get("shards")
+                self._bytes = head["summary"].get("bytes")
+                self._config = head.get("config", {})
+            else:
+                self._set_doc(merge([parse(read(), where) for where, _, read in sources]))
+            self._sources_now, self._stamp = sources, stamp
+        return True
 
-    def _manifest_texts(self) -> list[tuple[str, str]]:
+    def _set_doc(self, doc: dict[str, Any]) -> None:
+        self._doc = doc
+        self._entries = {e["file"]: e for e in doc["shards"]}
+        self._config = doc.get("config", {})
+        self._summary = None
+        self._total = len(doc["shards"])
+        self._bytes = sum(e["bytes"] for e in doc["shards"])
+
+    @property
+    def version(self) -> str:
+        """Changes whenever a manifest file changes (its size, mtime and inode; ETag on S3):
+        a cache key that costs one ``refresh()``, no parse."""
+        import hashlib
+
+        return hashlib.sha1(repr(self._stamp).encode()).hexdigest()[:16]
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The whole manifest (entries parsed and validated on first use after a change)."""
+        if self._doc is None:
+            with self._load_lock:
+                if self._doc is None:
+                    self._set_doc(merge([parse(read(), where)
+                                         for where, _, read in self._sources_now]))
+        assert self._doc is not None
+        return self._doc
+
+    @property
+    def entries(self) -> dict[str, dict[str, Any]]:
+        _ = self.manifest  # parses the entries on first use
+        return self._entries
+
+    @staticmethod
+    def _head_of(read) -> Optional[dict[str, Any]]:
+        """The manifest's head (everything before its entries) when it carries a summary."""
+        head = read(head=True)
+        if head is None:
+            return None
+        try:
+            doc = parse(head, "head")
+            doc["layers"] = layers_from_json(doc.get("summary"), "head")
+        except ValueError:
+            return None  # not laid out as mechray writes it, or no summary: parse it all
+        return doc
+
+    def _sources(self) -> list[tuple[str, tuple, Any]]:
+        """``(where, stamp, read)`` per manifest file, the main manifest first."""
         if not self.is_s3:
             if not self.root.is_dir():
                 return []
-            names = [MAIN] + sorted(p.name for p in self.root.iterdir() if _PARTIAL.match(p.name))
-            return [(str(self.root / n), (self.root / n).read_text()) for n in names
-                    if (self.root / n).is_file()]
+            names = [MAIN] + sorted(p.name for p in self.root.iterdir()
+                                    if _PARTIAL.fullmatch(p.name))
+            out = []
+            for n in names:
+                try:
+                    st = (self.root / n).stat()
+                except FileNotFoundError:
+                    continue
+                out.append((str(self.root / n), (st.st_size, st.st_mtime_ns, st.st_ino),
+                            lambda head=False, p=self.root / n: _read_local(p, head)))
+            return out
         client = self._client()
         listed = client.list_objects_v2(Bucket=self.bucket, Prefix=s3.key_for(self.prefix, "manifest"))
-        keys = sorted(o["Key"] for o in listed.get("Contents", []))
+        objs = {o["Key"]: o for o in listed.get("Contents", [])}
         main = s3.key_for(self.prefix, MAIN)
-        keys = [k for k in keys if k == main] + [k for k in keys if _PARTIAL.search(k)]
-        return [(f"s3://{self.bucket}/{k}",
-                 client.get_object(Bucket=self.bucket, Key=k)["Body"].read().decode()) for k in keys]
+        keys = [k for k in objs if k == main] + \
+            sorted(k for k in objs if _PARTIAL.fullmatch(k.rsplit("/", 1)[-1]) and
+                   k.rsplit("/", 1)[0] == main.rsplit("/", 1)[0])
+
+        def get(key, head=False):
+            return None if head else \
+                client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        return [(f"s3://{self.bucket}/{k}", (objs[k].get("ETag"), objs[k].get("Size")),
+                 lambda head=False, k=k: get(k, head)) for k in keys]
 
     def _client(self):
         return s3.client(self.endpoint_url, self.region)
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.manifest.get("config", {})
+        return self._config
 
-    def shards(self, layer: Optional[str] = None) -> list[dict[str, Any]]:
-        """Manifest entries (all, or those holding ``layer``), by rank then index."""
-        return [e for e in self.manifest["shards"] if layer is None or layer in e["layers"]]
+    def shards(self, layer: Optional[str] = None, offset: int = 0,
+               limit: Optional[int] = None) -> list[dict[str, Any]]:
+        """Manifest entries (all, or those holding ``layer``), by rank then index; ``offset`` and
+        ``limit`` page through them (``count()`` gives the total)."""
+        if offset < 0 or (limit is not None and limit < 0):
+            raise ValueError(f"offset={offset} and limit={limit} must be >= 0")
+        if layer is None and limit is not None and self._doc is None:
+            page = self._page(offset, limit)  # one entry per line: read only the page's lines
+            if page is not None:
+                return page
+        picked = self.manifest["shards"] if layer is None else \
+            [e for e in self.manifest["shards"] if layer in e["layers"]]
+        return picked[offset: None if limit is None else offset + limit]
+
+    def _page(self, offset: int, limit: int) -> Optional[list[dict[str, Any]]]:
+        """Entries ``offset..offset+limit`` of a local manifest laid out one entry per line,
+        through an index of line starts built once per manifest change (None: not that layout)."""
+        if self.is_s3 or len(self._sources_now) != 1:
+            return None
+        path = Path(self._sources_now[0][0])
+        with self._load_lock:
+            if self._lines is None or self._lines[0] != self._stamp:
+                starts = _entry_lines(path)
+                if starts is None or len(starts) - 1 != self._total:
+                    return None
+                self._lines = (self._stamp, starts)
+            starts = self._lines[1]
+        out = []
+        with open(path, "rb") as fh:
+            for i in range(offset, min(offset + limit, len(starts) - 1)):
+                fh.seek(int(starts[i]))
+                line = fh.read(int(starts[i + 1] - starts[i])).strip().rstrip(b",")
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    return None
+                problem = entry_problem(entry)
+                if problem:
+                    raise ManifestError(f"{path}: shard entry {i} {problem}; "
+                                        f"{rebuild_hint(str(path))}")
+                out.append(entry)
+        return out
+
+    def count(self, layer: Optional[str] = None) -> int:
+        """How many shards the manifest lists (holding ``layer``); from the summary if it has one."""
+        if layer is None and isinstance(self._total, int):
+            return self._total
+        if self._summary is not None:
+            return self._summary[layer]["shards"] if layer in self._summary else 0
+        return len(self.shards(layer))
+
+    def total_bytes(self) -> int:
+        """Bytes of every listed shard (from the summary when the manifest has one)."""
+        return self._bytes if isinstance(self._bytes, int) else \
+            sum(e["bytes"] for e in self.manifest["shards"])
 
     def layers(self) -> dict[str, dict[str, Any]]:
         """Per layer: feature shape, dtype, shard count, total rows, steps, rows dropped by the
-        ``max_activations_per_shard`` cap, and how many shards carry token provenance."""
-        out: dict[str, dict[str, Any]] = {}
-        for e in self.manifest["shards"]:
-            dropped = e.get("dropped_rows") if isinstance(e.get("dropped_rows"), dict) else {}
-            prov = e.get("provenance") if isinstance(e.get("provenance"), list) else []
-            for name, info in e["layers"].items():
-                d = out.setdefault(name, {"feature_shape": info["shape"][1:], "dtype": info["dtype"],
-                                          "shards": 0, "rows": 0, "steps": set(),
-                                          "dropped_rows": 0, "provenance_shards": 0})
-                d["shards"] += 1
-                d["rows"] += info["shape"][0]
-                d["steps"].update(e.get("steps", [e["step"]]))
-                d["dropped_rows"] += int(dropped.get(name, 0) or 0)
-                d["provenance_shards"] += name in prov
-        for d in out.values():
-            d["steps"] = sorted(d["steps"])
-        return out
+        ``max_activations_per_shard`` cap, and how many shards carry token provenance (from the
+        manifest's summary when it has one: no entry is parsed)."""
+        if self._summary is None:
+            self._summary = Summary(self.manifest["shards"]).layers_info()
+        return {k: dict(v, steps=list(v["steps"])) for k, v in self._summary.items()}
+
+    def step_runs(self) -> list[list[int]]:
+        """Every captured step as ``[first, last, stride]`` runs, without listing each step when
+        the summary's layers agree (a million-shard store answers at once)."""
+        head = self._head_runs
+        if head and self._doc is None and all(r == head[0] for r in head):
+            return head[0]
+        return runs(self.steps())
 
     def steps(self) -> list[int]:
-        return sorted({s for e in self.manifest["shards"] for s in e.get("steps", [e["step"]])})
+        return sorted({s for info in self.layers().values() for s in info["steps"]})
 
     def check_layer(self, layer: str) -> None:
         """Raise ``KeyError`` naming the valid layers when ``layer`` was not captured here."""
@@ -131,9 +338,9 @@ class ShardStore:
     def path(self, shard: Union[str, dict[str, Any]]) -> Path:
         """A verified local path for a shard (downloaded into the cache when it lives on S3)."""
         entry = self._entry(shard)
-        local = self.root / entry["file"]
+        local = shard_path(self.root, entry["file"])
         if not local.is_file() and not self.is_s3:
-            spool = self.root / ".spool" / entry["file"]
+            spool = shard_path(self.root / ".spool", entry["file"])
             local = spool if spool.is_file() else local
         if not local.is_file():
             if not entry.get("s3_uri") and not self.is_s3:
@@ -185,7 +392,13 @@ class ShardStore:
     def _download(self, entry: dict[str, Any], local: Path) -> None:
         bucket, key = s3.parse_uri(entry["s3_uri"]) if entry.get("s3_uri") else \
             (self.bucket, s3.key_for(self.prefix, entry["file"]))
+        if key.rsplit("/", 1)[-1] != entry["file"]:
+            raise ShardError(f"the manifest of {self.location} gives shard {entry['file']} the "
+                             f"S3 object {key!r}, which has another name: refused")
         local.parent.mkdir(parents=True, exist_ok=True)
+        if local.parent.resolve() != self.root.resolve():  # contained, after resolving links
+            raise ShardError(f"shard {entry['file']} would be downloaded to {local.parent}, "
+                             f"outside the cache {self.root}: refused")
         fd, name = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".part", dir=local.parent)
         os.close(fd)
         tmp = Path(name)  # unique: concurrent readers of one shard never share a temp file

@@ -30,16 +30,22 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from mechray.errors import ShardBuildError
+from mechray.errors import ShardBuildError, ShardError
 
 FORMAT = "mechray.shard/1"
-_NAME = re.compile(r"^activations_(?:rank(?P<rank>\d{3,})_)?shard_(?P<index>\d{6,})"
-                   r"_step_(?P<step>-?\d+)\.pt$")
+_NAME = re.compile(r"activations_(?:rank(?P<rank>[0-9]{3,})_)?shard_(?P<index>[0-9]{6,})"
+                   r"_step_(?P<step>-?[0-9]+)\.pt")
+MAX_NAME = 255  # one path component on every file system we write to
+
+
+class UnsafeNameError(ShardError, ValueError):
+    """A store named a file that is not a plain shard file name (a path, ``..``, a link out)."""
 
 
 def shard_name(index: int, step: int, rank: int = 0, world_size: int = 1) -> str:
@@ -49,12 +55,38 @@ def shard_name(index: int, step: int, rank: int = 0, world_size: int = 1) -> str
     return f"activations_shard_{index:06d}_step_{step}.pt"
 
 
-def parse_shard_name(name: str) -> Optional[dict[str, int]]:
+def parse_shard_name(name: object) -> Optional[dict[str, int]]:
     """``{'rank', 'index', 'step'}`` for a shard file name, ``None`` for anything else."""
-    m = _NAME.match(name)
+    m = _NAME.fullmatch(name) if isinstance(name, str) and len(name) <= MAX_NAME else None
     if not m:
         return None
     return {"rank": int(m["rank"] or 0), "index": int(m["index"]), "step": int(m["step"])}
+
+
+def shard_path(root, name: Any, where: str = "the manifest") -> Path:
+    """The one way a stored name becomes a location: ``root / name`` for a plain shard file name.
+
+    Usage::
+
+        path = shard_path(store_root, entry["file"])     # UnsafeNameError for anything else
+
+    ``name`` must match the documented pattern (``activations_[rankNNN_]shard_NNNNNN_step_N.pt``:
+    no separators, no ``..``, not absolute).  A symlink at that place whose target leaves
+    ``root`` is refused too, so nothing a store says reads or writes outside it.
+    """
+    if parse_shard_name(name) is None:
+        raise UnsafeNameError(
+            f"{where} names {str(name)[:120]!r}, which is not a shard file name "
+            f"(activations_[rankNNN_]shard_NNNNNN_step_N.pt, no directories): refused. If the "
+            f"store is yours, `mechray repair --rebuild` rebuilds its manifest from the shards")
+    base = Path(root)
+    path = base / name
+    if path.is_symlink():
+        real, home = path.resolve(), base.resolve()
+        if not real.is_relative_to(home):
+            raise UnsafeNameError(f"{where}: shard {name} is a symlink to {real}, outside the "
+                                  f"store {home}: refused. Replace the link by the file itself")
+    return path
 
 
 def checksum(data: bytes | memoryview) -> str:
@@ -105,6 +137,7 @@ class PendingShard:
     inputs: list[Any] = field(default_factory=list)       # tensors, or dicts of tensors
     examples: list[torch.Tensor] = field(default_factory=list)   # [B, T] int32 id tables
     example_steps: list[int] = field(default_factory=list)
+    run_id: Optional[str] = None
 
     def materialize(self) -> dict[str, Any]:
         """Wait for device copies, join chunks, keep the newest ``max_rows`` rows per layer."""
@@ -147,7 +180,7 @@ class PendingShard:
             "metadata": {
                 "format": FORMAT, "file": self.name, "shard_index": self.index, "step": self.step,
                 "steps": steps_all, "rank": self.rank, "world_size": self.world_size,
-                "created": time.time(), "layers": layers,
+                "created": time.time(), "layers": layers, "run_id": self.run_id,
                 "row_steps": row_steps, "row_positions": row_pos,
             },
         }
@@ -256,7 +289,7 @@ def entry_for(payload: dict[str, Any], nbytes: int, digest: str) -> dict[str, An
         "world_size": meta["world_size"], "step": meta["step"], "steps": meta["steps"],
         "rows": {k: v["rows"] for k, v in meta["layers"].items()},
         "layers": {k: {"shape": v["shape"], "dtype": v["dtype"]} for k, v in meta["layers"].items()},
-        "has_inputs": "inputs" in payload,
+        "has_inputs": "inputs" in payload, "run_id": meta.get("run_id"),
         "provenance": sorted(payload.get("provenance", {})),
         "examples": int(len(payload["examples"])) if "examples" in payload else 0,
         "dropped_rows": {k: int(v.get("dropped_rows", 0)) for k, v in meta["layers"].items()

@@ -176,5 +176,13 @@ def orphans(target: StorageTarget, listed: set[str]) -> list[Path]:
     shard_dir = target.shard_dir
     if not shard_dir.is_dir():
         return []
-    return sorted(p for p in shard_dir.iterdir() if p.is_file() and p.name not in listed and
-                  (parse_shard_name(p.name) or temp_target(p.name)))
+    found = []
+    for p in shard_dir.iterdir():
+        if p.name in listed or not (parse_shard_name(p.name) or temp_target(p.name)):
+            continue
+        if p.is_symlink():  # a link is never adopted: it could point anywhere
+            log.warning("%s is a symlink; mechray does not adopt or move links", p)
+            continue
+        if p.is_file():
+            found.append(p)
+    return sorted(found)

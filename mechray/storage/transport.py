@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from mechray.errors import ShardWriteError
+from mechray.storage.claim import StoreBusyError, StoreClaim
 from mechray.storage.manifest import MAIN, Manifest, partial_name
 from mechray.storage.shard import PendingShard, to_wire
 from mechray.storage.sink import ShardSink, StorageTarget
 
 log = logging.getLogger(__name__)
+STALL_LOG_S = 15.0
 
 
 
@@ -52,8 +54,9 @@ class Transport:
     """Bounded hand-off of :class:`PendingShard` objects to durable storage."""
 
     def __init__(self, target: StorageTarget, config, rank: int = 0, world_size: int = 1,
-                 threads: int = 1):
+                 threads: int = 1, run_id: str = "unnamed"):
         self.target, self.config, self.rank, self.world_size = target, config, rank, world_size
+        self.run_id = run_id
         self.stats = TransportStats()
         self.failed: dict[str, PendingShard] = {}
         self._errors: dict[str, BaseException] = {}
@@ -65,8 +68,12 @@ class Transport:
 
     # --- subclasses ----------------------------------------------------------------------------
     def start(self) -> int:
-        """Prepare the destination; returns the first shard index this rank may use."""
+        """Claim the store for this run (``StoreBusyError`` if another run writes there) and
+        return the first shard index this rank may use."""
         raise NotImplementedError
+
+    def _release(self) -> None:
+        """Give up this process's part of the run's claim on the store."""
 
     def _write(self, pending: PendingShard) -> dict[str, Any]:
         raise NotImplementedError
@@ -125,15 +132,23 @@ class Transport:
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until every submitted shard is durable and listed; raise for any that failed."""
+        t0 = time.monotonic()
         while True:
             with self._lock:
                 pending = set(self._futures)
             if not pending:
                 break
-            done, not_done = wait(pending, timeout=timeout)
-            if not_done:
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
+            done, not_done = wait(pending, timeout=STALL_LOG_S if left is None else
+                                  min(left, STALL_LOG_S))
+            if not_done and timeout is not None and time.monotonic() - t0 >= timeout:
                 raise TimeoutError(f"{len(not_done)} shard(s) still being written after "
                                    f"{timeout}s; call flush() again or raise the timeout")
+            if not_done:  # a stall says what it waits for
+                log.warning("still waiting for %d shard(s) to become durable in %s%s (%.0fs so "
+                            "far)", len(not_done), self.target.local_dir,
+                            f" and s3://{self.target.bucket}/{self.target.prefix}"
+                            if self.target.uses_s3 else "", time.monotonic() - t0)
         with self._lock:
             errors = dict(self._errors)
         if errors:
@@ -163,20 +178,31 @@ class Transport:
         finally:
             self._closed = True
             self._pool.shutdown(wait=True)
+            self._release()
 
 
 class ThreadTransport(Transport):
     """Without Ray: writer threads in this process serialise and store; this process owns the
     manifest (``manifest.json``, or ``manifest.rank{r}.json`` when several ranks write)."""
 
-    def __init__(self, target, config, rank=0, world_size=1):
-        super().__init__(target, config, rank, world_size, threads=config.num_writers)
+    def __init__(self, target, config, rank=0, world_size=1, run_id="unnamed"):
+        super().__init__(target, config, rank, world_size, threads=config.num_writers,
+                         run_id=run_id)
         self.sink = ShardSink(target)
-        self.manifest = Manifest(target, config.to_dict(),
-                                 MAIN if world_size == 1 else partial_name(rank))
+        self.claim = StoreClaim(target, run_id)
+        self.claim.acquire()  # before the manifest is read: nobody else changes it from now on
+        try:
+            self.manifest = Manifest(target, config.to_dict(),
+                                     MAIN if world_size == 1 else partial_name(rank))
+        except BaseException:
+            self.claim.release()
+            raise
 
     def start(self) -> int:
         return self.manifest.next_index(self.rank)
+
+    def _release(self) -> None:
+        self.claim.release()
 
     def _write(self, pending: PendingShard) -> dict[str, Any]:
         entry = self.sink.write(pending.materialize())
@@ -190,14 +216,36 @@ class ThreadTransport(Transport):
 class RayTransport(Transport):
     """With Ray: shards travel through the object store to the store's named writer actors."""
 
-    def __init__(self, target, config, rank=0, world_size=1):
-        super().__init__(target, config, rank, world_size, threads=config.max_shards_in_flight)
+    def __init__(self, target, config, rank=0, world_size=1, run_id="unnamed"):
+        super().__init__(target, config, rank, world_size, threads=config.max_shards_in_flight,
+                         run_id=run_id)
+        import os
+        import socket
+
         from mechray.storage.writer_pool import WriterPool
 
         self.pool = WriterPool.get_or_create(target, config)
+        self.member = f"{run_id}/rank{rank}/{socket.gethostname()}/{os.getpid()}/{id(self)}"
+        self._joined = False
 
     def start(self) -> int:
+        import ray
+
+        busy = ray.get(self.pool.manifest.join.remote(self.run_id, self.member))
+        if busy:
+            raise StoreBusyError(busy)
+        self._joined = True
         return self.pool.next_index(self.rank)
+
+    def _release(self) -> None:
+        import ray
+
+        if self._joined:
+            self._joined = False
+            try:
+                ray.get(self.pool.manifest.leave.remote(self.member), timeout=30)
+            except Exception as exc:  # the owner notices dead members on the next join
+                log.warning("could not leave the writer pool's claim: %s", exc)
 
     def _write(self, pending: PendingShard) -> dict[str, Any]:
         import ray
@@ -226,7 +274,8 @@ def wants_ray(config) -> bool:
     return ray_active() if config.use_ray is None else config.use_ray
 
 
-def make_transport(config, rank: int = 0, world_size: int = 1) -> Transport:
+def make_transport(config, rank: int = 0, world_size: int = 1,
+                   run_id: Optional[str] = None) -> Transport:
     """The Ray pool when Ray is initialised (or ``use_ray=True``), else writer threads."""
     target = StorageTarget.from_config(config)
     use_ray = wants_ray(config)
@@ -237,4 +286,6 @@ def make_transport(config, rank: int = 0, world_size: int = 1) -> Transport:
     cls = RayTransport if use_ray else ThreadTransport
     log.debug("mechray transport: %s for %s (rank %d/%d)", cls.__name__, target.local_dir,
               rank, world_size)
-    return cls(target, config, rank, world_size)
+    from mechray.storage.claim import run_id_for
+
+    return cls(target, config, rank, world_size, run_id=run_id_for(run_id, rank, world_size))

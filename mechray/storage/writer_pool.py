@@ -19,10 +19,12 @@ rank, index and step and the manifest is keyed by file name.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import socket
+from typing import Any, Optional
 
 import ray
 
+from mechray.storage.claim import StoreBusyError, StoreClaim, _pid_alive
 from mechray.storage.manifest import Manifest
 from mechray.storage.shard import from_wire
 from mechray.storage.sink import ShardSink, StorageTarget
@@ -49,10 +51,52 @@ class ManifestOwner:
     """The one owner of ``manifest.json`` for a store; reloads it from disk after a restart.
 
     Threaded (``max_concurrency``): concurrent ``add`` calls share one rewrite (group commit).
+    It also holds the store's claim for the run whose ranks write through it (``join`` /
+    ``leave``): the claim's token is this actor's id, so a restarted owner keeps its run's claim.
     """
 
     def __init__(self, target: StorageTarget, config: dict[str, Any]):
+        self.target = target
+        self.token = f"ray-actor:{ray.get_runtime_context().get_actor_id()}"
+        self.members: dict[str, tuple[str, int]] = {}   # member -> (host, pid)
+        self.claim: Optional[StoreClaim] = None
+        held = StoreClaim(target, "", token=self.token).holder()
+        if held is not None and held.token == self.token:  # restarted: keep our run's claim
+            self.claim = StoreClaim(target, held.run_id, token=self.token).acquire()
         self.manifest = Manifest(target, config)
+
+    def join(self, run_id: str, member: str) -> Optional[str]:
+        """Let a rank of ``run_id`` write; the reason it may not (another run writes) or None."""
+        host = socket.gethostname()
+        for name, (h, pid) in list(self.members.items()):  # forget ranks that died here
+            if h == host and not _pid_alive(pid):
+                self.members.pop(name)
+        if self.claim is not None and self.claim.run_id != run_id:
+            if self.members:
+                ranks = ", ".join(sorted(m.split("/", 1)[1] for m in self.members))
+                return (f"the store {self.target.local_dir} is being written by run "
+                        f"{self.claim.run_id!r} through this Ray cluster's writer pool ({ranks}); "
+                        f"a second run would overwrite or drop its shards. Choose another "
+                        f"storage_path (or s3_prefix) for this run, or pass "
+                        f"MechIntConfig(run_id={self.claim.run_id!r}) to resume that run")
+            self.claim.release()
+            self.claim = None
+        if self.claim is None:
+            try:
+                self.claim = StoreClaim(self.target, run_id, token=self.token).acquire()
+            except StoreBusyError as exc:
+                return str(exc)
+        _, _, rest = member.partition("/")
+        parts = rest.split("/")
+        self.members[member] = (parts[1], int(parts[2])) if len(parts) >= 3 else ("?", 0)
+        return None
+
+    def leave(self, member: str) -> None:
+        """A rank closed its sampler; the last one out releases the claim."""
+        self.members.pop(member, None)
+        if not self.members and self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
     def add(self, entry: dict[str, Any]) -> int:
         return self.manifest.add(entry)

@@ -52,7 +52,7 @@ def test_ray_pool_and_threads_write_the_same_shards(ray_local, tmp_path):
     a, b = ShardStore(tmp_path / "ray"), ShardStore(tmp_path / "threads")
     assert [e["file"] for e in a.shards()] == names
     assert _tensor_bytes(a) == _tensor_bytes(b)
-    strip = lambda es: [{k: v for k, v in e.items() if k not in ("written_at", "checksum", "bytes")}
+    strip = lambda es: [{k: v for k, v in e.items() if k not in ("written_at", "checksum", "bytes", "run_id")}
                         for e in es]
     assert strip(a.shards()) == strip(b.shards())
 
@@ -61,7 +61,8 @@ def test_pool_actors_are_named_and_shared(ray_local, tmp_path):
     s1, _ = _capture(tmp_path, [0], use_ray=True)
     s1.flush()
     pool_a = s1.transport.pool
-    s2 = ActivationSampler(layers=["lin"], save_dir=str(tmp_path), use_ray=True)
+    # a second sampler of the same run (a Ray Train rank, say) shares the pool and the claim
+    s2 = ActivationSampler(layers=["lin"], save_dir=str(tmp_path), use_ray=True, run_id=s1.run_id)
     pool_b = s2.transport.pool
     assert [w._actor_id for w in pool_a.writers] == [w._actor_id for w in pool_b.writers]
     assert pool_a.manifest._actor_id == pool_b.manifest._actor_id

@@ -20,3 +20,7 @@ def test_chaos_capture_loses_duplicates_and_corrupts_nothing(ray_local, tmp_path
     assert f["shards_lost"] == f["shards_duplicated"] == f["shards_unexpected"] == 0
     assert f["shards_corrupt"] == f["shards_missing_in_s3"] == f["uploads_still_pending"] == 0
     assert f["bad_inputs_tried"] >= 70 and f["responses_5xx"] == 0
+    assert f["hostile_store_operations"] >= 100
+    assert f["writes_outside_store"] == f["hostile_unclean_errors"] == 0
+    assert f["second_run_refused"] == 2 and f["silent_losses"] == 0
+    assert f["staggered_shards_listed"] == 10
