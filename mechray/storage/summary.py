@@ -48,8 +48,10 @@ class Summary:
         self.shards += sign
         self.bytes += sign * entry["bytes"]
         steps = entry.get("steps", [entry["step"]])
-        dropped = entry.get("dropped_rows") if isinstance(entry.get("dropped_rows"), dict) else {}
-        prov = entry.get("provenance") if isinstance(entry.get("provenance"), list) else []
+        counted = entry.get("dropped_rows")
+        dropped: dict[str, Any] = counted if isinstance(counted, dict) else {}
+        listed = entry.get("provenance")
+        prov: list[Any] = listed if isinstance(listed, list) else []
         for name, info in entry["layers"].items():
             layer = self.layers.get(name)
             if layer is None:
