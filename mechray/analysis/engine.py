@@ -125,9 +125,7 @@ class StoreRef:
 
     @classmethod
     def of(cls, store: ShardStore) -> "StoreRef":
-        cache = None
-        if store.is_s3:  # store.root is {cache_dir}/s3/{bucket}/{prefix or _root}
-            cache = str(store.root.parents[len(Path(store.prefix or "_root").parts) + 1])
+        cache = str(store.cache_dir) if store.cache_dir is not None else None
         return cls(store.location, store.endpoint_url, store.region, cache)
 
 

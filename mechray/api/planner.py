@@ -74,7 +74,8 @@ class Planner:
                              len(upload.tensors[la])) for la in layers]
         else:
             info, source, n_layers = self._store_layer(layer)
-            work = [Workload(info.rows, info.features, info.shard_rows, len(info.steps),
+            shard_rows = self.view.shard_rows(str(layer))
+            work = [Workload(info.rows, info.features, shard_rows, len(info.steps),
                              self.model_params, n_layers, self.config.eval_max_samples)]
             layers = [check_layer_name(layer)]
         costs = [estimate(analysis, spec, w) for w in work]

@@ -42,12 +42,12 @@ from mechray.analysis.base import get_analysis
 from mechray.api.errors import ApiError
 from mechray.api.planner import CODE_PARAMS, Plan, Planner
 from mechray.api.result_cache import Result, ResultCache
-from mechray.api.store_view import StoreView, manifest_version
+from mechray.api.store_view import StoreView
 from mechray.api.upload_store import UploadStores
 from mechray.config import MechIntConfig
 from mechray.errors import ShardError
 
-__all__ = ["Answer", "CODE_PARAMS", "Interpreter", "manifest_version"]
+__all__ = ["Answer", "CODE_PARAMS", "Interpreter"]
 log = logging.getLogger(__name__)
 KEEP_UPLOAD_STORES = 8
 _SHARD_FILE = re.compile(r"shard '?([\w.-]+\.(?:pt|safetensors))")

@@ -5,22 +5,26 @@ Usage::
     from mechray.api.store_view import StoreView
 
     view = StoreView("./mechint_cache", config)
-    snap = view.snapshot()          # Snapshot(store, version, layers, entries); 404/503 if none
-    snap.layers["popt"].rows        # per-layer catalog (LayerInfo), built once per version
+    snap = view.snapshot()          # Snapshot(store, version, layers, total); 404/503 if none
+    snap.layers["popt"].rows        # per-layer catalog (LayerInfo), from the manifest's summary
+    view.shard_rows("popt")         # rows of the layer's largest shard (for cost limits)
     view.layers_json()              # bytes of LayersResponse (cached per version)
     view.shards_json(offset=0, limit=100)   # one page of ShardsResponse
     view.ready()                    # for /health: never parses the manifest
 
-The manifest is parsed again only when it changed: on local disk when the directory's or the
+The manifest is read again only when it changed: on local disk when the directory's or the
 manifest's (mtime, size, inode) changed, on S3 when the listed manifests' ETags or sizes changed
-(listed at most every ``config.api_manifest_ttl_s`` seconds).  The version is a hash of the
-manifest's (file, checksum) pairs, so a new or replaced shard moves it.  A manifest that fails
-to parse after a good one keeps the good one served (logged).
+(listed at most every ``config.api_manifest_ttl_s`` seconds).  The version is the store's own
+(:attr:`ShardStore.version`: those stamps, hashed), so any rewrite of the manifest moves it.
+Layers and totals come from the per-layer summary at the manifest's head and a page of shards
+from the lines of that page, so ``/interpret/layers`` and ``/interpret/shards`` parse no entry
+even at 10^6 shards; only ``shard_rows`` (an ``/interpret`` request's cost check) reads the
+layer's entries, once per version.  A manifest that fails to read after a good one keeps the
+good one served (logged).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -47,7 +51,6 @@ class LayerInfo:
     shards: int
     rows: int
     steps: list[int]
-    shard_rows: int                      # rows of its largest shard: what one task holds
 
     @property
     def features(self) -> int:
@@ -67,7 +70,7 @@ class Snapshot(NamedTuple):
     store: ShardStore
     version: str
     layers: dict[str, LayerInfo]
-    entries: list[dict[str, Any]]
+    total: int                           # shards listed
 
 
 class StoreView:
@@ -80,6 +83,7 @@ class StoreView:
         self._stamp: Any = None
         self._listed = 0.0                              # S3: when the manifests were last listed
         self._pages: dict[str, tuple[str, bytes]] = {}
+        self._shard_rows: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
 
     # --- the manifest ---------------------------------------------------------------------------
@@ -109,18 +113,35 @@ class StoreView:
             return snap
 
     def _read(self, snap: Optional[Snapshot]) -> Snapshot:
-        """Parse the manifest (opening the store the first time) and catalog a new version."""
+        """Read the manifest's head (opening the store the first time) and catalog a new
+        version; the entries stay unparsed until something needs them."""
         if snap is None:
             store = ShardStore(self.location, endpoint_url=self.config.endpoint_url,
                                region=self.config.s3_region)
         else:
             store = snap.store
             store.refresh()
-        version = manifest_version(store.manifest)
+        version = store.version
         if snap is not None and version == snap.version:
             return snap
-        entries = store.shards()
-        return Snapshot(store, version, _catalog(store, entries), entries)
+        return Snapshot(store, version, _catalog(store), store.count())
+
+    def shard_rows(self, layer: str) -> int:
+        """Rows of ``layer``'s largest shard (what one task holds in memory), read from the
+        layer's entries once per version."""
+        snap = self.snapshot()
+        key = (snap.version, layer)
+        if key not in self._shard_rows:
+            largest = 0
+            for e in snap.store.shards(layer):
+                rows = e.get("rows")
+                n = rows.get(layer, 0) if isinstance(rows, dict) else 0
+                largest = max(largest, int(n or 0))
+            with self._lock:
+                self._shard_rows = {k: v for k, v in self._shard_rows.items()
+                                    if k[0] == snap.version}
+                self._shard_rows[key] = largest or snap.layers[layer].rows
+        return self._shard_rows[key]
 
     def _kept(self, exc: BaseException) -> None:
         log.warning("mechray: re-reading the manifest of %s failed (%s: %s); serving the "
@@ -174,12 +195,12 @@ class StoreView:
     def shards_json(self, offset: int = 0, limit: int = 1000) -> bytes:
         """One page of the shard list: ``limit`` entries from ``offset`` (and the total)."""
         snap = self.snapshot()
-        page = snap.entries[offset: offset + limit]
+        page = snap.store.shards(offset=offset, limit=limit) if offset < snap.total else []
         end = offset + len(page)
         return json.dumps({
             "store": snap.store.location, "manifest_version": snap.version,
-            "total": len(snap.entries), "offset": offset, "limit": limit,
-            "next_offset": end if end < len(snap.entries) else None,
+            "total": snap.total, "offset": offset, "limit": limit,
+            "next_offset": end if end < snap.total else None,
             "shards": [{k: e.get(k) for k in _SHARD_KEYS} | {"steps": e.get("steps", [e["step"]])}
                        for e in page]}).encode()
 
@@ -194,22 +215,9 @@ def _unreadable(location: str, exc: BaseException) -> ApiError:
                     "the details", request_id=rid)
 
 
-def manifest_version(manifest: dict[str, Any]) -> str:
-    """A short hash of the manifest's (file, checksum) pairs: any new or changed shard moves it."""
-    pairs = sorted((e["file"], e["checksum"]) for e in manifest.get("shards", []))
-    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
-
-
-def _catalog(store: ShardStore, entries: list[dict[str, Any]]) -> dict[str, LayerInfo]:
-    largest: dict[str, int] = {}
-    for e in entries:
-        rows = e.get("rows")
-        if isinstance(rows, dict):
-            for name, n in rows.items():
-                largest[name] = max(largest.get(name, 0), n)
+def _catalog(store: ShardStore) -> dict[str, LayerInfo]:
     return {name: LayerInfo(list(info["feature_shape"]), info["dtype"], info["shards"],
-                            info["rows"], list(info["steps"]),
-                            largest.get(name, 0) or info["rows"])
+                            info["rows"], list(info["steps"]))
             for name, info in store.layers().items()}
 
 

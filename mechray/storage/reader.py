@@ -121,8 +121,10 @@ class ShardStore:
             self.bucket, self.prefix = s3.parse_uri(self.location)
             base = cache_dir or os.environ.get("MECHRAY_CACHE_DIR") or \
                 Path.home() / ".cache" / "mechray"
-            self.root = cache_root(Path(base), self.bucket, self.prefix)
+            self.cache_dir: Optional[Path] = Path(base)
+            self.root = cache_root(self.cache_dir, self.bucket, self.prefix)
         else:
+            self.cache_dir = None
             self.root = Path(self.location).expanduser().resolve()
         self._verified: dict[str, tuple] = {}
         self._load_lock = threading.RLock()
