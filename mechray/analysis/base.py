@@ -73,6 +73,9 @@ class Cost:
     bytes: float
 
 
+#: bytes one float takes in a JSON answer, with its separator
+JSON_NUMBER = 22.0
+
 #: one column of the report's table: (title, function of one layer's result -> cell value)
 Column = tuple[str, Callable[[dict[str, Any]], Any]]
 
@@ -102,6 +105,12 @@ class Analysis:
         """Operations and peak bytes on one layer with validated params ``p`` (default: a
         full pass over the rows with one shard in memory as float64)."""
         return Cost(float(w.rows) * w.d * 10, float(w.shard_rows) * w.d * 8 * 3)
+
+    @classmethod
+    def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
+        """Bytes of one layer's JSON result (the API refuses answers over its limit before
+        running): default about 8 numbers per feature."""
+        return JSON_NUMBER * w.d * 8 + 65536
 
     @classmethod
     def describe(cls) -> str:

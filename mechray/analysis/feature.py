@@ -36,6 +36,7 @@ import torch
 from pydantic import Field
 
 from mechray.analysis.base import (
+    JSON_NUMBER,
     Analysis,
     Context,
     Cost,
@@ -83,6 +84,11 @@ class FeatureAnalysis(Analysis):
                ylim=(0, 1.02), title="PCA explained variance")
         ax.legend(fontsize=7)
         return fig
+
+    @classmethod
+    def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
+        return JSON_NUMBER * (p.get("n_components", 10) * (w.d + 3) + p.get("n_clusters", 8)) \
+            + 4096                                   # components [k, d], per-component stats
 
     @classmethod
     def cost(cls, p: dict[str, Any], w: Workload) -> Cost:

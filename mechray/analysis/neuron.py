@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from mechray.analysis.base import Analysis, Context, Cost, Params, Workload, register
+from mechray.analysis.base import JSON_NUMBER, Analysis, Context, Cost, Params, Workload, register
 from mechray.analysis.moments import Moments
 from mechray.analysis.render import grid, mean_of
 
@@ -86,6 +86,10 @@ class NeuronStats(Analysis):
             b.set_xlabel("fraction |a| <= eps", fontsize=8)
         fig.tight_layout()
         return fig
+
+    @classmethod
+    def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
+        return JSON_NUMBER * w.d * (8 + 4 * p.get("top_k", 5)) + 4096  # 6 stats, 4 top-k lists
 
     @classmethod
     def cost(cls, p: dict[str, Any], w: Workload) -> Cost:

@@ -54,6 +54,7 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from mechray.analysis.base import (
+    JSON_NUMBER,
     Analysis,
     AnalysisParamsError,
     Context,
@@ -184,6 +185,11 @@ class SAEAnalysis(Analysis):
     def report_lines(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
         """Markdown under the table: top-activating rows of the listed latents."""
         return report_examples(rows)
+
+    @classmethod
+    def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
+        latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * w.d)
+        return JSON_NUMBER * latents * 4 + 65536      # a few statistics per latent
 
     @classmethod
     def cost(cls, p: dict[str, Any], w: Workload) -> Cost:

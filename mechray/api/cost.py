@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mechray.analysis.base import REGISTRY, Cost, Workload, analysis_names
+from mechray.analysis.base import JSON_NUMBER, REGISTRY, Cost, Workload, analysis_names
 
 __all__ = ["Cost", "Workload", "answer_bytes", "estimate"]
-NUMBER = 22.0       # bytes one float takes in a JSON answer, with its separator
 
 
 def estimate(analysis: str, p: dict[str, Any], w: Workload) -> Cost:
@@ -36,20 +35,7 @@ def estimate(analysis: str, p: dict[str, Any], w: Workload) -> Cost:
 
 def answer_bytes(analysis: str, p: dict[str, Any], w: Workload) -> float:
     """Bytes of one layer's JSON answer, which grows with the features per row (a 1-D upload of
-    10^6 values is one row of 10^6 features).  An analysis class may declare its own
-    ``answer_bytes(params, workload)``; otherwise about 8 numbers per feature, and for the
-    built-in analyses whose answers hold more per feature (top-k rows, components, latents)
-    their own figure."""
+    10^6 values is one row of 10^6 features): the registered class's ``answer_bytes``."""
     analysis_names()
-    declared = getattr(REGISTRY.get(analysis), "answer_bytes", None)
-    if callable(declared):
-        return float(declared(p, w))
-    d = float(w.d)
-    if analysis == "neuron":                    # 6 stats, dead list, 4 top-k lists per neuron
-        return NUMBER * d * (8 + 4 * p.get("top_k", 5)) + 4096
-    if analysis == "feature":                   # components [k, d], per-component stats
-        return NUMBER * (p.get("n_components", 10) * (d + 3) + p.get("n_clusters", 8)) + 4096
-    if analysis == "sae":                       # a few statistics per latent
-        latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * d)
-        return NUMBER * latents * 4 + 65536
-    return NUMBER * d * 8 + 65536
+    cls = REGISTRY.get(analysis)
+    return float(cls.answer_bytes(p, w)) if cls is not None else JSON_NUMBER * w.d * 8 + 65536
