@@ -133,6 +133,18 @@ def ray_three_nodes():
     deadline = time.monotonic() + 60  # until the scheduler sees every node's CPUs
     while ray.cluster_resources().get("CPU", 0) < 3 and time.monotonic() < deadline:
         time.sleep(0.2)
+    # and until every node runs a task: a raylet still starting its first worker can make soft
+    # node affinity (how writers spread) fall back to another node on a loaded machine
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def where() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    probes = [where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+              .remote() for n in nodes]
+    assert sorted(ray.get(probes, timeout=120)) == sorted(nodes)
     yield cluster, workers
     ray.shutdown()
     cluster.shutdown()
