@@ -7,7 +7,7 @@ Usage::
     try:
         runner.run_mechint_eval(hidden_shards_path="./mechint_cache")
     except MechrayError as exc:          # a config, layer, store, write or analysis problem
-        print(exc)                       # names the bad value and the fix
+        log.error("%s", exc)             # names the bad value and the fix
         sys.exit(exc.exit_code)          # what `mechray` itself exits with
 
 Each class also derives from the builtin a caller would have caught before it existed

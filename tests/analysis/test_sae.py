@@ -367,9 +367,10 @@ def test_pretrained_saelens_sae_is_evaluated_without_training(synthetic, tmp_pat
 
 def _held_rows(store):
     """The held-out rows the sae analysis scores on (same split: seed 0, 5% per shard)."""
-    from mechray.analysis.sae import SAEParams, _LayerRows
+    from mechray.analysis.sae import SAEParams
+    from mechray.analysis.sae_rows import LayerRows
 
-    data = _LayerRows(store, "src", SAEParams(), torch.device("cpu"))
+    data = LayerRows(store, "src", SAEParams(), torch.device("cpu"))
     return [data.eval_rows()]
 
 
