@@ -28,6 +28,10 @@ from mechray.errors import UnknownLayerError
 
 def resolve_layers(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     """Map every requested name (or glob) to ``{module name: module}``, in model order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"hooks go on a torch.nn.Module, got {type(model).__name__}; pass the "
+                        "model (e.g. the first item of (model, tokenizer)), not its tokenizer "
+                        "or a wrapper")
     modules = dict(model.named_modules())
     modules.pop("", None)
     found: dict[str, nn.Module] = {}

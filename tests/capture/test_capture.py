@@ -186,3 +186,11 @@ def test_sampler_accepts_config_fields_or_config(tmp_path):
     assert s.config.max_activations_per_shard == 7 and s.config.sample_layers == ["popt"]
     with pytest.raises(ValueError, match="max_activations_per_shard"):
         ActivationSampler(layers=["popt"], max_activations_per_shard=0)
+
+
+def test_hooks_on_something_that_is_not_a_module_say_so(tmp_path):
+    from mechray import ActivationSampler
+
+    sampler = ActivationSampler(layers=["popt"], save_dir=str(tmp_path), use_ray=False)
+    with pytest.raises(TypeError, match="torch.nn.Module, got dict.*not its tokenizer"):
+        sampler.register_hooks({"input_ids": None})
