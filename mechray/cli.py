@@ -24,10 +24,12 @@ import logging
 import sys
 from typing import Any
 
-import torch
-
 from mechray.errors import MechrayError
-from mechray.storage.shard import load_error
+
+# Import layout: only the standard library and mechray.errors at module level.  Each command
+# imports what it needs inside its function, so `mechray ls`, `sync`, `--help` and `--version`
+# start without torch or Ray (tests/system/test_cli_startup.py checks it).  New commands and
+# options: keep heavy imports (torch, ray, transformers, the analysis registry) inside `cmd_*`.
 
 
 def cmd_ls(args) -> int:
@@ -88,6 +90,10 @@ def cmd_inspect(args) -> int:
             print("mechray: the shard does not match its manifest entry; run `mechray repair` "
                   "on its store (or --no-verify to read it anyway)", file=sys.stderr)
             return 1
+    import torch
+
+    from mechray.storage.shard import load_error
+
     try:
         data = torch.load(args.shard, weights_only=True, map_location="cpu", mmap=True)
     except FileNotFoundError:
@@ -165,6 +171,10 @@ def _eval_data(args) -> Any:
     if args.eval_texts and args.eval_inputs:
         raise ValueError("give --eval-texts or --eval-inputs, not both")
     if args.eval_inputs:
+        import torch
+
+        from mechray.storage.shard import load_error
+
         try:
             data = torch.load(args.eval_inputs, map_location="cpu", weights_only=True)
         except FileNotFoundError:
@@ -267,16 +277,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _registry() -> dict:
+def _analyses_help(argv: list[str]) -> str:
+    """The analyses and what each does, from the registry (which imports torch): only when the
+    command line names ``analyze``, so other commands and ``mechray --help`` start without it."""
+    if "analyze" not in argv:
+        return "comma-separated analysis names (`mechray analyze -h` lists them)"
     from mechray.analysis.base import REGISTRY, analysis_names
 
     analysis_names()
-    return REGISTRY
+    return "comma-separated, from: " + "; ".join(f"{name} ({cls.describe()})"
+                                                for name, cls in REGISTRY.items())
 
 
 def main(argv=None) -> int:
+    from mechray.version import __version__
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="mechray", description="mechray command line")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"mechray {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("ls", help="list a store's layers and shards")
     p.add_argument("path", help="a store directory or s3://bucket/prefix")
@@ -291,8 +310,7 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("analyze", help="run analyses over a store; write JSON, report, plots")
     p.add_argument("path", help="a store directory or s3://bucket/prefix")
-    p.add_argument("--analyses", default="neuron,feature", help="comma-separated, from: " +
-                   "; ".join(f"{name} ({cls.describe()})" for name, cls in _registry().items()))
+    p.add_argument("--analyses", default="neuron,feature", help=_analyses_help(argv))
     p.add_argument("--out", default="results", help="directory for results, report and plots")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
     p.add_argument("--layers", default=None, help="comma-separated captured layers (default all)")

@@ -25,9 +25,7 @@ import re
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 from mechray.errors import ShardError
 from mechray.storage import s3
@@ -41,6 +39,11 @@ from mechray.storage.manifest import (
 )
 from mechray.storage.shard import file_checksum, load_error, shard_path
 from mechray.storage.summary import Summary, layers_from_json, runs
+
+if TYPE_CHECKING:
+    import torch
+else:  # torch loads at first use: `mechray ls` lists a store without it
+    from mechray.storage.lazy import torch
 
 log = logging.getLogger(__name__)
 _PARTIAL = re.compile(r"manifest\.rank[0-9]{3,}\.json")

@@ -31,12 +31,15 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from mechray.errors import ShardBuildError, ShardError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+else:  # torch loads at first use: `mechray ls` and `sync` read manifests without it
+    from mechray.storage.lazy import torch
 
 FORMAT = "mechray.shard/1"
 _NAME = re.compile(r"activations_(?:rank(?P<rank>[0-9]{3,})_)?shard_(?P<index>[0-9]{6,})"
