@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -254,7 +255,8 @@ def cmd_serve(args) -> int:
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
     print(f"mechray: serving {args.storage} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-    serve.run_server(spec, host=args.host, port=args.port, ray_address=args.ray_address)
+    serve.run_server(spec, host=args.host, port=args.port, ray_address=args.ray_address,
+                     proxy=args.proxy)
     return 0
 
 
@@ -359,6 +361,12 @@ def main(argv=None) -> int:
                    help="concurrent requests per analysis replica")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, a running one, or a new one)")
+    p.add_argument("--proxy", choices=("haproxy", "python"),
+                   default="python" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "0"
+                   else "haproxy",
+                   help="what forwards HTTP to the replicas when this command starts Ray: "
+                   "Serve's HAProxy ingress (default; ~10x the requests/s) or its Python proxy "
+                   "(RAY_SERVE_ENABLE_HA_PROXY=0 makes that the default)")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("demo", help="train the demo model with capture (see: mechray demo -h)",
                        add_help=False)

@@ -330,3 +330,23 @@ def test_mechray_serve_command(monkeypatch):
     assert seen["args"]["storage"] == "s3://b/p" and seen["args"]["num_replicas"] == 2
     assert seen["args"]["s3_endpoint_url"] == "http://127.0.0.1:9"
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
+    assert seen["proxy"] == "haproxy"                           # the fast path by default
+    assert cli.main(["serve", "--storage", "./s", "--proxy", "python"]) == 0
+    assert seen["proxy"] == "python"
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")        # the user's own opt-out
+    assert cli.main(["serve", "--storage", "./s"]) == 0
+    assert seen["proxy"] == "python"
+
+
+def test_haproxy_env_keeps_the_users_settings_and_falls_back_without_a_binary(tmp_path, caplog):
+    from mechray.api.serve_app import HA_PROXY, haproxy_env
+
+    env = haproxy_env({"RAY_SERVE_HAPROXY_STATS_PORT": "18404"})
+    assert env[HA_PROXY] == "1" and "RAY_SERVE_HAPROXY_STATS_PORT" not in env
+    ports = [int(env[k]) for k in ("RAY_SERVE_HAPROXY_METRICS_PORT",
+                                   "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")]
+    assert all(1024 < p < 65536 for p in ports) and ports[0] != ports[1]
+    # a binary that is not there: Serve's Python proxy, said in the log (not a crash at start)
+    missing = tmp_path / "no-haproxy"
+    assert haproxy_env({"RAY_SERVE_HAPROXY_BINARY_PATH": str(missing)}) == {HA_PROXY: "0"}
+    assert "no HAProxy binary" in caplog.text
