@@ -308,6 +308,25 @@ def test_the_deploy_serve_config_builds():
     assert type(build_app(app["args"])).__name__ == "Application"
 
 
+def test_every_deployment_file_starts_ray_with_the_haproxy_ingress():
+    """The proxy is read from the environment when a Ray node starts: the image, the RayService
+    containers and the cluster launcher's `ray start` all set it; serve_config.yaml says so."""
+    deploy = Path(__file__).parents[2] / "deploy"
+    assert "RAY_SERVE_ENABLE_HA_PROXY=1" in (deploy / "Dockerfile").read_text()
+    doc = yaml.safe_load((deploy / "kuberay" / "rayservice.yaml").read_text())
+    cluster = doc["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for pod in pods:
+        for container in pod["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", container["name"]
+    launcher = yaml.safe_load((deploy / "cluster" / "aws.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in launcher[key] if "ray start" in c)
+        assert "RAY_SERVE_ENABLE_HA_PROXY=1" in start
+    assert "export RAY_SERVE_ENABLE_HA_PROXY=1" in (deploy / "serve_config.yaml").read_text()
+
+
 def test_the_model_loads_from_a_checkpoint(tmp_path):
     from mechray.api.serve_app import _load_model
     from mechray.demo.model import NeuroFMX
