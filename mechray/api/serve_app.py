@@ -268,9 +268,9 @@ def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
     if started:
         ray.init(address=ray_address, configure_logging=False)
     elif proxy == "haproxy" and os.environ.get(HA_PROXY) != "1":
-        log.warning("mechray: Ray was started before run_server: Serve keeps the proxy that Ray "
-                    "was started with (set %s=1 before ray.init or `ray start` for HAProxy)",
-                    HA_PROXY)
+        log.info("mechray: Ray was started before run_server, so Serve keeps the proxy Ray was "
+                 "started with (os.environ.update(haproxy_env()) before ray.init, or %s=1 "
+                 "before `ray start`, for HAProxy)", HA_PROXY)
     stop = threading.Event()
     if blocking:                  # after ray.init, which installs handlers of its own
         for sig in (signal.SIGINT, signal.SIGTERM):
