@@ -22,8 +22,8 @@ Servers (``--servers``, default all three), one after the other on 127.0.0.1 (fr
                 analysis replica; local Ray with num_cpus=3, one replica each, access logs off
   serve-python  the same with Serve's Python proxy (``mechray serve --proxy python``; the
                 default before issue 11)
-  serve+x       with ``--serve-env RAY_SERVE_X``: ``serve-python`` with Ray's switch
-                ``RAY_SERVE_X=1`` (e.g. ``THROUGHPUT_OPTIMIZED``)
+  serve+x       with ``--serve-env RAY_SERVE_X``: ``serve`` with Ray's switch ``RAY_SERVE_X=1``
+                too (e.g. ``THROUGHPUT_OPTIMIZED``)
 
 Each server runs in its own spawned process; all are started first (one after another), then
 every (clients, case) runs on each server in turn - interleaved, so the shared machine's load
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     parser.add_argument("--servers", default="fastapi,serve,serve-python",
                         help="comma-separated, from fastapi, serve, serve-python")
     parser.add_argument("--serve-env", action="append", default=[], metavar="RAY_SERVE_FLAG",
-                        help="also run serve-python with this env switch set to 1, e.g. "
+                        help="also run serve with this env switch set to 1, e.g. "
                              "RAY_SERVE_THROUGHPUT_OPTIMIZED")
     parser.add_argument("--sweep", default=None, metavar="N,N,...",
                         help="client counts to run each case at (instead of --clients)")
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
         parser.error(f"--servers {unknown}: choose from {sorted(known)}")
     servers = [(n, *known[n]) for n in names]
     servers += [(f"serve+{k.removeprefix('RAY_SERVE_').lower()}", serve_server,
-                 ("python", {k: "1"})) for k in args.serve_env]
+                 ("haproxy", {k: "1"})) for k in args.serve_env]
     ctx = multiprocessing.get_context("spawn")
     running: list[tuple[str, Any, Any]] = []
     ports: dict[str, int] = {}
