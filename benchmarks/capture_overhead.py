@@ -8,11 +8,14 @@ Usage::
 Variants, each with its own copy of the same initial model and its own AdamW, batch 32:
 
   a  no hooks (Ray is running for every variant, so its daemons load all of them alike)
-  b  mechray, 2 layers, every step (``save_hidden_every_n_steps=1``) through the Ray writer pool
+  b  mechray, 2 layers, every step (``save_hidden_every_n_steps=1``) through the Ray writer pool,
+     every other setting at its default (steps gathered into shards of ``shard_target_mb``)
   c  mechray, 2 layers, the default interval (``save_hidden_every_n_steps=200``), Ray pool
   d  naive: a forward hook that ``torch.save``s the layer output synchronously, every step
   e  as b but with the in-process writer threads instead of Ray
   f  as b but with ``steps_per_shard=--coalesce``: one shard holds k sampled steps
+  g  as b with the old defaults, side by side: one shard per step (``steps_per_shard=1``) and
+     sha256 checksums (``checksum='sha256'``, zip CRC-32 records): what b was before issue 11
 
 b, c, e and f drive the real :class:`mechray.MechIntCallback` through its
 ``setup`` / ``on_train_batch_start`` / ``on_train_batch_end`` / ``on_fit_end`` hooks with a
@@ -71,6 +74,7 @@ DESCRIPTIONS = {
     "d": "naive torch.save in hook, every step",
     "e": "mechray every step, writer threads",
     "f": "mechray every step, steps_per_shard=k, Ray",
+    "g": "mechray every step, old defaults (shard/step, sha256), Ray",
 }
 
 
@@ -229,10 +233,12 @@ def build(args, store_root: Path) -> dict[str, Variant]:
     base = NeuroFMX(n_neurons=32, d_model=args.d_model, n_blocks=8)
     layers = args.layers.split(",")
 
-    def config(key: str, every: int, use_ray: bool, steps_per_shard: int = 1) -> MechIntConfig:
+    def config(key: str, every: int, use_ray: bool, **fields: Any) -> MechIntConfig:
+        if args.max_rows is not None:
+            fields.setdefault("max_activations_per_shard", args.max_rows)
         return MechIntConfig(sample_layers=layers, save_hidden_every_n_steps=every,
                              storage_path=str(store_root / key), verbose=False, use_ray=use_ray,
-                             steps_per_shard=steps_per_shard)
+                             **fields)
 
     variants: dict[str, Variant] = {}
     for key in args.variants:
@@ -249,7 +255,11 @@ def build(args, store_root: Path) -> dict[str, Variant]:
             variants[key] = CallbackVariant(key, model, args.lr, config(key, 1, False))
         elif key == "f":
             variants[key] = CallbackVariant(key, model, args.lr,
-                                            config(key, 1, True, args.coalesce))
+                                            config(key, 1, True, steps_per_shard=args.coalesce))
+        elif key == "g":
+            variants[key] = CallbackVariant(key, model, args.lr,
+                                            config(key, 1, True, steps_per_shard=1,
+                                                   checksum="sha256"))
         else:
             raise SystemExit(f"unknown variant {key!r}; choose from {','.join(DESCRIPTIONS)}")
     return variants
@@ -268,7 +278,7 @@ def run(args) -> dict[str, Any]:
     store_root = Path(tempfile.mkdtemp(prefix="capture_overhead-", dir=args.scratch))
     load_before = list(__import__("os").getloadavg())
     try:
-        if any(k in ("b", "c", "f") for k in args.variants):
+        if any(k in ("b", "c", "f", "g") for k in args.variants):
             start_ray(args.ray_cpus)
         data = [tuple(t.to(args.device) for t in b)
                 for b in batches(args.trials, args.batch_size, args.seed)]
@@ -404,7 +414,7 @@ def report(args, variants: dict[str, Variant], extras, load_before, store_root) 
     print(table(cpu_rows, ["variant", "wall", "main_on_cpu", "main_waiting_for_cpu",
                            "main_off_cpu", "driver_other_threads", "child_processes"]))
     print()
-    for key in ("b", "c", "d", "e", "f"):
+    for key in ("b", "c", "d", "e", "f", "g"):
         if key in results and a:
             r = results[key]
             est = r.get("ratio_estimated_from_sampled_steps")
@@ -413,7 +423,7 @@ def report(args, variants: dict[str, Variant], extras, load_before, store_root) 
                   f"step, paired rounds {r['ratio_paired_median']:.3f} [p10 {lo:.3f}, p90 {hi:.3f}]"
                   + (f"; from sampled steps {est:.4f} (+{r['sampled_step_excess_ms']:.1f} ms "
                      f"per sampled step)" if est is not None else ""))
-    for key in ("b", "c", "e", "f"):
+    for key in ("b", "c", "e", "f", "g"):
         if key in results and "hook_seconds" in results[key]:
             r = results[key]
             ms = {k: r[k] * 1e3 / steps for k in ("train_thread_seconds_reported", "hook_seconds",
@@ -424,7 +434,7 @@ def report(args, variants: dict[str, Variant], extras, load_before, store_root) 
                   f"{ms['hook_seconds']:.2f}, blocked on in-flight bound "
                   f"{ms['blocked_seconds']:.2f}), drain {ms['drain_seconds']:.2f} ms/step; "
                   f"measured overhead {r.get('overhead_ms_per_step', float('nan')):.2f} ms/step")
-    for key in ("a", "b", "e", "f"):
+    for key in ("a", "b", "e", "f", "g"):
         if key in results:
             t = results[key]["trend_ms_per_step"]
             print(f"{key} first vs last quarter of rounds (ms/step): wall "
@@ -445,8 +455,8 @@ def report(args, variants: dict[str, Variant], extras, load_before, store_root) 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", default="a,b,c,d,e,f",
-                   help="comma list from a,b,c,d,e (see the module docstring)")
+    p.add_argument("--variants", default="a,b,c,d,e,f,g",
+                   help="comma list from a,b,c,d,e,f,g (see the module docstring)")
     p.add_argument("--rounds", type=int, default=40, help="round-robin rounds")
     p.add_argument("--block", type=int, default=15, help="steps per variant per round")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured steps per variant")
@@ -459,6 +469,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--layers", default="mamba_backbone.blocks.3,mamba_backbone.blocks.7",
                    help="the 2 (or more) layers captured")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="max_activations_per_shard of the mechray variants (default: its default)")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--trials", type=int, default=1024)
     p.add_argument("--lr", type=float, default=3e-3)

@@ -63,6 +63,10 @@ class MechIntConfig(BaseModel):
         None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
     s3_region: Optional[str] = None
     s3_multipart_threshold_mb: int = 64
+    s3_checksum_algorithm: Optional[Literal["CRC32", "CRC32C", "SHA256", "SHA1"]] = Field(
+        "CRC32", description="checksum boto3 sends with every upload and S3 verifies before "
+                             "storing it (CRC32C needs `pip install botocore[crt]`); None for "
+                             "S3-compatible stores that refuse checksum headers")
     s3_retry_seconds: float = Field(
         60.0, description="how long one upload retries a down endpoint before the shard is "
                           "left in the local spool, marked pending_upload (see `mechray sync`)")
@@ -82,9 +86,18 @@ class MechIntConfig(BaseModel):
     token_ids_key: Optional[str] = Field(
         "input_ids", description="keyword argument / batch key of the token ids stored with "
                                  "each row (provenance, token contexts)")
-    steps_per_shard: int = Field(
-        1, description="sampled steps gathered into one shard by MechIntCallback (cut earlier "
-                       "when max_activations_per_shard would be exceeded)")
+    steps_per_shard: Optional[int] = Field(
+        None, description="sampled steps gathered into one shard by MechIntCallback (cut earlier "
+                          "when max_activations_per_shard would be exceeded). None: gather by "
+                          "size and time (shard_target_mb, shard_max_seconds)")
+    shard_target_mb: float = Field(
+        32.0, gt=0, description="steps_per_shard=None: MechIntCallback gathers the rows of "
+                                "consecutive sampled steps into one shard until it holds this "
+                                "many MB (or max_activations_per_shard rows per layer)")
+    shard_max_seconds: float = Field(
+        10.0, ge=0, description="steps_per_shard=None: rows wait at most this long for more "
+                                "steps before their shard is handed to a writer; sampled steps "
+                                "further apart than this get a shard each. 0: a shard per step")
 
     # --- transport -----------------------------------------------------------------------------
     use_ray: Optional[bool] = Field(None, description="None: use Ray when ray.is_initialized()")
@@ -96,6 +109,9 @@ class MechIntConfig(BaseModel):
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
         description="the writing run's id; a store has one writing run at a time. None: a new "
                     "id per run (shared by its ranks); give the old run's id to resume it")
+    checksum: Literal["crc32c", "sha256"] = Field(
+        "crc32c", description="each shard's checksum in the manifest, computed while it is "
+                              "written and checked on every read: CRC32C (fast) or sha256")
     on_write_error: Literal["raise", "drop"] = Field(
         "raise", description="'raise': keep the failed shard in memory and stop training at the "
                              "next save; 'drop': log loudly, discard the shard, keep training")
@@ -167,8 +183,10 @@ class MechIntConfig(BaseModel):
                      "max_shards_in_flight", "s3_multipart_threshold_mb", "steps_per_shard",
                      "eval_max_samples")
     @classmethod
-    def _positive(cls, v: int, info) -> int:
-        if v <= 0:
+    def _positive(cls, v: Optional[int], info) -> Optional[int]:
+        if v is None and info.field_name == "steps_per_shard":
+            return v
+        if v is None or v <= 0:
             raise ValueError(f"{info.field_name}={v!r} must be a positive integer (>= 1)")
         return v
 

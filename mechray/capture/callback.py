@@ -15,8 +15,16 @@ step 0 included), so other steps run the model untouched.  The step's rows are h
 writer right after its optimizer step (all micro-batches of an accumulated step go in one
 shard).  With ``steps_per_shard=N`` the rows of N sampled steps share one shard (named by the
 last of them; each row's step is in the metadata), cut earlier when the next step would push
-rows out of the bounded cache: fewer, larger shards when capturing often.  At fit end, and on an
-exception, everything handed off is flushed to durable storage.
+rows out of the bounded cache: fewer, larger shards when capturing often.
+
+By default (``steps_per_shard=None``) a sparse interval writes one shard per sampled step, and
+every-step capture (``save_hidden_every_n_steps=1``) gathers consecutive steps into one shard
+until it would pass ``shard_target_mb`` or ``max_activations_per_shard`` rows per layer, or its
+first step is ``shard_max_seconds`` old: one writer call, one file and one manifest entry per
+~``shard_target_mb`` instead of per step, which is what keeps every-step capture cheap.  Rows
+held for a shard are handed off at the latest on the next step past ``shard_max_seconds``, at
+validation, at a checkpoint (``state_dict``), at epoch end, at fit end and on an exception; at
+fit end and on an exception everything handed off is flushed to durable storage.
 Under DDP every rank captures its own batch into rank-named shards; the callback's
 ``state_dict`` carries shard numbering across a resume so nothing is overwritten.
 
@@ -58,7 +66,7 @@ class MechIntCallback(pl.Callback):
         self.config = MechIntConfig.coerce(config)
         self.probe_inputs = probe_inputs
         self.tokens_fn = tokens_fn
-        if probe_inputs is not None and self.config.steps_per_shard > 1:
+        if probe_inputs is not None and (self.config.steps_per_shard or 1) > 1:
             raise ValueError(f"probe_inputs needs steps_per_shard=1 (got "
                              f"{self.config.steps_per_shard}): probe shards hold one step each")
         self.sampler: Optional[ActivationSampler] = None
@@ -69,6 +77,9 @@ class MechIntCallback(pl.Callback):
         self._resume_index = 0
         self._resume_run_id: Optional[str] = None
         self._hook_seconds = 0.0
+        self._held_since: Optional[float] = None   # when the oldest held step began
+        self._last_end: Optional[float] = None     # when the last sampled step ended
+        self._bytes_at_save = 0                    # sampler.bytes_captured at the last hand-off
 
     # --- lifecycle -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -95,12 +106,17 @@ class MechIntCallback(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
+        if self._pending and self._held_since is not None and \
+                time.monotonic() - self._held_since >= self.config.shard_max_seconds:
+            self._save()  # held rows waited long enough (time bound of a gathered shard)
         if self._capturing is None and step % self.config.save_hidden_every_n_steps == 0:
             t0 = time.perf_counter()
             sampler = self._live()
             if self._pending and max(sampler.cached_rows.values(), default=0) + \
                     self._step_rows > self.config.max_activations_per_shard:
                 self._save()  # this step would push older rows out of the bounded cache
+            if not self._pending:
+                self._held_since = time.monotonic()
             self._rows_before = max(sampler.cached_rows.values(), default=0)
             sampler.current_step = step
             sampler.register_hooks(pl_module)
@@ -135,6 +151,10 @@ class MechIntCallback(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._hand_off(force=True)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending and self._capturing is None:  # validation may take long: hand off now
+            self._save()
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish(trainer)
 
@@ -156,6 +176,8 @@ class MechIntCallback(pl.Callback):
 
     # --- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        if self._pending and self._capturing is None:  # a checkpoint covers the held steps too:
+            self._save()                               # hand them off so the index counts them
         index = self.sampler.next_index if self.sampler and self.sampler.next_index is not None \
             else self._resume_index
         run_id = self.sampler.run_id if self.sampler is not None else self._resume_run_id
@@ -182,14 +204,33 @@ class MechIntCallback(pl.Callback):
             sampler.clear_tokens()
             self._pending.append(step)
             self._step_rows = max(sampler.cached_rows.values(), default=0) - self._rows_before
-        if self._pending and (force or len(self._pending) >= self.config.steps_per_shard):
+        now = time.monotonic()
+        gap = None if self._last_end is None else now - self._last_end
+        if step is not None:
+            self._last_end = now
+        if self._pending and (force or self._full(gap, now)):
             self._save()
         self._hook_seconds += time.perf_counter() - t0
+
+    def _full(self, gap: Optional[float], now: float) -> bool:
+        """Whether the held sampled steps make a shard now (else the next step joins them)."""
+        cfg, n = self.config, len(self._pending)
+        if cfg.steps_per_shard is not None:
+            return n >= cfg.steps_per_shard
+        if self.probe_inputs is not None or cfg.save_hidden_every_n_steps > 1 or gap is None:
+            return True  # sparse sampling, probes, or no step rate known yet: a shard per step
+        held = self._live().bytes_captured - self._bytes_at_save
+        first = self._held_since if self._held_since is not None else now
+        return (held + held / n > cfg.shard_target_mb * 1e6 or
+                now + gap - first > cfg.shard_max_seconds)
 
     def _save(self) -> None:
         """Hand the cached rows of the pending sampled steps to the writer as one shard."""
         last, self._pending = self._pending[-1], []
-        self._live().save_activations(last)
+        sampler = self._live()
+        self._held_since = None
+        self._bytes_at_save = sampler.bytes_captured
+        sampler.save_activations(last)
 
     def _probe(self, pl_module: pl.LightningModule, step: int) -> None:
         """Run the fixed probe batch (eval mode, no grad) and save it as a shard of its own, with

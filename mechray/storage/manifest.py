@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from mechray.errors import ShardError
 from mechray.storage import s3
-from mechray.storage.shard import parse_shard_name, shard_path, temp_target
+from mechray.storage.shard import DIGEST, parse_shard_name, shard_path, temp_target
 from mechray.storage.sink import ShardSink, StorageTarget, atomic_write, orphans, upload
 from mechray.storage.summary import Summary
 
@@ -36,7 +36,6 @@ FORMAT = "mechray.manifest"
 VERSION = 1
 MAIN = "manifest.json"
 _PARTIAL = re.compile(r"manifest\.rank([0-9]{3,})\.json")
-_CHECKSUM = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def partial_name(rank: int) -> str:
@@ -117,8 +116,9 @@ def entry_problem(e: Any) -> Optional[str]:
         return (f"names {str(name)[:120]!r}, which is not a shard file name "
                 f"(activations_[rankNNN_]shard_NNNNNN_step_N.pt, no directories)")
     digest = e.get("checksum")
-    if not (isinstance(digest, str) and _CHECKSUM.fullmatch(digest)):
-        return f"({name}) has checksum {str(digest)[:80]!r}, not 'sha256:<64 hex digits>'"
+    if not (isinstance(digest, str) and DIGEST.fullmatch(digest)):
+        return (f"({name}) has checksum {str(digest)[:80]!r}, not 'crc32c:<8 hex digits>' or "
+                f"'sha256:<64 hex digits>'")
     for key in ("bytes", "index", "rank", "step"):
         if not _int(e.get(key)):
             return f"({name}) has {key}={str(e.get(key))[:40]!r}, not an integer"

@@ -10,7 +10,7 @@ Usage::
         ...
     payload = store.load("activations_shard_000000_step_0.pt")
 
-Every read checks the shard's sha256 against the manifest (once per file version per store);
+Every read checks the shard's checksum (CRC32C, or sha256 in older stores) against the manifest (once per file version per store);
 a missing, truncated or altered shard raises an error that names it.  S3 objects are downloaded
 once into a local cache (``cache_dir``, default ``$MECHRAY_CACHE_DIR`` or ``~/.cache/mechray``).
 Nothing here unpickles code: shards load with ``torch.load(weights_only=True)``.
@@ -37,7 +37,7 @@ from mechray.storage.manifest import (
     parse,
     rebuild_hint,
 )
-from mechray.storage.shard import file_checksum, load_error, shard_path
+from mechray.storage.shard import corrupt_error, file_checksum, load_error, shard_path
 from mechray.storage.summary import Summary, layers_from_json, runs
 
 if TYPE_CHECKING:
@@ -423,7 +423,6 @@ class ShardStore:
         if st.st_size != entry["bytes"]:
             raise ShardError(f"shard {entry['file']} ({path}) is {st.st_size} bytes but the "
                              f"manifest says {entry['bytes']}: it is truncated or was replaced")
-        if file_checksum(path) != entry["checksum"]:
-            raise ShardError(f"shard {entry['file']} ({path}) does not match its checksum "
-                             f"{entry['checksum']}: the file is corrupt")
+        if file_checksum(path, entry["checksum"]) != entry["checksum"]:
+            raise corrupt_error(entry, path, self.location)
         self._verified[str(path)] = stamp

@@ -158,7 +158,7 @@ def _repair(target: StorageTarget, owner: Manifest, partials: list[Path]) -> dic
     adopted = []
     for file in orphans(target, {e["file"] for e in owner.entries()}):
         final = temp_target(file.name)
-        entry = _entry_if_complete(file, final or file.name)
+        entry = _entry_if_complete(file, final or file.name, target.checksum)
         if entry is None:
             if final:
                 file.unlink()
@@ -191,7 +191,7 @@ def _repair(target: StorageTarget, owner: Manifest, partials: list[Path]) -> dic
             if not entry.get("s3_uri"):
                 drop.append(entry["file"])
                 report["missing"].append(entry["file"])
-        elif file_checksum(file) != entry["checksum"]:
+        elif file_checksum(file, entry["checksum"]) != entry["checksum"]:
             drop.append(entry["file"])
             report["quarantined"].append(_move(file, quarantine))
     owner.remove(*drop)
@@ -208,13 +208,14 @@ def _repair(target: StorageTarget, owner: Manifest, partials: list[Path]) -> dic
     return report
 
 
-def _entry_if_complete(file: Path, name: str) -> Optional[dict[str, Any]]:
+def _entry_if_complete(file: Path, name: str, target_checksum: str = "crc32c"
+                       ) -> Optional[dict[str, Any]]:
     data = file.read_bytes()
     try:
         payload = decode(data)
         if payload["metadata"]["file"] != name:
             return None
-        return entry_for(payload, len(data), checksum(data))
+        return entry_for(payload, len(data), checksum(data, target_checksum))
     except Exception as exc:  # a partial or foreign file is not adopted
         log.warning("%s is not a complete shard (%s)", file,
                     (str(exc).splitlines() or [type(exc).__name__])[0][:200])

@@ -8,8 +8,10 @@ Usage::
     s3 = client(endpoint_url="http://127.0.0.1:9000")
 
 Credentials come from boto3's normal chain (environment, profile, IAM role); mechray never
-stores them.  Checksums are computed only where S3 requires them, so S3-compatible stores (MinIO,
-Ceph, moto, R2) accept the requests; integrity is mechray's own sha256 per shard.
+stores them.  Uploads carry a checksum S3 verifies server-side (``s3_checksum_algorithm``,
+default CRC32); other requests compute checksums only where S3 requires them, so S3-compatible
+stores (MinIO, Ceph, moto, R2) accept them.  End to end, integrity is mechray's own checksum per
+shard (CRC32C, or sha256), checked on every read.
 """
 
 from __future__ import annotations

@@ -42,6 +42,8 @@ class StorageTarget:
     region: Optional[str] = None
     multipart_threshold_mb: int = 64
     retry_seconds: float = 60.0
+    checksum: str = "crc32c"
+    s3_checksum: Optional[str] = "CRC32"
 
     @classmethod
     def from_config(cls, config) -> "StorageTarget":
@@ -49,7 +51,8 @@ class StorageTarget:
                    bucket=config.s3_bucket, prefix=config.s3_prefix,
                    endpoint_url=config.endpoint_url, region=config.s3_region,
                    multipart_threshold_mb=config.s3_multipart_threshold_mb,
-                   retry_seconds=config.s3_retry_seconds)
+                   retry_seconds=config.s3_retry_seconds, checksum=config.checksum,
+                   s3_checksum=config.s3_checksum_algorithm)
 
     @classmethod
     def from_manifest(cls, local_dir, config: dict[str, Any], endpoint_url: Optional[str] = None
@@ -118,10 +121,16 @@ def atomic_write(path: Path, data: bytes | memoryview | Callable[[Any], Any]) ->
 
 def upload(target: StorageTarget, path: Path, name: str, budget_s: Optional[float] = None) -> str:
     """Upload a local file to ``{prefix}/{name}``, retrying a down endpoint with backoff for
-    ``budget_s`` (default ``target.retry_seconds``); returns its ``s3://`` URI."""
+    ``budget_s`` (default ``target.retry_seconds``); returns its ``s3://`` URI.
+
+    With ``target.s3_checksum`` (default ``CRC32``) boto3 sends the object's checksum (per part
+    for multipart uploads) and S3 verifies it before storing the object, so a body damaged on the
+    way is refused (and retried) rather than stored."""
     key = s3.key_for(target.prefix, name)
+    extra = {"ChecksumAlgorithm": target.s3_checksum} if target.s3_checksum else None
     s3.with_backoff(lambda: target.client().upload_file(
-        str(path), target.bucket, key, Config=s3.transfer_config(target.multipart_threshold_mb)),
+        str(path), target.bucket, key, ExtraArgs=extra,
+        Config=s3.transfer_config(target.multipart_threshold_mb)),
         target.retry_seconds if budget_s is None else budget_s, f"s3://{target.bucket}/{key}")
     uri = target.uri(name)
     assert uri is not None  # an S3 target always has a URI
@@ -144,7 +153,7 @@ class ShardSink:
         name = payload["metadata"]["file"]
         path = self.target.shard_dir / name
         try:
-            nbytes, digest = atomic_write(path, lambda fh: save(payload, fh))
+            nbytes, digest = atomic_write(path, lambda fh: save(payload, fh, self.target.checksum))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFullError(
