@@ -4,6 +4,7 @@ Usage::
 
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python benchmarks/write_throughput.py
     .venv/bin/python benchmarks/write_throughput.py --rows 10000 --dim 512 --layers 2 --shards 6
+    .venv/bin/python benchmarks/write_throughput.py --sweep 1,4,16,64,256   # MB per shard
 
 Modes (each round runs every mode once, in a rotating order; every mode writes ``--shards``
 shards of ``rows x dim x layers`` float32 into a fresh store):
@@ -14,6 +15,14 @@ shards of ``rows x dim x layers`` float32 into a fresh store):
   raw-s3        boto3 ``upload_file`` (default client and TransferConfig) of the same bytes
   thread-s3     mechray writer threads, ``storage_backend='s3'`` (spool + fsync + upload)
   ray-s3        mechray Ray writer pool, ``storage_backend='s3'``
+  thread-local-sha256, ray-local-sha256
+                as thread-local / ray-local with ``checksum='sha256'``: the write path before
+                issue 11 (``torch.save`` with its zip CRC-32 records plus a sha256 of every byte),
+                measured side by side with the CRC32C default
+
+``--sweep 1,4,16,...`` repeats the local modes for shards of those sizes in MB (rows adjusted,
+``--dim`` and ``--layers`` kept; enough shards per size for ``--sweep-mb`` MB per mode) and prints
+one table plus a PNG (``benchmarks/figures/write_throughput_sweep.png``) of MB/s against shard size.
 
 The S3 server is moto's ``ThreadedMotoServer`` on 127.0.0.1 (a free port) in this process, with
 fake credentials.  For mechray the clock runs from the first ``submit`` of an in-memory shard
@@ -56,9 +65,13 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 log = logging.getLogger("bench.write_throughput")
-MODES = ("raw-local", "thread-local", "ray-local", "raw-s3", "thread-s3", "ray-s3")
+MODES = ("raw-local", "thread-local", "ray-local", "raw-s3", "thread-s3", "ray-s3",
+         "thread-local-sha256", "ray-local-sha256")
+SWEEP_MODES = ("raw-local", "thread-local", "ray-local", "thread-local-sha256", "ray-local-sha256")
 PAIRS = {"thread-local": "raw-local", "ray-local": "raw-local",
-         "thread-s3": "raw-s3", "ray-s3": "raw-s3"}
+         "thread-s3": "raw-s3", "ray-s3": "raw-s3",
+         "thread-local-sha256": "raw-local", "ray-local-sha256": "raw-local"}
+FIGURES = Path(__file__).resolve().parent / "figures"
 
 
 def pending(index: int, step: int, acts: dict[str, torch.Tensor]):
@@ -138,7 +151,8 @@ class Bench:
         self.empty_prefix(tag)
         return dt, n * len(self.shard_bytes)
 
-    def mechray(self, tag: str, use_ray: bool, backend: str) -> tuple[float, int]:
+    def mechray(self, tag: str, use_ray: bool, backend: str, checksum: str = "crc32c"
+                ) -> tuple[float, int]:
         from mechray import MechIntConfig
         from mechray.storage.transport import make_transport
 
@@ -148,7 +162,8 @@ class Bench:
                                storage_path=str(self.scratch / tag), verbose=False,
                                use_ray=use_ray, max_activations_per_shard=self.args.rows,
                                num_writers=self.args.writers,
-                               max_shards_in_flight=self.args.in_flight, **extra)
+                               max_shards_in_flight=self.args.in_flight, checksum=checksum,
+                               **extra)
         transport = make_transport(config)
         first = transport.start()
         tiny = {k: t[:1].clone() for k, t in self.acts.items()}
@@ -181,9 +196,9 @@ class Bench:
             return self.raw_local(tag)
         if mode == "raw-s3":
             return self.raw_s3(tag)
-        kind, backend = mode.split("-")
+        kind, backend, *algo = mode.split("-")
         return self.mechray(tag, use_ray=kind == "ray", backend="local" if backend == "local"
-                            else "s3")
+                            else "s3", checksum=algo[0] if algo else "crc32c")
 
     def close(self) -> None:
         if self.server is not None:
@@ -263,6 +278,67 @@ def run(args) -> dict[str, Any]:
     return out
 
 
+def sweep(args) -> dict[str, Any]:
+    """The local modes for each shard size in ``args.sweep`` (MB): a table and a PNG."""
+    import copy
+
+    per_row = args.dim * args.layers * 4
+    points, rows = [], []
+    for size in args.sweep:
+        a = copy.copy(args)
+        a.rows = max(1, int(size * 1e6 / per_row))
+        a.shards = max(2, int(args.sweep_mb // size))
+        a.modes = [m for m in SWEEP_MODES if m in args.modes or args.modes == list(MODES)]
+        log.info("sweep: %s MB shards (%d rows), %d per mode", size, a.rows, a.shards)
+        out = run(a)
+        res = out["results"]
+        point = {"shard_mb": out["shard_bytes"] / 1e6, "shards_per_mode": a.shards,
+                 "loadavg_after": out["loadavg_after"],
+                 **{m: res[m]["median_mb_per_s"] for m in a.modes},
+                 **{f"{m}/raw": res[m]["ratio"] for m in a.modes if "ratio" in res[m]}}
+        points.append(point)
+        rows.append({"shard MB": point["shard_mb"], "shards": a.shards,
+                     **{m: point[m] for m in a.modes},
+                     **{f"{m} / raw": point.get(f"{m}/raw") for m in a.modes if m != "raw-local"}})
+    print()
+    print(f"write throughput sweep (MB/s, median of {args.rounds} rounds; ratio to raw "
+          f"write+fsync of the same bytes):")
+    print(table(rows, list(rows[0])))
+    plot = _plot_sweep(points, [m for m in SWEEP_MODES if m in points[0]])
+    print(f"plot: {plot}")
+    return {"benchmark": "write_throughput_sweep", "args": vars(args), "machine": machine(),
+            "points": points, "plot": str(plot), "loadavg_after": list(os.getloadavg())}
+
+
+def _plot_sweep(points: list[dict[str, Any]], modes: list[str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    fig, (ax, rx) = plt.subplots(1, 2, figsize=(10, 4))
+    sizes = [p["shard_mb"] for p in points]
+    for m in modes:
+        style = "--" if m.endswith("sha256") else "-"
+        ax.plot(sizes, [p[m] for p in points], style, marker="o", label=m)
+        if m != "raw-local":
+            rx.plot(sizes, [p[f"{m}/raw"] for p in points], style, marker="o", label=m)
+    for a, ylabel in ((ax, "MB/s landed (durable, listed)"), (rx, "÷ raw write+fsync")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("shard size (MB)")
+        a.set_ylabel(ylabel)
+        a.grid(True, alpha=0.3)
+    rx.axhline(0.8, color="grey", lw=0.8)
+    ax.legend(fontsize=8)
+    fig.suptitle("mechray local shard writes vs shard size (2 vCPU)")
+    fig.tight_layout()
+    path = FIGURES / "write_throughput_sweep.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--modes", default=",".join(MODES), help="comma list from " + ",".join(MODES))
@@ -275,9 +351,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--in-flight", type=int, default=4, help="mechray max_shards_in_flight")
     p.add_argument("--ray-cpus", type=int, default=3)
     p.add_argument("--scratch", default=None, help="where files go (a temp dir inside it)")
+    p.add_argument("--sweep", default=None,
+                   help="comma list of shard sizes in MB (e.g. 1,4,16,64,256): the local modes "
+                        "at each size, a table and a PNG")
+    p.add_argument("--sweep-mb", type=float, default=128.0,
+                   help="--sweep: MB written per mode per round at each size (at least 2 shards)")
     p.add_argument("--no-json", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    args.sweep = [float(x) for x in args.sweep.split(",")] if args.sweep else None
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in args.modes if m not in MODES]
     if bad:
@@ -292,11 +374,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.scratch is None:
         args.scratch = str(OUT)
     t0 = time.perf_counter()
-    result = run(args)
+    result = sweep(args) if args.sweep else run(args)
     result["wall_seconds"] = time.perf_counter() - t0
     print(f"total wall {result['wall_seconds']:.0f}s")
     if not args.no_json:
-        write_json("write_throughput", result)
+        write_json("write_throughput_sweep" if args.sweep else "write_throughput", result)
 
 
 if __name__ == "__main__":

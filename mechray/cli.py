@@ -80,7 +80,7 @@ def _verify_against_manifest(shard: str) -> tuple[bool, str]:
         store.path(path.name)
     except Exception as exc:
         return False, str(exc)
-    return True, f"verified: bytes and sha256 match the manifest entry of {path.name}"
+    return True, f"verified: bytes and checksum match the manifest entry of {path.name}"
 
 
 def cmd_inspect(args) -> int:

@@ -10,7 +10,7 @@ Usage::
         ...
     payload = store.load("activations_shard_000000_step_0.pt")
 
-Every read checks the shard's checksum (CRC32C, or sha256 in older stores) against the manifest (once per file version per store);
+Every read checks the shard's checksum against the manifest (once per file version per store);
 a missing, truncated or altered shard raises an error that names it.  S3 objects are downloaded
 once into a local cache (``cache_dir``, default ``$MECHRAY_CACHE_DIR`` or ``~/.cache/mechray``).
 Nothing here unpickles code: shards load with ``torch.load(weights_only=True)``.

@@ -307,12 +307,12 @@ def _torch_save(payload: dict[str, Any], sink, zip_crc32: bool) -> None:
     every byte at ~1.6 GB/s.  The per-call writer keeps torch's global setting untouched."""
     ser = torch.serialization
     if zip_crc32 or not hasattr(ser, "_save"):
-        torch.save(payload, sink)  # type: ignore[arg-type]
+        torch.save(payload, sink)
         return
     try:
         writer = torch._C.PyTorchFileWriter(sink, False, ser._get_storage_alignment())
     except (AttributeError, TypeError):  # another torch: its own save, zip CRCs included
-        torch.save(payload, sink)  # type: ignore[arg-type]
+        torch.save(payload, sink)
         return
     ser._save(payload, writer, pickle, ser.DEFAULT_PROTOCOL, False)
     writer.write_end_of_file()
