@@ -4,6 +4,7 @@ Usage::
 
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python benchmarks/capture_overhead.py
     .venv/bin/python benchmarks/capture_overhead.py --rounds 40 --block 15 --variants a,b,c,d
+    .venv/bin/python benchmarks/capture_overhead.py --sweep 1024,4096,16384,65536   # rows/step
 
 Variants, each with its own copy of the same initial model and its own AdamW, batch 32:
 
@@ -33,6 +34,12 @@ of (block time / the same round's ``a`` block time).  The aims (b/a <= 1.10, c/a
 judged on the amortised ratio, which includes every sampled step and every wait for the writer.
 For a sparse interval (c) that ratio cannot resolve 1% on a loaded machine, so c is also
 estimated from its own sampled steps (their excess over its unsampled median, plus drains).
+
+``--sweep R1,R2,...`` runs a and b (and g with ``--sweep-variants a,b,g``) for each number of
+rows per layer per step: the batch is ``R / 32`` (NeuroFMX yields 32 rows per example), so the
+training step grows with the rows, as it would; ``max_activations_per_shard`` is raised to
+``max(10000, 4 R)`` so no row is dropped.  It prints one table and writes a PNG
+(``benchmarks/figures/capture_overhead_sweep.png``) of the ratio and the overhead per step.
 
 Where the time goes (Linux ``/proc``, per variant, ms per step): the training (main) thread on a
 CPU, runnable but waiting for a CPU (other processes/threads competing for the cores), off-CPU
@@ -453,6 +460,83 @@ def report(args, variants: dict[str, Variant], extras, load_before, store_root) 
     return out
 
 
+ROWS_PER_EXAMPLE = 32   # NeuroFMX(n_neurons=32): a [B, 32, d] output per hooked block
+FIGURES = Path(__file__).resolve().parent / "figures"
+
+
+def sweep(args) -> dict[str, Any]:
+    """Variants ``--sweep-variants`` for each rows-per-step in ``args.sweep``: a table and a PNG."""
+    points, rows = [], []
+    for n in args.sweep:
+        a = copy.copy(args)
+        a.batch_size = max(1, n // ROWS_PER_EXAMPLE)
+        a.trials = max(args.trials, 4 * a.batch_size)
+        a.max_rows = max(10000, 4 * n)
+        a.variants = args.sweep_variants
+        a.rounds, a.block, a.warmup = args.sweep_rounds, args.sweep_block, 3
+        log.info("sweep: %d rows per layer per step (batch %d)", n, a.batch_size)
+        out = run(a)
+        res = out["results"]
+        steps = a.rounds * a.block
+        point = {"rows_per_step": n, "batch": a.batch_size, "loadavg_after": out["loadavg_after"],
+                 "a_ms": res["a"]["amortised_seconds"] * 1e3}
+        for k in a.variants:
+            if k == "a":
+                continue
+            r = res[k]
+            point[f"{k}_ms"] = r["amortised_seconds"] * 1e3
+            point[f"{k}/a"] = r["ratio_amortised"]
+            point[f"{k}_paired"] = r["ratio_paired_median"]
+            point[f"{k}_overhead_ms"] = r["overhead_ms_per_step"]
+            point[f"{k}_shards"] = r.get("shards_written")
+            point[f"{k}_mb_per_step"] = r.get("bytes_captured", 0) / 1e6 / steps
+        points.append(point)
+        rows.append({"rows/step": n, "batch": a.batch_size, "a ms": point["a_ms"],
+                     **{f"{k} {m}": point[f"{k}{suffix}"] for k in a.variants if k != "a"
+                        for m, suffix in (("ms", "_ms"), ("/a", "/a"), ("paired", "_paired"),
+                                          ("+ms", "_overhead_ms"), ("shards", "_shards"),
+                                          ("MB/step", "_mb_per_step"))},
+                     "load": f"{point['loadavg_after'][0]:.1f}"})
+    print()
+    print("capture overhead sweep (amortised ms per step; /a = ratio to no hooks; +ms = overhead "
+          "per step; shards written in the measured steps):")
+    print(table(rows, list(rows[0])))
+    plot = _plot_sweep(points, [k for k in args.sweep_variants if k != "a"])
+    print(f"plot: {plot}")
+    return {"benchmark": "capture_overhead_sweep", "args": vars(args), "machine": machine(),
+            "points": points, "plot": str(plot)}
+
+
+def _plot_sweep(points: list[dict[str, Any]], keys: list[str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    fig, (ax, ox) = plt.subplots(1, 2, figsize=(10, 4))
+    x = [p["rows_per_step"] for p in points]
+    for k in keys:
+        ax.plot(x, [p[f"{k}/a"] for p in points], marker="o", label=f"{k}: {DESCRIPTIONS[k]}")
+        ox.plot(x, [p[f"{k}_overhead_ms"] for p in points], marker="o", label=k)
+    ox.plot(x, [p["a_ms"] for p in points], "k:", marker=".", label="a: step without hooks")
+    ax.axhline(1.10, color="grey", lw=0.8)
+    for a, ylabel in ((ax, "step time ÷ no hooks (amortised)"), (ox, "ms per step")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("rows per layer per step (2 layers x 64 floats)")
+        a.set_ylabel(ylabel)
+        a.grid(True, alpha=0.3)
+    ox.set_yscale("log")
+    ax.legend(fontsize=7)
+    ox.legend(fontsize=7)
+    fig.suptitle("every-step capture cost vs rows per step (NeuroFMX, CPU, 2 vCPU)")
+    fig.tight_layout()
+    path = FIGURES / "capture_overhead_sweep.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default="a,b,c,d,e,f,g",
@@ -480,9 +564,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scratch", default=None, help="where shards go (a temp dir inside it)")
     p.add_argument("--keep", action="store_true", help="keep the written shards")
+    p.add_argument("--sweep", default=None,
+                   help="comma list of rows per layer per step (e.g. 1024,4096,16384,65536)")
+    p.add_argument("--sweep-variants", default="a,b", help="--sweep: the variants run")
+    p.add_argument("--sweep-rounds", type=int, default=6, help="--sweep: rounds per point")
+    p.add_argument("--sweep-block", type=int, default=5, help="--sweep: steps per block")
     p.add_argument("--no-json", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    args.sweep = [int(x) for x in args.sweep.split(",")] if args.sweep else None
+    args.sweep_variants = [v.strip() for v in args.sweep_variants.split(",") if v.strip()]
+    if args.sweep and "a" not in args.sweep_variants:
+        p.error("--sweep-variants must include a (the baseline)")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if "a" not in args.variants:
         p.error("--variants must include a (the baseline)")
@@ -501,11 +594,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.scratch is None:
         args.scratch = str(OUT)
     t0 = time.perf_counter()
-    result = run(args)
+    result = sweep(args) if args.sweep else run(args)
     result["wall_seconds"] = time.perf_counter() - t0
     print(f"total wall {result['wall_seconds']:.0f}s")
     if not args.no_json:
-        write_json("capture_overhead", result)
+        write_json("capture_overhead_sweep" if args.sweep else "capture_overhead", result)
 
 
 if __name__ == "__main__":
