@@ -319,11 +319,14 @@ def _plot_sweep(points: list[dict[str, Any]], modes: list[str]) -> Path:
     FIGURES.mkdir(parents=True, exist_ok=True)
     fig, (ax, rx) = plt.subplots(1, 2, figsize=(10, 4))
     sizes = [p["shard_mb"] for p in points]
+    colors = {"raw-local": "black", "thread-local": "tab:blue", "ray-local": "tab:orange",
+              "thread-local-sha256": "tab:blue", "ray-local-sha256": "tab:orange"}
     for m in modes:
         style = "--" if m.endswith("sha256") else "-"
-        ax.plot(sizes, [p[m] for p in points], style, marker="o", label=m)
+        ax.plot(sizes, [p[m] for p in points], style, color=colors.get(m), marker="o", label=m)
         if m != "raw-local":
-            rx.plot(sizes, [p[f"{m}/raw"] for p in points], style, marker="o", label=m)
+            rx.plot(sizes, [p[f"{m}/raw"] for p in points], style, color=colors.get(m),
+                    marker="o", label=m)
     for a, ylabel in ((ax, "MB/s landed (durable, listed)"), (rx, "÷ raw write+fsync")):
         a.set_xscale("log", base=2)
         a.set_xlabel("shard size (MB)")

@@ -173,6 +173,9 @@ class MechIntCallback(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.sampler is not None:
             self.sampler.remove_hooks()
+            if self._pending and self._capturing is None:  # held steps a fit end did not see
+                self._save()
+                self.sampler.flush()
 
     # --- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
