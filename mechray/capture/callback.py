@@ -106,7 +106,7 @@ class MechIntCallback(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if self._pending and self._held_since is not None and \
+        if self._pending and self._capturing is None and self._held_since is not None and \
                 time.monotonic() - self._held_since >= self.config.shard_max_seconds:
             self._save()  # held rows waited long enough (time bound of a gathered shard)
         if self._capturing is None and step % self.config.save_hidden_every_n_steps == 0:
