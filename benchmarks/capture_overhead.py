@@ -479,7 +479,7 @@ def sweep(args) -> dict[str, Any]:
         res = out["results"]
         steps = a.rounds * a.block
         point = {"rows_per_step": n, "batch": a.batch_size, "loadavg_after": out["loadavg_after"],
-                 "a_ms": res["a"]["amortised_seconds"] * 1e3}
+                 "a_ms": res["a"]["amortised_seconds"] * 1e3, "a_cpu_ms": _cpu_ms(res["a"])}
         for k in a.variants:
             if k == "a":
                 continue
@@ -488,23 +488,34 @@ def sweep(args) -> dict[str, Any]:
             point[f"{k}/a"] = r["ratio_amortised"]
             point[f"{k}_paired"] = r["ratio_paired_median"]
             point[f"{k}_overhead_ms"] = r["overhead_ms_per_step"]
+            # CPU per step of every process of the run (training thread, writer threads, Ray):
+            # what capture costs the machine, much less sensitive to other users' load than wall
+            point[f"{k}_cpu_overhead_ms"] = _cpu_ms(r) - point["a_cpu_ms"]
+            point[f"{k}_cpu/a"] = _cpu_ms(r) / point["a_cpu_ms"]
             point[f"{k}_shards"] = r.get("shards_written")
             point[f"{k}_mb_per_step"] = r.get("bytes_captured", 0) / 1e6 / steps
         points.append(point)
         rows.append({"rows/step": n, "batch": a.batch_size, "a ms": point["a_ms"],
                      **{f"{k} {m}": point[f"{k}{suffix}"] for k in a.variants if k != "a"
                         for m, suffix in (("ms", "_ms"), ("/a", "/a"), ("paired", "_paired"),
-                                          ("+ms", "_overhead_ms"), ("shards", "_shards"),
+                                          ("+ms", "_overhead_ms"), ("cpu/a", "_cpu/a"),
+                                          ("+cpu ms", "_cpu_overhead_ms"), ("shards", "_shards"),
                                           ("MB/step", "_mb_per_step"))},
                      "load": f"{point['loadavg_after'][0]:.1f}"})
     print()
     print("capture overhead sweep (amortised ms per step; /a = ratio to no hooks; +ms = overhead "
-          "per step; shards written in the measured steps):")
+          "per step; cpu/a and +cpu ms: the same for CPU time of all processes; shards written "
+          "in the measured steps):")
     print(table(rows, list(rows[0])))
     plot = _plot_sweep(points, [k for k in args.sweep_variants if k != "a"])
     print(f"plot: {plot}")
     return {"benchmark": "capture_overhead_sweep", "args": vars(args), "machine": machine(),
             "points": points, "plot": str(plot)}
+
+
+def _cpu_ms(result: dict[str, Any]) -> float:
+    c = result["cpu_ms_per_step"]
+    return c["main_on_cpu"] + c["driver_other_threads"] + c["child_processes"]
 
 
 def _plot_sweep(points: list[dict[str, Any]], keys: list[str]) -> Path:
@@ -516,10 +527,14 @@ def _plot_sweep(points: list[dict[str, Any]], keys: list[str]) -> Path:
     FIGURES.mkdir(parents=True, exist_ok=True)
     fig, (ax, ox) = plt.subplots(1, 2, figsize=(10, 4))
     x = [p["rows_per_step"] for p in points]
-    for k in keys:
-        ax.plot(x, [p[f"{k}/a"] for p in points], marker="o", label=f"{k}: {DESCRIPTIONS[k]}")
-        ox.plot(x, [p[f"{k}_overhead_ms"] for p in points], marker="o", label=k)
-    ox.plot(x, [p["a_ms"] for p in points], "k:", marker=".", label="a: step without hooks")
+    for k, color in zip(keys, ("tab:blue", "tab:red", "tab:green", "tab:purple")):
+        ax.plot(x, [p[f"{k}/a"] for p in points], color=color, marker="o",
+                label=f"{k}: {DESCRIPTIONS[k]} (wall)")
+        ax.plot(x, [p[f"{k}_cpu/a"] for p in points], "--", color=color, marker="s",
+                label=f"{k} (CPU of all processes)")
+        ox.plot(x, [max(p[f"{k}_cpu_overhead_ms"], 1e-2) for p in points], color=color,
+                marker="o", label=f"{k}: extra CPU ms per step")
+    ox.plot(x, [p["a_cpu_ms"] for p in points], "k:", marker=".", label="a: CPU ms per step")
     ax.axhline(1.10, color="grey", lw=0.8)
     for a, ylabel in ((ax, "step time ÷ no hooks (amortised)"), (ox, "ms per step")):
         a.set_xscale("log", base=2)

@@ -295,11 +295,17 @@ def sweep(args) -> dict[str, Any]:
         point = {"shard_mb": out["shard_bytes"] / 1e6, "shards_per_mode": a.shards,
                  "loadavg_after": out["loadavg_after"],
                  **{m: res[m]["median_mb_per_s"] for m in a.modes},
+                 # CPU of every thread and process of the run per MB landed: what a write costs
+                 # the machine, much less sensitive to other users' load than MB/s
+                 **{f"{m} cpu_ms_per_mb": res[m]["cpu_ms_per_shard_total"] / (out["shard_bytes"] / 1e6)
+                    for m in a.modes},
                  **{f"{m}/raw": res[m]["ratio"] for m in a.modes if "ratio" in res[m]}}
         points.append(point)
         rows.append({"shard MB": point["shard_mb"], "shards": a.shards,
                      **{m: point[m] for m in a.modes},
-                     **{f"{m} / raw": point.get(f"{m}/raw") for m in a.modes if m != "raw-local"}})
+                     **{f"{m} / raw": point.get(f"{m}/raw") for m in a.modes if m != "raw-local"},
+                     **{f"{m} cpu ms/MB": point[f"{m} cpu_ms_per_mb"] for m in a.modes},
+                     "load": f"{point['loadavg_after'][0]:.1f}"})
     print()
     print(f"write throughput sweep (MB/s, median of {args.rounds} rounds; ratio to raw "
           f"write+fsync of the same bytes):")
@@ -317,7 +323,7 @@ def _plot_sweep(points: list[dict[str, Any]], modes: list[str]) -> Path:
     import matplotlib.pyplot as plt
 
     FIGURES.mkdir(parents=True, exist_ok=True)
-    fig, (ax, rx) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax, rx, cx) = plt.subplots(1, 3, figsize=(15, 4))
     sizes = [p["shard_mb"] for p in points]
     colors = {"raw-local": "black", "thread-local": "tab:blue", "ray-local": "tab:orange",
               "thread-local-sha256": "tab:blue", "ray-local-sha256": "tab:orange"}
@@ -327,7 +333,11 @@ def _plot_sweep(points: list[dict[str, Any]], modes: list[str]) -> Path:
         if m != "raw-local":
             rx.plot(sizes, [p[f"{m}/raw"] for p in points], style, color=colors.get(m),
                     marker="o", label=m)
-    for a, ylabel in ((ax, "MB/s landed (durable, listed)"), (rx, "÷ raw write+fsync")):
+        if f"{m} cpu_ms_per_mb" in points[0]:
+            cx.plot(sizes, [p[f"{m} cpu_ms_per_mb"] for p in points], style, color=colors.get(m),
+                    marker="o", label=m)
+    for a, ylabel in ((ax, "MB/s landed (durable, listed)"), (rx, "÷ raw write+fsync"),
+                      (cx, "CPU ms per MB, all processes")):
         a.set_xscale("log", base=2)
         a.set_xlabel("shard size (MB)")
         a.set_ylabel(ylabel)
