@@ -269,8 +269,11 @@ def _read_pt(data: bytes, limit: int) -> Any:
     pkl = next(i.filename for i in infos if i.filename.endswith("data.pkl"))
     prefix = pkl[: -len("data.pkl")]
     records = {i.filename: i.file_size for i in infos}
+    with archive.open(pkl) as fp:
+        fp._expected_crc = None  # type: ignore[attr-defined]  # CRC-32 fields may be 0: torch.load
+        header = fp.read()       # skips them, and mechray shards (checksum='crc32c') leave them 0
     try:
-        return _HeaderUnpickler(archive.read(pkl), records, prefix, limit).load()
+        return _HeaderUnpickler(header, records, prefix, limit).load()
     except _TooMany as exc:
         raise ApiError(422, "too_many_layers", f"the upload holds more than {exc.limit} tensors; "
                        f"at most {exc.limit - _EXTRA_TENSORS} layers per upload: split it"

@@ -112,3 +112,13 @@ def test_s3_uploads_carry_the_crc32_of_the_bytes_for_s3_to_check(tiny_net, tmp_p
         assert head["ChecksumCRC32"] == expected
     head = client.head_object(Bucket=bucket, Key="crc/manifest.json", ChecksumMode="ENABLED")
     assert "ChecksumCRC32" in head
+
+
+def test_a_crc32c_shard_is_accepted_as_an_upload(tiny_net, tmp_path):
+    """The zip records' CRC-32 fields of a CRC32C shard are 0; the upload parser reads it."""
+    from mechray.api import uploads
+
+    _capture(tiny_net, tmp_path / "c", steps=(0,))
+    data = (tmp_path / "c" / "activations_shard_000000_step_0.pt").read_bytes()
+    upload = uploads.parse_upload(data, "shard.pt", max_layers=64)
+    assert upload.kind == "pt"
