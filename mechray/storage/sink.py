@@ -65,7 +65,7 @@ class StorageTarget:
         # the storage fields only: reaching the store needs no more, and checking the recorded
         # analysis names would import every analysis (torch) into `mechray sync`
         config = {k: v for k, v in config.items()
-                  if k.startswith(("s3_", "storage_")) or k == "sample_layers"}
+                  if k.startswith(("s3_", "storage_")) or k in ("sample_layers", "checksum")}
         cfg = MechIntConfig.from_dict({**config, "storage_path": str(local_dir),
                                        **({"s3_endpoint_url": endpoint_url} if endpoint_url else {})})
         return cls.from_config(cfg)
