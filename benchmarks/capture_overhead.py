@@ -39,7 +39,7 @@ estimated from its own sampled steps (their excess over its unsampled median, pl
 rows per layer per step: the batch is ``R / 32`` (NeuroFMX yields 32 rows per example), so the
 training step grows with the rows, as it would; ``max_activations_per_shard`` is raised to
 ``max(10000, 4 R)`` so no row is dropped.  It prints one table and writes a PNG
-(``benchmarks/figures/capture_overhead_sweep.png``) of the ratio and the overhead per step.
+(``benchmarks/plots/capture_overhead_sweep.png``) of the ratio and the overhead per step.
 
 Where the time goes (Linux ``/proc``, per variant, ms per step): the training (main) thread on a
 CPU, runnable but waiting for a CPU (other processes/threads competing for the cores), off-CPU
@@ -461,7 +461,7 @@ def report(args, variants: dict[str, Variant], extras, load_before, store_root) 
 
 
 ROWS_PER_EXAMPLE = 32   # NeuroFMX(n_neurons=32): a [B, 32, d] output per hooked block
-FIGURES = Path(__file__).resolve().parent / "figures"
+FIGURES = Path(__file__).resolve().parent / "plots"
 
 
 def sweep(args) -> dict[str, Any]:

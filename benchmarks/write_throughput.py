@@ -22,7 +22,7 @@ shards of ``rows x dim x layers`` float32 into a fresh store):
 
 ``--sweep 1,4,16,...`` repeats the local modes for shards of those sizes in MB (rows adjusted,
 ``--dim`` and ``--layers`` kept; enough shards per size for ``--sweep-mb`` MB per mode) and prints
-one table plus a PNG (``benchmarks/figures/write_throughput_sweep.png``) of MB/s against shard size.
+one table plus a PNG (``benchmarks/plots/write_throughput_sweep.png``) of MB/s against shard size.
 
 The S3 server is moto's ``ThreadedMotoServer`` on 127.0.0.1 (a free port) in this process, with
 fake credentials.  For mechray the clock runs from the first ``submit`` of an in-memory shard
@@ -71,7 +71,7 @@ SWEEP_MODES = ("raw-local", "thread-local", "ray-local", "thread-local-sha256", 
 PAIRS = {"thread-local": "raw-local", "ray-local": "raw-local",
          "thread-s3": "raw-s3", "ray-s3": "raw-s3",
          "thread-local-sha256": "raw-local", "ray-local-sha256": "raw-local"}
-FIGURES = Path(__file__).resolve().parent / "figures"
+FIGURES = Path(__file__).resolve().parent / "plots"
 
 
 def pending(index: int, step: int, acts: dict[str, torch.Tensor]):
