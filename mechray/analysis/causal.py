@@ -16,8 +16,9 @@ Metrics: ``mse`` between ablated and clean outputs, ``kl`` (clean || ablated) fo
 ``loss`` with ``loss_fn="package.module:function"`` (or ``ctx.loss_fn``): ``|loss change|``.
 Layers wider than ``top_n`` ablate only their ``top_n`` highest-variance neurons.  Neurons share
 forward passes ``neuron_batch`` at a time by stacking copies of the eval batch when that is
-exact for the model (checked on the first batch), else one per pass; the modules that finish
-before the layer are run once per batch, not once per pass (``reuse_prefix``, checked too).
+exact for the model (checked on the first batch), else one per pass; the layer and the modules
+that finish before it are run once per batch and replayed, so each pass computes only what comes
+after the layer (``reuse_prefix``, checked too).
 Inputs with an ``attention_mask`` are batched by length with padding trimmed, and padded
 positions are neither ablated nor counted in the metric.
 """
@@ -36,13 +37,11 @@ from mechray.analysis.inputs import ModelInputs
 from mechray.analysis.intervene import (
     LOSS_FN_PATTERN,
     Metric,
-    Prefix,
     can_stack,
+    clean_runs,
     eval_inputs,
     eval_mode,
-    forward,
     model_of,
-    prefixes,
     record_outputs,
     resolve_loss_fn,
     sweep,
@@ -141,16 +140,13 @@ class Causal(Analysis):
                 rows = self._rows(ctx, layer, p, d)
             if source == "none" and rows is not None:
                 mean, var, source = rows.mean(0), rows.var(0, unbiased=False), "stored rows"
-            refs = [forward(model, xb) for xb in xs]
-            metric.reference(refs)
-            batches = list(zip(xs, refs))
             fill = self._fill(p.method, mean, rows, d, seed)
             stack = p.neuron_batch if can_stack(model, layer, xs[0]) else 1
+            batches, skip = clean_runs(model, layer, xs, min(stack, 2), p.reuse_prefix)
+            metric.reference([ref for _, ref in batches])
             neurons = torch.arange(d) if d <= p.top_n else \
                 torch.sort(torch.topk(var, p.top_n).indices).values
             label = f"causal {layer}" if ctx.progress else None
-            skip: list[Optional[Prefix]] = prefixes(model, layer, batches, min(stack, 2)) \
-                if p.reuse_prefix else [None] * len(batches)
             effects = sweep(model, layer, batches, fill, metric, neurons, stack, label,
                             skip=skip)
             layer_effect = float(sweep(model, layer, batches, fill, metric, None,

@@ -318,8 +318,10 @@ class Prefix:
     that edit ``layer`` (or later) can skip recomputing them.
 
     ``Prefix.record(model, layer, x)`` runs ``x`` once with hooks on every module; a module
-    qualifies when it ran exactly once, ended before ``layer``'s first call began, is neither
-    ``layer`` nor an ancestor or descendant of it, and returned a tensor or a tuple of tensors.
+    qualifies when it ran exactly once, ended before ``layer``'s first call began, is neither an
+    ancestor nor a descendant of ``layer``, and returned a tensor or a tuple of tensors that
+    nothing changed in place afterwards.  ``layer`` itself qualifies when it ran once: its clean
+    output is replayed and then edited, so a run computes only what comes after the layer.
     Only the outermost qualifying modules are kept.  ``with prefix.reused(k):`` then makes each
     of them return its recorded output (batch dimension repeated ``k`` times for stacked
     copies) instead of running.  :func:`sweep` checks on the first batch that the model's output
@@ -349,7 +351,11 @@ class Prefix:
         def post(name):
             def hook(m, args, out):
                 events.append(("e", name))
-                outs[name] = _copy(out) if _plain(out) else None  # later in-place ops stay out
+                if _plain(out):       # later in-place changes are caught by the versions
+                    v = _versions(out)
+                    outs[name] = (out, v) if v is not None else (_copy(out), None)
+                else:
+                    outs[name] = None
             return hook
         try:
             for n, m in mods:
@@ -363,11 +369,14 @@ class Prefix:
             return cls([], len(x)), y
         begin = events.index(("s", tname))
         ended = {n for kind, n in events[:begin] if kind == "e"}
-        ok = {n for n in ended if calls.get(n) == 1 and _plain(outs.get(n))
+        if calls.get(tname) == 1:
+            ended.add(tname)                 # the layer itself: its clean output, then the edit
+        ok = {n for n in ended if calls.get(n) == 1 and outs.get(n) is not None
+              and outs[n][1] in (None, _versions(outs[n][0]))   # not changed in place later
               and not tname.startswith(n + ".") and not n.startswith(tname + ".")}
         keep = [n for n in ok if not any(n.startswith(a + ".") for a in ok)]
         by_name = dict(mods)
-        return cls([(by_name[n], outs[n]) for n in sorted(keep)], len(x)), y
+        return cls([(by_name[n], _copy(outs[n][0])) for n in sorted(keep)], len(x)), y
 
     @contextmanager
     def reused(self, k: int = 1) -> Iterator[None]:
@@ -392,6 +401,17 @@ def _plain(out: Any) -> bool:
                                                  for v in out))
 
 
+def _versions(out: Any) -> Optional[tuple[int, ...]]:
+    """In-place modification counters of a plain output's tensors (changed: not reusable);
+    ``None`` for inference-mode tensors, which keep none."""
+    try:
+        if isinstance(out, torch.Tensor):
+            return (out._version,)
+        return tuple(-1 if v is None else v._version for v in out)
+    except RuntimeError:
+        return None
+
+
 def _copy(out: Any) -> Any:
     if isinstance(out, torch.Tensor):
         return out.detach().clone()
@@ -411,21 +431,45 @@ def prefixes(model: nn.Module, layer: str, batches: list[Batch], stack: int = 2
              ) -> list[Optional[Prefix]]:
     """One :class:`Prefix` per batch, or ``None`` each when reusing them would change the
     model's output on the first batch (checked with ``stack`` stacked copies)."""
-    out: list[Optional[Prefix]] = []
-    for b, (x, _) in enumerate(batches):
+    return clean_runs(model, layer, [x for x, _ in batches], stack)[1]
+
+
+def clean_runs(model: nn.Module, layer: str, xs: list[ModelInputs], stack: int = 2,
+               reuse: bool = True) -> tuple[list[Batch], list[Optional[Prefix]]]:
+    """One clean forward per batch: ``(batches, skips)`` for :func:`sweep`, where ``batches``
+    pairs each input batch with its clean output and ``skips`` holds its :class:`Prefix` (all
+    ``None`` without ``reuse`` or when replaying them would change the output of the first
+    batch, checked with ``stack`` stacked copies)."""
+    batches: list[Batch] = []
+    skips: list[Optional[Prefix]] = []
+    for b, x in enumerate(xs):
+        if not reuse:
+            batches.append((x, forward(model, x)))
+            skips.append(None)
+            continue
         prefix, y = Prefix.record(model, layer, x)
-        if b == 0:
-            if not prefix.outputs:
-                return [None] * len(batches)
-            with prefix.reused(stack):
-                again = forward(model, x.repeat(stack))
-            want = y.repeat(stack, *([1] * (y.dim() - 1)))
-            if again.shape != want.shape or not torch.allclose(again, want, rtol=1e-4, atol=1e-5):
-                log.info("mechray: %s: the modules before it cannot be skipped; running the "
-                         "whole model per intervention", layer)
-                return [None] * len(batches)
-        out.append(prefix)
-    return out
+        batches.append((x, y.float()))
+        skips.append(prefix)
+        if b == 0 and not _replays(model, layer, prefix, x, y, stack):
+            reuse = False
+            skips[0] = None
+    return batches, skips
+
+
+def _replays(model: nn.Module, layer: str, prefix: Prefix, x: ModelInputs, y: torch.Tensor,
+             stack: int) -> bool:
+    """Whether running ``x`` (``stack`` copies) with ``prefix`` replayed gives ``y`` again."""
+    if not prefix.outputs:
+        return False
+    with torch.no_grad(), prefix.reused(stack):
+        again = output_of(x.repeat(stack)(model))
+    want = y.repeat(stack, *([1] * (y.dim() - 1)))
+    if again.shape != want.shape or not torch.allclose(again.float(), want.float(),
+                                                       rtol=1e-4, atol=1e-5):
+        log.info("mechray: %s: the modules up to it cannot be replayed; running the whole "
+                 "model per intervention", layer)
+        return False
+    return True
 
 
 def sweep(model: nn.Module, layer: str, batches: list[Batch], fill: Fill, metric: Metric,

@@ -136,14 +136,16 @@ def test_masked_metric_counts_real_positions_only():
 def test_prefix_reuse_skips_the_modules_before_the_layer_and_keeps_outputs(attn):
     x = as_inputs(enc_of([3, 5]), 10)
     prefix, y = Prefix.record(attn, "mix", x)
-    assert [type(m).__name__ for m, _ in prefix.outputs] == ["Embedding", "Linear"]
-    saved = attn.pre.weight.detach().clone()
+    assert [m for m, _ in prefix.outputs] == [attn.emb, attn.mix, attn.pre]   # the layer too
+    saved = attn.pre.weight.detach().clone(), attn.mix.weight.detach().clone()
     with torch.no_grad():
-        attn.pre.weight.zero_()                     # only a run that skips "pre" is unchanged
+        attn.pre.weight.zero_()            # only a run that skips "pre" and "mix" is unchanged
+        attn.mix.weight.zero_()
         with prefix.reused(3):
             again = forward(attn, x.repeat(3))
         changed = forward(attn, x)
-        attn.pre.weight.copy_(saved)
+        attn.pre.weight.copy_(saved[0])
+        attn.mix.weight.copy_(saved[1])
     torch.testing.assert_close(again, y.repeat(3, 1, 1))
     assert not torch.allclose(changed, y)
     assert "forward" not in attn.emb.__dict__                  # restored
@@ -152,3 +154,51 @@ def test_prefix_reuse_skips_the_modules_before_the_layer_and_keeps_outputs(attn)
 def test_model_inputs_refuse_mismatched_batches():
     with pytest.raises(ValueError, match="disagree on the batch size"):
         ModelInputs(None, {"a": torch.ones(2, 3), "b": torch.ones(3, 3)})
+
+
+def test_prefix_is_not_replayed_when_a_later_module_changes_it_in_place():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.a(x)
+            y = self.b(h)
+            h.mul_(2)                          # "a"'s output is no longer what "a" returned
+            return y + h
+
+    prefix, _ = Prefix.record(InPlace(), "b", ModelInputs(torch.randn(3, 4)))
+    assert [type(m).__name__ for m, _ in prefix.outputs] == ["Linear"]      # "b" only, not "a"
+
+
+def test_minilm_causal_scan_equals_one_neuron_one_sentence_at_a_time():
+    """The batched scan (stacked neurons, batches by length, the layer and everything before it
+    replayed) gives the effects of the plain computation: each neuron mean-ablated in its own
+    forward of each sentence alone (no padding), MSE over every real token."""
+    from mechray.analysis.intervene import edit_output
+    from mechray.demo.text import load_minilm, sentences
+
+    model, tok = load_minilm()
+    texts = sentences(6, seed=5)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    layer, mean, std = "encoder.layer.3", torch.randn(384) * 0.1, torch.rand(384)
+    ctx = Context(store=None, model=model, eval_data=enc,
+                  results={"neuron": {layer: {"mean": mean.tolist(), "std": std.tolist()}}})
+    res = get_analysis("causal", {"method": "mean", "top_n": 5, "batch_size": 4}).run(ctx, layer)
+    assert res["masked"] and res["prefix_reused"] and res["neurons_per_pass"] == 16
+    got = {e["neuron"]: e["effect"] for e in res["ranked"]}
+    assert sorted(got) == sorted(torch.topk(std, 5).indices.tolist())
+    with torch.no_grad():
+        alone = [tok([t], return_tensors="pt") for t in texts]
+        clean = [model(**e).last_hidden_state for e in alone]
+        count = sum(c.numel() for c in clean)
+        for j, effect in got.items():
+            def ablate(t, call, j=j):
+                t = t.clone()
+                t[..., j] = mean[j]
+                return t
+            with edit_output(model, layer, ablate):
+                sq = sum(float((model(**e).last_hidden_state - c).pow(2).sum())
+                         for e, c in zip(alone, clean))
+            assert effect == pytest.approx(sq / count, rel=1e-3, abs=1e-8)
