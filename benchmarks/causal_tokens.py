@@ -5,14 +5,17 @@ Usage::
     .venv/bin/python benchmarks/causal_tokens.py                 # 256 sentences, 64 neurons
     .venv/bin/python benchmarks/causal_tokens.py --sentences 64 --neurons 16 --rounds 2
 
-Variants, run side by side in this process (round-robin over ``--rounds``), all zero-ablating the
-same neurons of ``--layer`` with ``neuron_batch=16`` stacked copies per pass:
+Variants, run side by side in this process (round-robin over ``--rounds``; ``--variants a,c,d``
+picks some), all zero-ablating the same neurons of ``--layer`` with ``neuron_batch=16`` stacked
+copies per pass:
 
 a. before: what mechray did with a tokenizer's output: the ``input_ids`` alone (the mask was
    dropped), consecutive batches of 64 padded to the longest sentence, the whole model re-run
    for every pass;
 b. batches by length with padding trimmed, masked metric, whole model per pass;
-c. b plus reuse of the modules before the layer (the default ``causal`` path).
+c. b plus replay of the modules before the layer (the previous default);
+d. c plus replay of the layer's own clean output, then the edit: each pass runs only the
+   modules after the layer (the default ``causal`` path now).
 
 Then the whole ``EvalMechIntRunner(...).run_mechint_eval(eval_data=tokenizer(...))`` with
 ``causal`` (``top_n`` = ``--neurons``) and ``circuit`` is timed once.  Needs the dev extra
@@ -22,6 +25,7 @@ Then the whole ``EvalMechIntRunner(...).run_mechint_eval(eval_data=tokenizer(...
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -38,13 +42,21 @@ def main() -> None:
     ap.add_argument("--layer", default="encoder.layer.3")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--skip-runner", action="store_true")
+    ap.add_argument("--variants", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     args = ap.parse_args()
     setup_logging()
     import torch
 
     from mechray import EvalMechIntRunner, MechIntConfig, MechIntHooks
     from mechray.analysis.inputs import ModelInputs, as_inputs
-    from mechray.analysis.intervene import Metric, eval_mode, forward, prefixes, sweep
+    from mechray.analysis.intervene import (
+        Metric,
+        clean_runs,
+        eval_mode,
+        find_module,
+        forward,
+        sweep,
+    )
     from mechray.demo.text import load_minilm, sentences
 
     model, tok = load_minilm()
@@ -62,28 +74,36 @@ def main() -> None:
         batches = [(x, forward(model, x)) for x in xs]
         return sweep(model, args.layer, batches, fill, metric, neurons, 16, reuse=False)
 
-    def bucketed(reuse: bool):
-        xs = after_x.batches(64)
-        batches = [(x, forward(model, x)) for x in xs]
-        skip = prefixes(model, args.layer, batches) if reuse else None
+    target = find_module(model, args.layer)
+
+    def bucketed(reuse: bool, with_layer: bool = True):
+        batches, skip = clean_runs(model, args.layer, after_x.batches(64), 2, reuse)
+        for prefix in skip:
+            if prefix is not None and not with_layer:     # the previous default: stop before it
+                prefix.outputs = [(m, o) for m, o in prefix.outputs if m is not target]
         return sweep(model, args.layer, batches, fill, metric, neurons, 16, reuse=reuse,
                      skip=skip)
 
-    variants = {"a: before (ids only, padded, whole model)": before,
-                "b: by length, trimmed, masked": lambda: bucketed(False),
-                "c: b + modules before the layer reused": lambda: bucketed(True)}
+    every = {"a": ("a: before (ids only, padded, whole model)", before),
+             "b": ("b: by length, trimmed, masked", lambda: bucketed(False)),
+             "c": ("c: b + modules before the layer replayed", lambda: bucketed(True, False)),
+             "d": ("d: c + the layer replayed (default)", lambda: bucketed(True))}
+    variants = dict(every[v.strip()] for v in args.variants.split(","))
     times: dict[str, list[float]] = {k: [] for k in variants}
     effects = {}
+    loads: list[float] = []
     with eval_mode(model):
         for r in range(args.rounds):
             for name, fn in variants.items():
                 t0 = time.perf_counter()
                 effects[name] = fn()
                 times[name].append(time.perf_counter() - t0)
-                print(f"round {r}: {name}: {times[name][-1]:.1f} s", flush=True)
-    base = min(times[next(iter(variants))])
+                loads.append(os.getloadavg()[0])
+                print(f"round {r}: {name}: {times[name][-1]:.1f} s (load {loads[-1]:.1f})",
+                      flush=True)
+    base = min(times[next(iter(variants))])      # the first variant given is the baseline
     rows = [{"variant": k, "best_s": min(v), "speedup": base / min(v)} for k, v in times.items()]
-    b, c = effects["b: by length, trimmed, masked"], effects["c: b + modules before the layer reused"]
+    names = list(effects)
     runner_s = None
     if not args.skip_runner:
         store = tempfile.mkdtemp(prefix="bench-causal-")
@@ -104,11 +124,16 @@ def main() -> None:
     print(f"{len(texts)} sentences: {real} real tokens of {padded} padded positions; "
           f"{args.neurons} neurons of {args.layer}")
     print(table(rows, ["variant", "best_s", "speedup"]))
-    print(f"b and c agree: max |effect difference| {float((b - c).abs().max()):.2e}")
+    masked = [n for n in names if not n.startswith("a:")]
+    diff = {f"{m} vs {masked[0]}": float((effects[m] - effects[masked[0]]).abs().max())
+            for m in masked[1:]}
+    for k, v in diff.items():
+        print(f"{k}: max |effect difference| {v:.2e}")
     write_json("causal_tokens", {"args": vars(args), "machine": machine(),
                                  "mechray": mechray_source(), "times": times, "rows": rows,
                                  "real_tokens": real, "padded_positions": padded,
-                                 "b_vs_c_max_abs": float((b - c).abs().max())})
+                                 "max_abs_effect_difference": diff,
+                                 "load_after_each": loads, "runner_s": runner_s})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ Usage::
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from torch import nn
 
@@ -42,6 +42,12 @@ class MechIntHooks:
 
     def remove_hooks(self) -> None:
         self.sampler.remove_hooks()
+
+    def save_activations(self, global_step: int, mask: Any = None,
+                         input_ids: Any = None) -> Optional[str]:
+        """``hooks.save_activations(step, mask=enc["attention_mask"])``: see
+        :meth:`ActivationSampler.save_activations`."""
+        return self.sampler.save_activations(global_step, mask=mask, input_ids=input_ids)
 
     def close(self) -> None:
         """Remove every hook, then wait until every saved shard is durable."""

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from mechray.capture.layers import pick_tensor, resolve_layers
-from mechray.capture.tokens import TokenBatch, find_tokens
+from mechray.capture.tokens import TokenBatch, find_tokens, mask_chunk
 from mechray.config import MechIntConfig
 from mechray.storage.claim import run_id_for
 from mechray.storage.shard import Chunk, PendingShard, shard_name
@@ -348,6 +348,19 @@ class ActivationSampler:
         self._inputs, self._input_rows = [], 0
         return chunks, info, examples, inputs
 
+    def _mask_cache(self, batch: Optional[TokenBatch]) -> None:
+        """``save_activations(mask=...)``: every cached chunk reduced to real-token rows."""
+        assert batch is not None
+        with self._lock:
+            masked = {layer: [mask_chunk(c, batch, self._info[layer]["source_shape"], layer)
+                              for c in cache] for layer, cache in self._cache.items() if cache}
+            offset = self._example_offset(batch) if masked else 0
+            for layer, chunks in masked.items():        # all checked: now replace
+                for c in chunks:
+                    c.example += offset
+                self._cache[layer] = deque(chunks)
+                self._cached_rows[layer] = sum(len(c.rows) for c in chunks)
+
     # --- hand-off ------------------------------------------------------------------------------
     @property
     def transport(self) -> Transport:
@@ -360,14 +373,21 @@ class ActivationSampler:
             self._transport = transport
         return self._transport
 
-    def save_activations(self, global_step: int) -> Optional[str]:
+    def save_activations(self, global_step: int, mask: Any = None,
+                         input_ids: Any = None) -> Optional[str]:
         """Hand everything cached to a writer as one shard for ``global_step``; empties the cache.
 
         Returns the shard's file name, or ``None`` when nothing was captured.  Returns as soon as
         the shard is queued (blocks only while ``max_shards_in_flight`` shards are pending).
+        ``mask`` (``[batch, seq]``, e.g. the batch's ``attention_mask``) and ``input_ids`` keep
+        only the real-token rows of what was cached since the last save (every forward call
+        then is taken to be on this batch), with their provenance (as
+        :meth:`tokens` around the forward does, which also avoids waiting for a GPU copy).
         """
         if global_step is None or int(global_step) < 0:
             raise ValueError(f"global_step={global_step!r} must be an integer >= 0")
+        if mask is not None or input_ids is not None:
+            self._mask_cache(TokenBatch.of(mask, input_ids))
         if self._transport is not None:
             self._transport.check()  # a failed write stops us before more rows are handed off
         elif any(self._cache.values()):

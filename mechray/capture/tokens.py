@@ -115,3 +115,49 @@ def find_tokens(args: tuple, kwargs: Mapping[str, Any], mask_key: Optional[str],
     if not isinstance(ids, torch.Tensor) or ids.shape != mask.shape or ids.is_floating_point():
         ids = None
     return TokenBatch.of(mask=mask, input_ids=ids)
+
+
+def mask_chunk(chunk: Any, batch: TokenBatch, shape: list[int], layer: str,
+               example0: int = 0) -> Any:
+    """A cached, unmasked :class:`~mechray.storage.shard.Chunk` of ``layer`` (output shape
+    ``shape``) with only the rows of ``batch``'s real tokens, and their provenance: what
+    ``save_activations(step, mask=...)`` does to rows captured without a mask.  ``example0`` is
+    the batch's first row in the shard's examples table.  Waits for a pending device copy.
+    Raises ``ValueError`` naming the layer when the rows cannot be this batch's."""
+    b, s = batch.mask.shape
+    hint = ("give the mask around the forward instead: with sampler.tokens(mask=..., "
+            "input_ids=...): model(...), or call the model with the mask as a keyword argument")
+    if chunk.example is not None:
+        raise ValueError(f"save_activations(mask=...): rows of {layer!r} were already masked at "
+                         "capture (a mask in the forward's keyword arguments or "
+                         "sampler.tokens(...)); drop mask= or set mask_key=None")
+    tokens = len(shape) == 3 and shape[:2] == [b, s]
+    if not tokens and shape[:1] != [b]:
+        raise ValueError(f"save_activations(mask=...): {layer!r} output {shape} does not start "
+                         f"with the mask's [batch, seq] {[b, s]}; {hint}")
+    if not tokens and len(shape) != 2:
+        raise ValueError(f"save_activations(mask=...): {layer!r} output {shape} is neither "
+                         f"[batch, seq, d] nor [batch, d] of the mask {[b, s]}; {hint}")
+    rows = chunk.ready()
+    pos = chunk.positions if chunk.positions is not None else \
+        torch.arange(chunk.start, chunk.start + len(rows), dtype=torch.int64)
+    limit = b * s if tokens else b
+    if len(pos) and int(pos.max()) >= limit:
+        raise ValueError(f"save_activations(mask=...): {layer!r} holds more rows since the last "
+                         f"save than one batch of the mask {[b, s]} (several forward calls?); "
+                         f"save after each batch, or {hint}")
+    flat = batch.mask.reshape(-1).cpu()
+    if tokens:
+        keep = flat[pos]
+        pos = pos[keep]
+        rank = torch.cumsum(flat.long(), 0) - 1         # index among the real rows of the call
+        example, position = pos // s, (pos % s).to(torch.int32)
+        token = batch.ids_table().reshape(-1)[pos]
+        rows, positions = rows[keep.to(rows.device)], rank[pos]
+    else:
+        example, position = pos, torch.full((len(pos),), -1, dtype=torch.int32)
+        token = torch.full((len(pos),), -1, dtype=torch.int32)
+        positions = pos
+    return type(chunk)(rows=rows, step=chunk.step, positions=positions,
+                       example=(example + example0).to(torch.int32), position=position,
+                       token=token.to(torch.int32))

@@ -250,3 +250,53 @@ def test_minilm_padded_capture_equals_the_unpadded_loop(tmp_path):
     torch.testing.assert_close(rows, torch.cat(loop), rtol=1e-4, atol=1e-5)
     ids = payload["provenance"]["encoder.layer.2"]["token"]
     assert ids.tolist() == enc["input_ids"][enc["attention_mask"].bool()].tolist()
+
+
+@pytest.mark.parametrize("owner", ["sampler", "hooks"])
+def test_save_activations_with_a_mask_stores_exactly_the_unpadded_rows(net, tmp_path, owner):
+    """save_activations(step, mask=...): a padded batch run without telling capture (positional
+    call, no automatic mask) still stores exactly the rows of the unpadded sentences."""
+    seqs = sentences([3, 9, 5, 1])
+    with torch.no_grad():
+        loop = torch.cat([net(s[None])[0] for s in seqs])
+        pooled = torch.stack([net(s[None])[0].mean(0) for s in seqs])
+    enc = padded(seqs)
+    config = MechIntConfig(sample_layers=["mlp", "pool"], storage_path=str(tmp_path),
+                           use_ray=False, mask_key=None)
+    hooks = MechIntHooks(config)
+    saver = hooks if owner == "hooks" else hooks.sampler
+    with hooks.attach(net), torch.no_grad():
+        net(enc["input_ids"], enc["attention_mask"])              # positional: not detected
+        assert hooks.sampler.cached_rows["mlp"] == 4 * 9           # padding cached ...
+        saver.save_activations(0, mask=enc["attention_mask"], input_ids=enc["input_ids"])
+        net(enc["input_ids"][:2, :9], enc["attention_mask"][:2, :9])
+        saver.save_activations(1, mask=enc["attention_mask"][:2, :9])    # mask only: ids -1
+    store = ShardStore(tmp_path)
+    first, second = [store.load(e) for e in sorted(store.shards(), key=lambda e: e["step"])]
+    assert torch.equal(first["activations"]["mlp"], loop)           # ... but not stored
+    torch.testing.assert_close(first["activations"]["pool"], pooled)
+    prov = first["provenance"]["mlp"]
+    assert prov["example"].tolist() == [i for i, q in enumerate(seqs) for _ in q]
+    assert prov["position"].tolist() == [p for q in seqs for p in range(len(q))]
+    assert prov["token"].tolist() == torch.cat(seqs).tolist()
+    assert first["provenance"]["pool"]["position"].tolist() == [-1] * 4
+    assert first["metadata"]["row_positions"]["mlp"].tolist() == list(range(len(loop)))
+    assert torch.equal(second["activations"]["mlp"], loop[:12])
+    assert second["provenance"]["mlp"]["token"].tolist() == [-1] * 12
+    assert store.shards()[0]["provenance"] == ["mlp", "pool"]
+
+
+def test_save_activations_mask_refuses_rows_it_cannot_place(net, tmp_path):
+    seqs = sentences([3, 5])
+    enc = padded(seqs)
+    s = ActivationSampler(layers=["mlp"], save_dir=tmp_path, use_ray=False, mask_key=None)
+    with s.attach(net), torch.no_grad():
+        net(enc["input_ids"])
+        with pytest.raises(ValueError, match=r"'mlp' output \[2, 5, 8\] does not start with"):
+            s.save_activations(0, mask=torch.ones(3, 5))
+        assert s.cached_rows["mlp"] == 10                            # nothing lost on refusal
+        s.clear_cache()
+        with s.tokens(mask=enc["attention_mask"]):
+            net(enc["input_ids"])
+        with pytest.raises(ValueError, match="already masked at capture"):
+            s.save_activations(0, mask=enc["attention_mask"])
