@@ -251,7 +251,7 @@ def cmd_serve(args) -> int:
 
     spec = {"storage": args.storage, "num_replicas": args.num_replicas,
             "max_ongoing_requests": args.max_ongoing_requests}
-    for key in ("s3_endpoint_url", "model", "model_checkpoint"):
+    for key in ("s3_endpoint_url", "model", "model_checkpoint", "tokenizer"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
     print(f"mechray: serving {args.storage} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
@@ -356,6 +356,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="module:Class building the model (causal, "
                    "circuit, SAE splicing)")
     p.add_argument("--model-checkpoint", default=None, help="state_dict or Lightning .ckpt")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or Hugging Face name: "
+                   "token contexts in /interpret answers and the dashboard, texts as eval_inputs")
     p.add_argument("--num-replicas", type=int, default=1, help="analysis replicas")
     p.add_argument("--max-ongoing-requests", type=int, default=16,
                    help="concurrent requests per analysis replica")

@@ -44,6 +44,25 @@ def decoder(tokenizer: Any) -> Decode:
                     f"of token ids, got {type(tokenizer).__name__}")
 
 
+def load_tokenizer(spec: str) -> Any:
+    """A tokenizer from ``spec``: a local directory (``transformers``, offline), a
+    ``package.module:name`` (a tokenizer object, or a callable returning one), or a Hugging Face
+    name (may download)."""
+    import importlib
+    import inspect
+    from pathlib import Path
+
+    if ":" in spec and not Path(spec).exists():
+        module, _, attr = spec.partition(":")
+        found = getattr(importlib.import_module(module), attr)
+        return found() if inspect.isclass(found) or inspect.isfunction(found) else found
+    from transformers import AutoTokenizer
+
+    if Path(spec).is_dir():
+        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    return AutoTokenizer.from_pretrained(spec)
+
+
 def add_contexts(results: dict[str, dict[str, Any]], store: Any, decode: Decode,
                  window: int = 8) -> int:
     """Add ``contexts`` next to every top-rows table in ``results``; returns how many rows got

@@ -55,6 +55,7 @@ class Plan:
     source: str                         # the manifest version, or "upload:<sha256>"
     cost: Estimate
     key: str                            # the cache key: analysis, layers, params, source
+    eval_data: Any = None               # the request's eval inputs (keyword tensors), if any
 
 
 class Planner:
@@ -63,7 +64,8 @@ class Planner:
     def __init__(self, view: StoreView, config: MechIntConfig, model_params: int = 0):
         self.view, self.config, self.model_params = view, config, model_params
 
-    def plan(self, request: dict[str, Any]) -> Plan:
+    def plan(self, request: dict[str, Any], inputs: Optional[int] = None) -> Plan:
+        """``inputs``: how many eval inputs the request brings (default: the config's cap)."""
         analysis, upload = request["analysis_type"], request.get("upload")
         spec = self.params(analysis, request.get("params") or {})
         layer = request.get("layer_name")
@@ -76,7 +78,8 @@ class Planner:
             info, source, n_layers = self._store_layer(layer)
             shard_rows = self.view.shard_rows(str(layer))
             work = [Workload(info.rows, info.features, shard_rows, len(info.steps),
-                             self.model_params, n_layers, self.config.eval_max_samples)]
+                             self.model_params, n_layers,
+                             inputs or self.config.eval_max_samples)]
             layers = [check_layer_name(layer)]
         costs = [estimate(analysis, spec, w) for w in work]
         cost = Estimate(sum(c.ops for c in costs), max(c.bytes for c in costs),

@@ -168,6 +168,8 @@ def add_routes(app: FastAPI, backend: Any, config: MechIntConfig, *, dashboard: 
     async def interpret(body: InterpretRequest, request: Request) -> Response:
         work = {"analysis_type": body.analysis_type, "layer_name": body.layer_name,
                 "params": body.params or {}}
+        if body.eval_inputs is not None:
+            work["eval_inputs"] = body.eval_inputs
         return await _answer(backend, work, request)
 
     @router.post("/interpret/upload", response_model=UploadResponse, dependencies=bearer,

@@ -35,6 +35,12 @@ class InterpretRequest(BaseModel):
         None, examples=[{"top_k": 5}],
         description="the analysis's parameters (bounded; see its Params); code-importing "
                     "parameters such as loss_fn are refused over HTTP")
+    eval_inputs: Optional[dict[str, Any]] = Field(
+        None, examples=[{"texts": ["The river rose.", "She opened the door."]},
+                        {"input_ids": [[101, 1996, 2314, 102], [101, 2016, 102]]}],
+        description="model inputs for the analyses that run the model (causal, circuit): "
+                    "texts (tokenized by the server's tokenizer) or token ids (ragged lists, "
+                    "optionally attention_mask / token_type_ids); bounded sizes")
 
 
 class LayerInfo(BaseModel):

@@ -64,6 +64,9 @@ class ServeArgs(BaseModel):
     s3_endpoint_url: Optional[str] = None
     model: Optional[str] = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     model_checkpoint: Optional[str] = None
+    tokenizer: Optional[str] = Field(None, description="tokenizer directory, Hugging Face name "
+                                     "or package.module:name: token contexts in answers and "
+                                     "texts as eval_inputs")
     num_replicas: Optional[int] = Field(1, ge=1, le=1024)
     max_ongoing_requests: int = Field(16, ge=1, le=10_000)
     autoscaling_config: Optional[dict[str, Any]] = None
@@ -121,8 +124,13 @@ class AnalysisDeployment:
         from mechray.api.service import Interpreter
 
         a = parse_args(args)
+        tokenizer = None
+        if a.tokenizer:
+            from mechray.analysis.contexts import load_tokenizer
+
+            tokenizer = load_tokenizer(a.tokenizer)
         self.service = Interpreter(_load_model(a.model, a.model_checkpoint), a.mech_config(),
-                                   location=a.storage)
+                                   location=a.storage, tokenizer=tokenizer)
 
     async def call(self, method: str, *args: Any) -> tuple:
         if method not in self.METHODS:
@@ -177,6 +185,8 @@ class ServeBackend:
                 "jobs_pending": await self.jobs.pending.remote()}
 
     async def interpret(self, request: dict) -> Answer:
+        if request.get("eval_inputs") is not None:   # checked where the model and tokenizer are
+            return _unwrap(await self.analysis.call.remote("interpret", request))
         plan, hit = await asyncio.to_thread(self.service.lookup, request)
         if hit is not None:
             return Answer(hit, cached=True)

@@ -29,6 +29,8 @@ A store whose shard fails its checks answers 503 ``store_corrupt`` naming the sh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import re
 import threading
@@ -97,8 +99,22 @@ class Interpreter:
 
     # --- requests --------------------------------------------------------------------------------
     def plan(self, request: dict) -> Plan:
-        """Validate a request (4xx if bad): what to run, its cost and its cache key."""
-        return self.planner.plan(request)
+        """Validate a request (4xx if bad): what to run, its cost and its cache key (eval
+        inputs, when given, are parsed and part of the key)."""
+        plan = self.planner.plan(request)
+        if request.get("eval_inputs") is None:
+            return plan
+        from mechray.api.eval_inputs import parse_eval_inputs
+
+        if get_analysis(plan.analysis).kind != "model" or plan.upload is not None:
+            raise ApiError(422, "bad_eval_inputs", f"eval_inputs are used only by the analyses "
+                           f"that run the served model on a captured layer (causal, circuit), "
+                           f"not by {plan.analysis}" + (" on an upload" if plan.upload else "")
+                           + "; drop eval_inputs")
+        data, digest = parse_eval_inputs(request["eval_inputs"], self.tokenizer, self.model)
+        plan = self.planner.plan(request, inputs=len(data["input_ids"]))   # costed on them
+        key = hashlib.sha256(f"{plan.key}:{digest}".encode()).hexdigest()
+        return dataclasses.replace(plan, eval_data=data, key=key)
 
     def lookup(self, request: dict) -> tuple[Plan, Optional[Result]]:
         """The request's plan (4xx if bad) and its cached result, if any."""
@@ -152,7 +168,7 @@ class Interpreter:
                                 seed=self.config.sample_seed)
                 with model_lock:
                     results = engine.run([name], {name: plan.params}, layers=plan.layers,
-                                         model=self.model)
+                                         model=self.model, eval_data=plan.eval_data)
                 if self.tokenizer is not None and upload is None:
                     from mechray.analysis.contexts import add_contexts, decoder
 

