@@ -9,7 +9,10 @@ Usage::
 The page fetches ``/interpret/layers`` and ``/interpret/shards``, lists them, and for the chosen
 layer runs every analysis through ``POST /interpret`` (polling ``/interpret/jobs/{id}`` for the
 SAE), drawing neuron statistics, top-activating rows, explained variance, SAE latent density,
-causal and circuit rankings and training dynamics as inline SVG.  A token field sends
+causal and circuit rankings and training dynamics as inline SVG.  When the server has a
+tokenizer (``mechray serve --tokenizer``), the top-activating rows of neurons and of SAE latents
+are shown as text: the token highlighted with its window of tokens around it (the text comes
+from the data, so it is only ever set as text, never parsed as markup).  A token field sends
 ``Authorization: Bearer`` when the server sets ``$MECHRAY_API_TOKEN``.  Nothing is loaded from
 outside the server.
 """

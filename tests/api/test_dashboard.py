@@ -97,3 +97,67 @@ def test_the_page_is_self_contained_and_draws_pixels(server, tmp_path):
     html = subprocess.run(["curl", "-s", server + "/"], capture_output=True, text=True).stdout \
         if shutil.which("curl") else ""
     assert not re.search(r'(src|href)="(https?:)?//', html)           # nothing from outside
+
+
+HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='img'\">"
+
+
+class Words(torch.nn.Module):
+    """Token ids -> embeddings; token 7 is the top activation of every neuron."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(12, 4)
+        with torch.no_grad():
+            self.emb.weight.uniform_(-1, 1)
+            self.emb.weight[7] = 10.0
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.emb(input_ids)
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory):
+    """A token store (masks found in the calls) served with a decoder whose token 7 is markup."""
+    store = tmp_path_factory.mktemp("dash-tokens") / "store"
+    torch.manual_seed(0)
+    net = Words()
+    sampler = ActivationSampler(layers=["emb"], save_dir=str(store), use_ray=False, verbose=False)
+    sampler.register_hooks(net)
+    ids = torch.tensor([[1, 2, 7, 3, 0], [4, 7, 5, 6, 8]])
+    with torch.no_grad():
+        net(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]))
+    sampler.save_activations(0)
+    sampler.close()
+    words = {i: f"w{i}" for i in range(12)} | {7: HOSTILE}
+
+    def decode(token_ids):
+        return " ".join(words[int(i)] for i in token_ids)
+    app = FastAPI()
+    mixin = FastAPIIntegrationMixin(None, MechIntConfig(sample_layers=["emb"],
+                                                        storage_path=str(store), verbose=False),
+                                    tokenizer=decode)
+    mixin.add_routes(app)
+    with serve_in_thread(app) as url:
+        yield url
+    mixin.close()
+
+
+def test_top_token_contexts_are_shown_as_inert_text(token_server, tmp_path):
+    """Neuron and SAE latent contexts appear with the token highlighted; a token that decodes
+    to markup is shown as text and never runs or becomes an element."""
+    dom = chromium(tmp_path, token_server + "/", "--dump-dom")
+    assert 'data-state="done"' in dom, dom[-3000:]
+    head = dom[:dom.index("<script>")]
+    assert "<title>mechray dashboard</title>" in head                 # nothing rewrote it
+    inert = "&lt;script&gt;document.title='pwned'&lt;/script&gt;&lt;img src=x onerror="
+    for kind in ("neuron", "sae"):
+        panel = head[head.index(f'data-contexts="{kind}"'):]
+        panel = panel[:panel.index("</div></div>")]               # to the end of the card
+        assert "Top token contexts" in panel and '<div class="ctx"' in panel
+        assert re.findall(r"<mark>w\d+</mark>", panel) or kind == "neuron"
+        assert inert in panel and "<img" not in panel and "<script" not in panel
+    neuron = head[head.index('data-contexts="neuron"'):]
+    assert re.findall(r"<mark>(.*?)</mark>", neuron)[0].startswith(inert)    # token 7 on top
+    assert '<span class="left">w1 w2 </span><mark>&lt;script' in neuron      # with its window
+    assert '</mark><span class="right"> w3</span>' in neuron
