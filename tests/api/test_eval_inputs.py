@@ -146,3 +146,19 @@ def test_without_a_model_or_a_tokenizer_the_fix_is_named():
                                      torch.nn.Embedding(5, 2))
     assert data["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert data["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]] and len(digest) == 64
+
+
+def test_mechray_serve_passes_the_tokenizer(monkeypatch):
+    from mechray import cli
+    from mechray.analysis.contexts import load_tokenizer
+    from mechray.api import serve_app as serve
+    from mechray.demo.text import minilm_dir
+
+    seen = {}
+    monkeypatch.setattr(serve, "run_server", lambda args, **kw: seen.update(args=args, **kw))
+    assert cli.main(["serve", "--storage", "/tmp/x", "--tokenizer", str(minilm_dir())]) == 0
+    assert seen["args"]["tokenizer"] == str(minilm_dir())
+    assert serve.parse_args(seen["args"]).tokenizer == str(minilm_dir())
+    tok = load_tokenizer(str(minilm_dir()))                      # a directory: offline
+    same = load_tokenizer("mechray.demo.text:minilm_tokenizer")  # package.module:factory
+    assert tok("the river")["input_ids"] == same("the river")["input_ids"]
