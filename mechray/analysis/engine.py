@@ -12,10 +12,13 @@ Usage::
 The plan, identical with and without Ray (Ray is used when ``ray.is_initialized()`` unless
 ``use_ray`` says otherwise):
 
-1. ``stat`` analyses: one task per (layer, shard) loads the shard once and ``map``s every stat
-   analysis on that layer's rows; partials are merged in a fixed pairwise tree (shard order), then
-   one task per (layer, analysis) runs ``finalize`` (which may stream the store again, e.g.
-   k-means in ``feature``).
+1. ``stat`` analyses: one task per (layer, group of consecutive shards) loads each shard once
+   (the next one read ahead in a thread while the current one is mapped), ``map``s every stat
+   analysis on that layer's rows and merges the group's partials in shard order; the groups'
+   partials are merged in a fixed pairwise tree (group order), then one task per (layer,
+   analysis) runs ``finalize`` (which may stream the store again, e.g. k-means in ``feature``).
+   Groups (:func:`shard_groups`) depend only on the shard list, never on the cluster, so Ray and
+   in-process runs merge in the same order and agree exactly.
 2. ``fit`` analyses: one task per (layer, analysis), submitted together with the stat tasks,
    requesting ``num_gpus`` when configured.
 3. ``model`` analyses: after 1-2 (they read earlier results, e.g. ``neuron`` means), one task per
@@ -23,7 +26,8 @@ The plan, identical with and without Ray (Ray is used when ``ray.is_initialized(
    serialised), one analysis after another in the requested order.
 
 Tasks get the store's location string and reopen it (cached per worker process), so nothing but
-paths and small manifests travel.  ``map`` receives the manifest entry plus this layer's
+paths and small manifests travel; S3 shards are read straight into the task's memory.
+``map`` receives the manifest entry plus this layer's
 ``row_steps`` / ``row_positions`` (int64 tensors from the shard's metadata).  Files an analysis
 writes into ``ctx.out_dir`` are written by the task into a private directory and shipped back to
 the driver's ``out_dir`` (same relative paths), so a multi-node cluster needs no shared disk.
@@ -135,7 +139,8 @@ class Engine:
     def __init__(self, store: ShardStore | str, *, endpoint_url: Optional[str] = None,
                  region: Optional[str] = None, out_dir: Optional[str | os.PathLike] = None,
                  use_ray: Optional[bool] = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 progress: bool = True, seed: int = 0, device: str = "cpu", strict: bool = False):
+                 progress: bool = True, seed: int = 0, device: str = "cpu", strict: bool = False,
+                 shards_per_task: Optional[int] = None):
         if isinstance(store, ShardStore):
             self.ref = StoreRef.of(store)
             _STORES[self.ref] = store
@@ -146,6 +151,10 @@ class Engine:
         self.use_ray = _ray_ready() if use_ray is None else use_ray
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.progress, self.seed, self.device, self.strict = progress, seed, device, strict
+        if shards_per_task is not None and shards_per_task < 1:
+            raise ValueError(f"shards_per_task={shards_per_task}: give 1 or more, or None for "
+                             f"groups of about {TASK_BYTES >> 20} MB (at least {MIN_TASKS} tasks)")
+        self.shards_per_task = shards_per_task
         if self.use_ray and num_gpus:
             import ray
 
@@ -208,8 +217,9 @@ class Engine:
         fits = [s for s in specs if s.kind == "fit"]
         if not stats and not fits:
             return
-        shards = {layer: self.store.shards(layer) for layer in layers}
-        total = sum(len(shards[la]) + len(stats) for la in layers) * bool(stats) + \
+        groups = {layer: shard_groups(self.store.shards(layer), self.shards_per_task)
+                  for layer in layers}
+        total = sum(len(groups[la]) + len(stats) for la in layers) * bool(stats) + \
             len(layers) * len(fits)
         bar = self._bar(total, "stats+fits")
         call = self._submitter(bar)
@@ -220,7 +230,8 @@ class Engine:
         maps = []
         for layer in layers:
             if stats:
-                parts = [call(_map_shard, self.ref, dict(e), layer, stats) for e in shards[layer]]
+                parts = [call(_map_shards, self.ref, [dict(e) for e in group], layer, stats)
+                         for group in groups[layer]]
                 maps += parts
                 root = _tree(parts, lambda a, b: call(_merge_all, stats, a, b, count=False))
                 for spec in stats:
@@ -307,14 +318,47 @@ class Engine:
 
 
 # --- tasks (plain functions: called directly, or wrapped with ray.remote) ----------------------
-def _map_shard(ref: StoreRef, entry: dict, layer: str, specs: list[Spec]) -> dict[str, Outcome]:
+TASK_BYTES = 64 << 20   # shard bytes per map task (consecutive shards grouped up to this)
+MIN_TASKS = 32          # ... but at least this many map tasks per layer when there are shards
+
+
+def shard_groups(entries: list[dict], per_task: Optional[int] = None) -> list[list[dict]]:
+    """Consecutive shards per map task: ``per_task`` each, or about :data:`TASK_BYTES` each
+    while that leaves at least :data:`MIN_TASKS` tasks (fewer, bigger tasks cost less overhead;
+    enough of them keep every worker busy).  Depends only on ``entries``."""
+    if not entries:
+        return []
+    if per_task is None:
+        mean = max(1, sum(int(e.get("bytes", 0)) for e in entries) // len(entries))
+        per_task = max(1, min(TASK_BYTES // mean, -(-len(entries) // MIN_TASKS)))
+    return [entries[i:i + per_task] for i in range(0, len(entries), per_task)]
+
+
+def _map_shards(ref: StoreRef, entries: list[dict], layer: str,
+                specs: list[Spec]) -> dict[str, Outcome]:
+    """``map`` of every spec over consecutive shards (the next read ahead), merged in order."""
     store = _open(ref)
+    out: Optional[dict[str, Outcome]] = None
+    reading = store.payloads(entries)
     try:
-        locked_path(store, entry)
-        payload = store.load(entry)
+        for _ in entries:
+            try:
+                got, payload = next(reading)
+            except ShardError as exc:
+                return {s.name: Outcome(Status.FATAL, str(exc)) for s in specs}
+            part = _map_payload(got, payload, layer, specs)
+            out = part if out is None else _merge_all(specs, out, part)
+            if any(o.status is Status.FATAL for o in out.values()):
+                break
+    finally:
+        reading.close()          # stops the read-ahead thread, drops what it read
+    assert out is not None
+    return out
+
+
+def _map_payload(entry: dict, payload: dict, layer: str, specs: list[Spec]) -> dict[str, Outcome]:
+    try:
         rows = payload["activations"][layer]
-    except ShardError as exc:
-        return {s.name: Outcome(Status.FATAL, str(exc)) for s in specs}
     except KeyError:
         return {s.name: Outcome(Status.FATAL, f"shard {entry['file']} lists layer {layer!r} in "
                                 "the manifest but does not hold it: the shard was replaced; "

@@ -21,6 +21,15 @@ with their shard file, row in that shard and training step.
 Partials are exact and order-independent: float64 mean and second moment merged with Chan's
 parallel formula (no cancellation for large, near-equal means), counts added, top-k candidates
 re-ranked by (value desc, shard file, row) so ties resolve the same way whatever the merge tree.
+
+``map`` works through a shard in blocks of about :data:`BLOCK_BYTES` (they stay in cache; no
+shard-sized temporaries) and merges the block partials with ``merge``.  Only the mean and second
+moment are summed in float64; min, max, counts, top-k and the histogram are computed on the
+stored float32 values, which float64 represents exactly, so the answers are those of float64
+arithmetic (``|a| <= eps`` compares against the largest float32 <= eps; the histogram bins a
+float32 by its top 16 bits through a table, and only values whose 16-bit key straddles a bin
+edge are binned by search).  numpy does the elementwise work on one thread: a process uses one
+core, and Ray workers add cores.
 ``map`` reads the step of each row from ``entry["row_steps"]`` (a per-layer int tensor the engine
 adds from the shard's metadata) and falls back to ``entry["step"]``.
 """
@@ -44,7 +53,7 @@ _MAG = 10.0 ** np.linspace(-4, 4, 33)
 EDGES = np.concatenate([-_MAG[::-1], [0.0], _MAG])
 
 
-CHUNK = 1 << 16  # rows per block in map(): bounds the float64 temporaries of very tall shards
+BLOCK_BYTES = 2 << 20  # float32 bytes of rows per block in map()
 
 
 class NeuronParams(Params):
@@ -97,37 +106,35 @@ class NeuronStats(Analysis):
                     float(w.shard_rows) * w.d * 8 * 3 + p.get("top_k", 5) * w.d * 40)
 
     def map(self, rows: torch.Tensor, entry: dict[str, Any], layer: str) -> "NeuronPartial":
-        """Statistics of one shard's rows, computed in blocks of :data:`CHUNK` rows merged
-        exactly: float64 temporaries stay small enough for the allocator to reuse (whole-shard
-        temporaries cost a page fault per 4 KiB, which dominated the time)."""
-        flat = rows.reshape(len(rows), -1)
-        total = len(flat)
-        if total <= CHUNK:
-            return self._map_block(flat, entry, 0, total)
-        return functools.reduce(self.merge, (self._map_block(flat[i:i + CHUNK], entry, i, total)
-                                             for i in range(0, total, CHUNK)))
-
-    def _map_block(self, rows: torch.Tensor, entry: dict[str, Any], offset: int,
-                   total: int) -> "NeuronPartial":
-        n, d = rows.shape
-        if n == 0:
+        """Statistics of one shard's rows, computed in blocks of about :data:`BLOCK_BYTES`
+        merged with ``merge`` (shard-sized temporaries cost a page fault per 4 KiB, which
+        dominated the time)."""
+        x = _as_numpy(rows.reshape(len(rows), -1))
+        total, d = x.shape
+        if total == 0:
             return _empty(d)
-        if not rows.is_floating_point():
-            rows = rows.to(torch.float64)
-        x = rows.to(torch.float64)          # sums in float64; comparisons on the stored dtype
-        moments = Moments.of(x)             # (widening is exact, so they agree with float64)
-        vals, rows_idx = _topk_rows(rows, min(self.params.top_k, n))
+        step = max(64, BLOCK_BYTES // (4 * max(d, 1)))
+        blocks = (self._map_block(x[i:i + step], entry, i, total) for i in range(0, total, step))
+        return functools.reduce(self.merge, blocks)
+
+    def _map_block(self, x: np.ndarray, entry: dict[str, Any], offset: int,
+                   total: int) -> "NeuronPartial":
+        n = len(x)
+        vals, rows_idx = _topk_rows(torch.from_numpy(x), min(self.params.top_k, n))
         rows_idx = rows_idx + offset
         steps = entry.get("row_steps")
         steps = (np.asarray(steps, dtype=np.int64)[rows_idx] if steps is not None and
                  len(steps) == total else np.full(rows_idx.shape, int(entry.get("step", -1))))
-        lo, hi = torch.aminmax(rows, dim=0)
-        eps = self.params.eps
-        bins = np.searchsorted(EDGES[1:-1], rows.reshape(-1).float().numpy(), side="right")
+        x64 = x.astype(np.float64)                 # sums in float64 (block-sized: in cache)
+        mean = x64.mean(0)
+        x64 -= mean
+        m2 = np.einsum("ij,ij->j", x64, x64)
+        eps = _eps_for(x.dtype, self.params.eps)
+        mag = np.abs(x)
         return NeuronPartial(
-            n=n, moments=moments, min=lo.double().numpy(), max=hi.double().numpy(),
-            small=((x <= eps) & (x >= -eps)).sum(0).numpy(), pos=(rows > 0).sum(0).numpy(),
-            hist=np.bincount(bins, minlength=len(EDGES) - 1),
+            n=n, moments=Moments(n, mean, m2),
+            min=x.min(0).astype(np.float64), max=x.max(0).astype(np.float64),
+            small=_count(mag <= eps), pos=_count(x > 0), hist=_histogram(x),
             top=TopRows(files=[entry["file"]], val=vals, file=np.zeros_like(rows_idx),
                         row=rows_idx, step=steps))
 
@@ -203,15 +210,73 @@ class NeuronPartial:
     top: TopRows
 
 
+def _as_numpy(x: torch.Tensor) -> np.ndarray:
+    """float32 / float64 rows as they are (no copy); other dtypes widened exactly."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x.numpy()
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return x.to(torch.float32).numpy()
+    return x.to(torch.float64).numpy()
+
+
+def _eps_for(dtype: np.dtype, eps: float) -> "float | np.floating":
+    """A threshold in ``dtype`` with ``|a| <= it`` exactly when ``|a| <= eps`` in float64."""
+    if dtype != np.float32:
+        return eps
+    e = np.float32(eps)
+    return e if float(e) <= eps else np.nextafter(e, np.float32(-np.inf))
+
+
+def _count(mask: np.ndarray) -> np.ndarray:
+    """Per column, how many rows of a boolean [n, d] mask are set (int64)."""
+    return np.add.reduce(mask.view(np.uint8), axis=0, dtype=np.int64)
+
+
+_INNER = EDGES[1:-1]
+
+
+@functools.lru_cache(maxsize=1)
+def _hist_table() -> tuple[np.ndarray, np.ndarray]:
+    """Per top-16-bit key of a float32: its bin, and whether the key's values straddle a bin
+    edge (then they are binned by search)."""
+    keys = np.arange(65536, dtype=np.uint32)
+    with np.errstate(invalid="ignore"):                      # NaN keys: NaN's bin (the last)
+        lo = (keys << 16).view(np.float32).astype(np.float64)
+        hi = ((keys << 16) | 0xFFFF).view(np.float32).astype(np.float64)
+    blo = np.searchsorted(_INNER, lo, side="right")
+    bhi = np.searchsorted(_INNER, hi, side="right")
+    return blo, blo != bhi
+
+
+def _histogram(x: np.ndarray) -> np.ndarray:
+    """Counts of ``x``'s values over :data:`EDGES` (what ``searchsorted(..., side="right")``
+    on the float64 values gives, NaN in the last bin)."""
+    nb = len(EDGES) - 1
+    if x.dtype != np.float32:                   # binned as float32, like float32 rows
+        x = x.astype(np.float32)
+    table, straddle = _hist_table()
+    keys = x.reshape(-1).view(np.uint32) >> 16
+    per_key = np.bincount(keys, minlength=65536)
+    hist = np.bincount(table, weights=per_key * ~straddle, minlength=nb).astype(np.int64)
+    if per_key[straddle].any():
+        vals = x.reshape(-1)[straddle[keys]].astype(np.float64)
+        hist += np.bincount(np.searchsorted(_INNER, vals, side="right"), minlength=nb)
+    return hist
+
+
 def _topk_rows(x: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per column, the k largest values and their rows; ties go to the lowest row (deterministic).
 
     Returns ``(values[k, d], rows[k, d])`` (float64, int64) ordered by (value desc, row asc).
-    ``torch.topk`` picks the set; only columns where rows tied with the k-th value were left
-    out (rare for real activations) are redone exactly.
+    ``torch.topk`` along each column (contiguous after a transpose) picks the set; only columns
+    where rows tied with the k-th value were left out (rare for real activations) are redone
+    exactly.
     """
-    x = torch.nan_to_num(x, nan=-torch.inf)                # NaN never ranks as "max-activating"
-    vals, rows = torch.topk(x, k, dim=0)
+    if x.dtype.is_floating_point and bool(torch.isnan(x).any()):
+        # NaN never ranks as "max-activating"; +-inf stay what they are
+        x = torch.nan_to_num(x, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+    vals_t, rows_t = torch.topk(x.T.contiguous(), k, dim=1)
+    vals, rows = vals_t.T, rows_t.T.contiguous()
     kth = vals[-1]
     left_out = (x == kth).sum(0) > (vals == kth).sum(0)    # a tie at the k-th value was cut
     if left_out.any():
@@ -223,7 +288,7 @@ def _topk_rows(x: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         _, row = chosen.T.nonzero(as_tuple=True)              # column-major: rows ascending
         rows[:, cols] = row.reshape(len(cols), k).T
     rows_np = rows.numpy()
-    vals_np = x.double().numpy()[rows_np, np.arange(x.shape[1])[None, :]]
+    vals_np = x.gather(0, rows).double().numpy()
     order = np.lexsort((rows_np, -vals_np), axis=0)
     return np.take_along_axis(vals_np, order, 0), np.take_along_axis(rows_np, order, 0)
 

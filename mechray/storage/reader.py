@@ -10,9 +10,16 @@ Usage::
         ...
     payload = store.load("activations_shard_000000_step_0.pt")
 
+    for entry, payload in store.payloads(store.shards("popt")):   # the next shard read ahead
+        ...
+
 Every read checks the shard's checksum against the manifest (once per file version per store);
-a missing, truncated or altered shard raises an error that names it.  S3 objects are downloaded
-once into a local cache (``cache_dir``, default ``$MECHRAY_CACHE_DIR`` or ``~/.cache/mechray``).
+a missing, truncated or altered shard raises an error that names it.  On S3, ``load`` and
+``iter_layer`` read a shard straight into memory (parallel ranged GETs of
+:data:`PART_BYTES` for big objects, checksum verified on the bytes) unless it is already in the
+local cache; ``path`` downloads it once into that cache (``cache_dir``, default
+``$MECHRAY_CACHE_DIR`` or ``~/.cache/mechray``) for readers that need a file.  ``payloads``
+reads the next shard in a background thread while the caller works on the current one.
 Nothing here unpickles code: shards load with ``torch.load(weights_only=True)``.
 """
 
@@ -24,8 +31,9 @@ import os
 import re
 import tempfile
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Generator, Iterable, Iterator, Optional, Union, cast
 
 from mechray.errors import ShardError
 from mechray.storage import s3
@@ -37,7 +45,14 @@ from mechray.storage.manifest import (
     parse,
     rebuild_hint,
 )
-from mechray.storage.shard import corrupt_error, file_checksum, load_error, shard_path
+from mechray.storage.shard import (
+    checksum,
+    corrupt_error,
+    decode,
+    file_checksum,
+    load_error,
+    shard_path,
+)
 from mechray.storage.summary import Summary, layers_from_json, runs
 
 if TYPE_CHECKING:
@@ -47,6 +62,8 @@ else:  # torch loads at first use: `mechray ls` lists a store without it
 
 log = logging.getLogger(__name__)
 _PARTIAL = re.compile(r"manifest\.rank[0-9]{3,}\.json")
+PART_BYTES = 8 << 20      # S3 objects above this are read as parallel ranged GETs of this size
+PARALLEL_GETS = 4         # ranged GETs in flight per object
 
 
 
@@ -357,8 +374,17 @@ class ShardStore:
         return local
 
     def load(self, shard: Union[str, dict[str, Any]], mmap: bool = True) -> dict[str, Any]:
-        """The shard's payload (``activations``, ``metadata``, maybe ``inputs``), memory-mapped."""
+        """The shard's payload (``activations``, ``metadata``, maybe ``inputs``): memory-mapped
+        from a local file, or read into memory from S3 when it is not in the local cache."""
         entry = self._entry(shard)
+        if self.is_s3 and not self._cached(entry):
+            data = self.read_bytes(entry)
+            try:
+                return decode(cast(bytes, data))       # bytes or a bytearray: both read
+            except Exception as exc:
+                raise ShardError(f"shard {entry['file']} (s3://{self._object(entry)[0]}/"
+                                 f"{self._object(entry)[1]}) could not be loaded: "
+                                 f"{load_error(exc)}") from None
         path = self.path(entry)
         try:
             return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
@@ -366,14 +392,43 @@ class ShardStore:
             raise ShardError(f"shard {entry['file']} ({path}) could not be loaded: "
                              f"{load_error(exc)}") from None
 
+    def payloads(self, shards: Iterable[Union[str, dict[str, Any]]], ahead: int = 1
+                 ) -> Generator[tuple[dict[str, Any], dict[str, Any]], None, None]:
+        """Yield ``(entry, payload)`` per shard, in order, with the next ``ahead`` shards read
+        (downloaded, verified, loaded) in a background thread meanwhile.  A shard that fails
+        raises its :class:`ShardError` at its turn; stopping early (``break``, an error) cancels
+        what was read ahead and ends the thread."""
+        entries = [self._entry(s) for s in shards]
+        if ahead <= 0 or len(entries) < 2:
+            for entry in entries:
+                yield entry, self.load(entry)
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mechray-read-ahead")
+        pending: list[tuple[dict[str, Any], Future]] = []
+        try:
+            nxt = 0
+            for _ in range(len(entries)):
+                while nxt < len(entries) and len(pending) <= ahead:
+                    pending.append((entries[nxt], pool.submit(self.load, entries[nxt])))
+                    nxt += 1
+                entry, fut = pending.pop(0)
+                payload = fut.result()
+                yield entry, payload
+                del payload, fut
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+            pending.clear()
+            pool.shutdown(wait=True)
+
     def iter_layer(self, layer: str, steps: Optional[list[int]] = None
                    ) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
         """Yield ``(entry, rows)`` per shard holding ``layer``; only that shard is mapped."""
         self.check_layer(layer)
-        for entry in self.shards(layer):
-            if steps is not None and not set(entry.get("steps", [entry["step"]])) & set(steps):
-                continue
-            yield entry, self.load(entry)["activations"][layer]
+        picked = [e for e in self.shards(layer) if steps is None or
+                  set(e.get("steps", [e["step"]])) & set(steps)]
+        for entry, payload in self.payloads(picked):
+            yield entry, payload["activations"][layer]
 
     def read_layer(self, layer: str, max_rows: Optional[int] = None) -> torch.Tensor:
         """All (or the first ``max_rows``) rows of a layer as one tensor; for small stores."""
@@ -394,12 +449,42 @@ class ShardStore:
                              f"`mechray ls {self.location}` lists the shards")
         return self.entries[name]
 
-    def _download(self, entry: dict[str, Any], local: Path) -> None:
+    def _object(self, entry: dict[str, Any]) -> tuple[str, str]:
+        """The ``(bucket, key)`` of a shard on S3 (refusing a key with another file name)."""
         bucket, key = s3.parse_uri(entry["s3_uri"]) if entry.get("s3_uri") else \
             (self.bucket, s3.key_for(self.prefix, entry["file"]))
         if key.rsplit("/", 1)[-1] != entry["file"]:
             raise ShardError(f"the manifest of {self.location} gives shard {entry['file']} the "
                              f"S3 object {key!r}, which has another name: refused")
+        return bucket, key
+
+    def _cached(self, entry: dict[str, Any]) -> bool:
+        try:
+            return shard_path(self.root, entry["file"]).is_file()
+        except ShardError:
+            return False
+
+    def read_bytes(self, shard: Union[str, dict[str, Any]]) -> bytes | bytearray:
+        """A shard's bytes straight from S3 into memory, checked against the manifest's size
+        and checksum (objects over :data:`PART_BYTES`: parallel ranged GETs)."""
+        entry = self._entry(shard)
+        bucket, key = self._object(entry)
+        size = int(entry["bytes"])
+        try:
+            data = s3.get_bytes(self._client(), bucket, key, size, PART_BYTES, PARALLEL_GETS)
+        except Exception as exc:
+            raise ShardError(f"shard {entry['file']} could not be read from "
+                             f"s3://{bucket}/{key}: {exc}") from exc
+        if len(data) != size:
+            raise ShardError(f"shard {entry['file']} (s3://{bucket}/{key}) is {len(data)} bytes "
+                             f"but the manifest says {size}: it is truncated or was replaced")
+        if checksum(memoryview(data)) != entry["checksum"]:
+            raise ShardError(f"shard {entry['file']} (s3://{bucket}/{key}) does not match its "
+                             f"checksum {entry['checksum']}: the object is corrupt")
+        return data
+
+    def _download(self, entry: dict[str, Any], local: Path) -> None:
+        bucket, key = self._object(entry)
         local.parent.mkdir(parents=True, exist_ok=True)
         if local.parent.resolve() != self.root.resolve():  # contained, after resolving links
             raise ShardError(f"shard {entry['file']} would be downloaded to {local.parent}, "

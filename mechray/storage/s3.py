@@ -60,6 +60,32 @@ def client(endpoint_url: Optional[str] = None, region: Optional[str] = None):
     return _CLIENTS[key]
 
 
+def get_bytes(s3, bucket: str, key: str, size: int, part: int = 8 << 20,
+              parallel: int = 4) -> bytes | bytearray:
+    """An object's bytes in memory: one GET, or ``parallel`` ranged GETs of ``part`` bytes
+    written into one buffer when ``size`` (the expected length) is over ``part``."""
+    if size <= part or parallel <= 1:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    from concurrent.futures import ThreadPoolExecutor
+
+    buf = bytearray(size)
+    view = memoryview(buf)
+
+    def fetch(start: int) -> int:
+        end = min(start + part, size) - 1
+        body = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end}")["Body"]
+        got = body.read()
+        if len(got) != end - start + 1:
+            raise ValueError(f"ranged GET bytes={start}-{end} returned {len(got)} bytes: the "
+                             f"object is shorter than {size} bytes")
+        view[start:start + len(got)] = got
+        return len(got)
+
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="mechray-s3-get") as pool:
+        total = sum(pool.map(fetch, range(0, size, part)))
+    return buf if total == size else buf[:total]
+
+
 def transfer_config(threshold_mb: int = 64):
     from boto3.s3.transfer import TransferConfig
 
