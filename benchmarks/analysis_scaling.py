@@ -40,15 +40,16 @@ layer is ``relu(Linear(64 -> d))`` of Gaussian inputs: half the values are exact
    ops) says where the time goes, next to a float32 prototype of ``map``
    (:func:`proto_neuron_map`, not mechray code) whose partials are checked identical.
 
-2. **pca**: the ``feature`` analysis' PCA path through its own API on ``--pca-shards`` shards:
-   ``map`` per shard (float64 mean + co-moment; also draws its silhouette sample), the engine's
-   pairwise merge tree, then ``FeatureAnalysis._pca`` (eigendecomposition) -- ``finalize`` also
-   runs MiniBatchKMeans over every row, which is not PCA, so it is not timed.  ``mechray`` is
-   timed on rows already in memory (same input as scikit-learn gets), ``mechray_from_shards``
-   also reads the shards (sha256 + mmap), ``prototype_f32_syrk`` is the same plan with a float32
-   co-moment (not mechray code).  Against ``sklearn.decomposition.PCA(n_components).fit`` on
-   the concatenated float32 matrix, per solver in ``--sklearn-solvers`` (``auto`` picks
-   ``covariance_eigh`` for n >= 10 d, d <= 1000).  Aim: mechray <= sklearn (auto).
+2. **pca**: the ``feature`` analysis' PCA path through its own API on ``--pca-shards`` shards,
+   PCA alone (``n_clusters: 0``): ``map`` per shard (float32 co-moment, one BLAS syrk per block,
+   summed in float64), the engine's pairwise merge tree (float64, Chan), then
+   ``FeatureAnalysis._pca`` (eigendecomposition).  ``mechray`` is timed on rows already in
+   memory (same input as scikit-learn gets), ``mechray_from_shards`` also reads the shards
+   (checksum + mmap), ``mechray_float64`` is the path before issue 11 (``precision:
+   "float64"``).  Against ``sklearn.decomposition.PCA(n_components).fit`` on the concatenated
+   float32 matrix, per solver in ``--sklearn-solvers`` (``auto`` picks ``covariance_eigh`` for
+   n >= 10 d, d <= 1000).  Aim: mechray <= sklearn (auto), explained variance ratios within
+   rtol 1e-5 and components equal up to sign (the table gives the largest differences).
 
 3. **sae** (``k``, ``expansion_factor``, ``batch_size`` from the flags, ``epochs=1``,
    ``max_rows=--sae-rows``, ``device=cpu``): ``Engine(..., use_ray=False).run(["sae"])`` over
@@ -631,7 +632,10 @@ def run_pca(args, root: Path) -> dict[str, Any]:
     X = torch.cat(rows).numpy()
     del rows
     slices = [torch.from_numpy(X[i:i + args.rows]) for i in range(0, len(X), args.rows)]
-    feature = get_analysis("feature", {"n_components": args.n_components})
+    # PCA alone (n_clusters=0: no k-means, no silhouette sample), as scikit-learn's PCA does
+    feature = get_analysis("feature", {"n_components": args.n_components, "n_clusters": 0})
+    feature64 = get_analysis("feature", {"n_components": args.n_components, "n_clusters": 0,
+                                         "precision": "float64"})
     ctx = Context(store=None)
 
     def mechray_in_memory() -> tuple[dict, dict]:
@@ -658,20 +662,14 @@ def run_pca(args, root: Path) -> dict[str, Any]:
         t["merge+eigh"] = time.perf_counter() - t0
         return out, t
 
-    Xn = [s.numpy() for s in slices]
-
-    def prototype_f32() -> tuple[dict, dict]:
-        """Not mechray code: the same map / merge / eigh plan with the per-shard co-moment as a
-        float32 ``xc.T @ xc`` (numpy -> BLAS syrk) about the shard's mean, merged in float64."""
+    def mechray_float64() -> tuple[dict, dict]:
+        """The co-moment as before issue 11 (``precision: float64``), rows in memory."""
         t0 = time.perf_counter()
-        parts = [_proto_comoment(x) for x in Xn]
+        parts = [feature64.map(s, e, LAYER) for s, e in zip(slices, entries)]
         t = {"map": time.perf_counter() - t0}
         t0 = time.perf_counter()
-        merged = _tree(parts, feature.merge)
-        t["merge"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = feature._pca(merged, ctx, LAYER)
-        t["eigh"] = time.perf_counter() - t0
+        out = feature64._pca(_tree(parts, feature64.merge), ctx, LAYER)
+        t["merge+eigh"] = time.perf_counter() - t0
         return out, t
 
     def sklearn(solver: str) -> Callable[[], tuple[dict, dict]]:
@@ -685,7 +683,7 @@ def run_pca(args, root: Path) -> dict[str, Any]:
 
     methods: dict[str, Callable] = {"mechray": mechray_in_memory,
                                     "mechray_from_shards": mechray_from_shards,
-                                    "prototype_f32_syrk": prototype_f32}
+                                    "mechray_float64": mechray_float64}
     for s in args.sklearn_solvers:
         methods[f"sklearn_{s}"] = sklearn(s)
     samples: dict[str, list[dict]] = {m: [] for m in methods}
@@ -721,34 +719,28 @@ def run_pca(args, root: Path) -> dict[str, Any]:
             comps = np.asarray(o["components"]) if "components" in o else None
             info = res["methods"][m]
             info["over_" + ref_key] = info["median_seconds"] / ref_t
-            info["evr_max_abs_diff_vs_" + ref_key] = float(
-                np.max(np.abs(evr - np.asarray(ref["explained_variance_ratio"]))))
+            want = np.asarray(ref["explained_variance_ratio"])
+            info["evr_max_abs_diff_vs_" + ref_key] = float(np.max(np.abs(evr - want)))
+            info["evr_max_rel_diff_vs_" + ref_key] = float(np.max(np.abs(evr - want) / want))
             if comps is not None:
                 cos = np.abs(np.sum(comps * ref["components"], axis=1))
                 info["min_abs_cos_vs_" + ref_key] = float(cos.min())
-    res["flops_note"] = ("X^T X is 2*n*d^2 = %.0f GFLOP; mechray does it in float64 per shard, "
+                sign = np.sign(np.sum(comps * ref["components"], axis=1))[:, None]
+                info["comp_max_abs_diff_vs_" + ref_key] = float(
+                    np.max(np.abs(comps * sign - ref["components"])))
+    res["flops_note"] = ("X^T X is 2*n*d^2 = %.0f GFLOP; mechray does it in float32 syrk "
+                         "blocks per shard merged in float64 (mechray_float64: float64), "
                          "scikit-learn's covariance_eigh in the input's float32" %
                          (2 * len(X) * X.shape[1] ** 2 / 1e9))
     res["gemm_probe_seconds"] = gemm_probe(slices[0])
-    if "mechray" in outs and "prototype_f32_syrk" in outs:
-        a, b = outs["mechray"], outs["prototype_f32_syrk"]
-        res["prototype_vs_mechray_evr_max_abs_diff"] = float(np.max(np.abs(
-            np.asarray(a["explained_variance_ratio"]) - np.asarray(b["explained_variance_ratio"]))))
-    del X, Xn, slices
+    if "mechray" in outs and "mechray_float64" in outs:
+        a, b = outs["mechray"], outs["mechray_float64"]
+        res["float32_vs_float64_evr_max_rel_diff"] = float(np.max(np.abs(
+            np.asarray(a["explained_variance_ratio"]) / np.asarray(b["explained_variance_ratio"])
+            - 1)))
+    del X, slices
     gc.collect()
     return res
-
-
-def _proto_comoment(x: np.ndarray) -> FeaturePartial:
-    """A ``feature`` partial (without the silhouette sample) from float32 rows ``x``."""
-    n = len(x)
-    mean = x.mean(0, dtype=np.float64)
-    c = mean.astype(np.float32)
-    xc = x - c
-    com = (xc.T @ xc).astype(np.float64)          # numpy spots a.T @ a: syrk, half the flops
-    dm = mean - c.astype(np.float64)              # co-moment about c -> about the exact mean
-    com -= n * np.outer(dm, dm)
-    return FeaturePartial(Moments(n, mean, com), x[:0], np.zeros(0))
 
 
 def gemm_probe(x32: torch.Tensor) -> dict[str, float]:
@@ -882,6 +874,10 @@ def run_sae(args, root: Path) -> dict[str, Any]:
 
 
 # --- report -------------------------------------------------------------------------------------
+def _sci(v: Optional[float], fmt: str = "%.1e") -> Optional[str]:
+    return None if v is None else fmt % v
+
+
 def report(args, out: dict[str, Any]) -> dict[str, bool]:
     aims: dict[str, bool] = {}
     f = out["store"]
@@ -965,8 +961,9 @@ def report(args, out: dict[str, Any]) -> dict[str, bool]:
             rows.append({"method": m + (f" ({r['solver_used']})" if "solver_used" in r else ""),
                          "median_s": r["median_seconds"],
                          "x_vs_sklearn_auto": r.get("over_sklearn_auto"),
-                         "evr_diff": r.get("evr_max_abs_diff_vs_sklearn_auto"),
-                         "min_cos": r.get("min_abs_cos_vs_sklearn_auto"),
+                         "evr_rel_diff": _sci(r.get("evr_max_rel_diff_vs_sklearn_auto")),
+                         "comp_diff": _sci(r.get("comp_max_abs_diff_vs_sklearn_auto")),
+                         "min_cos": _sci(r.get("min_abs_cos_vs_sklearn_auto"), "%.9f"),
                          "parts_s": ", ".join(f"{k} {x:.2f}" for k, x in parts.items()),
                          "sys_s": statistics.median(s["sys_s"] for s in r["samples"]),
                          "faults_M": statistics.median(s["minor_faults"] for s in r["samples"])
@@ -975,7 +972,8 @@ def report(args, out: dict[str, Any]) -> dict[str, bool]:
                          "load1": statistics.median(s["load_before"][0] for s in r["samples"])})
         print(f"\n2. PCA, {p['rows']} rows x d={p['d']}, n_components={p['n_components']}, "
               f"{args.pca_rounds} rounds ({p['flops_note']})")
-        print(table(rows, ["method", "median_s", "x_vs_sklearn_auto", "evr_diff", "min_cos",
+        print(table(rows, ["method", "median_s", "x_vs_sklearn_auto", "evr_rel_diff", "comp_diff",
+                           "min_cos",
                            "parts_s", "sys_s", "faults_M", "others", "load1"]))
         if "mechray" in p["methods"] and "over_sklearn_auto" in p["methods"]["mechray"]:
             x = p["methods"]["mechray"]["over_sklearn_auto"]

@@ -414,7 +414,7 @@ def _with_ctx(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_dat
     store = _open(ref)
     try:
         store.refresh()
-        if store.is_s3:
+        if store.is_s3 and _reads_store(spec):
             _prefetch(store, layer)  # one download per shard per node, under a file lock
     except ShardError as exc:
         return TaskResult(fatal=str(exc))
@@ -512,6 +512,14 @@ def _open(ref: StoreRef) -> ShardStore:
         _STORES[ref] = ShardStore(ref.location, endpoint_url=ref.endpoint_url, region=ref.region,
                                   cache_dir=ref.cache_dir)
     return _STORES[ref]
+
+
+def _reads_store(spec: Spec) -> bool:
+    """Whether the spec's finalize/fit/run reads shards (an analysis may say it does not with a
+    ``reads_store(params) -> bool`` classmethod; stat analyses such as ``neuron`` need only
+    their merged partial, so their S3 shards are not downloaded into the cache)."""
+    says = getattr(spec.cls, "reads_store", None)
+    return True if says is None else bool(says(spec.params))
 
 
 def _prefetch(store: ShardStore, layer: str) -> None:

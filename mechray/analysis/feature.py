@@ -100,6 +100,10 @@ class FeatureAnalysis(Analysis):
         return fig
 
     @classmethod
+    def reads_store(cls, params: dict[str, Any]) -> bool:
+        return params.get("n_clusters", 8) > 0   # k-means streams the shards; PCA does not
+
+    @classmethod
     def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
         return JSON_NUMBER * (p.get("n_components", 10) * (w.d + 3) + p.get("n_clusters", 8)) \
             + 4096                                   # components [k, d], per-component stats

@@ -97,6 +97,10 @@ class NeuronStats(Analysis):
         return fig
 
     @classmethod
+    def reads_store(cls, params: dict[str, Any]) -> bool:
+        return False                     # finalize needs only the merged partial
+
+    @classmethod
     def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
         return JSON_NUMBER * w.d * (8 + 4 * p.get("top_k", 5)) + 4096  # 6 stats, 4 top-k lists
 
