@@ -982,6 +982,10 @@ def report(args, out: dict[str, Any]) -> dict[str, bool]:
                   f"{'met' if x <= 1 else 'MISSED'})")
         print("   one shard's co-moment (s): " + ", ".join(
             f"{k} {v:.3f}" for k, v in p["gemm_probe_seconds"].items()))
+    if "cluster" in out:
+        from _cluster_scaling import report as cluster_report
+
+        cluster_report(args, out["cluster"])
     if "sae" in out:
         s = out["sae"]
         rows = []
@@ -1022,7 +1026,8 @@ def report(args, out: dict[str, Any]) -> dict[str, bool]:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sections", default="neuron,pca,sae", help="comma list of neuron,pca,sae")
+    p.add_argument("--sections", default="neuron,cluster,pca,sae",
+                   help="comma list of neuron,cluster,pca,sae")
     p.add_argument("--cache", default=str(OUT / "analysis_scaling_cache"),
                    help="the store (written once, reused while sizes match)")
     p.add_argument("--shards", type=int, default=50)
@@ -1040,6 +1045,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--quiet", type=float, default=0.25,
                    help="a run is 'quiet' when other processes kept fewer cores busy than this")
     # pca
+    p.add_argument("--cluster-sizes", default="0.5,1",
+                   help="store sizes in GB for the cluster section (the issue's grid: 0.5,1,2)")
+    p.add_argument("--cluster-workers", default="1,2,4", help="worker counts (cluster CPUs)")
+    p.add_argument("--cluster-rounds", type=int, default=1)
+    p.add_argument("--cluster-png", default=str(OUT / "analysis_scaling_cluster.png"))
     p.add_argument("--pca-shards", type=int, default=None, help="shards used (default: all)")
     p.add_argument("--n-components", type=int, default=10)
     p.add_argument("--sklearn-solvers", default="auto", help="e.g. auto,full,randomized")
@@ -1067,6 +1077,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.variants = [s.strip() for s in args.variants.split(",") if s.strip()]
     args.sklearn_solvers = [s.strip() for s in args.sklearn_solvers.split(",") if s.strip()]
     args.sae_variants = [s.strip() for s in args.sae_variants.split(",") if s.strip()]
+    args.cluster_sizes = [s.strip() for s in args.cluster_sizes.split(",") if s.strip()]
+    args.cluster_workers = [s.strip() for s in args.cluster_workers.split(",") if s.strip()]
     if args.pca_shards is None:
         args.pca_shards = args.shards
     return args
@@ -1096,6 +1108,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     try:
         if "neuron" in args.sections:
             out["neuron"] = run_neuron(args, root, warm_root)
+        if "cluster" in args.sections:
+            import ray
+
+            from _cluster_scaling import run_cluster
+
+            if ray.is_initialized():
+                ray.shutdown()
+
+            def make_store(shards: int) -> Path:
+                if shards == args.shards:
+                    return root
+                return ensure_store(cache.with_name(f"{cache.name}_{shards}"), shards, args.rows,
+                                    args.d, args.seed)[0]
+            out["cluster"] = run_cluster(args, make_store, warm_root, engine_neuron, Others, load)
         if "pca" in args.sections:
             out["pca"] = run_pca(args, root)
         if "sae" in args.sections:
