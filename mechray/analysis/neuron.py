@@ -276,13 +276,17 @@ def _topk_rows(x: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     where rows tied with the k-th value were left out (rare for real activations) are redone
     exactly.
     """
-    if x.dtype.is_floating_point and bool(torch.isnan(x).any()):
+    xn = x.numpy()
+    if xn.dtype.kind == "f" and np.isnan(xn).any():
         # NaN never ranks as "max-activating"; +-inf stay what they are
         x = torch.nan_to_num(x, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+        xn = x.numpy()
     vals_t, rows_t = torch.topk(x.T.contiguous(), k, dim=1)
     vals, rows = vals_t.T, rows_t.T.contiguous()
     kth = vals[-1]
-    left_out = (x == kth).sum(0) > (vals == kth).sum(0)    # a tie at the k-th value was cut
+    # every value above the k-th is in the set, so more than k values >= it means a tie at the
+    # k-th value was cut
+    left_out = torch.from_numpy(_count(xn >= kth.numpy()) > k)
     if left_out.any():
         cols = left_out.nonzero().flatten()
         sub = x[:, cols]
