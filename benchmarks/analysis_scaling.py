@@ -98,7 +98,6 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mechray.analysis.moments import Moments  # noqa: E402
-from mechray.analysis.feature import FeaturePartial  # noqa: E402
 from mechray.analysis.neuron import NeuronPartial, TopRows  # noqa: E402
 
 log = logging.getLogger("bench.analysis_scaling")
@@ -327,8 +326,6 @@ def run_neuron(args, root: Path, warm_root: Path) -> dict[str, Any]:
 
     for v in args.variants:
         if v == "ray":
-            if args.ray_worker_niceness is not None:   # a Ray system setting, read at ray.init
-                os.environ["RAY_worker_niceness"] = str(args.ray_worker_niceness)
             ray = start_ray(args.ray_cpus)
             t0 = time.perf_counter()
             engine_neuron(warm_root, True)   # workers start, import torch/mechray, get functions
@@ -1049,7 +1046,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="store sizes in GB for the cluster section (the issue's grid: 0.5,1,2)")
     p.add_argument("--cluster-workers", default="1,2,4", help="worker counts (cluster CPUs)")
     p.add_argument("--cluster-rounds", type=int, default=1)
-    p.add_argument("--cluster-png", default=str(OUT / "analysis_scaling_cluster.png"))
+    p.add_argument("--cluster-png", default=str(OUT / "analysis_scaling_cluster.png"),
+                   help="where the curves go (the published one: benchmarks/plots/)")
     p.add_argument("--pca-shards", type=int, default=None, help="shards used (default: all)")
     p.add_argument("--n-components", type=int, default=10)
     p.add_argument("--sklearn-solvers", default="auto", help="e.g. auto,full,randomized")
@@ -1097,6 +1095,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         os.execv(sys.executable, [sys.executable, *sys.argv])
     if args.verbose:
         logging.getLogger("bench").setLevel(logging.DEBUG)
+    if args.ray_worker_niceness is not None:   # a Ray system setting, read when nodes start
+        os.environ["RAY_worker_niceness"] = str(args.ray_worker_niceness)
     t_start = time.perf_counter()
     out: dict[str, Any] = OrderedDict(benchmark="analysis_scaling", load_start=load())
     cache = Path(args.cache)
