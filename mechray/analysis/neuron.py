@@ -111,34 +111,42 @@ class NeuronStats(Analysis):
 
     def map(self, rows: torch.Tensor, entry: dict[str, Any], layer: str) -> "NeuronPartial":
         """Statistics of one shard's rows, computed in blocks of about :data:`BLOCK_BYTES`
-        merged with ``merge`` (shard-sized temporaries cost a page fault per 4 KiB, which
-        dominated the time)."""
+        (shard-sized temporaries cost a page fault per 4 KiB, which dominated the time); the
+        blocks' moments merge with Chan's update, their top-k candidates are ranked once."""
         x = _as_numpy(rows.reshape(len(rows), -1))
         total, d = x.shape
         if total == 0:
             return _empty(d)
+        k = min(self.params.top_k, total)
+        eps = _eps_for(x.dtype, self.params.eps)
         step = max(64, BLOCK_BYTES // (4 * max(d, 1)))
-        blocks = (self._map_block(x[i:i + step], entry, i, total) for i in range(0, total, step))
-        return functools.reduce(self.merge, blocks)
-
-    def _map_block(self, x: np.ndarray, entry: dict[str, Any], offset: int,
-                   total: int) -> "NeuronPartial":
-        n = len(x)
-        vals, rows_idx = _topk_rows(torch.from_numpy(x), min(self.params.top_k, n))
-        rows_idx = rows_idx + offset
+        moments = Moments.empty(d)
+        small = np.zeros(d, np.int64)
+        pos = np.zeros(d, np.int64)
+        hist = np.zeros(len(EDGES) - 1, np.int64)
+        cand_v, cand_r = [], []
+        for i in range(0, total, step):
+            b = x[i:i + step]
+            v, r = _topk_rows(torch.from_numpy(b), min(k, len(b)))
+            cand_v.append(v)
+            cand_r.append(r + i)
+            b64 = b.astype(np.float64)              # sums in float64 (block-sized: in cache)
+            mean = b64.mean(0)
+            b64 -= mean
+            moments = moments.merge(Moments(len(b), mean, np.einsum("ij,ij->j", b64, b64)))
+            small += _count(np.abs(b) <= eps)
+            pos += _count(b > 0)
+            hist += _histogram(b)
+        vals, rows_idx = np.concatenate(cand_v), np.concatenate(cand_r)
+        order = np.lexsort((rows_idx, -vals), axis=0)[:k]      # (value desc, row asc)
+        vals = np.take_along_axis(vals, order, 0)
+        rows_idx = np.take_along_axis(rows_idx, order, 0)
         steps = entry.get("row_steps")
         steps = (np.asarray(steps, dtype=np.int64)[rows_idx] if steps is not None and
                  len(steps) == total else np.full(rows_idx.shape, int(entry.get("step", -1))))
-        x64 = x.astype(np.float64)                 # sums in float64 (block-sized: in cache)
-        mean = x64.mean(0)
-        x64 -= mean
-        m2 = np.einsum("ij,ij->j", x64, x64)
-        eps = _eps_for(x.dtype, self.params.eps)
-        mag = np.abs(x)
         return NeuronPartial(
-            n=n, moments=Moments(n, mean, m2),
-            min=x.min(0).astype(np.float64), max=x.max(0).astype(np.float64),
-            small=_count(mag <= eps), pos=_count(x > 0), hist=_histogram(x),
+            n=total, moments=moments, min=x.min(0).astype(np.float64),
+            max=x.max(0).astype(np.float64), small=small, pos=pos, hist=hist,
             top=TopRows(files=[entry["file"]], val=vals, file=np.zeros_like(rows_idx),
                         row=rows_idx, step=steps))
 
