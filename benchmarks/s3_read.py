@@ -19,6 +19,9 @@ over ``--rounds`` rounds (order rotated), seconds per run:
 ``mechray``         ``Engine("s3://...", use_ray=True).run(["neuron"])`` with ``--workers`` Ray
                     CPUs on this machine, a fresh cache directory each run (every shard is read
                     from S3 and its checksum verified)
+``mechray_local``   the same analysis on the local copy of the store (checksums verified
+                    again): what the analysis costs without S3, so ``mechray - mechray_local``
+                    is what reading from S3 adds
 
 Ratio: the faster boto3 variant's median ÷ mechray's median (aim >= 0.8).  The JSON
 (``benchmarks/out/s3_read-<time>.json``) has every sample, the load average before and after
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cache", default=str(OUT / "analysis_scaling_cache"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workers", type=int, default=2, help="Ray CPUs (workers) for mechray")
-    p.add_argument("--variants", default="boto3_get,boto3_download,mechray")
+    p.add_argument("--variants", default="boto3_get,boto3_download,mechray,mechray_local")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     root = Path(args.cache)
@@ -137,9 +140,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             Engine(store, use_ray=True, progress=False).run(["neuron"])
             shutil.rmtree(cache, ignore_errors=True)
 
+        def mechray_local() -> None:
+            counter[0] += 1          # a new spelling of the path: every checksum verified again
+            Engine(str(root) + "/" * counter[0], use_ray=True, progress=False).run(["neuron"])
+
         fns: dict[str, Callable[[], None]] = {"boto3_get": boto3_get,
                                               "boto3_download": boto3_download,
-                                              "mechray": mechray}
+                                              "mechray": mechray, "mechray_local": mechray_local}
         # warm-up (worker start, imports): not timed
         ray.get([ray.remote(lambda: __import__("mechray.analysis.engine")).remote()
                  for _ in range(args.workers)])
@@ -174,6 +181,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["ratio"] = {"baseline": best, "boto3_over_mechray": ratio}
         print(f"   {best} / mechray = {ratio:.2f}  (aim >= 0.8: "
               f"{'met' if ratio >= 0.8 else 'MISSED'})")
+        if "mechray_local" in med:
+            added = med["mechray"] - med["mechray_local"]
+            out["ratio"].update(local_over_s3=med["mechray_local"] / med["mechray"],
+                                s3_added_seconds=added)
+            print(f"   mechray_local / mechray = {med['mechray_local'] / med['mechray']:.2f}; "
+                  f"reading from S3 adds {added:.2f} s to the analysis ({best} alone takes "
+                  f"{med[best]:.2f} s)")
     out.update(samples=samples, median_seconds=med, load_end=load(), machine=machine(),
                args=vars(args))
     print(f"load average: start {out['load_start']}, end {out['load_end']}")
