@@ -37,8 +37,7 @@ layer is ``relu(Linear(64 -> d))`` of Gaussian inputs: half the values are exact
    Per variant: CPU of the driver, its threads and its child processes (Ray), user / kernel CPU
    and minor page faults of the process tree, and ``others``, the cores other processes kept
    busy meanwhile.  A per-shard breakdown (sha256, load, each piece of ``neuron.map``, the naive
-   ops) says where the time goes, next to a float32 prototype of ``map``
-   (:func:`proto_neuron_map`, not mechray code) whose partials are checked identical.
+   ops) says where the time goes (``map``'s pieces as it runs them: blocks, 1 thread).
 
 2. **pca**: the ``feature`` analysis' PCA path through its own API on ``--pca-shards`` shards,
    PCA alone (``n_clusters: 0``): ``map`` per shard (float32 co-moment, one BLAS syrk per block,
@@ -97,8 +96,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from mechray.analysis.moments import Moments  # noqa: E402
-from mechray.analysis.neuron import NeuronPartial, TopRows  # noqa: E402
 
 log = logging.getLogger("bench.analysis_scaling")
 LAYER = "lin"
@@ -441,11 +438,13 @@ def check_neuron(outputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def breakdown(root: Path, n_shards: int) -> dict[str, Any]:
-    """Per-shard cost of each step the variants take (median over ``n_shards`` shards, ms), and
-    of a float32 prototype of ``neuron.map`` (see :func:`proto_neuron_map`)."""
+    """Per-shard cost of each step the variants take (median over ``n_shards`` shards, ms),
+    with ``neuron.map``'s pieces as it runs them (blocks of ``BLOCK_BYTES``, 1 thread)."""
+    import resource
+
     from mechray import ShardStore
     from mechray.analysis import get_analysis
-    from mechray.analysis.neuron import EDGES, _topk_rows
+    from mechray.analysis import neuron as nmod
 
     store = ShardStore(fresh_location(root))
     neuron = get_analysis("neuron")
@@ -453,10 +452,6 @@ def breakdown(root: Path, n_shards: int) -> dict[str, Any]:
     entries = store.shards(LAYER)[:n_shards]
     threads = torch.get_num_threads()
     parts: dict[str, list[float]] = {}
-    identical = []
-
-    import resource
-
     faults: dict[str, list[tuple[float, float]]] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
@@ -468,11 +463,6 @@ def breakdown(root: Path, n_shards: int) -> dict[str, Any]:
         faults.setdefault(name, []).append(((r1.ru_stime - r0.ru_stime) * 1e3,
                                             r1.ru_minflt - r0.ru_minflt))
         return out
-
-    def hist(x):
-        flat = x.reshape(-1).clamp(EDGES[0], EDGES[-1])
-        bins = torch.bucketize(flat, torch.from_numpy(EDGES[1:-1]), right=True)
-        return torch.bincount(bins, minlength=len(EDGES) - 1)
 
     for e in entries:
         path = store.root / e["file"]
@@ -490,22 +480,25 @@ def breakdown(root: Path, n_shards: int) -> dict[str, Any]:
         timed(f"neuron.map, {threads} torch threads", lambda: neuron.map(rows, entry, LAYER))
         torch.set_num_threads(1)
         try:   # one thread from here: as in a Ray worker
-            ref = timed("neuron.map, 1 thread", lambda: neuron.map(rows, entry, LAYER))
-            x = timed("  map: .to(float64)", lambda: rows.to(torch.float64))
-            mean = timed("  map: mean", lambda: x.mean(0))
-            timed("  map: m2 = ((x-mean)**2).sum", lambda: ((x - mean) ** 2).sum(0))
-            timed("  map: amin + amax", lambda: (x.amin(0), x.amax(0)))
-            timed("  map: |x|<=eps and x>0 counts", lambda: ((x.abs() <= eps).sum(0),
-                                                             (x > 0).sum(0)))
-            timed(f"  map: top-{k} rows (_topk_rows)", lambda: _topk_rows(x, min(k, len(x))))
-            timed("  map: histogram (clamp+bucketize+bincount)", lambda: hist(x))
-            proto = timed("prototype float32 map, 1 thread",
-                          lambda: proto_neuron_map(rows, entry, eps, k))
-            identical.append(_same_partial(ref, proto))
-            timed("  prototype: top-k (topk on x.T, ties checked)",
-                  lambda: _proto_topk(rows.reshape(len(rows), -1), k))
-            timed("  prototype: histogram (16-bit keys)", lambda: _proto_hist(rows))
+            timed("neuron.map, 1 thread", lambda: neuron.map(rows, entry, LAYER))
             xn = rows.numpy()
+            step = max(64, nmod.BLOCK_BYTES // (4 * xn.shape[1]))
+            blocks = [xn[i:i + step] for i in range(0, len(xn), step)]
+            e32 = nmod._eps_for(xn.dtype, eps)
+
+            def moments():
+                for b in blocks:
+                    y = b.astype(np.float64)
+                    y -= y.mean(0)
+                    np.einsum("ij,ij->j", y, y)
+            timed(f"  map: top-{k} per block (topk on x.T, ties checked)",
+                  lambda: [nmod._topk_rows(torch.from_numpy(b), k) for b in blocks])
+            timed("  map: float64 mean + m2 per block", moments)
+            timed("  map: |x|<=eps and x>0 counts (float32)",
+                  lambda: [(nmod._count(np.abs(b) <= e32), nmod._count(b > 0)) for b in blocks])
+            timed("  map: histogram (16-bit keys)",
+                  lambda: [nmod._histogram(b) for b in blocks])
+            timed("  map: min + max", lambda: (xn.min(0), xn.max(0)))
 
             def naive_ops():
                 y = xn.astype(np.float64)
@@ -515,103 +508,10 @@ def breakdown(root: Path, n_shards: int) -> dict[str, Any]:
         finally:
             torch.set_num_threads(threads)
     out: dict[str, Any] = {name: statistics.median(v) for name, v in parts.items()}
-    out["prototype_identical_to_neuron_map"] = all(identical)
     out["kernel_ms_and_minor_faults"] = {
         name: [statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)]
         for name, v in faults.items()}
     return out
-
-
-# --- a faster neuron.map, to size the suggestion (not mechray code; results checked identical) --
-_HIST: dict[str, torch.Tensor] = {}
-
-
-def _hist_tables() -> dict[str, torch.Tensor]:
-    """For each of the 65536 top-16-bit keys of a float32: its histogram bin, or 'ambiguous'
-    when the key's value range straddles a bin edge (those values are binned exactly)."""
-    if not _HIST:
-        from mechray.analysis.neuron import EDGES
-
-        keys = torch.arange(65536, dtype=torch.int32)
-        lo = (keys << 16).view(torch.float32).double()
-        hi = ((keys << 16) | 0xFFFF).view(torch.float32).double()
-        inner = torch.from_numpy(EDGES[1:-1])
-        b = lambda v: torch.bucketize(torch.nan_to_num(v).clamp(EDGES[0], EDGES[-1]),  # noqa
-                                      inner, right=True)
-        blo, bhi = b(lo), b(hi)
-        _HIST.update(lut=blo, ambiguous=blo != bhi, inner=inner,
-                     lo=torch.tensor(EDGES[0]), hi=torch.tensor(EDGES[-1]))
-    return _HIST
-
-
-def _proto_hist(rows: torch.Tensor) -> torch.Tensor:
-    """``neuron``'s histogram: bincount of the float32's top 16 bits mapped through a table
-    (2 passes) instead of a binary search per value in float64; exact (NaN aside)."""
-    t = _hist_tables()
-    flat = rows.reshape(-1)
-    keys = (flat.view(torch.int32) >> 16) & 0xFFFF
-    counts = torch.bincount(keys, minlength=65536)
-    h = torch.zeros(len(t["inner"]) + 1, dtype=torch.int64)
-    h.index_add_(0, t["lut"][~t["ambiguous"]], counts[~t["ambiguous"]])
-    if int(counts[t["ambiguous"]].sum()):
-        vals = flat[t["ambiguous"][keys]].double().clamp(float(t["lo"]), float(t["hi"]))
-        h += torch.bincount(torch.bucketize(vals, t["inner"], right=True), minlength=len(h))
-    return h
-
-
-def _proto_topk(x: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``_topk_rows`` semantics (value desc, ties to the lowest row) from ``topk`` along the
-    contiguous dimension; only columns whose k-th value has ties left out take the exact path."""
-    from mechray.analysis.neuron import _topk_rows
-
-    k = min(k, len(x))
-    xt = torch.nan_to_num(x.T.contiguous(), nan=-torch.inf)              # [d, n]
-    vals, idx = torch.topk(xt, k, dim=1)
-    kth = vals[:, -1:]
-    unsure = ((xt == kth).sum(1) != (vals == kth).sum(1)).nonzero().flatten()
-    v, r = vals.T.double().numpy(), idx.T.numpy()                      # [k, d]
-    order = np.lexsort((r, -v), axis=0)
-    v, r = np.take_along_axis(v, order, 0), np.take_along_axis(r, order, 0)
-    if len(unsure):
-        cols = unsure.numpy()
-        v[:, cols], r[:, cols] = _topk_rows(x[:, unsure].to(torch.float64), k)
-    return v, r
-
-
-def proto_neuron_map(rows: torch.Tensor, entry: dict, eps: float, k: int) -> NeuronPartial:
-    """``NeuronStats.map`` with the order statistics, counts, top-k and histogram on the float32
-    rows (exact: every float32 is a float64) and float64 only for mean and m2."""
-    x = rows.reshape(len(rows), -1)
-    n = len(x)
-    x64 = x.to(torch.float64)
-    mean = x64.mean(0)
-    eps32 = np.float32(eps)
-    if float(eps32) > eps:                       # |a| <= eps  <=>  |a| <= largest float32 <= eps
-        eps32 = np.nextafter(eps32, np.float32(-np.inf))
-    vals, rows_idx = _proto_topk(x, k)
-    return NeuronPartial(
-        n=n, moments=Moments(n, mean.numpy(), ((x64 - mean) ** 2).sum(0).numpy()),
-        min=x.amin(0).double().numpy(), max=x.amax(0).double().numpy(),
-        small=(x.abs() <= float(eps32)).sum(0).numpy(), pos=(x > 0).sum(0).numpy(),
-        hist=_proto_hist(x).numpy(),
-        top=TopRows(files=[entry["file"]], val=vals, file=np.zeros_like(rows_idx), row=rows_idx,
-                    step=np.full(rows_idx.shape, int(entry.get("step", -1)))))
-
-
-def _same_partial(a: NeuronPartial, b: NeuronPartial) -> bool:
-    fa, fb = _flat(a), _flat(b)
-    return fa.keys() == fb.keys() and all(
-        fa[key] == fb[key] if isinstance(fa[key], (int, list)) else
-        (np.asarray(fa[key]).shape == np.asarray(fb[key]).shape and
-         np.array_equal(np.asarray(fa[key]), np.asarray(fb[key]), equal_nan=True)) for key in fa)
-
-
-def _flat(partial: NeuronPartial) -> dict:
-    """A partial's fields spelled out (Moments and TopRows too) for an exact comparison."""
-    out = {k: getattr(partial, k) for k in ("n", "min", "max", "small", "pos", "hist")}
-    t = partial.top
-    return {**out, "mean": partial.moments.mean, "m2": partial.moments.m2, "files": t.files,
-            "top_val": t.val, "top_file": t.file, "top_row": t.row, "top_step": t.step}
 
 
 # --- 2. PCA -------------------------------------------------------------------------------------
@@ -949,7 +849,6 @@ def report(args, out: dict[str, Any]) -> dict[str, bool]:
             if isinstance(v, float):
                 ks, mf = b["kernel_ms_and_minor_faults"][k]
                 print(f"     {k:48s} {v:8.1f} {ks:8.1f} {mf:9.0f}")
-        print(f"     prototype identical to neuron.map: {b['prototype_identical_to_neuron_map']}")
     if "pca" in out:
         p = out["pca"]
         rows = []
