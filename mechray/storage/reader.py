@@ -478,9 +478,8 @@ class ShardStore:
         if len(data) != size:
             raise ShardError(f"shard {entry['file']} (s3://{bucket}/{key}) is {len(data)} bytes "
                              f"but the manifest says {size}: it is truncated or was replaced")
-        if checksum(memoryview(data)) != entry["checksum"]:
-            raise ShardError(f"shard {entry['file']} (s3://{bucket}/{key}) does not match its "
-                             f"checksum {entry['checksum']}: the object is corrupt")
+        if checksum(memoryview(data), entry["checksum"]) != entry["checksum"]:  # its algorithm
+            raise corrupt_error(entry, f"s3://{bucket}/{key}", self.location)
         return data
 
     def _download(self, entry: dict[str, Any], local: Path) -> None:

@@ -16,12 +16,12 @@ from mechray.errors import ShardError
 from mechray.storage import reader
 
 
-def _both(tmp_path, endpoint, bucket, steps=4, rows=300, d=16):
+def _both(tmp_path, endpoint, bucket, steps=4, rows=300, d=16, **extra):
     """A store captured to a local directory and to S3 at once (the 'both' backend)."""
     model = torch.nn.Sequential(torch.nn.Linear(8, d), torch.nn.ReLU())
     config = {"sample_layers": ["1"], "storage_backend": "both",
               "storage_path": str(tmp_path / "local"), "s3_bucket": bucket, "s3_prefix": "exp",
-              "s3_endpoint_url": endpoint, "use_ray": False}
+              "s3_endpoint_url": endpoint, "use_ray": False, **extra}
     g = torch.Generator().manual_seed(0)
     with MechIntHooks(config).attach(model) as hooks:
         for step in range(steps):
@@ -100,3 +100,14 @@ def test_corrupt_s3_objects_are_caught_by_the_engine(tmp_path, s3_bucket, monkey
         Engine(fresh, use_ray=False, progress=False).run(["neuron"])
     assert not _read_ahead_threads()
     np.testing.assert_equal(len(fresh.shards()), 4)
+
+
+def test_sha256_stores_read_from_s3_into_memory_too(tmp_path, s3_bucket, monkeypatch):
+    endpoint, bucket = s3_bucket
+    local, remote = _both(tmp_path, endpoint, bucket, steps=2, checksum="sha256")
+    monkeypatch.setattr(reader, "PART_BYTES", 4096)
+    assert all(e["checksum"].startswith("sha256:") for e in remote.shards())
+    for entry in remote.shards():
+        assert torch.equal(remote.load(entry)["activations"]["1"],
+                           local.load(entry["file"])["activations"]["1"])
+    assert not list((tmp_path / "dl").rglob("*.pt"))
