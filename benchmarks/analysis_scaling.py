@@ -541,7 +541,7 @@ def run_pca(args, root: Path) -> dict[str, Any]:
         parts = [feature.map(s, e, LAYER) for s, e in zip(slices, entries)]
         t["map"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        root_part = _tree(parts, feature.merge)
+        root_part = _tree(parts, feature.merge, fan_in=2)
         t["merge"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = feature._pca(root_part, ctx, LAYER)
@@ -555,7 +555,7 @@ def run_pca(args, root: Path) -> dict[str, Any]:
                  zip(entries, (st.load(e)["activations"][LAYER] for e in entries))]
         t = {"read+map": time.perf_counter() - t0}
         t0 = time.perf_counter()
-        out = feature._pca(_tree(parts, feature.merge), ctx, LAYER)
+        out = feature._pca(_tree(parts, feature.merge, fan_in=2), ctx, LAYER)
         t["merge+eigh"] = time.perf_counter() - t0
         return out, t
 
@@ -565,7 +565,7 @@ def run_pca(args, root: Path) -> dict[str, Any]:
         parts = [feature64.map(s, e, LAYER) for s, e in zip(slices, entries)]
         t = {"map": time.perf_counter() - t0}
         t0 = time.perf_counter()
-        out = feature64._pca(_tree(parts, feature64.merge), ctx, LAYER)
+        out = feature64._pca(_tree(parts, feature64.merge, fan_in=2), ctx, LAYER)
         t["merge+eigh"] = time.perf_counter() - t0
         return out, t
 

@@ -15,7 +15,7 @@ The plan, identical with and without Ray (Ray is used when ``ray.is_initialized(
 1. ``stat`` analyses: one task per (layer, group of consecutive shards) loads each shard once
    (the next one read ahead in a thread while the current one is mapped), ``map``s every stat
    analysis on that layer's rows and merges the group's partials in shard order; the groups'
-   partials are merged in a fixed pairwise tree (group order), then one task per (layer,
+   partials are merged in a fixed tree (group order, up to 8 per merge task), then one task per (layer,
    analysis) runs ``finalize`` (which may stream the store again, e.g. k-means in ``feature``).
    Groups (:func:`shard_groups`) depend only on the shard list, never on the cluster, so Ray and
    in-process runs merge in the same order and agree exactly.
@@ -233,7 +233,7 @@ class Engine:
                 parts = [call(_map_shards, self.ref, [dict(e) for e in group], layer, stats)
                          for group in groups[layer]]
                 maps += parts
-                root = _tree(parts, lambda a, b: call(_merge_all, stats, a, b, count=False))
+                root = _tree(parts, lambda *some: call(_merge_many, stats, *some, count=False))
                 for spec in stats:
                     jobs.append((spec.name, layer,
                                  call(_finalize, spec, self.ref, layer, root, info)))
@@ -386,6 +386,14 @@ def _merge_all(specs: list[Spec], a: dict[str, Outcome],
     return out
 
 
+def _merge_many(specs: list[Spec], *parts: dict[str, Outcome]) -> dict[str, Outcome]:
+    """Fold neighbouring partials left to right (one task where Ray runs the tree)."""
+    out = parts[0]
+    for part in parts[1:]:
+        out = _merge_all(specs, out, part)
+    return out
+
+
 def _finalize(spec: Spec, ref: StoreRef, layer: str, root: dict[str, Outcome],
               info: dict) -> TaskResult:
     merged = root[spec.name]
@@ -467,13 +475,17 @@ def _skipped(reason: str) -> dict[str, Any]:
     return {"skipped": True, "reason": reason}
 
 
-def _tree(parts: list, merge: Callable) -> Any:
-    """Pairwise merge in a fixed shape (shard order), the same with and without Ray."""
+MERGE_FAN_IN = 8        # partials folded per merge task: 32 groups take 5 merge tasks, not 31
+
+
+def _tree(parts: list, merge: Callable, fan_in: int = MERGE_FAN_IN) -> Any:
+    """Merge in a fixed shape (shard order), the same with and without Ray: each ``merge`` call
+    folds up to ``fan_in`` neighbouring partials left to right, level by level."""
     if not parts:
         raise ValueError("no shards to merge")
     while len(parts) > 1:
-        nxt = [merge(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
-        parts = nxt + ([parts[-1]] if len(parts) % 2 else [])
+        parts = [merge(*parts[i:i + fan_in]) if len(parts[i:i + fan_in]) > 1 else parts[i]
+                 for i in range(0, len(parts), fan_in)]
     return parts[0]
 
 
