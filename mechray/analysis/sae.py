@@ -76,7 +76,6 @@ from mechray.analysis.sae_budget import (
 from mechray.analysis.sae_eval import evaluate, splice_metrics
 from mechray.analysis.sae_examples import report_examples, top_activations
 from mechray.analysis.sae_model import (
-    SAETrainer,
     SparseAutoencoder,
     load_sae,
     load_saelens,
@@ -84,6 +83,7 @@ from mechray.analysis.sae_model import (
     save_saelens,
 )
 from mechray.analysis.sae_rows import LayerRows
+from mechray.analysis.sae_train import SAETrainer
 
 log = logging.getLogger(__name__)
 MAX_LATENTS = 65536

@@ -2,7 +2,8 @@
 
 Usage::
 
-    from mechray.analysis.sae_model import SparseAutoencoder, SAETrainer, save_sae, load_sae
+    from mechray.analysis.sae_model import SparseAutoencoder, save_sae, load_sae
+    from mechray.analysis.sae_train import SAETrainer
 
     sae = SparseAutoencoder(d_in=512, n_latents=4096, architecture="topk", k=32)
     sae.init_from_data(sample_rows)                  # b_dec <- data mean, input scale
@@ -222,88 +223,6 @@ def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> to
     return y
 
 
-class SAETrainer:
-    """Adam on one :class:`SparseAutoencoder`, with AuxK, unit-norm decoder rows and dead counts."""
-
-    def __init__(self, sae: SparseAutoencoder, lr: float, l1_coefficient: float = 0.0,
-                 aux_k: int = 0, aux_coefficient: float = 1 / 32, dead_steps_threshold: int = 256,
-                 total_steps: Optional[int] = None, decay_fraction: float = 0.2,
-                 warmup_steps: int = 0):
-        self.sae, self.lr, self.l1 = sae, lr, l1_coefficient
-        self.warmup_steps = warmup_steps
-        self.aux_k, self.aux_coefficient = aux_k, aux_coefficient
-        self.dead_steps_threshold = dead_steps_threshold
-        self.total_steps, self.decay_fraction = total_steps, decay_fraction
-        self.opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
-        self.steps_since_fired = torch.zeros(sae.n_latents, dtype=torch.long,
-                                             device=sae.W_dec.device)
-        self.n_steps = 0
-
-    def _lr(self) -> float:
-        """Linear warmup over ``warmup_steps``, constant, then linear decay to 0 over the last
-        ``decay_fraction`` of ``total_steps`` (when known)."""
-        if self.n_steps < self.warmup_steps:
-            return self.lr * (self.n_steps + 1) / self.warmup_steps
-        if not self.total_steps:
-            return self.lr
-        start = self.total_steps * (1 - self.decay_fraction)
-        if self.n_steps < start:
-            return self.lr
-        left = (self.total_steps - self.n_steps) / max(1.0, self.total_steps - start)
-        return self.lr * max(0.0, left)
-
-    @property
-    def dead_mask(self) -> torch.Tensor:
-        return self.steps_since_fired >= self.dead_steps_threshold
-
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        """One optimisation step on raw rows ``x`` [batch, d_in]; returns the loss (0-d tensor)."""
-        sae = self.sae
-        sae.train()
-        x = x.to(sae.W_dec.device, torch.float32) * sae.input_scale
-        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-        z = sae.activate(pre)
-        e = x - (z @ sae.W_dec + sae.b_dec)
-        variance = (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        loss = e.pow(2).sum(-1).mean()
-        if sae.architecture == "relu" and self.l1:
-            loss = loss + self.l1 * z.abs().sum(-1).mean()
-        loss = loss / variance
-        dead = self.dead_mask
-        n_dead = int(dead.sum()) if self.aux_k else 0
-        if n_dead:
-            k_aux = min(self.aux_k, n_dead)
-            vals, idx = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1, sorted=False)
-            e_aux = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals)) @ sae.W_dec
-            target = e.detach()
-            aux = (target - e_aux).pow(2).sum(-1).mean() / \
-                (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-            loss = loss + self.aux_coefficient * min(n_dead / self.aux_k, 1.0) * aux
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            w, g = sae.W_dec, sae.W_dec.grad
-            if g is not None:   # keep only the gradient orthogonal to each unit decoder row
-                g -= (g * w).sum(1, keepdim=True) * w
-        for group in self.opt.param_groups:
-            group["lr"] = self._lr()
-        self.opt.step()
-        with torch.no_grad():
-            sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
-            fired = (z > 0).any(0)
-            self.steps_since_fired += 1
-            self.steps_since_fired[fired] = 0
-            if sae.architecture == "batchtopk":   # running mean of the smallest kept activation
-                # (a stand-in while training; calibrate_threshold sets the final value)
-                kept = z[z > 0]
-                if kept.numel():
-                    low = kept.min()
-                    sae.threshold.copy_(low if self.n_steps == 0 else
-                                        0.99 * sae.threshold + 0.01 * low)
-        self.n_steps += 1
-        return loss.detach()
-
-
 # --- files ------------------------------------------------------------------------------------
 def save_sae(sae: SparseAutoencoder, path: Union[str, os.PathLike],
              extra: Optional[dict[str, Any]] = None) -> Path:
@@ -459,3 +378,12 @@ def load_saelens(directory: Union[str, os.PathLike], device: Union[str, torch.de
                          "b_dec": t["b_dec"], "threshold": threshold,
                          "input_scale": torch.tensor(1.0)})
     return sae.to(device).eval(), cfg
+
+
+def __getattr__(name: str) -> Any:
+    """``SAETrainer`` moved to :mod:`mechray.analysis.sae_train`; the old import still works."""
+    if name == "SAETrainer":
+        from mechray.analysis.sae_train import SAETrainer
+
+        return SAETrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

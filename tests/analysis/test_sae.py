@@ -20,7 +20,8 @@ from mechray.analysis.base import AnalysisParamsError
 from mechray.analysis.report import write_report
 from mechray.analysis.sae import safe_name, splice_metrics
 from mechray.analysis.sae_budget import auto_lr, budget_steps, sae_warnings
-from mechray.analysis.sae_model import SAETrainer, SparseAutoencoder, load_sae, save_sae
+from mechray.analysis.sae_model import SparseAutoencoder, load_sae, save_sae
+from mechray.analysis.sae_train import SAETrainer
 from mechray.capture.sampler import ActivationSampler
 from mechray.storage.reader import ShardStore
 from mechray.testing import recovered_score
