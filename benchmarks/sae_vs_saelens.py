@@ -94,15 +94,27 @@ def run_mechray(store, out: Path, k: int, dictionary, aside, params=None) -> dic
             "_train": t}
 
 
+def saelens_sae(d: int, k: int, architecture: str):
+    from sae_lens import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
+
+    if architecture == "batchtopk":
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d, d_sae=8 * d, k=k))
+    return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=8 * d, k=k))
+
+
 def run_saelens(x, k: int, dictionary, aside, samples: int, batch: int, lr: float,
-                warmup: int = 0, decay: int = 0) -> dict:
+                warmup: int = 0, decay: int = 0, architecture: str = "topk") -> dict:
     import torch
-    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     d = x.shape[1]
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=8 * d, k=k))
+    sae = saelens_sae(d, k, architecture)
     g = torch.Generator().manual_seed(0)
 
     def provider():
@@ -118,17 +130,94 @@ def run_saelens(x, k: int, dictionary, aside, samples: int, batch: int, lr: floa
     trained = trainer.fit()
     seconds = time.perf_counter() - t0
     trained.eval()
+    if architecture == "batchtopk":     # SAELens' inference form of a BatchTopK SAE: JumpReLU
+        from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+        inf = JumpReLUSAE(JumpReLUSAEConfig(d_in=d, d_sae=8 * d))
+        state = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+        trained.process_state_dict_for_saving_inference(state)
+        inf.load_state_dict(state, strict=False)
+        trained = inf
     s = score(trained.encode, trained.decode, trained.W_dec, dictionary, aside)
     steps = samples // batch
     return {**s, "steps": steps, "batch": batch, "lr": lr, "seconds": round(seconds, 1),
             "rows_per_s": round(steps * batch / seconds), "converged": None, "warnings": None}
 
 
+def step_speed(x, k: int, lr: float, rounds: int = 3, block: int = 8) -> dict:
+    """Rows/s of one training step, mechray's ``SAETrainer.step`` against SAELens'
+    ``SAETrainer.step`` (its public per-batch seam: forward, TopK + AuxK loss, backward, Adam),
+    on the same batches of 1,024 rows, alternating blocks of ``block`` steps (interleaved)."""
+    import torch
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer as LensTrainer
+
+    from mechray.analysis.sae_model import SparseAutoencoder
+    from mechray.analysis.sae_train import SAETrainer
+
+    d = x.shape[1]
+    g = torch.Generator().manual_seed(1)
+    batches = [x[torch.randint(0, len(x), (1024,), generator=g)] for _ in range(block)]
+    sae = SparseAutoencoder(d, 8 * d, "topk", k)
+    sae.init_from_data(x[:8192])
+    ours = SAETrainer(sae, lr, aux_k=d // 2, total_steps=10 ** 6)
+    lens = LensTrainer(cfg=SAETrainerConfig(total_training_samples=10 ** 9,
+                                            train_batch_size_samples=1024, lr=lr, lr_end=lr),
+                       sae=saelens_sae(d, k, "topk"), data_provider=iter(()))
+    seconds = {"mechray": 0.0, "saelens": 0.0}
+    for r in range(rounds + 1):                # round 0 warms both up, not counted
+        for name, step in (("mechray", ours.step), ("saelens", lens.step)):
+            t0 = time.perf_counter()
+            for b in batches:
+                step(b)
+            if r:
+                seconds[name] += time.perf_counter() - t0
+    rows = rounds * block * 1024
+    out = {k: round(rows / v) for k, v in seconds.items()}
+    return {"mechray_rows_per_s": out["mechray"], "saelens_rows_per_s": out["saelens"],
+            "ratio": round(out["mechray"] / out["saelens"], 2)}
+
+
+def topk_ceiling(dictionary, train, aside, k: int, steps: int = 1500) -> float:
+    """EV of the best TopK SAE with the *true* dictionary as decoder: only the encoder (and
+    biases) trained, Adam lr 2e-3, ``steps`` batches of 1,024.  No TopK SAE with ``k`` latents
+    per row can reconstruct these rows better than this (up to the extra latents)."""
+    import torch
+
+    from mechray.analysis.sae_model import SparseAutoencoder
+
+    f, d = dictionary.shape
+    sae = SparseAutoencoder(d, f, "topk", k)
+    with torch.no_grad():
+        sae.W_dec.copy_(dictionary)
+        sae.W_enc.copy_(dictionary.T)
+        sae.b_dec.copy_(train.mean(0))
+    sae.W_dec.requires_grad_(False)
+    opt = torch.optim.Adam([sae.W_enc, sae.b_enc, sae.b_dec], lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        xb = train[torch.randint(0, len(train), (1024,), generator=g)]
+        loss = (sae(xb) - xb).pow(2).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        xh = sae(aside)
+    return round(1 - (xh - aside).pow(2).sum().item() / (aside - aside.mean(0)).pow(2).sum()
+                 .item(), 4)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="64x256x5,64x256x8,128x1024x16,256x2048x16,512x4096x32")
-    ap.add_argument("--saelens-cases", default="64x256x8,128x1024x16",
+    ap.add_argument("--saelens-cases", default="64x256x8,128x1024x16,256x2048x16",
                     help="cases also trained by SAELens (its defaults cost 2M rows each)")
+    ap.add_argument("--architectures", default="topk,batchtopk")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also train a TopK encoder on the true dictionary (the EV ceiling)")
+    ap.add_argument("--speed", action="store_true",
+                    help="interleaved step-time ratio against SAELens' SAETrainer.step")
+    ap.add_argument("--speed-only", action="store_true", help="only the step-time ratio")
     ap.add_argument("--rows", type=int, default=60000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-saelens", action="store_true")
@@ -143,36 +232,50 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from mechray.testing import planted_dictionary
 
-    rows, meta = [], {"machine": machine(), "args": vars(args), "load_start": os.getloadavg()}
+    rows, speed, meta = [], [], {"machine": machine(), "args": vars(args),
+                                 "load_start": os.getloadavg()}
     for case in args.cases.split(","):
         d, f, k = map(int, case.split("x"))
         dictionary, x = planted_dictionary(d, f, k, args.rows + 8192, seed=d + f + k)
         train, aside = x[: args.rows].contiguous(), x[args.rows:]
+        ceiling = topk_ceiling(dictionary, train, aside, k) if args.ceiling else None
         with tempfile.TemporaryDirectory() as tmp:
             store = write_store(Path(tmp) / "store", train)
-            load = os.getloadavg()[0]
-            m = run_mechray(store, Path(tmp) / "out", k, dictionary, aside)
-            t = m.pop("_train")
-            rows.append({"case": case, "variant": "mechray defaults", "load": load, **m})
-            log.info("%s", rows[-1])
-            if not args.no_saelens and case in args.saelens_cases.split(","):
-                if not args.no_saelens_defaults:
+            for arch in [] if args.speed_only else args.architectures.split(","):
+                load = os.getloadavg()[0]
+                m = run_mechray(store, Path(tmp) / f"out-{arch}", k, dictionary, aside,
+                                {"architecture": arch} if arch != "topk" else None)
+                t = m.pop("_train")
+                rows.append({"case": case, "variant": f"mechray defaults ({arch})",
+                             "load": load, "topk_ceiling": ceiling, **m})
+                log.info("%s", rows[-1])
+                if args.no_saelens or case not in args.saelens_cases.split(","):
+                    continue
+                if not args.no_saelens_defaults and arch == "topk":
                     load = os.getloadavg()[0]
-                    rows.append({"case": case, "variant": "saelens defaults", "load": load,
-                                 **run_saelens(train, k, dictionary, aside, 2_000_000, 4096,
-                                               3e-4)})
+                    rows.append({"case": case, "variant": "saelens defaults (topk)",
+                                 "load": load, **run_saelens(train, k, dictionary, aside,
+                                                             2_000_000, 4096, 3e-4)})
                     log.info("%s", rows[-1])
                 load = os.getloadavg()[0]
                 steps = t["steps"]
-                rows.append({"case": case, "variant": "saelens matched", "load": load,
+                rows.append({"case": case, "variant": f"saelens matched ({arch})", "load": load,
                              **run_saelens(train, k, dictionary, aside, steps * 1024, 1024,
-                                           t["lr"], t["warmup_steps"], steps // 5)})
+                                           t["lr"], t["warmup_steps"], steps // 5, arch)})
                 log.info("%s", rows[-1])
-    cols = ["case", "variant", "ev", "l0", "dead", "recovered", "steps", "batch", "lr",
-            "seconds", "rows_per_s", "converged", "plateau_drop", "warnings", "load"]
+        if not args.no_saelens and (args.speed or args.speed_only):
+            load = os.getloadavg()[0]
+            speed.append({"case": case, "load": load, **step_speed(train, k, 5e-3)})
+            log.info("%s", speed[-1])
+    cols = ["case", "variant", "ev", "topk_ceiling", "l0", "dead", "recovered", "steps",
+            "batch", "lr", "seconds", "rows_per_s", "converged", "plateau_drop", "warnings",
+            "load"]
     print(table(rows, cols))
+    if speed:
+        print(table(speed, ["case", "mechray_rows_per_s", "saelens_rows_per_s", "ratio",
+                            "load"]))
     meta["load_end"] = os.getloadavg()
-    write_json("sae_vs_saelens", {**meta, "rows": rows})
+    write_json("sae_vs_saelens", {**meta, "rows": rows, "step_speed": speed})
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ from mechray.analysis.sae_budget import (
     loss_flat,
     sae_warnings,
 )
+from mechray.analysis.sae_checkpoint import Checkpoint
 from mechray.analysis.sae_eval import evaluate, splice_metrics
 from mechray.analysis.sae_examples import report_examples, top_activations
 from mechray.analysis.sae_model import (
@@ -83,7 +84,7 @@ from mechray.analysis.sae_model import (
     save_saelens,
 )
 from mechray.analysis.sae_rows import LayerRows
-from mechray.analysis.sae_train import SAETrainer
+from mechray.analysis.sae_train import SAETrainer, dead_saelens
 
 log = logging.getLogger(__name__)
 MAX_LATENTS = 65536
@@ -92,11 +93,20 @@ MAX_CODE_ELEMENTS = 2 ** 28     # batch_size * n_latents: ~1 GiB per activation 
 
 
 class SAEParams(Params):
-    architecture: Literal["topk", "batchtopk", "relu"] = "topk"
+    architecture: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
     expansion_factor: int = Field(8, ge=1, le=256, description="n_latents = expansion_factor * d")
     n_latents: Optional[int] = Field(None, ge=1, le=MAX_LATENTS, description="overrides expansion")
-    k: int = Field(32, ge=1, le=4096, description="active latents per row (topk, batchtopk)")
+    k: int = Field(32, ge=1, le=4096, description="active latents per row (topk, batchtopk; "
+                                                   "jumprelu: the target L0)")
     l1_coefficient: float = Field(5.0, ge=0.0, le=1e4, description="L1 weight (relu only)")
+    l0_coefficient: float = Field(0.05, ge=0.0, le=1e4,
+                                  description="jumprelu: weight of the quadratic L0 penalty "
+                                              "around k")
+    jumprelu_bandwidth: float = Field(0.05, gt=0.0, le=10.0,
+                                      description="jumprelu: straight-through kernel width")
+    checkpoint_every: int = Field(500, ge=0, le=10_000_000,
+                                  description="steps between resumable checkpoints in the "
+                                              "output dir (0: none)")
     lr: Optional[float] = Field(None, gt=0.0, le=1.0,
                                 description="Adam lr; None: auto_lr(n_latents, steps run)")
     min_steps: int = Field(1000, ge=1, le=10_000_000,
@@ -134,7 +144,8 @@ class SAEParams(Params):
 
     @model_validator(mode="after")
     def _k_fits(self) -> "SAEParams":
-        if self.n_latents is not None and self.architecture != "relu" and self.k > self.n_latents:
+        if self.n_latents is not None and self.architecture in ("topk", "batchtopk") and \
+                self.k > self.n_latents:
             raise ValueError(f"k={self.k} must be <= n_latents={self.n_latents}; lower k or "
                              f"raise n_latents")
         return self
@@ -219,19 +230,33 @@ class SAEAnalysis(Analysis):
         sae = SparseAutoencoder(d, n_latents, p.architecture, p.k, generator=gen).to(device)
         aux_k = min(d // 2 if p.aux_k is None else p.aux_k, n_latents)
         trainer = SAETrainer(sae, lr, p.l1_coefficient, aux_k, p.aux_coefficient,
-                             p.dead_steps_threshold, total_steps=total, warmup_steps=warmup)
+                             p.dead_steps_threshold, total_steps=total, warmup_steps=warmup,
+                             l0_coefficient=p.l0_coefficient, bandwidth=p.jumprelu_bandwidth)
         losses = torch.empty(total, device=device)
-        t0, rows_seen = time.perf_counter(), 0
-        with tqdm(total=total, desc=f"sae {layer}", unit="step", leave=False,
-                  disable=not sys.stderr.isatty()) as bar:
-            for batch in itertools.islice(data.batches(None), total):
+        ckpt = self._checkpoint(ctx, layer, data)
+        resumed = ckpt.restore(trainer) if ckpt is not None else None
+        rows_seen, before = 0, 0.0
+        batches = data.batches(None)
+        if resumed is not None:
+            done, rows_seen, before = resumed
+            losses[: len(done)] = done.to(device)
+            for _ in itertools.islice(batches, trainer.n_steps):   # the batches already seen
+                pass
+        t0 = time.perf_counter()
+        with tqdm(total=total, initial=trainer.n_steps, desc=f"sae {layer}", unit="step",
+                  leave=False, disable=not sys.stderr.isatty()) as bar:
+            for batch in itertools.islice(batches, max(0, total - trainer.n_steps)):
                 if trainer.n_steps == 0 and data.sample is not None:
                     sae.init_from_data(data.sample, p.normalize_input, p.b_dec_init)
                 step = trainer.n_steps
                 losses[step] = trainer.step(batch)
                 rows_seen += len(batch)
                 bar.update(1)
-        seconds = time.perf_counter() - t0
+                if ckpt is not None and trainer.n_steps % p.checkpoint_every == 0 and \
+                        trainer.n_steps < total:
+                    ckpt.save(trainer, losses[: trainer.n_steps], rows_seen,
+                              before + time.perf_counter() - t0)
+        seconds = before + time.perf_counter() - t0
         losses = losses[: trainer.n_steps].cpu()
         sae.eval()
         if p.architecture == "batchtopk" and data.sample is not None:
@@ -240,7 +265,8 @@ class SAEAnalysis(Analysis):
         held = data.eval_rows()
         result = evaluate(sae, held, trainer.steps_since_fired >= window, p.batch_size)
         result.update(architecture=p.architecture, d_in=d, n_latents=n_latents,
-                      k=None if p.architecture == "relu" else p.k, trained=True, pretrained=None)
+                      k=None if p.architecture == "relu" else p.k, trained=True, pretrained=None,
+                      dead_saelens=dead_saelens(trainer))
         every = max(1, trainer.n_steps // 100)
         curve = [[i + 1, round(float(v), 6)] for i, v in enumerate(losses.tolist())
                  if (i + 1) % every == 0]
@@ -253,7 +279,8 @@ class SAEAnalysis(Analysis):
                            data.n_train, "aux_k": aux_k, "device": str(device),
                            "in_memory": data.in_memory, "loss_curve": curve,
                            "final_loss": curve[-1][1] if curve else None,
-                           "plateau_drop": drop}
+                           "plateau_drop": drop, "resumed_from_step":
+                           None if resumed is None else len(resumed[0])}
         if p.architecture == "batchtopk":
             result["train"]["threshold"] = float(sae.threshold.max())
         result["converged"] = flat
@@ -263,6 +290,8 @@ class SAEAnalysis(Analysis):
         result["weights_path"] = result["config_path"] = result["saelens_path"] = None
         if ctx.out_dir is not None and p.save_weights:
             self._save(sae, ctx, layer, result)
+        if ckpt is not None:
+            ckpt.remove()
         log.info("sae %s: explained variance %.3f, l0 %.1f, dead %.3f (%d steps, %.1fs)%s",
                  layer, result["explained_variance"], result["l0"], result["dead_fraction"],
                  trainer.n_steps, seconds, "".join(f"; WARNING {w}" for w in result["warnings"]))
@@ -319,6 +348,18 @@ class SAEAnalysis(Analysis):
                  "".join(f"; WARNING {w}" for w in warnings))
         return _json_safe(result)
 
+    def _checkpoint(self, ctx: Context, layer: str, data: LayerRows) -> Optional[Checkpoint]:
+        p: SAEParams = self.params
+        if ctx.out_dir is None or not p.checkpoint_every:
+            return None
+        info = ctx.store.layers()[layer]
+        spec = {"params": p.model_dump(exclude={"checkpoint_every", "top_latents", "latents",
+                                                "k_examples", "splice_max_inputs",
+                                                "save_weights"}),
+                "layer": layer, "rows": info["rows"], "shards": info["shards"], "d": data.d,
+                "n_train": data.n_train}
+        return Checkpoint(ctx.out_dir / "sae" / "checkpoints" / safe_name(layer), spec)
+
     def _check_sizes(self, d: int, n_latents: int) -> None:
         p = self.params
         problems = []
@@ -332,7 +373,7 @@ class SAEAnalysis(Analysis):
         if p.batch_size * n_latents > MAX_CODE_ELEMENTS:
             problems.append(f"batch_size*n_latents={p.batch_size * n_latents} exceeds "
                             f"{MAX_CODE_ELEMENTS}; lower batch_size")
-        if p.architecture != "relu" and p.k > n_latents:
+        if p.architecture in ("topk", "batchtopk") and p.k > n_latents:
             problems.append(f"k={p.k} exceeds n_latents={n_latents}; lower k or raise "
                             f"expansion_factor")
         if problems:

@@ -25,16 +25,17 @@ chosen entries): the same SAE up to float rounding, 1.5-3x faster on CPU at d 64
 ``z = pre * H(pre - theta)``, the threshold ``theta`` a trained parameter (clamped >= 0) whose
 gradient comes from the straight-through estimator with a rectangle kernel of width
 ``bandwidth``; the sparsity penalty is SAELens' ``"quadratic"`` mode around ``target_l0 = k``,
-``l0_coefficient * 2 / k * (L0 - k)^2`` with the step function's L0 (same estimator).
+``l0_coefficient * 2 / k * (L0 - k)^2`` with the step function's L0 (same estimator).  The
+threshold starts at the first batch's batch-top-k cut-off (L0 = k there) rather than SAELens'
+fixed 0.01: Adam moves it by about ``lr`` a step, too slowly for a budget of ~1,000 steps.
 
 Loss, AuxK and the unit-norm decoder: see :mod:`mechray.analysis.sae_model`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import warnings
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -42,6 +43,18 @@ from torch import nn
 from mechray.analysis.sae_model import SparseAutoencoder
 
 SAELENS_DEAD_FEATURE_WINDOW = 1000     # sae_lens LanguageModelSAERunnerConfig default
+
+
+def dead_saelens(trainer: "SAETrainer", window: int = SAELENS_DEAD_FEATURE_WINDOW
+                 ) -> dict[str, Any]:
+    """Dead latents counted as SAELens 6.54 counts them (``SAETrainer.dead_neurons``, saved as
+    ``num_dead_features`` in its cfg metadata): latents that have not fired in more than
+    ``dead_feature_window`` (1,000) training steps.  A fit shorter than the window has none."""
+    count = trainer.saelens_dead_count(window)
+    return {"count": count, "fraction": count / trainer.sae.n_latents, "window_steps": window,
+            "definition": f"did not fire for more than {window} training steps (SAELens "
+                          f"dead_feature_window); mechray's dead_fraction: never active on the "
+                          f"held-out rows nor in the last dead_steps_threshold steps"}
 
 
 class _Rect(torch.autograd.Function):
@@ -228,6 +241,11 @@ class SAETrainer:
     def _dense_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         sae = self.sae
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        if self.theta is not None and self.n_steps == 0:
+            with torch.no_grad():   # start where L0 = k on the first batch (the batch top-k
+                flat = pre.reshape(-1)  # cut-off): Adam moves theta by ~lr a step, too slowly
+                cut = flat.topk(min(sae.k * len(x) + 1, flat.numel())).values[-1]
+                self.theta.fill_(max(float(cut), 0.0))  # from a fixed small start
         if self.theta is not None:
             z = _Rect.apply(pre, self.theta, self.bandwidth, True)
         else:

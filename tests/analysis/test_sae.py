@@ -311,7 +311,7 @@ def test_trains_on_cuda_with_auto_device(synthetic, tmp_path):
 
 # --- SAELens interop ----------------------------------------------------------------------------
 @pytest.mark.parametrize("architecture, saelens_arch", [
-    ("topk", "topk"), ("batchtopk", "jumprelu"), ("relu", "standard")])
+    ("topk", "topk"), ("batchtopk", "jumprelu"), ("relu", "standard"), ("jumprelu", "jumprelu")])
 def test_saelens_loads_what_mechray_writes_and_computes_the_same(synthetic, tmp_path,
                                                                  architecture, saelens_arch):
     sae_lens = pytest.importorskip("sae_lens")
@@ -373,6 +373,69 @@ def _held_rows(store):
 
     data = LayerRows(store, "src", SAEParams(), torch.device("cpu"))
     return [data.eval_rows()]
+
+
+# --- JumpReLU, checkpoints, SAELens' dead count -------------------------------------------------
+def test_jumprelu_trains_its_thresholds_to_l0_near_k(synthetic, tmp_path):
+    """The threshold is trained (straight-through estimator, quadratic L0 penalty around k):
+    held-out L0 lands near k and the weights are written in SAELens' jumprelu layout."""
+    store, dictionary, _ = synthetic
+    r = fit(store, tmp_path, architecture="jumprelu", k=K_TRUE, epochs=8)
+    assert r["k"] == K_TRUE and r["l0"] == pytest.approx(K_TRUE, rel=0.35), r["l0"]
+    assert r["explained_variance"] > 0.8
+    sae = load_sae(tmp_path / r["weights_path"])
+    assert sae.architecture == "jumprelu" and sae.threshold.min() > 0
+    assert sae.threshold.std() > 0          # one trained threshold per latent
+    weights = load_file(str(tmp_path / r["saelens_path"] / "sae_weights.safetensors"))
+    torch.testing.assert_close(weights["threshold"], sae.threshold)
+
+
+def test_an_interrupted_fit_resumes_from_its_checkpoint_to_the_same_sae(synthetic, tmp_path,
+                                                                       monkeypatch):
+    """A fit that dies after step 130 (checkpoints every 50) is rerun with the same spec: it
+    resumes at step 100 and ends with the weights of a fit that never stopped (same batches,
+    Adam state and dead counters: equal to float tolerance 1e-6)."""
+    store, _, _ = synthetic
+    spec = {"steps": 200, "checkpoint_every": 50, "architecture": "batchtopk"}
+    whole = fit(store, tmp_path / "whole", **spec)
+    real_step = SAETrainer.step
+
+    def dying_step(self, x):
+        if self.n_steps == 130:
+            raise RuntimeError("killed")
+        return real_step(self, x)
+
+    monkeypatch.setattr(SAETrainer, "step", dying_step)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(store, tmp_path / "cut", **spec)
+    monkeypatch.setattr(SAETrainer, "step", real_step)
+    [ckpt] = (tmp_path / "cut/sae/checkpoints").glob("src-*")
+    assert json.loads((ckpt / "checkpoint.json").read_text())["n_steps"] == 100
+    other = fit(store, tmp_path / "cut", **{**spec, "seed": 1, "save_weights": False})
+    assert other["train"]["resumed_from_step"] is None      # another spec: not resumed
+    assert (ckpt / "checkpoint.json").is_file()             # nor overwritten
+    resumed = fit(store, tmp_path / "cut", **spec)
+    assert resumed["train"]["resumed_from_step"] == 100 and resumed["train"]["steps"] == 200
+    assert whole["train"]["resumed_from_step"] is None
+    assert not ckpt.exists()                                # removed when done
+    a = load_sae(tmp_path / "whole" / whole["weights_path"])
+    b = load_sae(tmp_path / "cut" / resumed["weights_path"])
+    for name, tensor in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], tensor, rtol=1e-6, atol=1e-6)
+    assert resumed["explained_variance"] == pytest.approx(whole["explained_variance"], abs=1e-6)
+    torch.testing.assert_close(torch.tensor(resumed["train"]["loss_curve"]),
+                               torch.tensor(whole["train"]["loss_curve"]), rtol=0, atol=1e-6)
+
+
+def test_dead_count_follows_saelens_definition(synthetic):
+    """SAELens' dead_neurons: n_forward_passes_since_fired > dead_feature_window (1,000)."""
+    sae = SparseAutoencoder(8, 6, "topk", k=2)
+    trainer = SAETrainer(sae, lr=1e-3)
+    trainer.steps_since_fired = torch.tensor([0, 999, 1000, 1001, 5000, 2])
+    assert trainer.saelens_dead_count() == 2
+    r = fit(synthetic[0], steps=40)
+    assert r["dead_saelens"]["count"] == 0 and r["dead_saelens"]["window_steps"] == 1000
+    assert "dead_feature_window" in r["dead_saelens"]["definition"]
 
 
 # --- top-activating rows per latent -------------------------------------------------------------
