@@ -14,8 +14,10 @@ Usage::
     get_analysis("sae", {"pretrained": "path/to/saelens_dir"}).fit(ctx, "popt")  # no training
 
 Budget, lr, schedule and the verdict (``converged``, ``warnings``):
-:mod:`mechray.analysis.sae_budget`.  Top-activating rows per latent (``top_activations``):
-:mod:`mechray.analysis.sae_examples`.
+:mod:`mechray.analysis.sae_budget`.  The training step (sparse for TopK/BatchTopK, JumpReLU's
+thresholds, SAELens' dead count ``dead_saelens``): :mod:`mechray.analysis.sae_train`.
+Resuming an interrupted fit (``checkpoint_every``): :mod:`mechray.analysis.sae_checkpoint`.
+Top-activating rows per latent (``top_activations``): :mod:`mechray.analysis.sae_examples`.
 
 Data: every shard is split once, deterministically from ``seed`` and its file name, into training
 rows and ``holdout_fraction`` held-out rows (at most ``max_eval_rows`` in all).  A layer whose
@@ -27,10 +29,11 @@ read.  ``device='auto'`` trains on CUDA when this process sees a GPU.
 Result keys (held-out rows, raw activation units): ``mse`` (mean squared error per element),
 ``mse_mean_baseline`` (predicting the held-out mean), ``explained_variance`` (1 - FVU), ``l0``
 (active latents per row), ``dead_fraction`` (latents active neither on held-out rows nor in the
-last ``dead_steps_threshold`` training steps), ``cosine_similarity`` (mean cos(x, x_hat)),
-``l2_ratio`` (shrinkage: mean ||x_hat|| / ||x||), ``n_latents``, ``latent_log10_frequency`` (per
-latent, ``null`` when never active), ``latent_density_histogram``, ``train`` (steps, rows, loss
-curve, budget, ...; ``None`` for ``pretrained``), ``converged``, ``warnings``, ``trained``,
+last ``dead_steps_threshold`` training steps; ``dead_saelens``: SAELens' count),
+``cosine_similarity`` (mean cos(x, x_hat)), ``l2_ratio`` (shrinkage: mean ||x_hat|| / ||x||),
+``n_latents``, ``latent_log10_frequency`` (per latent, ``null`` when never active),
+``latent_density_histogram``, ``train`` (steps, rows, loss curve, budget, ``resumed_from_step``,
+...; ``None`` for ``pretrained``), ``converged``, ``warnings``, ``trained``,
 ``pretrained``, ``top_activations``, ``splice`` (see :func:`splice_metrics`) and
 ``weights_path`` / ``config_path`` / ``saelens_path`` (relative to ``ctx.out_dir``; ``None``
 without one).  Formulas and file layout:

@@ -112,8 +112,10 @@ def sae_warnings(result: dict[str, Any], p: Any, data: Any) -> list[str]:
             out.append(f"max_rows={p.max_rows} cut the training rows to {data.n_train} of "
                        f"{data.n_available} stored; unset max_rows to use them all")
     k, l0 = result.get("k"), result.get("l0")
-    if result.get("architecture") == "batchtopk" and k and l0 is not None and \
-            abs(l0 - k) > 0.2 * k:
+    arch = result.get("architecture")
+    if arch in ("batchtopk", "jumprelu") and k and l0 is not None and abs(l0 - k) > 0.2 * k:
         out.append(f"held-out L0 {l0:.1f} is more than 20% from k={k}: the rows differ from the "
-                   f"ones the threshold was calibrated on")
+                   f"ones the threshold was calibrated on" if arch == "batchtopk" else
+                   f"held-out L0 {l0:.1f} is more than 20% from the target k={k}: train longer "
+                   f"or raise l0_coefficient")
     return out

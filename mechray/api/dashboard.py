@@ -8,7 +8,8 @@ Usage::
 
 The page fetches ``/interpret/layers`` and ``/interpret/shards``, lists them, and for the chosen
 layer runs every analysis through ``POST /interpret`` (polling ``/interpret/jobs/{id}`` for the
-SAE), drawing neuron statistics, top-activating rows, explained variance, SAE latent density,
+SAE), drawing neuron statistics, top-activating rows, explained variance, SAE metrics (with
+``converged`` and every warning of the fit) and latent density,
 causal and circuit rankings and training dynamics as inline SVG.  When the server has a
 tokenizer (``mechray serve --tokenizer``), the top-activating rows of neurons and of SAE latents
 are shown as text: the token highlighted with its window of tokens around it (the text comes

@@ -161,3 +161,15 @@ def test_top_token_contexts_are_shown_as_inert_text(token_server, tmp_path):
     assert re.findall(r"<mark>(.*?)</mark>", neuron)[0].startswith(inert)    # token 7 on top
     assert '<span class="left">w1 w2 </span><mark>&lt;script' in neuron      # with its window
     assert '</mark><span class="right"> w3</span>' in neuron
+
+
+def test_the_sae_card_shows_converged_and_each_warning_escaped(server, tmp_path):
+    """The page's SAE preview trains 2 epochs of this tiny store: too few steps, so the card says
+    ``converged: false`` and lists the fit's warnings as text (no markup from the result)."""
+    dom = chromium(tmp_path, server + "/", "--dump-dom")
+    card = dom[dom.index('data-analysis="sae"'):]
+    card = card[:card.index('data-plot="sae-density"')]
+    assert "converged: false" in card, card
+    warnings = re.findall(r"<li>warning: ([^<]*)</li>", card)
+    assert warnings and any("optimizer steps" in w for w in warnings), card
+    assert f'data-count="{len(warnings)}"' in card
