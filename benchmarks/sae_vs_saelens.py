@@ -217,6 +217,7 @@ def main() -> None:
                     help="also train a TopK encoder on the true dictionary (the EV ceiling)")
     ap.add_argument("--speed", action="store_true",
                     help="interleaved step-time ratio against SAELens' SAETrainer.step")
+    ap.add_argument("--ceiling-steps", type=int, default=1000)
     ap.add_argument("--speed-only", action="store_true", help="only the step-time ratio")
     ap.add_argument("--rows", type=int, default=60000)
     ap.add_argument("--threads", type=int, default=1)
@@ -238,7 +239,8 @@ def main() -> None:
         d, f, k = map(int, case.split("x"))
         dictionary, x = planted_dictionary(d, f, k, args.rows + 8192, seed=d + f + k)
         train, aside = x[: args.rows].contiguous(), x[args.rows:]
-        ceiling = topk_ceiling(dictionary, train, aside, k) if args.ceiling else None
+        ceiling = topk_ceiling(dictionary, train, aside, k, args.ceiling_steps) \
+            if args.ceiling else None
         with tempfile.TemporaryDirectory() as tmp:
             store = write_store(Path(tmp) / "store", train)
             for arch in [] if args.speed_only else args.architectures.split(","):

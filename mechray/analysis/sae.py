@@ -112,9 +112,11 @@ class SAEParams(Params):
                                               "output dir (0: none)")
     lr: Optional[float] = Field(None, gt=0.0, le=1.0,
                                 description="Adam lr; None: auto_lr(n_latents, steps run)")
-    min_steps: int = Field(1000, ge=1, le=10_000_000,
-                           description="budget: at least this many steps, as many epochs as "
-                                       "that takes (ignored when steps or epochs is set)")
+    min_steps: Optional[int] = Field(None, ge=1, le=10_000_000,
+                                     description="budget: at least this many steps, as many "
+                                                 "epochs as that takes (None: max(1000, "
+                                                 "n_latents); ignored when steps or epochs is "
+                                                 "set)")
     epochs: Optional[int] = Field(None, ge=1, le=10_000,
                                   description="overrides the budget: exactly this many epochs")
     steps: Optional[int] = Field(None, ge=1, le=10_000_000, description="overrides everything")
@@ -207,7 +209,7 @@ class SAEAnalysis(Analysis):
         size = p.get("batch_size") or 1024
         per_epoch = -(-rows // size)            # the budget rule (sae_budget.budget_steps)
         steps = p.get("steps") or (per_epoch * p["epochs"] if p.get("epochs") else
-                                   max(p.get("min_steps") or 1000, per_epoch))
+                                   max(p.get("min_steps") or max(1000, latents), per_epoch))
         seen = 0.0 if p.get("pretrained") else steps * size
         seen += n / 3                           # top-activating rows: one forward pass
         batch = float(min(size, max(rows, 1)))
@@ -226,7 +228,7 @@ class SAEAnalysis(Analysis):
         n_latents = p.n_latents or p.expansion_factor * d
         self._check_sizes(d, n_latents)
         per_epoch = data.steps_per_epoch()
-        total = budget_steps(p, per_epoch)
+        total = budget_steps(p, per_epoch, n_latents)
         lr = p.lr or auto_lr(n_latents, total)
         warmup = p.warmup_steps if p.warmup_steps is not None else min(1000, total // 20)
         gen = torch.Generator().manual_seed(p.seed)
@@ -278,7 +280,7 @@ class SAEAnalysis(Analysis):
                            "rows_seen": rows_seen, "seconds": seconds,
                            "rows_per_second": rows_seen / max(seconds, 1e-9),
                            "lr": lr, "lr_auto": p.lr is None, "warmup_steps": warmup,
-                           "budget": budget_rule(p, per_epoch, total), "training_rows":
+                           "budget": budget_rule(p, per_epoch, total, n_latents), "training_rows":
                            data.n_train, "aux_k": aux_k, "device": str(device),
                            "in_memory": data.in_memory, "loss_curve": curve,
                            "final_loss": curve[-1][1] if curve else None,

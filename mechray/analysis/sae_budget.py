@@ -10,13 +10,16 @@ Usage::
     result["warnings"] = sae_warnings(result, params, data)
 
 **Budget rule.**  ``steps`` if given; else ``epochs`` epochs over the stored training rows if
-given; else ``max(min_steps, one epoch)`` — at least ``min_steps`` (1,000) optimizer steps of
-``batch_size`` (1,024) rows, i.e. about a million rows seen, as many epochs over a small store
-as that takes, and one full pass over a large one.  A store of 60,000 rows therefore gets 17
-epochs instead of the 14 steps one epoch of 4,096-row batches gave.  Why a floor in steps: on
-planted dictionaries (``benchmarks/sae_vs_saelens.py``) recovery and explained variance stop
-improving after a few hundred steps at these settings, and fall apart below ~200 steps whatever
-the store size; the floor costs seconds to minutes on a CPU for d <= 512.
+given; else ``max(min_steps, one epoch)`` — at least ``min_steps`` optimizer steps of
+``batch_size`` (1,024) rows (``min_steps`` unset: ``max(1000, n_latents)``, one step per latent
+and never fewer than 1,000, i.e. at least a million rows seen), as many epochs over a small
+store as that takes, and one full pass over a large one.  Why one step per latent: at 2,048
+latents (planted 256x2048x16) 1,000 steps left the loss falling 11.6% over steps 60-80% and
+recovered 0.961 of the dictionary, 2,000 steps 0.979 (EV 0.756 -> 0.768).  A store of 60,000
+rows therefore gets 17 epochs instead of the 14 steps one epoch of 4,096-row batches gave.
+Why a floor in steps: on planted dictionaries (``benchmarks/sae_vs_saelens.py``) recovery and
+explained variance stop improving after a few hundred steps at these settings, and fall apart
+below ~200 steps whatever the store size; the floor costs seconds to minutes on a CPU for d <= 512.
 
 **Automatic lr** ``min(1e-2, 5e-3 * sqrt(4096 / n_latents) * sqrt(min(1, 5000 / steps)))``:
 short runs need a large step (5e-3 at 4,096 latents and <= 5,000 steps, 1e-2 at <= 1,024
@@ -35,27 +38,33 @@ from typing import Any, Optional
 
 import torch
 
-LOW_EV, DEAD_LIMIT, FEW_STEPS, FLAT_DROP = 0.5, 0.10, 200, 0.05
+LOW_EV, DEAD_LIMIT, FEW_STEPS, FLAT_DROP, MIN_STEPS = 0.5, 0.10, 200, 0.05, 1000
 
 
-def budget_steps(p: Any, steps_per_epoch: int) -> int:
+def min_steps(p: Any, n_latents: int) -> int:
+    """The step floor: ``min_steps`` if set, else ``max(1000, n_latents)``."""
+    return int(p.min_steps) if p.min_steps is not None else max(MIN_STEPS, int(n_latents))
+
+
+def budget_steps(p: Any, steps_per_epoch: int, n_latents: int = 0) -> int:
     """Optimizer steps to run under the budget rule (see the module docstring)."""
     if p.steps is not None:
         return int(p.steps)
     if p.epochs is not None:
         return max(1, steps_per_epoch * p.epochs)
-    return max(int(p.min_steps), steps_per_epoch)
+    return max(min_steps(p, n_latents), steps_per_epoch)
 
 
-def budget_rule(p: Any, steps_per_epoch: int, total: int) -> str:
+def budget_rule(p: Any, steps_per_epoch: int, total: int, n_latents: int = 0) -> str:
     """Which rule set ``total`` (recorded in the result)."""
     if p.steps is not None:
         return f"steps={p.steps}"
     if p.epochs is not None:
         return f"epochs={p.epochs} x {steps_per_epoch} steps"
+    floor = min_steps(p, n_latents)
     if total == steps_per_epoch:
-        return f"one epoch ({steps_per_epoch} steps >= min_steps={p.min_steps})"
-    return (f"min_steps={p.min_steps} ({total / max(steps_per_epoch, 1):.1f} epochs of "
+        return f"one epoch ({steps_per_epoch} steps >= min_steps={floor})"
+    return (f"min_steps={floor} ({total / max(steps_per_epoch, 1):.1f} epochs of "
             f"{steps_per_epoch} steps)")
 
 
@@ -101,7 +110,7 @@ def sae_warnings(result: dict[str, Any], p: Any, data: Any) -> list[str]:
     if train:
         if train["steps"] < FEW_STEPS:
             out.append(f"only {train['steps']} optimizer steps (< {FEW_STEPS}); leave steps/"
-                       f"epochs unset so min_steps={p.min_steps} applies, or raise them")
+                       f"epochs unset so the min_steps floor applies, or raise them")
         if result.get("converged") is False and train["steps"] >= FEW_STEPS:
             drop = train.get("plateau_drop")
             out.append(f"not converged: the loss still fell {drop:.1%} over steps 60-80% of "

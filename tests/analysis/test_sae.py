@@ -157,6 +157,9 @@ def test_warnings_name_each_problem():
 def test_budget_rule_and_auto_lr():
     p = get_analysis("sae", {}).params
     assert budget_steps(p, 12) == 1000 and budget_steps(p, 5000) == 5000
+    # min_steps unset: one step per latent, never fewer than 1,000
+    assert budget_steps(p, 12, 512) == 1000 and budget_steps(p, 12, 2048) == 2048
+    assert budget_steps(p.model_copy(update={"min_steps": 300}), 12, 2048) == 300
     assert budget_steps(p.model_copy(update={"epochs": 3}), 12) == 36
     assert budget_steps(p.model_copy(update={"steps": 7, "epochs": 3}), 12) == 7
     assert auto_lr(4096, 1000) == pytest.approx(5e-3)
