@@ -39,6 +39,7 @@ from typing import Any, Optional
 import torch
 
 LOW_EV, DEAD_LIMIT, FEW_STEPS, FLAT_DROP, MIN_STEPS = 0.5, 0.10, 200, 0.05, 1000
+DONE_FVU = 1e-3   # a training loss (fraction of variance unexplained) this low has nothing left
 
 
 def min_steps(p: Any, n_latents: int) -> int:
@@ -79,7 +80,8 @@ def loss_flat(losses: torch.Tensor) -> tuple[bool, Optional[float]]:
     ``drop`` is the relative fall of the mean loss from steps [40%, 60%) to [60%, 80%) of the
     run, the last part trained at full lr (the decay over the final 20% lowers the loss by
     annealing whether or not training had converged, so it is left out).  Converged means
-    ``drop < 5%`` and at least 200 steps.
+    ``drop < 5%`` and at least 200 steps, or a loss (the trainer's FVU) already under
+    :data:`DONE_FVU` there: a near-perfect fit whose tiny loss still halves is not unfinished.
     """
     n = len(losses)
     if n < 10:
@@ -89,7 +91,7 @@ def loss_flat(losses: torch.Tensor) -> tuple[bool, Optional[float]]:
     if not (math.isfinite(a) and math.isfinite(b)) or a <= 0:
         return False, None
     drop = (a - b) / a
-    return bool(drop < FLAT_DROP and n >= FEW_STEPS), round(drop, 4)
+    return bool((drop < FLAT_DROP or b < DONE_FVU) and n >= FEW_STEPS), round(drop, 4)
 
 
 def sae_warnings(result: dict[str, Any], p: Any, data: Any) -> list[str]:

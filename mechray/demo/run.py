@@ -26,9 +26,8 @@ LAYERS = ["mamba_backbone.blocks.0", "mamba_backbone.blocks.3", "mamba_backbone.
           "perceiver", "popt", "heads.decoder", "heads.encoder"]
 # Small enough for a few minutes on 2 CPU cores.
 ANALYSIS_PARAMS = {
-    # the sae budget rule, lr, warmup and start as by default; a floor of 300 steps of 256 rows
-    # (not 1,000 of 1,024) keeps 7 layers within the demo's few minutes on 2 cores
-    "sae": {"expansion_factor": 4, "k": 8, "min_steps": 300, "batch_size": 256, "device": "auto"},
+    # the sae's training budget, batch, lr, warmup and start all at their defaults
+    "sae": {"expansion_factor": 4, "k": 8, "device": "auto"},
     "causal": {"n_inputs": 32, "top_n": 16, "max_rows": 2048},
     "circuit": {"n_inputs": 32, "check_neurons": 4, "top_k": 16},
     "feature": {"n_components": 10, "n_clusters": 6},

@@ -19,7 +19,7 @@ from mechray.analysis import Context, Skip, get_analysis
 from mechray.analysis.base import AnalysisParamsError
 from mechray.analysis.report import write_report
 from mechray.analysis.sae import safe_name, splice_metrics
-from mechray.analysis.sae_budget import auto_lr, budget_steps, sae_warnings
+from mechray.analysis.sae_budget import auto_lr, budget_steps, loss_flat, sae_warnings
 from mechray.analysis.sae_model import SparseAutoencoder, load_sae, save_sae
 from mechray.analysis.sae_train import SAETrainer
 from mechray.capture.sampler import ActivationSampler
@@ -118,6 +118,16 @@ def test_metrics_and_splicing_of_a_trained_sae(synthetic, tmp_path):
     assert splice["zero_ablated"] > splice["spliced"] >= 0
     assert splice["fraction_recovered"] > 0.9
     json.dumps(r, allow_nan=False)
+
+
+def test_convergence_is_judged_on_the_plateau_and_a_near_perfect_fit_counts():
+    steps = torch.arange(1000, dtype=torch.float32)
+    assert loss_flat(0.2 + 0.8 * torch.exp(-steps / 50))[0] is True      # flat before decay
+    falling = loss_flat(1.0 - 0.0009 * steps)                            # still falling
+    assert falling[0] is False and falling[1] > 0.05
+    tiny = loss_flat(1e-5 * torch.exp(-steps / 300))                     # FVU 1e-5, halving
+    assert tiny[1] > 0.05 and tiny[0] is True
+    assert loss_flat(1e-5 * torch.exp(-steps[:150] / 30))[0] is False    # too few steps
 
 
 def test_too_few_steps_say_so_in_the_result_and_the_report(synthetic, tmp_path):
