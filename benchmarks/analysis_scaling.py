@@ -521,7 +521,7 @@ def run_pca(args, root: Path) -> dict[str, Any]:
     from mechray import ShardStore
     from mechray.analysis import get_analysis
     from mechray.analysis.base import Context
-    from mechray.analysis.engine import _tree
+    from mechray.analysis.tasks import tree as _tree
 
     store = ShardStore(fresh_location(root))
     entries = store.shards(LAYER)[: args.pca_shards]

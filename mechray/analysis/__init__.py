@@ -1,7 +1,7 @@
 """Analysis: statistics and fits over stored shards, fanned out as Ray tasks over (layer × shard).
 
 Importing this package registers every analysis. ``base`` (the interface and the registry),
-one module per analysis, ``engine`` (map → merge → finalize, in Ray or in one process),
+one module per analysis, ``engine`` (map → merge → finalize, in Ray or in one process) with its ``tasks``,
 ``runner`` (:class:`EvalMechIntRunner`) and ``report`` (JSON, Markdown, plots).
 
 May import: ``mechray.storage`` (reading only), ``mechray.config``, ``mechray.errors``.

@@ -39,98 +39,35 @@ or corrupt shard raises :class:`~mechray.storage.reader.ShardError` naming it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
-import tempfile
-import threading
-import traceback
-import weakref
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from mechray.analysis.base import (
-    Analysis,
-    AnalysisParamsError,
-    Context,
-    Skip,
-    analysis_class,
+from mechray.analysis.base import AnalysisParamsError, analysis_class
+from mechray.analysis.tasks import (
+    MIN_TASKS,
+    STORES,
+    TASK_BYTES,
+    Shipped,
+    Spec,
+    StoreRef,
+    finalize,
+    fit,
+    loads,
+    map_shards,
+    merge_many,
+    open_store,
+    run_model,
+    shard_groups,
+    skipped,
+    tree,
 )
 from mechray.storage.reader import ShardError, ShardStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One requested analysis. The class travels with it, so Ray workers need no registry
-    (an analysis registered in a notebook or a test module runs in tasks too)."""
-
-    name: str
-    kind: str
-    params: dict
-    cls: type[Analysis]
-
-    def build(self) -> Analysis:
-        return self.cls(self.params)
-
-
-class Status(Enum):
-    OK = "ok"          # ``value`` is the partial statistic or the result
-    SKIP = "skip"      # the analysis cannot run here (Skip): ``value`` is the reason
-    ERROR = "error"    # the analysis raised: ``value`` is "Type: message"
-    FATAL = "fatal"    # the store is broken (ShardError): the run stops, ``value`` says why
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one step (map, merge, finalize, fit, run) of one analysis gave."""
-
-    status: Status
-    value: Any = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status is Status.OK
-
-
-@dataclass
-class TaskResult:
-    """What a finalize/fit/model task sends back: the layer's result, the files it wrote (relative
-    path -> bytes, for the driver's ``out_dir``) and, when the store is broken, why."""
-
-    result: dict[str, Any] = field(default_factory=dict)
-    files: dict[str, bytes] = field(default_factory=dict)
-    fatal: Optional[str] = None
-
-
-class Shipped(NamedTuple):
-    """The model and eval inputs as tasks receive them: object refs when ``remote``, else the
-    objects themselves (fits and model analyses then run in the driver)."""
-
-    model: Any
-    eval_data: Any
-    remote: bool
-
-
-@dataclass(frozen=True)
-class StoreRef:
-    """What a task needs to reopen a store (S3 downloads go to the driver's cache directory)."""
-
-    location: str
-    endpoint_url: Optional[str] = None
-    region: Optional[str] = None
-    cache_dir: Optional[str] = None
-
-    @classmethod
-    def of(cls, store: ShardStore) -> "StoreRef":
-        cache = str(store.cache_dir) if store.cache_dir is not None else None
-        return cls(store.location, store.endpoint_url, store.region, cache)
 
 
 class Engine:
@@ -143,10 +80,10 @@ class Engine:
                  shards_per_task: Optional[int] = None):
         if isinstance(store, ShardStore):
             self.ref = StoreRef.of(store)
-            _STORES[self.ref] = store
+            STORES[self.ref] = store
         else:
             self.ref = StoreRef(str(store), endpoint_url, region)
-        self.store = _open(self.ref)
+        self.store = open_store(self.ref)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.use_ray = _ray_ready() if use_ray is None else use_ray
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
@@ -184,7 +121,7 @@ class Engine:
             except AnalysisParamsError:
                 raise
             except KeyError as exc:  # not registered in this install
-                results[name] = {lay: _skipped(str(exc.args[0])) for lay in layers}
+                results[name] = {lay: skipped(str(exc.args[0])) for lay in layers}
         log.info("mechray: %d analysis(es) x %d layer(s) over %d shard(s) %s", len(specs),
                  len(layers), len(self.store.shards()),
                  "with Ray" if self.use_ray else "in-process")
@@ -204,7 +141,7 @@ class Engine:
         try:
             refs = (None if model is None else ray.put(model),
                     None if eval_data is None else ray.put(eval_data))
-            ray.get(_remote(_loads).options(num_cpus=0).remote(*refs))  # workers can rebuild it
+            ray.get(_remote(loads).options(num_cpus=0).remote(*refs))  # workers can rebuild it
             return Shipped(*refs, remote=True)
         except Exception as exc:  # unpicklable, or its class is not importable on the workers
             log.warning("mechray: the model cannot be sent to Ray tasks (%s); fits and model "
@@ -230,15 +167,15 @@ class Engine:
         maps = []
         for layer in layers:
             if stats:
-                parts = [call(_map_shards, self.ref, [dict(e) for e in group], layer, stats)
+                parts = [call(map_shards, self.ref, [dict(e) for e in group], layer, stats)
                          for group in groups[layer]]
                 maps += parts
-                root = _tree(parts, lambda *some: call(_merge_many, stats, *some, count=False))
+                root = tree(parts, lambda *some: call(merge_many, stats, *some, count=False))
                 for spec in stats:
                     jobs.append((spec.name, layer,
-                                 call(_finalize, spec, self.ref, layer, root, info)))
+                                 call(finalize, spec, self.ref, layer, root, info)))
             for spec in fits:
-                jobs.append((spec.name, layer, fit_call(_fit, spec, self.ref, layer, gpu_info,
+                jobs.append((spec.name, layer, fit_call(fit, spec, self.ref, layer, gpu_info,
                                                         shipped.model, shipped.eval_data,
                                                         gpu=True)))
         self._collect(jobs, results, maps, bar)
@@ -247,7 +184,7 @@ class Engine:
                 no_model: bool) -> None:
         if no_model:
             for layer in layers:
-                results[spec.name][layer] = _skipped(
+                results[spec.name][layer] = skipped(
                     f"{spec.name!r} needs the model: pass it to EvalMechIntRunner(model, config) "
                     "or `mechray analyze --model module:Class --model-checkpoint PATH`")
             return
@@ -255,7 +192,7 @@ class Engine:
         call = self._submitter(bar) if shipped.remote else _Local(bar)
         info = self._put(self._ctx_info(results, gpu=True)) if shipped.remote else \
             self._ctx_info(results, gpu=True)
-        jobs = [(spec.name, layer, call(_run_model, spec, self.ref, layer, info, shipped.model,
+        jobs = [(spec.name, layer, call(run_model, spec, self.ref, layer, info, shipped.model,
                                         shipped.eval_data, gpu=True)) for layer in layers]
         self._collect(jobs, results, [], bar)
 
@@ -317,178 +254,6 @@ class Engine:
             results[name][layer] = task.result
 
 
-# --- tasks (plain functions: called directly, or wrapped with ray.remote) ----------------------
-TASK_BYTES = 64 << 20   # shard bytes per map task (consecutive shards grouped up to this)
-MIN_TASKS = 32          # ... but at least this many map tasks per layer when there are shards
-
-
-def shard_groups(entries: list[dict], per_task: Optional[int] = None) -> list[list[dict]]:
-    """Consecutive shards per map task: ``per_task`` each, or about :data:`TASK_BYTES` each
-    while that leaves at least :data:`MIN_TASKS` tasks (fewer, bigger tasks cost less overhead;
-    enough of them keep every worker busy).  Depends only on ``entries``."""
-    if not entries:
-        return []
-    if per_task is None:
-        mean = max(1, sum(int(e.get("bytes", 0)) for e in entries) // len(entries))
-        per_task = max(1, min(TASK_BYTES // mean, -(-len(entries) // MIN_TASKS)))
-    return [entries[i:i + per_task] for i in range(0, len(entries), per_task)]
-
-
-def _map_shards(ref: StoreRef, entries: list[dict], layer: str,
-                specs: list[Spec]) -> dict[str, Outcome]:
-    """``map`` of every spec over consecutive shards (the next read ahead), merged in order."""
-    store = _open(ref)
-    out: Optional[dict[str, Outcome]] = None
-    reading = store.payloads(entries)
-    try:
-        for _ in entries:
-            try:
-                got, payload = next(reading)
-            except ShardError as exc:
-                return {s.name: Outcome(Status.FATAL, str(exc)) for s in specs}
-            part = _map_payload(got, payload, layer, specs)
-            out = part if out is None else _merge_all(specs, out, part)
-            if any(o.status is Status.FATAL for o in out.values()):
-                break
-    finally:
-        reading.close()          # stops the read-ahead thread, drops what it read
-    assert out is not None
-    return out
-
-
-def _map_payload(entry: dict, payload: dict, layer: str, specs: list[Spec]) -> dict[str, Outcome]:
-    try:
-        rows = payload["activations"][layer]
-    except KeyError:
-        return {s.name: Outcome(Status.FATAL, f"shard {entry['file']} lists layer {layer!r} in "
-                                "the manifest but does not hold it: the shard was replaced; "
-                                "re-capture it") for s in specs}
-    meta = payload.get("metadata", {})
-    entry = dict(entry, row_steps=meta.get("row_steps", {}).get(layer),
-                 row_positions=meta.get("row_positions", {}).get(layer))
-    out = {}
-    for spec in specs:
-        out[spec.name] = _guarded(lambda: spec.build().map(rows, entry, layer), spec, layer, {})
-    return out
-
-
-def _merge_all(specs: list[Spec], a: dict[str, Outcome],
-               b: dict[str, Outcome]) -> dict[str, Outcome]:
-    out = {}
-    for spec in specs:
-        pa, pb = a[spec.name], b[spec.name]
-        if not pa.ok or not pb.ok:  # fatal wins, then the first problem
-            first_bad = pa if pa.status is Status.FATAL or (
-                pb.status is not Status.FATAL and not pa.ok) else pb
-            out[spec.name] = first_bad
-            continue
-        out[spec.name] = _guarded(lambda: spec.build().merge(pa.value, pb.value), spec, "", {})
-    return out
-
-
-def _merge_many(specs: list[Spec], *parts: dict[str, Outcome]) -> dict[str, Outcome]:
-    """Fold neighbouring partials left to right (one task where Ray runs the tree)."""
-    out = parts[0]
-    for part in parts[1:]:
-        out = _merge_all(specs, out, part)
-    return out
-
-
-def _finalize(spec: Spec, ref: StoreRef, layer: str, root: dict[str, Outcome],
-              info: dict) -> TaskResult:
-    merged = root[spec.name]
-    if not merged.ok:
-        return _task_result(merged)
-    return _with_ctx(spec, ref, layer, info, None, None,
-                     lambda a, ctx: a.finalize(merged.value, ctx, layer))
-
-
-def _fit(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_data) -> TaskResult:
-    return _with_ctx(spec, ref, layer, info, model, eval_data, lambda a, ctx: a.fit(ctx, layer))
-
-
-def _run_model(spec: Spec, ref: StoreRef, layer: str, info: dict, model,
-               eval_data) -> TaskResult:
-    return _with_ctx(spec, ref, layer, info, model, eval_data, lambda a, ctx: a.run(ctx, layer))
-
-
-def _loads(model, eval_data) -> bool:
-    return True
-
-
-def _with_ctx(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_data,
-              body: Callable[[Analysis, Context], dict]) -> TaskResult:
-    """Run ``body(analysis, ctx)`` with a private out_dir and collect the files it wrote."""
-    store = _open(ref)
-    try:
-        store.refresh()
-        if store.is_s3 and _reads_store(spec):
-            _prefetch(store, layer)  # one download per shard per node, under a file lock
-    except ShardError as exc:
-        return TaskResult(fatal=str(exc))
-    tmp = Path(tempfile.mkdtemp(prefix="mechray-task-")) if info["collect_files"] else None
-    device = info["device"]
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        device = "cpu"
-    ctx = Context(store=store, model=model, eval_data=eval_data, out_dir=tmp,
-                  results=info["results"], device=device, seed=info["seed"],
-                  progress=info.get("progress", False))
-    try:
-        with model_lock(model):  # hooks of concurrent analyses on one model would interfere
-            outcome = _guarded(lambda: body(spec.build(), ctx), spec, layer, info)
-        files = {} if tmp is None else {str(p.relative_to(tmp)): p.read_bytes()
-                                        for p in sorted(tmp.rglob("*")) if p.is_file()}
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    task = _task_result(outcome)
-    task.files = files
-    return task
-
-
-def _guarded(body: Callable[[], Any], spec: Spec, layer: str, info: dict) -> Outcome:
-    try:
-        return Outcome(Status.OK, body())
-    except Skip as exc:
-        return Outcome(Status.SKIP, str(exc))
-    except ShardError as exc:
-        return Outcome(Status.FATAL, str(exc))
-    except Exception as exc:
-        if info.get("strict"):
-            raise
-        log.error("mechray: analysis %r failed on layer %r:\n%s", spec.name, layer,
-                  traceback.format_exc())
-        return Outcome(Status.ERROR, f"{type(exc).__name__}: {exc}")
-
-
-def _task_result(outcome: Outcome) -> TaskResult:
-    if outcome.status is Status.OK:
-        return TaskResult(result=outcome.value)
-    if outcome.status is Status.FATAL:
-        return TaskResult(fatal=outcome.value)
-    if outcome.status is Status.SKIP:
-        return TaskResult(result=_skipped(outcome.value))
-    return TaskResult(result={**_skipped(f"failed: {outcome.value}"), "error": outcome.value})
-
-
-def _skipped(reason: str) -> dict[str, Any]:
-    return {"skipped": True, "reason": reason}
-
-
-MERGE_FAN_IN = 8        # partials folded per merge task: 32 groups take 5 merge tasks, not 31
-
-
-def _tree(parts: list, merge: Callable, fan_in: int = MERGE_FAN_IN) -> Any:
-    """Merge in a fixed shape (shard order), the same with and without Ray: each ``merge`` call
-    folds up to ``fan_in`` neighbouring partials left to right, level by level."""
-    if not parts:
-        raise ValueError("no shards to merge")
-    while len(parts) > 1:
-        parts = [merge(*parts[i:i + fan_in]) if len(parts[i:i + fan_in]) > 1 else parts[i]
-                 for i in range(0, len(parts), fan_in)]
-    return parts[0]
-
-
 class _Local:
     """The in-process submitter: runs each task at once, in submission order."""
 
@@ -502,56 +267,7 @@ class _Local:
         return out
 
 
-_STORES: dict[StoreRef, ShardStore] = {}
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = \
-    weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: Optional[torch.nn.Module]):
-    """One lock per model object: analyses that hook the same in-process model (concurrent API
-    requests, say) take turns; without a model, a no-op."""
-    if model is None:
-        return contextlib.nullcontext()
-    with _MODEL_LOCKS_GUARD:
-        return _MODEL_LOCKS.setdefault(model, threading.RLock())
 _REMOTES: dict[Callable, Any] = {}
-
-
-def _open(ref: StoreRef) -> ShardStore:
-    """A cached store per process (keeps verified checksums); tasks pass entries, not names."""
-    if ref not in _STORES:
-        _STORES[ref] = ShardStore(ref.location, endpoint_url=ref.endpoint_url, region=ref.region,
-                                  cache_dir=ref.cache_dir)
-    return _STORES[ref]
-
-
-def _reads_store(spec: Spec) -> bool:
-    """Whether the spec's finalize/fit/run reads shards (an analysis may say it does not with a
-    ``reads_store(params) -> bool`` classmethod; stat analyses such as ``neuron`` need only
-    their merged partial, so their S3 shards are not downloaded into the cache)."""
-    says = getattr(spec.cls, "reads_store", None)
-    return True if says is None else bool(says(spec.params))
-
-
-def _prefetch(store: ShardStore, layer: str) -> None:
-    for entry in store.shards(layer):
-        locked_path(store, entry)
-
-
-def locked_path(store: ShardStore, entry: dict) -> Path:
-    """``store.path(entry)`` with an exclusive file lock, so tasks on one node download once."""
-    if not store.is_s3:
-        return store.path(entry)
-    import fcntl
-
-    store.root.mkdir(parents=True, exist_ok=True)
-    with open(store.root / f".{entry['file']}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            return store.path(entry)
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _remote(fn: Callable):

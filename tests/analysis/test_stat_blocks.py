@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mechray.analysis import get_analysis, neuron
-from mechray.analysis.engine import MIN_TASKS, TASK_BYTES, shard_groups
+from mechray.analysis.tasks import MIN_TASKS, TASK_BYTES, shard_groups
 from mechray.analysis.moments import Moments
 
 
