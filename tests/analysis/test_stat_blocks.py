@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mechray.analysis import get_analysis, neuron
-from mechray.analysis.tasks import MIN_TASKS, TASK_BYTES, shard_groups
 from mechray.analysis.moments import Moments
+from mechray.analysis.tasks import MIN_TASKS, TASK_BYTES, shard_groups
 
 
 def test_float32_comoment_agrees_with_float64_to_float32_precision():
@@ -28,6 +28,16 @@ def test_float32_comoment_agrees_with_float64_to_float32_precision():
     parts = [Moments.comoment(x32[a:b]) for a, b in ((0, 1), (1, 7000), (7000, 20_000))]
     merged = parts[0].merge(parts[1]).merge(parts[2])
     assert np.max(np.abs(merged.m2 - ref.m2) / scale) < 2e-6
+    # means within the spread (the rows are multiplied as they are, no centring copy), a row
+    # count that is not a multiple of the 64-row sum groups, and a dead column
+    y = (rng.normal(size=(12_345, d)) * np.linspace(3, 0.1, d) + np.linspace(-2, 2, d) * 0.05)
+    y[:, 5] = 0.0
+    y32 = y.astype(np.float32)
+    ref = Moments.of(y32.astype(np.float64), full=True)
+    got = Moments.comoment(torch.from_numpy(y32))
+    scale = np.sqrt(np.outer(np.diag(ref.m2), np.diag(ref.m2))) + 1e-30
+    np.testing.assert_allclose(got.mean, ref.mean, atol=1e-7 * np.abs(y32).max())
+    assert np.max(np.abs(got.m2 - ref.m2) / scale) < 2e-6 and not got.m2[5].any()
     # float64 rows keep the float64 path
     np.testing.assert_allclose(Moments.comoment(x).m2, Moments.of(x, full=True).m2, rtol=1e-12)
 
@@ -39,9 +49,49 @@ def _reference(x: np.ndarray, eps: float, k: int):
     order = np.lexsort((np.broadcast_to(np.arange(len(x))[:, None], x.shape), -safe), axis=0)[:k]
     return {"mean": x64.mean(0), "var": x64.var(0), "min": x64.min(0), "max": x64.max(0),
             "small": (np.abs(x64) <= eps).sum(0), "pos": (x64 > 0).sum(0),
-            "hist": np.bincount(np.searchsorted(neuron.EDGES[1:-1], x64.reshape(-1), side="right"),
-                                minlength=len(neuron.EDGES) - 1),
+            "hist": _reference_hist(x64.reshape(-1)),
             "top_rows": order, "top_vals": np.take_along_axis(safe, order, 0)}
+
+
+def _reference_hist(v: np.ndarray) -> np.ndarray:
+    """The documented bins: ``[e_i, e_i+1)`` for values >= 0, the mirror image ``(-e_i+1, -e_i]``
+    for negative ones (those closer to 0 than 2**-133 count as 0), NaN last."""
+    nb = len(neuron.EDGES) - 1
+    b = np.searchsorted(neuron.EDGES[1:-1], np.abs(v), side="right")
+    b = np.where((v < 0) & (np.abs(v) >= 2.0 ** -133), nb - 1 - b, b)
+    return np.bincount(np.where(np.isnan(v), nb - 1, b), minlength=nb)
+
+
+def test_histogram_edges_are_bfloat16_and_bins_mirror_around_zero():
+    e = neuron.EDGES
+    assert np.array_equal(e, -e[::-1]) and len(e) == 67
+    assert np.array_equal(torch.tensor(e).to(torch.bfloat16).double().numpy(), e)
+    np.testing.assert_allclose(e[34:], 10.0 ** np.linspace(-4, 4, 33), rtol=2 ** -8)
+    v = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-4, -1e-4, e[40], -e[40], np.inf, -np.inf, np.nan,
+                  2.0 ** -133, -(2.0 ** -133)], dtype=np.float32)
+    want = {0: 33, 1: 33, 2: 33, 3: 33, 4: 33 + (1e-4 >= e[34]), 6: 33 + 7, 7: 32 - 7, 8: 65,
+            9: 0, 10: 65, 11: 33, 12: 32}
+    got = [int(np.flatnonzero(neuron._histogram(v[i:i + 1]))[0]) for i in range(len(v))]
+    for i, b in want.items():
+        assert got[i] == b, (i, v[i], got[i], b)
+    np.testing.assert_array_equal(neuron._histogram(v), _reference_hist(v.astype(np.float64)))
+
+
+def test_top_rows_through_group_maxima_equal_the_exact_ranking():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2003, 9, generator=g)                    # a tail after the last group
+    x[:, 0] = 0.0                                            # dead: every group ties
+    x[::5, 1] = 3.0                                          # ties at the top in many groups
+    x[2001, 2] = 50.0                                        # the best row in the tail
+    x[17, 3] = float("nan")
+    x[:, 4] = x[:, 4].round()                                # ties across and inside groups
+    x[40:56, 5] = 9.0                                        # one whole group at the top
+    for k in (1, 5, 31):
+        vals, rows = neuron._topk_rows(x, k)
+        ev, er = neuron._topk_exact(x, k)
+        np.testing.assert_array_equal(rows, er)
+        np.testing.assert_array_equal(vals, ev)
+    assert neuron._topk_rows(x, 5)[1][0, 2] == 2001
 
 
 def test_neuron_blocks_equal_float64_reference_on_edge_values(monkeypatch):
