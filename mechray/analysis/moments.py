@@ -15,12 +15,13 @@ Usage::
 The merge is Chan, Golub and LeVeque's pairwise update in float64: order-independent up to
 rounding, so a merge tree over Ray tasks gives what one pass over all rows gives.
 
-:meth:`Moments.comoment` is the fast co-moment for PCA: float32 rows are centred on a shift in
-blocks of up to :data:`BLOCK_BYTES` and multiplied with one BLAS ``syrk`` per
-block (``a.T @ a`` in numpy), each block's product added into a float64 matrix; the shift is
-then corrected exactly in float64.  It agrees with the float64 co-moment to float32 precision
-(relative ~1e-7 per entry), the precision the rows were stored in.  Float64 rows take the
-float64 path.
+:meth:`Moments.comoment` is the fast co-moment for PCA: float32 rows are multiplied with one
+BLAS ``syrk`` per block of up to :data:`BLOCK_BYTES` (``a.T @ a`` in numpy), each block's product
+added into a float64 matrix, and the mean corrected in float64.  Where a sample of the rows shows
+a column whose mean exceeds its spread, the rows are first centred on the sample's mean (a copy
+per block): float32 products of uncentred rows would lose the variance to cancellation.  It
+agrees with the float64 co-moment to float32 precision (relative ~1e-7 per entry), the precision
+the rows were stored in.  Float64 rows take the float64 path.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ import torch
 
 BLOCK_BYTES = 64 << 20  # float32 bytes of rows per syrk block in comoment(): large blocks keep
                         # BLAS efficient (4 MiB blocks cost 25% more); the buffer is bounded
+
+
+def _column_sums(x: np.ndarray) -> np.ndarray:
+    """Column sums of float32 rows in float64, summed in float32 over groups of 64 rows only
+    (numpy adds rows one after another along axis 0; a float64 copy of the rows costs 10x)."""
+    n = len(x) - len(x) % 64
+    head = x[:n].reshape(-1, 64, x.shape[1]).sum(1).sum(0, dtype=np.float64) if n else 0.0
+    return head + x[n:].sum(0, dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -67,21 +76,33 @@ class Moments:
         if n == 0:
             return cls.empty(d, True)
         step = max(16, BLOCK_BYTES // (4 * max(d, 1)))
-        shift = x[:step].mean(0, dtype=np.float64).astype(np.float32)
-        # A column of ones beside the shifted rows: one syrk gives the co-moment block and, in
-        # its last column, the column sums (no separate pass over the rows to sum them).
+        sample = x[::max(1, n // 256)][:256].astype(np.float64)
+        shift = sample.mean(0)
+        if np.all(shift * shift <= sample.var(0)):
+            # |mean| <= std in every column (on a sample of rows): the product of the rows as
+            # they are loses no more than a shift would gain, and needs no copy of them
+            grams, total = np.zeros((d, d)), np.zeros(d)
+            for i in range(0, n, step):
+                block = x[i:i + step]
+                grams += block.T @ block          # numpy spots a.T @ a: float32 syrk
+                total += _column_sums(block)
+            delta = total / n
+            return cls(int(n), delta, grams - n * np.outer(delta, delta))
+        # Otherwise centre on the sample mean: a column of ones beside the shifted rows makes one
+        # syrk give the co-moment block and, in its last column, the column sums.
+        shift32 = shift.astype(np.float32)
         grams = np.zeros((d + 1, d + 1))
         buf = np.empty((min(step, n), d + 1), np.float32)
         buf[:, d] = 1.0
         for i in range(0, n, step):
             block = x[i:i + step]
             b = buf[:len(block)]
-            np.subtract(block, shift, out=b[:, :d])
-            grams += b.T @ b                      # numpy spots a.T @ a: float32 syrk
+            np.subtract(block, shift32, out=b[:, :d])
+            grams += b.T @ b
         com, total = np.ascontiguousarray(grams[:d, :d]), grams[:d, d].copy()
         delta = total / n                         # mean about the shift, float64
         com -= n * np.outer(delta, delta)         # co-moment about the shift -> about the mean
-        return cls(int(n), shift.astype(np.float64) + delta, com)
+        return cls(int(n), shift32.astype(np.float64) + delta, com)
 
     @classmethod
     def empty(cls, d: int, full: bool = False) -> "Moments":
