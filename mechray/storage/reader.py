@@ -62,7 +62,8 @@ else:  # torch loads at first use: `mechray ls` lists a store without it
 
 log = logging.getLogger(__name__)
 _PARTIAL = re.compile(r"manifest\.rank[0-9]{3,}\.json")
-PART_BYTES = 8 << 20      # S3 objects above this are read as parallel ranged GETs of this size
+PART_BYTES = 32 << 20     # S3 objects above this (the default shard target size) come as parallel
+                          # ranged GETs of this size; smaller ones in one GET
 PARALLEL_GETS = 4         # ranged GETs in flight per object
 
 
