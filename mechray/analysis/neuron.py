@@ -317,7 +317,7 @@ def _topk_rows(x: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     maximum (ties, e.g. a dead neuron) are ranked over all their rows.
     """
     n, d = x.shape
-    if n < 4 * GROUP * k:
+    if n < 4 * GROUP * k or d == 0:
         return _topk_exact(x, k)
     full = n - n % GROUP
     gmax = torch.amax(x[:full].reshape(-1, GROUP, d), dim=1)                # [groups, d]

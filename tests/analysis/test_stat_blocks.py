@@ -92,6 +92,7 @@ def test_top_rows_through_group_maxima_equal_the_exact_ranking():
         np.testing.assert_array_equal(rows, er)
         np.testing.assert_array_equal(vals, ev)
     assert neuron._topk_rows(x, 5)[1][0, 2] == 2001
+    assert neuron._topk_rows(torch.zeros(2000, 0), 3)[1].shape == (3, 0)    # no columns
 
 
 def test_neuron_blocks_equal_float64_reference_on_edge_values(monkeypatch):
