@@ -150,15 +150,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # warm-up (worker start, imports): not timed
         ray.get([ray.remote(lambda: __import__("mechray.analysis.engine")).remote()
                  for _ in range(args.workers)])
+        import psutil
+        from analysis_scaling import busy_seconds, tree_usage
+
+        moto = psutil.Process(server.pid)
+
+        def server_cpu() -> float:
+            t = moto.cpu_times()
+            return t.user + t.system
+
         samples: dict[str, list[dict]] = {v: [] for v in variants}
         for r in range(args.rounds):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for v in order:
                 l0 = load()
+                u0, b0, m0 = tree_usage(), busy_seconds(), server_cpu()
                 t0 = time.perf_counter()
                 fns[v]()
                 dt = time.perf_counter() - t0
-                samples[v].append({"seconds": dt, "load_before": l0, "load_after": load()})
+                u1 = tree_usage()
+                samples[v].append({
+                    "seconds": dt, "load_before": l0, "load_after": load(),
+                    # CPU seconds of this process tree (boto3 or the engine, Ray's workers, the
+                    # moto server), of the moto server alone, and cores busy machine-wide
+                    "tree_cpu_s": u1["user_s"] + u1["sys_s"] - u0["user_s"] - u0["sys_s"],
+                    "server_cpu_s": server_cpu() - m0,
+                    "busy_cores": (busy_seconds() - b0) / dt})
                 log.info("round %d %s: %.2f s (%.0f MB/s), load %s", r, v, dt, nbytes / dt / 1e6,
                          l0)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -169,11 +186,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     med = {v: statistics.median(s["seconds"] for s in ss) for v, ss in samples.items()}
     rows = [{"variant": v, "median_s": med[v], "MB/s": nbytes / med[v] / 1e6,
              "runs_s": ", ".join(f"{s['seconds']:.2f}" for s in samples[v]),
-             "load1": statistics.median(s["load_before"][0] for s in samples[v])}
+             "load1": statistics.median(s["load_before"][0] for s in samples[v]),
+             **{k: statistics.median(s[k] for s in samples[v])
+                for k in ("tree_cpu_s", "server_cpu_s", "busy_cores")}}
             for v in variants]
     print(f"\nS3 read: {len(keys)} objects, {nbytes / 1e9:.2f} GB on moto at {endpoint}; "
           f"mechray = neuron stats with {args.workers} Ray workers; {args.rounds} rounds")
-    print(table(rows, ["variant", "median_s", "MB/s", "runs_s", "load1"]))
+    print(table(rows, ["variant", "median_s", "MB/s", "runs_s", "tree_cpu_s", "server_cpu_s",
+                       "busy_cores", "load1"]))
+    print("   tree_cpu_s: CPU seconds of this process, the moto server and Ray's workers; "
+          "server_cpu_s: the moto server alone; busy_cores: machine-wide CPU use / wall")
     boto = [v for v in ("boto3_get", "boto3_download") if v in med]
     if boto and "mechray" in med:
         best = min(boto, key=lambda v: med[v])
