@@ -133,15 +133,20 @@ class NeuronStats(Analysis):
         moments = Moments.empty(d)
         small = np.zeros(d, np.int64)
         pos = np.zeros(d, np.int64)
-        keys = _HistKeys(min(step, total) * d)
+        rows_per = min(step, total)
+        keys = _HistKeys(rows_per * d)
+        # block-sized buffers reused for every block: fresh ones page-fault in a new process
+        buf64, buf32, mask = (np.empty((rows_per, d), t) for t in (np.float64, x.dtype, bool))
         for i in range(0, total, step):
             b = x[i:i + step]
-            b64 = b.astype(np.float64)              # sums in float64 (block-sized: in cache)
+            n = len(b)
+            b64 = buf64[:n]
+            np.copyto(b64, b)                       # sums in float64 (block-sized: in cache)
             mean = b64.mean(0)
             b64 -= mean
-            moments = moments.merge(Moments(len(b), mean, np.einsum("ij,ij->j", b64, b64)))
-            small += _count(np.abs(b) <= eps)
-            pos += _count(b > 0)
+            moments = moments.merge(Moments(n, mean, np.einsum("ij,ij->j", b64, b64)))
+            small += _count(np.less_equal(np.abs(b, out=buf32[:n]), eps, out=mask[:n]))
+            pos += _count(np.greater(b, 0, out=mask[:n]))
             keys.add(b)
         hist = keys.histogram()
         vals, rows_idx = _topk_rows(torch.from_numpy(x), k)
