@@ -6,11 +6,13 @@ Usage::
     .venv/bin/python benchmarks/sae_vs_saelens.py --cases 64x256x8 --rows 20000   # smoke
     .venv/bin/python benchmarks/sae_vs_saelens.py --no-saelens          # mechray's grid only
 
-Per case ``d x features x active`` (``mechray.testing.planted_dictionary``: unit directions,
-``active`` per row with magnitudes in [0.5, 2]): ``--rows`` rows are captured into a real
-:class:`ShardStore` (``ActivationSampler``, 3,000 rows per shard) and 8,192 more rows from the
-same dictionary are kept aside for scoring.  Variants, run one after the other in this process
-with ``--threads`` torch threads:
+Per case ``d x features x active`` (``--generator ours``: ``mechray.testing.planted_dictionary``,
+unit directions, exactly ``active`` per row with magnitudes in [0.5, 2]; ``--generator saelens``:
+``mechray.testing.saelens_planted_dictionary``, SAELens' own ``sae_lens.synthetic`` code, each
+direction firing with probability ``active / features``, magnitude 1): ``--rows`` rows are
+captured into a real :class:`ShardStore` (``ActivationSampler``, 3,000 rows per shard) and 8,192
+more rows from the same dictionary are kept aside for scoring.  Variants, run one after the
+other in this process with ``--threads`` torch threads:
 
 * ``mechray defaults``: ``get_analysis("sae", {"k": active, "expansion_factor": 8})`` and
   nothing else (the budget rule, automatic lr, warmup/decay, calibrated thresholds);
@@ -23,8 +25,10 @@ with ``--threads`` torch threads:
 
 Scores on the 8,192 aside rows for both: explained variance (1 - FVU), L0, dead fraction
 (latents never active on them), recovered (mean over true directions of the best cosine with a
-decoder row) and training rows/s (rows seen / training seconds).  The machine's load average is
-recorded: the machine is shared, so absolute times are only comparable within one run.
+decoder row), training rows/s (rows seen / training seconds) and ``cpu_s``, the process CPU
+seconds of the whole fit (mechray: training, evaluation, top rows; SAELens: its ``fit``).  The
+machine's load average is recorded: the machine is shared, so absolute times are only
+comparable within one run.
 """
 
 from __future__ import annotations
@@ -83,14 +87,16 @@ def run_mechray(store, out: Path, k: int, dictionary, aside, params=None) -> dic
     from mechray.analysis.sae_model import load_sae
 
     p = {"k": k, "expansion_factor": 8, **(params or {})}
+    cpu = time.process_time()
     r = get_analysis("sae", p).fit(Context(store=store, out_dir=out), "src")
+    cpu = time.process_time() - cpu
     sae = load_sae(out / r["weights_path"])
     s = score(sae.encode, sae.decode, sae.W_dec, dictionary, aside)
     t = r["train"]
     return {**s, "steps": t["steps"], "batch": p.get("batch_size", 1024), "lr": t["lr"],
             "seconds": round(t["seconds"], 1), "rows_per_s": round(t["rows_per_second"]),
-            "converged": r["converged"], "plateau_drop": t["plateau_drop"],
-            "warnings": len(r["warnings"]),
+            "cpu_s": round(cpu, 1), "converged": r["converged"],
+            "plateau_drop": t["plateau_drop"], "warnings": len(r["warnings"]),
             "_train": t}
 
 
@@ -126,9 +132,9 @@ def run_saelens(x, k: int, dictionary, aside, samples: int, batch: int, lr: floa
     cfg = SAETrainerConfig(total_training_samples=samples, train_batch_size_samples=batch, lr=lr,
                            lr_end=lr, lr_warm_up_steps=warmup, lr_decay_steps=decay)
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=provider())
-    t0 = time.perf_counter()
+    t0, cpu = time.perf_counter(), time.process_time()
     trained = trainer.fit()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu
     trained.eval()
     if architecture == "batchtopk":     # SAELens' inference form of a BatchTopK SAE: JumpReLU
         from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
@@ -141,7 +147,8 @@ def run_saelens(x, k: int, dictionary, aside, samples: int, batch: int, lr: floa
     s = score(trained.encode, trained.decode, trained.W_dec, dictionary, aside)
     steps = samples // batch
     return {**s, "steps": steps, "batch": batch, "lr": lr, "seconds": round(seconds, 1),
-            "rows_per_s": round(steps * batch / seconds), "converged": None, "warnings": None}
+            "rows_per_s": round(steps * batch / seconds), "cpu_s": round(cpu, 1),
+            "converged": None, "warnings": None}
 
 
 def step_speed(x, k: int, lr: float, rounds: int = 3, block: int = 8) -> dict:
@@ -178,35 +185,6 @@ def step_speed(x, k: int, lr: float, rounds: int = 3, block: int = 8) -> dict:
             "ratio": round(out["mechray"] / out["saelens"], 2)}
 
 
-def topk_ceiling(dictionary, train, aside, k: int, steps: int = 1500) -> float:
-    """EV of the best TopK SAE with the *true* dictionary as decoder: only the encoder (and
-    biases) trained, Adam lr 2e-3, ``steps`` batches of 1,024.  No TopK SAE with ``k`` latents
-    per row can reconstruct these rows better than this (up to the extra latents)."""
-    import torch
-
-    from mechray.analysis.sae_model import SparseAutoencoder
-
-    f, d = dictionary.shape
-    sae = SparseAutoencoder(d, f, "topk", k)
-    with torch.no_grad():
-        sae.W_dec.copy_(dictionary)
-        sae.W_enc.copy_(dictionary.T)
-        sae.b_dec.copy_(train.mean(0))
-    sae.W_dec.requires_grad_(False)
-    opt = torch.optim.Adam([sae.W_enc, sae.b_enc, sae.b_dec], lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        xb = train[torch.randint(0, len(train), (1024,), generator=g)]
-        loss = (sae(xb) - xb).pow(2).sum(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        xh = sae(aside)
-    return round(1 - (xh - aside).pow(2).sum().item() / (aside - aside.mean(0)).pow(2).sum()
-                 .item(), 4)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="64x256x5,64x256x8,128x1024x16,256x2048x16,512x4096x32")
@@ -220,8 +198,13 @@ def main() -> None:
     ap.add_argument("--ceiling-steps", type=int, default=1000)
     ap.add_argument("--speed-only", action="store_true", help="only the step-time ratio")
     ap.add_argument("--rows", type=int, default=60000)
+    ap.add_argument("--generator", choices=("ours", "saelens"), default="ours",
+                    help="planted rows from mechray.testing.planted_dictionary (ours) or from "
+                         "SAELens' sae_lens.synthetic (saelens_planted_dictionary)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-saelens", action="store_true")
+    ap.add_argument("--no-saelens-matched", action="store_true",
+                    help="skip SAELens at mechray's settings")
     ap.add_argument("--no-saelens-defaults", action="store_true",
                     help="skip SAELens at its defaults (2M rows per case: the slow part)")
     args = ap.parse_args()
@@ -231,15 +214,17 @@ def main() -> None:
     logging.getLogger("tqdm").setLevel(logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
     torch.set_num_threads(args.threads)
-    from mechray.testing import planted_dictionary
+    from mechray.testing import planted_dictionary, saelens_planted_dictionary, topk_ceiling
+
+    planted = saelens_planted_dictionary if args.generator == "saelens" else planted_dictionary
 
     rows, speed, meta = [], [], {"machine": machine(), "args": vars(args),
                                  "load_start": os.getloadavg()}
     for case in args.cases.split(","):
         d, f, k = map(int, case.split("x"))
-        dictionary, x = planted_dictionary(d, f, k, args.rows + 8192, seed=d + f + k)
+        dictionary, x = planted(d, f, k, args.rows + 8192, seed=d + f + k)
         train, aside = x[: args.rows].contiguous(), x[args.rows:]
-        ceiling = topk_ceiling(dictionary, train, aside, k, args.ceiling_steps) \
+        ceiling = round(topk_ceiling(dictionary, train, aside, k, args.ceiling_steps), 4) \
             if args.ceiling else None
         with tempfile.TemporaryDirectory() as tmp:
             store = write_store(Path(tmp) / "store", train)
@@ -259,6 +244,8 @@ def main() -> None:
                                  "load": load, **run_saelens(train, k, dictionary, aside,
                                                              2_000_000, 4096, 3e-4)})
                     log.info("%s", rows[-1])
+                if args.no_saelens_matched:
+                    continue
                 load = os.getloadavg()[0]
                 steps = t["steps"]
                 rows.append({"case": case, "variant": f"saelens matched ({arch})", "load": load,
@@ -270,8 +257,8 @@ def main() -> None:
             speed.append({"case": case, "load": load, **step_speed(train, k, 5e-3)})
             log.info("%s", speed[-1])
     cols = ["case", "variant", "ev", "topk_ceiling", "l0", "dead", "recovered", "steps",
-            "batch", "lr", "seconds", "rows_per_s", "converged", "plateau_drop", "warnings",
-            "load"]
+            "batch", "lr", "seconds", "cpu_s", "rows_per_s", "converged", "plateau_drop",
+            "warnings", "load"]
     print(table(rows, cols))
     if speed:
         print(table(speed, ["case", "mechray_rows_per_s", "saelens_rows_per_s", "ratio",
