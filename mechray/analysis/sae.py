@@ -70,6 +70,8 @@ from mechray.analysis.intervene import (
     eval_inputs,
 )
 from mechray.analysis.sae_budget import (
+    MIN_STEPS,
+    STEPS_PER_LATENT,
     auto_lr,
     budget_rule,
     budget_steps,
@@ -115,8 +117,8 @@ class SAEParams(Params):
     min_steps: Optional[int] = Field(None, ge=1, le=10_000_000,
                                      description="budget: at least this many steps, as many "
                                                  "epochs as that takes (None: max(1000, "
-                                                 "n_latents); ignored when steps or epochs is "
-                                                 "set)")
+                                                 "2 * n_latents); ignored when steps or epochs "
+                                                 "is set)")
     epochs: Optional[int] = Field(None, ge=1, le=10_000,
                                   description="overrides the budget: exactly this many epochs")
     steps: Optional[int] = Field(None, ge=1, le=10_000_000, description="overrides everything")
@@ -209,7 +211,8 @@ class SAEAnalysis(Analysis):
         size = p.get("batch_size") or 1024
         per_epoch = -(-rows // size)            # the budget rule (sae_budget.budget_steps)
         steps = p.get("steps") or (per_epoch * p["epochs"] if p.get("epochs") else
-                                   max(p.get("min_steps") or max(1000, latents), per_epoch))
+                                   max(p.get("min_steps") or max(MIN_STEPS, STEPS_PER_LATENT
+                                                                 * latents), per_epoch))
         seen = 0.0 if p.get("pretrained") else steps * size
         seen += n / 3                           # top-activating rows: one forward pass
         batch = float(min(size, max(rows, 1)))
