@@ -24,7 +24,12 @@ from mechray.analysis.sae_model import SparseAutoencoder, load_sae, save_sae
 from mechray.analysis.sae_train import SAETrainer
 from mechray.capture.sampler import ActivationSampler
 from mechray.storage.reader import ShardStore
-from mechray.testing import planted_dictionary, recovered_score
+from mechray.testing import (
+    planted_dictionary,
+    recovered_score,
+    saelens_planted_dictionary,
+    topk_ceiling,
+)
 
 D_IN, ATOMS, K_TRUE = 32, 64, 3
 FAST = {"n_latents": 128, "k": 3, "batch_size": 256, "lr": 3e-3, "device": "cpu"}
@@ -77,7 +82,7 @@ def planted(tmp_path_factory):
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
 def test_defaults_recover_a_planted_dictionary(planted, tmp_path, architecture):
     """Only k and expansion_factor (and the architecture): the budget rule gives this 11,400-row
-    store 1,000 steps.  Thresholds from the issue: mean max cosine >= 0.95, EV >= 0.85, and
+    store 1,024 steps (two per latent).  Thresholds from the issue: mean max cosine >= 0.95, EV >= 0.85, and
     BatchTopK's held-out L0 within 20% of k.  Measured (recovered / EV / L0, ~16 s of CPU
     each): topk 0.998 / 0.866 / 5.0; batchtopk 0.996 / 0.835 / 5.3 -- BatchTopK misses the
     issue's EV 0.85 here and is held to 0.8 (NOT met; benchmarks/README.md).  The TopK EV
@@ -90,14 +95,53 @@ def test_defaults_recover_a_planted_dictionary(planted, tmp_path, architecture):
     assert r["explained_variance"] >= (0.85 if architecture == "topk" else 0.8), \
         r["explained_variance"]
     assert r["l0"] == pytest.approx(5, rel=0.2 if architecture == "batchtopk" else 1e-6)
-    assert r["train"]["steps"] == 1000 and r["train"]["budget"].startswith("min_steps=1000")
+    assert r["train"]["steps"] == 1024 and r["train"]["budget"].startswith("min_steps=1024")
     assert r["train"]["epochs"] >= 80 and r["train"]["lr_auto"]
-    assert r["train"]["warmup_steps"] == 50
+    assert r["train"]["warmup_steps"] == 51
     # 512 latents for 256 true directions: the spare latents die, and the result says so
     assert r["converged"] is True and r["dead_fraction"] > 0.1
     assert all("latents are dead" in w for w in r["warnings"]), r["warnings"]
     assert r["trained"] is True and r["pretrained"] is None
     json.dumps(r, allow_nan=False)
+
+
+@pytest.fixture(scope="module")
+def saelens_planted(tmp_path_factory):
+    """Rows we did not write: SAELens' own generator (``sae_lens.synthetic``) at 64x256x5, each
+    direction firing with probability 5/256 (so 5 per row on average, binomial spread), 40,000
+    rows in a real store and 8,192 aside, and the TopK EV ceiling of those rows."""
+    pytest.importorskip("sae_lens")
+    torch.set_num_threads(1)
+    dictionary, x = saelens_planted_dictionary(64, 256, 5, 48192, seed=0)
+    train, aside = x[:40000].contiguous(), x[40000:]
+    store = write_store(tmp_path_factory.mktemp("saelens_planted"), train, per_shard=10000)
+    return store, dictionary, aside, topk_ceiling(dictionary, train, aside, k=5)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_defaults_recover_a_dictionary_planted_by_saelens(saelens_planted, tmp_path,
+                                                          architecture):
+    """The same ``{"k", "expansion_factor": 8}`` on SAELens' data.  A row there has 5 active
+    directions only on average, so no TopK SAE with k = 5 explains 0.85 of it: with the *true*
+    decoder it explains ~0.80 (the ceiling, measured here).  The SAE must recover the dictionary
+    (mean max cosine >= 0.95), come within 0.02 of that ceiling, and BatchTopK (whose rows may
+    take more or fewer latents) must keep its held-out L0 within 20% of k.  Measured: topk
+    recovered 0.997, EV 0.80 (ceiling 0.80); batchtopk 0.998, EV 0.85, L0 5.1."""
+    store, dictionary, aside, ceiling = saelens_planted
+    r = get_analysis("sae", {"k": 5, "expansion_factor": 8, "architecture": architecture}
+                     ).fit(Context(store=store, out_dir=tmp_path), "src")
+    sae = load_sae(tmp_path / r["weights_path"])
+    assert recovered_score(dictionary, sae.W_dec) >= 0.95
+    with torch.no_grad():
+        z = sae.encode(aside)
+        x_hat = sae.decode(z)
+    ev = 1 - float((x_hat - aside).pow(2).sum() / (aside - aside.mean(0)).pow(2).sum())
+    assert ev >= ceiling - 0.02, (ev, ceiling)
+    assert r["explained_variance"] >= ceiling - 0.02, (r["explained_variance"], ceiling)
+    assert float((z > 0).sum(1).float().mean()) == pytest.approx(5, rel=0.2)
+    assert r["l0"] == pytest.approx(5, rel=0.2)
+    assert architecture == "batchtopk" or r["l0"] <= 5      # TopK: at most k (a few are 0)
+    assert r["converged"] is True and r["train"]["lr_auto"]
 
 
 def test_metrics_and_splicing_of_a_trained_sae(synthetic, tmp_path):
@@ -167,8 +211,8 @@ def test_warnings_name_each_problem():
 def test_budget_rule_and_auto_lr():
     p = get_analysis("sae", {}).params
     assert budget_steps(p, 12) == 1000 and budget_steps(p, 5000) == 5000
-    # min_steps unset: one step per latent, never fewer than 1,000
-    assert budget_steps(p, 12, 512) == 1000 and budget_steps(p, 12, 2048) == 2048
+    # min_steps unset: two steps per latent, never fewer than 1,000
+    assert budget_steps(p, 12, 256) == 1000 and budget_steps(p, 12, 2048) == 4096
     assert budget_steps(p.model_copy(update={"min_steps": 300}), 12, 2048) == 300
     assert budget_steps(p.model_copy(update={"epochs": 3}), 12) == 36
     assert budget_steps(p.model_copy(update={"steps": 7, "epochs": 3}), 12) == 7
