@@ -20,7 +20,7 @@ latent: on rows drawn by SAELens' own generator (``mechray.testing.saelens_plant
 a varying number of directions per row) one step per latent still left 128x1024x16 unconverged
 (loss -14% over steps 60-80%; recovered 0.959 TopK, 0.883 BatchTopK) and 256x2048x16 too
 (0.960 / 0.954); two per latent converge and recover 0.977 / 0.952 and 0.967 / 0.965, in less
-CPU time than SAELens at its defaults on the same rows (188 s against 269 s at 256x2048x16).  A
+CPU time than SAELens at its defaults on the same rows (211 s against 273 s at 256x2048x16).  A
 store of 60,000 rows therefore gets 17 epochs or more instead of the 14 steps one epoch of
 4,096-row batches gave.  Why a floor in steps: on planted dictionaries
 (``benchmarks/sae_vs_saelens.py``) recovery and explained variance fall apart below ~200 steps
