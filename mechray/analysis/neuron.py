@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -129,14 +129,16 @@ class NeuronStats(Analysis):
             return _empty(d)
         k = min(self.params.top_k, total)
         eps = _eps_for(x.dtype, self.params.eps)
-        step = max(64, BLOCK_BYTES // (4 * max(d, 1)))
+        step = max(64, BLOCK_BYTES // (4 * max(d, 1))) // GROUP * GROUP
         moments = Moments.empty(d)
         small = np.zeros(d, np.int64)
         pos = np.zeros(d, np.int64)
+        lo, hi = x[0].copy(), x[0].copy()
         rows_per = min(step, total)
         keys = _HistKeys(rows_per * d)
         # block-sized buffers reused for every block: fresh ones page-fault in a new process
         buf64, buf32, mask = (np.empty((rows_per, d), t) for t in (np.float64, x.dtype, bool))
+        gmax = []          # maxima of 16-row groups, for the top-k: while the block is in cache
         for i in range(0, total, step):
             b = x[i:i + step]
             n = len(b)
@@ -147,15 +149,21 @@ class NeuronStats(Analysis):
             moments = moments.merge(Moments(n, mean, np.einsum("ij,ij->j", b64, b64)))
             small += _count(np.less_equal(np.abs(b, out=buf32[:n]), eps, out=mask[:n]))
             pos += _count(np.greater(b, 0, out=mask[:n]))
+            np.minimum(lo, b.min(0), out=lo)        # NaN propagates, as numpy's x.min(0)
+            np.maximum(hi, b.max(0), out=hi)
             keys.add(b)
+            if n >= GROUP:
+                gmax.append(torch.amax(torch.from_numpy(b[:n - n % GROUP]).reshape(
+                    -1, GROUP, d), dim=1))
         hist = keys.histogram()
-        vals, rows_idx = _topk_rows(torch.from_numpy(x), k)
+        vals, rows_idx = _topk_rows(torch.from_numpy(x), k,
+                                    torch.cat(gmax) if gmax and d else None)
         steps = entry.get("row_steps")
         steps = (np.asarray(steps, dtype=np.int64)[rows_idx] if steps is not None and
                  len(steps) == total else np.full(rows_idx.shape, int(entry.get("step", -1))))
         return NeuronPartial(
-            n=total, moments=moments, min=x.min(0).astype(np.float64),
-            max=x.max(0).astype(np.float64), small=small, pos=pos, hist=hist,
+            n=total, moments=moments, min=lo.astype(np.float64),
+            max=hi.astype(np.float64), small=small, pos=pos, hist=hist,
             top=TopRows(files=[entry["file"]], val=vals, file=np.zeros_like(rows_idx),
                         row=rows_idx, step=steps))
 
@@ -312,20 +320,23 @@ def _histogram(x: np.ndarray) -> np.ndarray:
     return keys.histogram()
 
 
-def _topk_rows(x: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _topk_rows(x: torch.Tensor, k: int, gmax: Optional[torch.Tensor] = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Per column, the k largest values and their rows; ties go to the lowest row (deterministic).
 
     Returns ``(values[k, d], rows[k, d])`` (float64, int64) ordered by (value desc, row asc).
-    The maxima of groups of :data:`GROUP` rows are ranked first: the k best groups of a column
-    hold every row at or above its k-th value, so only their rows (and the rows after the last
-    whole group) are ranked exactly.  Columns where more than k groups reach the k-th group
-    maximum (ties, e.g. a dead neuron) are ranked over all their rows.
+    The maxima of groups of :data:`GROUP` rows (``gmax``, computed here unless given) are
+    ranked first: the k best groups of a column hold every row at or above its k-th value, so
+    only their rows (and the rows after the last whole group) are ranked exactly.  Columns where
+    more than k groups reach the k-th group maximum (ties, e.g. a dead neuron) are ranked over
+    all their rows.
     """
     n, d = x.shape
     if n < 4 * GROUP * k or d == 0:
         return _topk_exact(x, k)
     full = n - n % GROUP
-    gmax = torch.amax(x[:full].reshape(-1, GROUP, d), dim=1)                # [groups, d]
+    if gmax is None:
+        gmax = torch.amax(x[:full].reshape(-1, GROUP, d), dim=1)            # [groups, d]
     if torch.isnan(gmax).any() or (full < n and torch.isnan(x[full:]).any()):
         # NaN never ranks as "max-activating"; +-inf stay what they are
         x = torch.nan_to_num(x, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
