@@ -105,7 +105,7 @@ class StoreRef:
 
 
 TASK_BYTES = 64 << 20   # shard bytes per map task (consecutive shards grouped up to this)
-MIN_TASKS = 32          # ... but at least this many map tasks per layer when there are shards
+MIN_TASKS = 16          # ... but at least this many map tasks per layer when there are shards
 
 
 def shard_groups(entries: list[dict], per_task: Optional[int] = None) -> list[list[dict]]:
