@@ -27,6 +27,7 @@ the rows were stored in.  Float64 rows take the float64 path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -81,13 +82,20 @@ class Moments:
         if np.all(shift * shift <= sample.var(0)):
             # |mean| <= std in every column (on a sample of rows): the product of the rows as
             # they are loses no more than a shift would gain, and needs no copy of them
-            grams, total = np.zeros((d, d)), np.zeros(d)
+            grams: Optional[np.ndarray] = None
+            total = np.zeros(d)
             for i in range(0, n, step):
                 block = x[i:i + step]
-                grams += block.T @ block          # numpy spots a.T @ a: float32 syrk
+                g = block.T @ block               # numpy spots a.T @ a: float32 syrk
+                if grams is None:
+                    grams = g.astype(np.float64)
+                else:
+                    grams += g
                 total += _column_sums(block)
+            assert grams is not None
             delta = total / n
-            return cls(int(n), delta, grams - n * np.outer(delta, delta))
+            grams -= np.outer(delta, delta * n)   # in place: no d x d temporaries per shard
+            return cls(int(n), delta, grams)
         # Otherwise centre on the sample mean: a column of ones beside the shifted rows makes one
         # syrk give the co-moment block and, in its last column, the column sums.
         shift32 = shift.astype(np.float32)
@@ -113,9 +121,10 @@ class Moments:
             return other if self.n == 0 else self
         n = self.n + other.n
         delta = other.mean - self.mean
-        spread = np.outer(delta, delta) if self.m2.ndim == 2 else delta * delta
-        return Moments(n, self.mean + delta * (other.n / n),
-                       self.m2 + other.m2 + spread * (self.n * other.n / n))
+        m2 = self.m2 + other.m2
+        scaled = delta * (self.n * other.n / n)
+        m2 += np.outer(delta, scaled) if m2.ndim == 2 else delta * scaled   # one d x d temporary
+        return Moments(n, self.mean + delta * (other.n / n), m2)
 
     def variance(self, ddof: int = 0) -> np.ndarray:
         """Per column (the diagonal of a full co-moment)."""
