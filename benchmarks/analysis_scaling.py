@@ -482,7 +482,7 @@ def breakdown(root: Path, n_shards: int) -> dict[str, Any]:
         try:   # one thread from here: as in a Ray worker
             timed("neuron.map, 1 thread", lambda: neuron.map(rows, entry, LAYER))
             xn = rows.numpy()
-            step = max(64, nmod.BLOCK_BYTES // (4 * xn.shape[1]))
+            step = max(64, nmod.BLOCK_BYTES // (4 * xn.shape[1])) // nmod.GROUP * nmod.GROUP
             blocks = [xn[i:i + step] for i in range(0, len(xn), step)]
             e32 = nmod._eps_for(xn.dtype, eps)
 
@@ -491,14 +491,25 @@ def breakdown(root: Path, n_shards: int) -> dict[str, Any]:
                     y = b.astype(np.float64)
                     y -= y.mean(0)
                     np.einsum("ij,ij->j", y, y)
-            timed(f"  map: top-{k} per block (topk on x.T, ties checked)",
-                  lambda: [nmod._topk_rows(torch.from_numpy(b), k) for b in blocks])
+            def group_maxima():
+                return [torch.amax(torch.from_numpy(b[:len(b) - len(b) % nmod.GROUP]).reshape(
+                    -1, nmod.GROUP, b.shape[1]), dim=1) for b in blocks if len(b) >= nmod.GROUP]
+            gmax = torch.cat(group_maxima())
+            timed("  map: 16-row group maxima per block", group_maxima)
+            timed(f"  map: top-{k} from the group maxima (whole shard, ties checked)",
+                  lambda: nmod._topk_rows(rows, k, gmax))
             timed("  map: float64 mean + m2 per block", moments)
             timed("  map: |x|<=eps and x>0 counts (float32)",
                   lambda: [(nmod._count(np.abs(b) <= e32), nmod._count(b > 0)) for b in blocks])
-            timed("  map: histogram (16-bit keys)",
-                  lambda: [nmod._histogram(b) for b in blocks])
-            timed("  map: min + max", lambda: (xn.min(0), xn.max(0)))
+
+            def histogram():
+                keys = nmod._HistKeys(len(blocks[0]) * xn.shape[1])
+                for b in blocks:
+                    keys.add(b)
+                return keys.histogram()
+            timed("  map: histogram (16-bit key counts per block)", histogram)
+            timed("  map: min + max per block",
+                  lambda: [(b.min(0), b.max(0)) for b in blocks])
 
             def naive_ops():
                 y = xn.astype(np.float64)
