@@ -85,12 +85,9 @@ def run_cluster(args, make_store: Callable[[int], Path], warm_root: Path,
 
 
 def plot(res: dict[str, Any], workers: list[int], sizes: list[float], path: str) -> str:
-    import matplotlib
+    from _common import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(10, 4))
     for w in workers:
         xs = [res["sizes_gb"][str(s)] for s in sizes]
         ys = [res["median_s_per_gb"][f"{w}x{s}"] for s in sizes]
@@ -102,11 +99,7 @@ def plot(res: dict[str, Any], workers: list[int], sizes: list[float], path: str)
     for ax in (a, b):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return str(save_figure(fig, Path(path)))
 
 
 def report(args, c: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 OUT = Path(__file__).resolve().parent / "out"
 log = logging.getLogger("bench")
@@ -151,6 +151,38 @@ def table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
                                   for i, (v, w) in enumerate(zip(vals, widths)))
     return "\n".join([line(list(columns)), line(["-" * w for w in widths])] +
                      [line(row) for row in cells])
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (benchmarks write PNGs, no screen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def log2_axes(axes: Iterable[tuple[Any, str]], xlabel: str) -> None:
+    """Each ``(axis, ylabel)``: a log2 x axis labelled ``xlabel``, the y label, a light grid."""
+    for ax, ylabel in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+
+
+def save_figure(fig: Any, path: Path, title: Optional[str] = None, **title_kw: Any) -> Path:
+    """Title, tight layout, ``path`` written at 110 dpi (its folder made), the figure closed."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, **title_kw)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def write_json(name: str, result: dict[str, Any]) -> Path:

@@ -64,8 +64,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (OUT, CpuAccount, machine, setup_env, setup_logging,  # noqa: E402
-                     start_ray, summary, table, write_json)
+from _common import (OUT, CpuAccount, log2_axes, machine, pyplot, save_figure,  # noqa: E402
+                     setup_env, setup_logging, start_ray, summary, table, write_json)
 
 setup_env()
 
@@ -519,13 +519,7 @@ def _cpu_ms(result: dict[str, Any]) -> float:
 
 
 def _plot_sweep(points: list[dict[str, Any]], keys: list[str]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    fig, (ax, ox) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax, ox) = pyplot().subplots(1, 2, figsize=(10, 4))
     x = [p["rows_per_step"] for p in points]
     for k, color in zip(keys, ("tab:blue", "tab:red", "tab:green", "tab:purple")):
         ax.plot(x, [p[f"{k}/a"] for p in points], color=color, marker="o",
@@ -536,20 +530,13 @@ def _plot_sweep(points: list[dict[str, Any]], keys: list[str]) -> Path:
                 marker="o", label=f"{k}: extra CPU ms per step")
     ox.plot(x, [p["a_cpu_ms"] for p in points], "k:", marker=".", label="a: CPU ms per step")
     ax.axhline(1.10, color="grey", lw=0.8)
-    for a, ylabel in ((ax, "step time ÷ no hooks (amortised)"), (ox, "ms per step")):
-        a.set_xscale("log", base=2)
-        a.set_xlabel("rows per layer per step (2 layers x 64 floats)")
-        a.set_ylabel(ylabel)
-        a.grid(True, alpha=0.3)
+    log2_axes(((ax, "step time ÷ no hooks (amortised)"), (ox, "ms per step")),
+              "rows per layer per step (2 layers x 64 floats)")
     ox.set_yscale("log")
     ax.legend(fontsize=7)
     ox.legend(fontsize=7)
-    fig.suptitle("every-step capture cost vs rows per step (NeuroFMX, CPU, 2 vCPU)")
-    fig.tight_layout()
-    path = FIGURES / "capture_overhead_sweep.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, FIGURES / "capture_overhead_sweep.png",
+                       "every-step capture cost vs rows per step (NeuroFMX, CPU, 2 vCPU)")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

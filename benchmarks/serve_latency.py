@@ -53,7 +53,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, setup_env, setup_logging, start_ray, table, write_json  # noqa: E402
+from _common import (log2_axes, machine, pyplot, save_figure, setup_env,  # noqa: E402
+                     setup_logging, start_ray, table, write_json)
 
 from mechray.testing import free_port  # noqa: E402
 
@@ -260,12 +261,7 @@ def sweep_table(rows: list[dict[str, Any]], servers: list[str]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """p99 latency and requests/s against clients, a line per server and case (log2 x)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (lat, thr) = pyplot().subplots(1, 2, figsize=(11, 4.2))
     styles = {"GET /interpret/layers": "-", "POST /interpret (cached neuron)": "--"}
     colors = {sv: f"C{i}" for i, sv in enumerate(dict.fromkeys(r["server"] for r in rows))}
     for (server, case) in dict.fromkeys((r["server"], r["case"]) for r in rows):
@@ -277,17 +273,10 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
                  "label": label}
         lat.plot(xs, [r["p99_ms"] for r in mine], **style)
         thr.plot(xs, [r["rps"] for r in mine], **style)
-    for ax, name in ((lat, "p99 latency (ms)"), (thr, "requests/s")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
-        ax.set_ylabel(name)
-        ax.grid(True, alpha=0.3)
+    log2_axes(((lat, "p99 latency (ms)"), (thr, "requests/s")), "concurrent clients")
     lat.set_yscale("log")
     thr.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, title, fontsize=9)
     log.info("plot written to %s", path)
 
 

@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (OUT, CpuAccount, machine, setup_env, setup_logging,  # noqa: E402
-                     start_ray, table, write_json)
+from _common import (OUT, CpuAccount, log2_axes, machine, pyplot, save_figure,  # noqa: E402
+                     setup_env, setup_logging, start_ray, table, write_json)
 
 setup_env()
 # moto accepts any credentials; set them before Ray starts so the writer actors inherit them
@@ -317,13 +317,7 @@ def sweep(args) -> dict[str, Any]:
 
 
 def _plot_sweep(points: list[dict[str, Any]], modes: list[str]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    fig, (ax, rx, cx) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, (ax, rx, cx) = pyplot().subplots(1, 3, figsize=(15, 4))
     sizes = [p["shard_mb"] for p in points]
     colors = {"raw-local": "black", "thread-local": "tab:blue", "ray-local": "tab:orange",
               "thread-local-sha256": "tab:blue", "ray-local-sha256": "tab:orange"}
@@ -336,20 +330,12 @@ def _plot_sweep(points: list[dict[str, Any]], modes: list[str]) -> Path:
         if f"{m} cpu_ms_per_mb" in points[0]:
             cx.plot(sizes, [p[f"{m} cpu_ms_per_mb"] for p in points], style, color=colors.get(m),
                     marker="o", label=m)
-    for a, ylabel in ((ax, "MB/s landed (durable, listed)"), (rx, "÷ raw write+fsync"),
-                      (cx, "CPU ms per MB, all processes")):
-        a.set_xscale("log", base=2)
-        a.set_xlabel("shard size (MB)")
-        a.set_ylabel(ylabel)
-        a.grid(True, alpha=0.3)
+    log2_axes(((ax, "MB/s landed (durable, listed)"), (rx, "÷ raw write+fsync"),
+               (cx, "CPU ms per MB, all processes")), "shard size (MB)")
     rx.axhline(0.8, color="grey", lw=0.8)
     ax.legend(fontsize=8)
-    fig.suptitle("mechray local shard writes vs shard size (2 vCPU)")
-    fig.tight_layout()
-    path = FIGURES / "write_throughput_sweep.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, FIGURES / "write_throughput_sweep.png",
+                       "mechray local shard writes vs shard size (2 vCPU)")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
