@@ -42,6 +42,36 @@ def test_float32_comoment_agrees_with_float64_to_float32_precision():
     np.testing.assert_allclose(Moments.comoment(x).m2, Moments.of(x, full=True).m2, rtol=1e-12)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e3], ids=["as-is", "centred"])
+def test_comoment_blocks_give_the_same_bits_on_any_number_of_blas_threads(monkeypatch, offset):
+    """The co-moment's row blocks depend on the shape only: spread over two threads of
+    single-threaded BLAS, done in one thread, or done while another call holds the parallel
+    path, the float64 sum is bit for bit the same (and the float64 statistic to 2e-6)."""
+    from threadpoolctl import threadpool_limits
+
+    from mechray.analysis import moments
+
+    monkeypatch.setattr(moments, "BLOCK_BYTES", 4 * 16 * 700)     # 700-row blocks: 8 of them
+    rng = np.random.default_rng(3)
+    x32 = (rng.normal(size=(5_001, 16)) * np.linspace(2, 0.1, 16) + offset).astype(np.float32)
+    assert len(moments._row_blocks(*x32.shape)) == 8
+    with threadpool_limits(2, user_api="blas"):
+        assert moments._blas_threads() == 2
+        two = Moments.comoment(x32)
+        with moments._PARALLEL:                                  # another call holds the path
+            held = Moments.comoment(x32)
+    with threadpool_limits(1, user_api="blas"):
+        one = Moments.comoment(x32)
+    assert moments._blas_threads() >= 1
+    for other in (held, one):
+        np.testing.assert_array_equal(other.m2, two.m2)
+        np.testing.assert_array_equal(other.mean, two.mean)
+    ref = Moments.of(x32.astype(np.float64), full=True)
+    scale = np.sqrt(np.outer(np.diag(ref.m2), np.diag(ref.m2)))
+    assert np.max(np.abs(two.m2 - ref.m2) / scale) < 2e-6
+    np.testing.assert_allclose(two.mean, ref.mean, rtol=1e-6)
+
+
 def _reference(x: np.ndarray, eps: float, k: int):
     """neuron's statistics the slow, obvious way in float64."""
     x64 = x.astype(np.float64)
