@@ -28,6 +28,7 @@ entry), the precision the rows were stored in.  Float64 rows take the float64 pa
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -110,8 +111,14 @@ def _grams(x: np.ndarray, shift32: Optional[np.ndarray]) -> tuple[np.ndarray, np
 _PARALLEL = threading.Lock()   # held by the one call at a time that lowers BLAS' threads
 
 
-@functools.lru_cache(maxsize=None)
 def _pool(threads: int) -> ThreadPoolExecutor:
+    """This process' pool (a forked child gets its own: the parent's threads do not exist in it,
+    and an executor that believes they do never runs what it is given)."""
+    return _pool_of(threads, os.getpid())
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_of(threads: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="mechray-syrk")
 
 

@@ -72,6 +72,37 @@ def test_comoment_blocks_give_the_same_bits_on_any_number_of_blas_threads(monkey
     np.testing.assert_allclose(two.mean, ref.mean, rtol=1e-6)
 
 
+def _comoment_sum(x32, queue) -> None:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(2, user_api="blas"):
+        queue.put(float(Moments.comoment(x32).m2.sum()))
+
+
+def test_comoment_in_a_forked_child_after_the_parent_used_its_threads(monkeypatch):
+    """A process forked after a threaded co-moment gets threads of its own (the parent's pool
+    does not exist in the child; reusing it hung the child forever)."""
+    import multiprocessing
+
+    from threadpoolctl import threadpool_limits
+
+    from mechray.analysis import moments
+
+    monkeypatch.setattr(moments, "BLOCK_BYTES", 4 * 16 * 700)
+    x32 = np.random.default_rng(5).normal(size=(5_001, 16)).astype(np.float32)
+    with threadpool_limits(2, user_api="blas"):
+        want = float(Moments.comoment(x32).m2.sum())        # the parent's pool now exists
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_comoment_sum, args=(x32, queue))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in Moments.comoment")
+    assert child.exitcode == 0 and queue.get(timeout=5) == want
+
+
 def _reference(x: np.ndarray, eps: float, k: int):
     """neuron's statistics the slow, obvious way in float64."""
     x64 = x.astype(np.float64)
