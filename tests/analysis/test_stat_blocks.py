@@ -58,6 +58,7 @@ def test_comoment_blocks_give_the_same_bits_on_any_number_of_blas_threads(monkey
     with threadpool_limits(2, user_api="blas"):
         assert moments._blas_threads() == 2
         two = Moments.comoment(x32)
+        assert moments._blas_threads() == 2                     # the BLAS limit was lifted
         with moments._PARALLEL:                                  # another call holds the path
             held = Moments.comoment(x32)
     with threadpool_limits(1, user_api="blas"):
