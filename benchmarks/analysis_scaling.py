@@ -45,8 +45,10 @@ layer is ``relu(Linear(64 -> d))`` of Gaussian inputs: half the values are exact
    ``FeatureAnalysis._pca`` (eigendecomposition).  ``mechray`` is timed on rows already in
    memory (same input as scikit-learn gets), ``mechray_from_shards`` also reads the shards
    (checksum + mmap), ``mechray_float64`` is the path before issue 11 (``precision:
-   "float64"``).  Against ``sklearn.decomposition.PCA(n_components).fit`` on the concatenated
-   float32 matrix, per solver in ``--sklearn-solvers`` (``auto`` picks ``covariance_eigh`` for
+   "float64"``), and ``engine_inproc`` / ``engine_ray`` the user's path
+   (``Engine(store).run(["feature"])`` over every shard, in-process or on Ray's workers, each
+   shard read and verified: ``--pca-engine``).  Against
+   ``sklearn.decomposition.PCA(n_components).fit`` on the concatenated float32 matrix, per solver in ``--sklearn-solvers`` (``auto`` picks ``covariance_eigh`` for
    n >= 10 d, d <= 1000).  Aim: mechray <= sklearn (auto), explained variance ratios within
    rtol 1e-5 and components equal up to sign (the table gives the largest differences).
 
@@ -532,6 +534,7 @@ def run_pca(args, root: Path) -> dict[str, Any]:
     from mechray import ShardStore
     from mechray.analysis import get_analysis
     from mechray.analysis.base import Context
+    from mechray.analysis.engine import Engine
     from mechray.analysis.tasks import tree as _tree
 
     store = ShardStore(fresh_location(root))
@@ -589,9 +592,32 @@ def run_pca(args, root: Path) -> dict[str, Any]:
                     "solver": getattr(pca, "_fit_svd_solver", solver)}, {}
         return fit
 
+    def engine(use_ray: bool) -> Callable[[], tuple[dict, dict]]:
+        """The user's path: ``Engine(store).run(["feature"])`` over every shard of the store,
+        reads and checksums included, in-process or on Ray's workers."""
+        def go():
+            out = Engine(fresh_location(root), use_ray=use_ray, progress=False).run(
+                ["feature"], {"feature": {"n_components": args.n_components, "n_clusters": 0}},
+                layers=[LAYER])["feature"][LAYER]
+            if "explained_variance_ratio" not in out:
+                raise RuntimeError(f"feature failed: {out}")
+            return out, {}
+        return go
+
     methods: dict[str, Callable] = {"mechray": mechray_in_memory,
                                     "mechray_from_shards": mechray_from_shards,
                                     "mechray_float64": mechray_float64}
+    engines = [v for v in args.pca_engine.split(",") if v]
+    if engines and len(entries) < len(store.shards(LAYER)):
+        log.info("--pca-engine skipped: the Engine reads every shard, --pca-shards fewer")
+        engines = []
+    for v in engines:
+        if v not in ("inproc", "ray"):
+            raise SystemExit(f"--pca-engine {v!r}: use inproc and/or ray")
+        if v == "ray":
+            start_ray(args.ray_cpus)
+        methods[f"engine_{v}"] = engine(v == "ray")
+        methods[f"engine_{v}"]()                      # warm: Ray workers start, imports
     for s in args.sklearn_solvers:
         methods[f"sklearn_{s}"] = sklearn(s)
     samples: dict[str, list[dict]] = {m: [] for m in methods}
@@ -961,6 +987,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--pca-shards", type=int, default=None, help="shards used (default: all)")
     p.add_argument("--n-components", type=int, default=10)
     p.add_argument("--sklearn-solvers", default="auto", help="e.g. auto,full,randomized")
+    p.add_argument("--pca-engine", default="inproc,ray",
+                   help="also time Engine(store).run(['feature']) over every shard, in-process "
+                        "and/or on Ray ('' for neither)")
     p.add_argument("--pca-rounds", type=int, default=2)
     # sae
     p.add_argument("--sae-rows", type=int, default=40960, help="training rows (max_rows)")
