@@ -49,8 +49,9 @@ layer is ``relu(Linear(64 -> d))`` of Gaussian inputs: half the values are exact
    (``Engine(store).run(["feature"])`` over every shard, in-process or on Ray's workers, each
    shard read and verified: ``--pca-engine``).  Against
    ``sklearn.decomposition.PCA(n_components).fit`` on the concatenated float32 matrix, per solver
-   in ``--sklearn-solvers`` (``auto`` picks ``covariance_eigh`` for n >= 10 d, d <= 1000).  Aim: mechray <= sklearn (auto), explained variance ratios within
-   rtol 1e-5 and components equal up to sign (the table gives the largest differences).
+   in ``--sklearn-solvers`` (``auto`` picks ``covariance_eigh`` for n >= 10 d, d <= 1000).
+   Aim: mechray <= sklearn (auto), explained variance ratios within rtol 1e-5 and components
+   equal up to sign (the table gives the largest differences).
 
 3. **sae** (``k``, ``expansion_factor``, ``batch_size`` from the flags, ``epochs=1``,
    ``max_rows=--sae-rows``, ``device=cpu``): ``Engine(..., use_ray=False).run(["sae"])`` over
