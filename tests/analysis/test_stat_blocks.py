@@ -63,7 +63,6 @@ def test_comoment_blocks_give_the_same_bits_on_any_number_of_blas_threads(monkey
             held = Moments.comoment(x32)
     with threadpool_limits(1, user_api="blas"):
         one = Moments.comoment(x32)
-    assert moments._blas_threads() >= 1
     for other in (held, one):
         np.testing.assert_array_equal(other.m2, two.m2)
         np.testing.assert_array_equal(other.mean, two.mean)
