@@ -49,6 +49,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal, Optional
 
 import torch
@@ -70,8 +71,6 @@ from mechray.analysis.intervene import (
     eval_inputs,
 )
 from mechray.analysis.sae_budget import (
-    MIN_STEPS,
-    STEPS_PER_LATENT,
     auto_lr,
     budget_rule,
     budget_steps,
@@ -209,10 +208,9 @@ class SAEAnalysis(Analysis):
         latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * d)
         rows = float(min(n, p.get("max_rows") or n))
         size = p.get("batch_size") or 1024
-        per_epoch = -(-rows // size)            # the budget rule (sae_budget.budget_steps)
-        steps = p.get("steps") or (per_epoch * p["epochs"] if p.get("epochs") else
-                                   max(p.get("min_steps") or max(MIN_STEPS, STEPS_PER_LATENT
-                                                                 * latents), per_epoch))
+        steps = budget_steps(SimpleNamespace(steps=p.get("steps"), epochs=p.get("epochs"),
+                                             min_steps=p.get("min_steps")),
+                             -(-int(rows) // size), int(latents))
         seen = 0.0 if p.get("pretrained") else steps * size
         seen += n / 3                           # top-activating rows: one forward pass
         batch = float(min(size, max(rows, 1)))
