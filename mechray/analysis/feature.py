@@ -146,6 +146,13 @@ class FeatureAnalysis(Analysis):
         n, d = partial.n, len(partial.moments.mean)
         if n < 2:
             raise Skip(f"layer {layer!r} has {n} stored row(s); PCA needs at least 2")
+        bad = np.flatnonzero(~np.isfinite(partial.moments.mean) |
+                             ~np.isfinite(np.diag(partial.moments.m2)))
+        if len(bad):
+            raise Skip(f"layer {layer!r} holds NaN or inf values in {len(bad)} of its {d} "
+                       f"features (first: {bad[:5].tolist()}); PCA needs finite rows. The "
+                       f"'neuron' analysis shows which neurons (min/max); recapture from a "
+                       f"checkpoint before the model diverged")
         result = self._pca(partial, ctx, layer)
         result["clustering"] = self._cluster(partial, ctx, layer)
         result["num_samples"], result["num_features"] = int(n), int(d)

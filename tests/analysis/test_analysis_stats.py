@@ -170,6 +170,18 @@ def test_feature_without_store_clusters_the_sample_and_inlines_components(tmp_pa
     assert np.asarray(got["components"]).shape == (2, 4) and got["clustering"]["rows"] == "sample"
 
 
+def test_pca_of_rows_with_nan_or_inf_is_skipped_naming_the_features(tmp_path):
+    """A diverged model's NaN/inf activations: the engine says which features and what to do,
+    where PCA used to fail inside LAPACK ("array must not contain infs or NaNs")."""
+    rows = torch.randn(60, 6)
+    rows[3, 2], rows[50, 4] = float("nan"), float("inf")
+    store = capture(tmp_path / "s", [rows[:30], rows[30:]], steps=[0, 1])
+    got = Engine(store, use_ray=False, progress=False).run(
+        ["feature"], {"feature": {"n_components": 2, "n_clusters": 2}})["feature"]["layer"]
+    assert got.get("skipped") and "2 of its 6 features" in got["reason"], got
+    assert "[2, 4]" in got["reason"] and "recapture" in got["reason"]
+
+
 # --- params ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,params,field", [
     ("neuron", {"top_k": 0}, "top_k"), ("neuron", {"eps": -1}, "eps"),
