@@ -50,7 +50,7 @@ from mechray.analysis.base import (
     Workload,
     register,
 )
-from mechray.analysis.moments import Moments
+from mechray.analysis.moments import Moments, single_threaded_blas
 
 
 class FeatureParams(Params):
@@ -242,13 +242,11 @@ def row_batches(store, layer: str, batch_size: int) -> Iterator[np.ndarray]:
 
 def top_eigh(cov: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest eigenpairs of a symmetric matrix (LAPACK ``syevr`` for just those, on
-    one BLAS thread: a d=512 problem takes ~20 ms that way, while threaded BLAS under a loaded
-    machine took seconds)."""
+    one BLAS thread: the same bits in any process, and fast at these sizes)."""
     from scipy.linalg import eigh
-    from threadpoolctl import threadpool_limits
 
     d = len(cov)
-    with threadpool_limits(1):
+    with single_threaded_blas():
         return eigh(cov, subset_by_index=[d - k, d - 1])
 
 

@@ -17,7 +17,8 @@ rounding, so a merge tree over Ray tasks gives what one pass over all rows gives
 
 :meth:`Moments.comoment` is the fast co-moment for PCA: float32 rows are multiplied with one
 BLAS ``syrk`` per block of up to :data:`BLOCK_BYTES` (``a.T @ a`` in numpy; the blocks depend
-on the shape only, and go to as many threads of single-threaded BLAS as BLAS had threads), each
+on the shape only, and go to as many threads of single-threaded BLAS as BLAS had threads, so
+the bits do not depend on the process, the thread count or the BLAS kernel), each
 block's product added into a float64 matrix, and the mean corrected in float64.  Where a sample
 of the rows shows a column whose mean exceeds its spread, the rows are first centred on the
 sample's mean (a copy per block): float32 products of uncentred rows would lose the variance to
@@ -27,18 +28,20 @@ entry), the precision the rows were stored in.  Float64 rows take the float64 pa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
 BLOCK_BYTES = 16 << 20  # float32 bytes of rows per syrk block in comoment() (at most): smaller
-                        # blocks cost BLAS efficiency (2,500 x 512 rows: 12% more than 5,000)
+                        # blocks cost BLAS efficiency
+SPLIT_BYTES = 4 << 20   # rows of at least twice this many bytes are cut into two blocks or more
 
 
 def _column_sums(x: np.ndarray) -> np.ndarray:
@@ -50,10 +53,14 @@ def _column_sums(x: np.ndarray) -> np.ndarray:
 
 
 def _row_blocks(n: int, d: int) -> list[tuple[int, int]]:
-    """Equal row blocks of at most :data:`BLOCK_BYTES` float32 bytes: a function of the shape
-    only, so the float64 sum of the blocks' products is the same on any number of threads."""
-    most = max(16, BLOCK_BYTES // (4 * max(d, 1)))
-    size = -(-n // -(-n // most))
+    """Equal row blocks of at most :data:`BLOCK_BYTES` float32 bytes, and at least two once the
+    rows fill two of :data:`SPLIT_BYTES` (so two threads have work on a mid-sized shard): a
+    function of the shape only, so the float64 sum of the blocks' products is the same on any
+    number of threads and in any process."""
+    size_bytes = 4 * n * max(d, 1)
+    count = max(-(-size_bytes // BLOCK_BYTES), 2 if size_bytes >= 2 * SPLIT_BYTES else 1, 1)
+    count = min(count, max(1, n // 16))
+    size = -(-n // count) if n else 1
     return [(i, min(n, i + size)) for i in range(0, n, size)]
 
 
@@ -80,26 +87,22 @@ def _block_grams(x: np.ndarray, blocks: list[tuple[int, int]], shift32: Optional
 
 
 def _grams(x: np.ndarray, shift32: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The float64 sum of every block's float32 product and column sums.  Where BLAS would run
-    one call on several threads, the blocks go instead to that many Python threads, each calling
-    single-threaded BLAS: OpenBLAS' threaded syrk of a 10k x 512 block runs 1.5x faster on two
-    cores than on one, two independent single-threaded ones 1.9x (so a Ray worker, on one BLAS
-    thread, is unchanged).  The BLAS thread limit is process-wide while it lasts, so one call at
-    a time takes this path; a concurrent call computes its blocks in its own thread."""
+    """The float64 sum of every block's float32 product and column sums, each product on
+    single-threaded BLAS.  OpenBLAS' threaded ``syrk`` does not give the bits of its one-thread
+    ``syrk`` with every kernel (with ``OPENBLAS_CORETYPE=Haswell`` they differ by ~1e-7 per
+    entry), and a Ray worker runs one BLAS thread while a driver runs several: so the products
+    always run on one BLAS thread, and where BLAS had several, the blocks go to that many Python
+    threads instead (single-threaded syrk on separate blocks also runs faster than one threaded
+    call).  The BLAS limit is process-wide, so co-moments in one process take turns."""
     blocks = _row_blocks(*x.shape)
-    threads = min(len(blocks), _blas_threads())
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
-    if threads > 1 and _PARALLEL.acquire(blocking=False):
-        try:
-            pool = _pool(threads)
-            with _blas_controller().limit(limits=1):
-                done = list(pool.map(lambda j: _block_grams(x, blocks[j::threads], shift32),
-                                     range(threads)))
+    with single_threaded_blas() as had:
+        threads = min(len(blocks), had)
+        if threads > 1:
+            done = list(_pool(threads).map(
+                lambda j: _block_grams(x, blocks[j::threads], shift32), range(threads)))
             parts = [done[i % threads][i // threads] for i in range(len(blocks))]  # block order
-        finally:
-            _PARALLEL.release()
-    else:
-        parts = _block_grams(x, blocks, shift32)
+        else:
+            parts = _block_grams(x, blocks, shift32)
     grams = parts[0][0].astype(np.float64)
     total = parts[0][1].copy()
     for g, t in parts[1:]:
@@ -108,7 +111,28 @@ def _grams(x: np.ndarray, shift32: Optional[np.ndarray]) -> tuple[np.ndarray, np
     return grams, total
 
 
-_PARALLEL = threading.Lock()   # held by the one call at a time that lowers BLAS' threads
+_BLAS = threading.RLock()   # held while this process' BLAS is limited to one thread
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[int]:
+    """Run the block on one BLAS thread (so its floating-point result does not depend on how
+    many threads BLAS had, nor on the process: a Ray worker or a driver); yields how many
+    threads BLAS had before, for callers that spread work over Python threads instead.
+    Re-entrant; concurrent users in one process take turns.
+
+    Usage::
+
+        with single_threaded_blas() as threads:
+            evals, evecs = scipy.linalg.eigh(cov)
+    """
+    with _BLAS:
+        had = _blas_threads()
+        if had <= 1:
+            yield 1
+            return
+        with _blas_controller().limit(limits=1):
+            yield had
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -124,8 +148,14 @@ def _pool_of(threads: int, pid: int) -> ThreadPoolExecutor:
 
 @functools.lru_cache(maxsize=1)
 def _blas_controller() -> Any:
+    """Every BLAS this process can run: numpy's and scipy's (a library of its own, loaded on
+    import, so it is imported first: the eigensolver must be limited too)."""
     from threadpoolctl import ThreadpoolController
 
+    try:
+        import scipy.linalg  # noqa: F401
+    except ImportError:      # scipy is optional (the analysis extra); numpy's BLAS alone then
+        pass
     return ThreadpoolController().select(user_api="blas")
 
 
@@ -151,9 +181,13 @@ class Moments:
         if x.shape[0] == 0:
             return cls.empty(d, full)
         mean = x.mean(0)
-        xc = x - mean
-        m2 = xc.T @ xc if full else (xc * xc).sum(0)
-        return cls(int(x.shape[0]), mean.numpy(), m2.numpy())
+        xc = (x - mean).numpy()
+        if full:
+            with single_threaded_blas():      # the same bits in a Ray worker and a driver
+                m2 = xc.T @ xc
+        else:
+            m2 = (xc * xc).sum(0)
+        return cls(int(x.shape[0]), mean.numpy(), m2)
 
     @classmethod
     def comoment(cls, rows: torch.Tensor | np.ndarray) -> "Moments":

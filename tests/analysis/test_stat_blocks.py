@@ -45,8 +45,8 @@ def test_float32_comoment_agrees_with_float64_to_float32_precision():
 @pytest.mark.parametrize("offset", [0.0, 1e3], ids=["as-is", "centred"])
 def test_comoment_blocks_give_the_same_bits_on_any_number_of_blas_threads(monkeypatch, offset):
     """The co-moment's row blocks depend on the shape only: spread over two threads of
-    single-threaded BLAS, done in one thread, or done while another call holds the parallel
-    path, the float64 sum is bit for bit the same (and the float64 statistic to 2e-6)."""
+    single-threaded BLAS, done in one thread, or done inside a caller's one-thread BLAS block,
+    the float64 sum is bit for bit the same (and the float64 statistic to 2e-6)."""
     from threadpoolctl import threadpool_limits
 
     from mechray.analysis import moments
@@ -59,7 +59,8 @@ def test_comoment_blocks_give_the_same_bits_on_any_number_of_blas_threads(monkey
         assert moments._blas_threads() == 2
         two = Moments.comoment(x32)
         assert moments._blas_threads() == 2                     # the BLAS limit was lifted
-        with moments._PARALLEL:                                  # another call holds the path
+        with moments.single_threaded_blas() as had:             # a caller already holds it
+            assert had == 2 and moments._blas_threads() == 1
             held = Moments.comoment(x32)
     with threadpool_limits(1, user_api="blas"):
         one = Moments.comoment(x32)
@@ -70,6 +71,48 @@ def test_comoment_blocks_give_the_same_bits_on_any_number_of_blas_threads(monkey
     scale = np.sqrt(np.outer(np.diag(ref.m2), np.diag(ref.m2)))
     assert np.max(np.abs(two.m2 - ref.m2) / scale) < 2e-6
     np.testing.assert_allclose(two.mean, ref.mean, rtol=1e-6)
+
+
+_KERNEL_CHECK = """
+import numpy as np
+from threadpoolctl import threadpool_limits
+from mechray.analysis.feature import top_eigh
+from mechray.analysis.moments import Moments
+rng = np.random.default_rng(0)
+out = []
+for n, d in ((2_000, 64), (40_000, 64), (3_000, 200)):
+    x = np.maximum(rng.standard_normal((n, d)), 0).astype(np.float32)
+    with threadpool_limits(2, user_api="blas"):
+        two = Moments.comoment(x)
+        two_full = Moments.of(x, full=True)
+        two_eig = top_eigh(two.covariance(), 8)
+    with threadpool_limits(1, user_api="blas"):
+        one = Moments.comoment(x)
+        one_full = Moments.of(x, full=True)
+        one_eig = top_eigh(one.covariance(), 8)
+    out.append(bool(np.array_equal(two.m2, one.m2) and np.array_equal(two_full.m2, one_full.m2)
+                    and all(np.array_equal(a, b) for a, b in zip(two_eig, one_eig))))
+print(out)
+"""
+
+
+@pytest.mark.parametrize("coretype", ["Haswell", None], ids=["haswell-kernel", "native-kernel"])
+def test_products_give_the_same_bits_on_one_or_two_blas_threads_whatever_the_kernel(coretype):
+    """A Ray worker runs one BLAS thread, a driver several: with OpenBLAS' Haswell kernels a
+    threaded ``syrk`` differs from the one-thread one (~1e-7 relative, so Ray and in-process
+    PCA differed by 5.8e-9), so every product behind PCA runs on one BLAS thread. Checked in a
+    fresh process per kernel choice (OpenBLAS reads ``OPENBLAS_CORETYPE`` at load)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    if coretype:
+        env["OPENBLAS_CORETYPE"] = coretype
+    out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[True, True, True]", out.stdout
 
 
 def _comoment_sum(x32, queue) -> None:
