@@ -18,7 +18,9 @@ The plan, identical with and without Ray (Ray is used when ``ray.is_initialized(
    partials are merged in a fixed tree (group order, up to 8 per merge task), then one task per (layer,
    analysis) runs ``finalize`` (which may stream the store again, e.g. k-means in ``feature``).
    Groups (:func:`shard_groups`) depend only on the shard list, never on the cluster, so Ray and
-   in-process runs merge in the same order and agree exactly.
+   in-process runs merge in the same order; products go through single-threaded BLAS
+   (:func:`~mechray.analysis.moments.single_threaded_blas`), so they agree bit for bit whatever
+   the process, thread count or BLAS kernel.
 2. ``fit`` analyses: one task per (layer, analysis), submitted together with the stat tasks,
    requesting ``num_gpus`` when configured.
 3. ``model`` analyses: after 1-2 (they read earlier results, e.g. ``neuron`` means), one task per
@@ -117,7 +119,7 @@ class Engine:
             try:
                 cls = analysis_class(name)
                 cls(params.get(name))  # validates the parameters before any task starts
-                specs.append(Spec(name, cls.kind, dict(params.get(name) or {}), cls))
+                specs.append(Spec(name, cls.kind, dict(params.get(name) or {}), cls, self.strict))
             except AnalysisParamsError:
                 raise
             except KeyError as exc:  # not registered in this install

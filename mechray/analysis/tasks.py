@@ -46,6 +46,7 @@ class Spec:
     kind: str
     params: dict
     cls: type[Analysis]
+    strict: bool = False    # a failure raises (Engine(strict=True)) instead of skipping the layer
 
     def build(self) -> Analysis:
         return self.cls(self.params)
@@ -240,7 +241,7 @@ def _guarded(body: Callable[[], Any], spec: Spec, layer: str, info: dict) -> Out
     except ShardError as exc:
         return Outcome(Status.FATAL, str(exc))
     except Exception as exc:
-        if info.get("strict"):
+        if spec.strict or info.get("strict"):
             raise
         log.error("mechray: analysis %r failed on layer %r:\n%s", spec.name, layer,
                   traceback.format_exc())

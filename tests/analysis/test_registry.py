@@ -160,3 +160,30 @@ def test_api_cost_and_http_route_use_the_registered_class(store):
     np.testing.assert_allclose(ok.json()["result"]["range"], expected_range(path, "popt", 2.0),
                                rtol=1e-12)
     assert bad.status_code == 422 and "scale" in bad.text
+
+
+class Broken(Spread):
+    """Fails in ``map`` on one layer: a bug in a third-party analysis."""
+
+    name = "broken_test"
+
+    def map(self, rows, entry, layer):
+        if layer == "popt":
+            raise RuntimeError("boom in map")
+        return super().map(rows, entry, layer)
+
+
+def test_strict_engine_raises_where_the_default_skips_the_layer(store):
+    """``Engine(strict=True)`` raises a failing ``map`` (a bug to see at once); by default the
+    failure is recorded on that layer and the other layers still get their result."""
+    _, path = store
+    register(Broken)
+    try:
+        loose = Engine(ShardStore(path), use_ray=False, progress=False).run(["broken_test"])
+        assert loose["broken_test"]["popt"]["skipped"] is True
+        assert "boom in map" in loose["broken_test"]["popt"]["error"]
+        assert "range" in loose["broken_test"][LAYERS[0]]
+        with pytest.raises(RuntimeError, match="boom in map"):
+            Engine(ShardStore(path), use_ray=False, progress=False, strict=True).run(["broken_test"])
+    finally:
+        REGISTRY.pop(Broken.name, None)
