@@ -16,7 +16,11 @@ from mechray.analysis.base import (
     REGISTRY,
     Analysis,
     Context,
+    Cost,
     Skip,
+    Workload,
+    analysis_class,
+    analysis_names,
     get_analysis,
     register,
 )
