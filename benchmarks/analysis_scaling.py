@@ -673,7 +673,7 @@ def run_pca(args, root: Path) -> dict[str, Any]:
         res["float32_vs_float64_evr_max_rel_diff"] = float(np.max(np.abs(
             np.asarray(a["explained_variance_ratio"]) / np.asarray(b["explained_variance_ratio"])
             - 1)))
-    del X, slices
+    X = slices = None      # free the rows before the next section (the closures above hold cells)
     gc.collect()
     return res
 
