@@ -178,6 +178,16 @@ class MechIntCallback(pl.Callback):
                 self.sampler.flush()
 
     # --- checkpointing -------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        """Where a checkpoint keeps this callback's state: one key per store and layers, so two
+        callbacks (two stores, or two layer sets) in one Trainer each resume their own numbering.
+        Checkpoints written under the class name alone still load (Lightning falls back)."""
+        c = self.config
+        where = f"s3://{c.s3_bucket}/{c.s3_prefix}" if c.storage_backend == "s3" else \
+            str(c.storage_path)
+        return self._generate_state_key(store=where, layers=tuple(c.sample_layers))
+
     def state_dict(self) -> dict[str, Any]:
         if self._pending and self._capturing is None:  # a checkpoint covers the held steps too:
             self._save()                               # hand them off so the index counts them
@@ -186,6 +196,13 @@ class MechIntCallback(pl.Callback):
         run_id = self.sampler.run_id if self.sampler is not None else self._resume_run_id
         return {"next_shard_index": int(index), "config": self.config.to_dict(),
                 "run_id": run_id}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """A checkpoint from before per-store keys holds the state under the class name."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states and type(self).__qualname__ in states:
+            self.load_state_dict(states[type(self).__qualname__])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_index = max(self._resume_index, int(state_dict.get("next_shard_index", 0)))

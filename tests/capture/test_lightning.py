@@ -182,3 +182,50 @@ def test_steps_per_shard_groups_sampled_steps_and_never_drops_rows(tmp_path, cap
         assert payload["metadata"]["row_steps"]["popt"].tolist() == \
             [s for s in entry["steps"] for _ in range(8)]
     assert store.layers()["popt"]["rows"] == 10 * 8
+
+
+def _two_store_fit(tmp_path, steps, ckpt_path=None):
+    callbacks = [MechIntCallback(MechIntConfig(
+        sample_layers=[layer], save_hidden_every_n_steps=every,
+        storage_path=str(tmp_path / name), use_ray=False))
+        for name, layer, every in (("a", "popt", 2), ("b", "mamba_backbone.blocks.0", 3))]
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6,
+                                        save_top_k=-1, filename="{step}")
+    trainer = pl.Trainer(max_steps=steps, callbacks=[*callbacks, ckpt], accelerator="cpu",
+                         devices=1, enable_progress_bar=False, enable_model_summary=False,
+                         logger=False)
+    torch.manual_seed(0)
+    trainer.fit(NeuroFMX(n_blocks=2, d_model=32), DataLoader(spike_dataset(96), batch_size=8),
+                ckpt_path=ckpt_path)
+
+
+def test_two_callbacks_in_one_trainer_each_resume_their_own_store(tmp_path):
+    """Two callbacks (two stores) keep their states under separate keys: resuming continues
+    each store's numbering. Under Lightning's default key (the class name) the second state
+    overwrote the first, so store ``a`` resumed at ``b``'s index and skipped or reused numbers."""
+    _two_store_fit(tmp_path, steps=10)
+    state = torch.load(tmp_path / "ckpt" / "step=6.ckpt", weights_only=False)["callbacks"]
+    mine = {k: v for k, v in state.items() if "MechIntCallback" in str(k)}
+    assert len(mine) == 2, list(state)
+    assert sorted(v["next_shard_index"] for v in mine.values()) == [2, 3]   # b: 0,3 / a: 0,2,4
+    _two_store_fit(tmp_path, steps=12, ckpt_path=str(tmp_path / "ckpt" / "step=6.ckpt"))
+    for name, want_steps in (("a", [0, 2, 4, 6, 8, 6, 8, 10]), ("b", [0, 3, 6, 9, 6, 9])):
+        entries = ShardStore(tmp_path / name).shards()
+        assert [e["index"] for e in entries] == list(range(len(want_steps))), name
+        assert [e["step"] for e in entries] == want_steps, name
+
+
+def test_a_checkpoint_keyed_by_the_class_name_still_resumes(tmp_path):
+    """Checkpoints written before per-store keys hold the state under ``MechIntCallback``."""
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4,
+                                        save_top_k=-1, filename="{step}")
+    _fit(tmp_path, steps=6, every=2, callbacks=[ckpt], enable_checkpointing=True)
+    path = tmp_path / "ckpt" / "step=4.ckpt"
+    full = torch.load(path, weights_only=False)
+    key = next(k for k in full["callbacks"] if "MechIntCallback" in str(k))
+    full["callbacks"]["MechIntCallback"] = full["callbacks"].pop(key)
+    torch.save(full, path)
+    _fit(tmp_path, steps=8, every=2, ckpt_path=str(path))
+    entries = ShardStore(tmp_path / "cache").shards()
+    assert [e["index"] for e in entries] == list(range(len(entries)))
+    assert [e["step"] for e in entries] == [0, 2, 4, 4, 6]
