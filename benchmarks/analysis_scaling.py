@@ -90,15 +90,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (OUT, CpuAccount, machine, setup_env, setup_logging,  # noqa: E402
-                     start_ray, table)
+from _common import OUT, CpuAccount, machine, setup_env, setup_logging, start_ray, table  # noqa: E402
 
 setup_env()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-
 
 log = logging.getLogger("bench.analysis_scaling")
 LAYER = "lin"
@@ -1050,7 +1048,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             out["neuron"] = run_neuron(args, root, warm_root)
         if "cluster" in args.sections:
             import ray
-
             from _cluster_scaling import run_cluster
 
             if ray.is_initialized():

@@ -64,8 +64,20 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (OUT, CpuAccount, log2_axes, machine, pyplot, save_figure,  # noqa: E402
-                     setup_env, setup_logging, start_ray, summary, table, write_json)
+from _common import (  # noqa: E402
+    OUT,
+    CpuAccount,
+    log2_axes,
+    machine,
+    pyplot,
+    save_figure,
+    setup_env,
+    setup_logging,
+    start_ray,
+    summary,
+    table,
+    write_json,
+)
 
 setup_env()
 

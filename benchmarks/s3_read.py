@@ -44,8 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (OUT, machine, mechray_source, setup_env, setup_logging,  # noqa: E402
-                     start_ray, table, write_json)
+from _common import OUT, machine, mechray_source, setup_env, setup_logging, start_ray, table, write_json  # noqa: E402
 
 setup_env()
 for _k, _v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),

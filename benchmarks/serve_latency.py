@@ -53,8 +53,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (log2_axes, machine, pyplot, save_figure, setup_env,  # noqa: E402
-                     setup_logging, start_ray, table, write_json)
+from _common import (  # noqa: E402
+    log2_axes,
+    machine,
+    pyplot,
+    save_figure,
+    setup_env,
+    setup_logging,
+    start_ray,
+    table,
+    write_json,
+)
 
 from mechray.testing import free_port  # noqa: E402
 

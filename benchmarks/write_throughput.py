@@ -50,8 +50,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (OUT, CpuAccount, log2_axes, machine, pyplot, save_figure,  # noqa: E402
-                     setup_env, setup_logging, start_ray, table, write_json)
+from _common import (  # noqa: E402
+    OUT,
+    CpuAccount,
+    log2_axes,
+    machine,
+    pyplot,
+    save_figure,
+    setup_env,
+    setup_logging,
+    start_ray,
+    table,
+    write_json,
+)
 
 setup_env()
 # moto accepts any credentials; set them before Ray starts so the writer actors inherit them

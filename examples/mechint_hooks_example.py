@@ -35,8 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from mechray import (ActivationSampler, EvalMechIntRunner, FastAPIIntegrationMixin,
-                     MechIntCallback, MechIntConfig, MechIntHooks, ShardStore)
+from mechray import (
+    ActivationSampler,
+    EvalMechIntRunner,
+    FastAPIIntegrationMixin,
+    MechIntCallback,
+    MechIntConfig,
+    MechIntHooks,
+    ShardStore,
+)
 from mechray.demo.model import NeuroFMX, spike_dataset
 
 log = logging.getLogger("examples.mechint_hooks_example")

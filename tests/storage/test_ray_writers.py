@@ -52,8 +52,10 @@ def test_ray_pool_and_threads_write_the_same_shards(ray_local, tmp_path):
     a, b = ShardStore(tmp_path / "ray"), ShardStore(tmp_path / "threads")
     assert [e["file"] for e in a.shards()] == names
     assert _tensor_bytes(a) == _tensor_bytes(b)
-    strip = lambda es: [{k: v for k, v in e.items() if k not in ("written_at", "checksum", "bytes", "run_id")}
-                        for e in es]
+    def strip(entries):
+        return [{k: v for k, v in e.items() if k not in ("written_at", "checksum", "bytes", "run_id")}
+                for e in entries]
+
     assert strip(a.shards()) == strip(b.shards())
 
 

@@ -18,11 +18,11 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 import ray
+import tomllib
 import yaml
 from packaging.specifiers import SpecifierSet
 
