@@ -241,8 +241,7 @@ def cmd_unlock(args) -> int:
     from mechray.storage.claim import unlock
 
     held = unlock(args.path)
-    print(f"{args.path}: " + (f"removed the claim of {held.describe()}" if held else
-                              "no claim to remove"))
+    print(f"{args.path}: " + (f"removed {held}" if held else "no claim to remove"))
     return 0
 
 
