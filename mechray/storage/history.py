@@ -117,13 +117,15 @@ def replace_manifest(target: StorageTarget, path: Path, key: str) -> None:
     lists every shard it lists (same checksums), else :class:`StoreConflictError`."""
     client = target.client()
     ident = (target.endpoint_url, target.bucket, key)
+    algo = {"ChecksumAlgorithm": target.s3_checksum} if target.s3_checksum else {}
     for _ in range(3):
         with _ETAGS_LOCK:
             known = _ETAGS.get(ident)
         cond = {"IfMatch": known} if known else {"IfNoneMatch": "*"}
         try:
             with open(path, "rb") as fh:
-                etag = client.put_object(Bucket=target.bucket, Key=key, Body=fh, **cond)["ETag"]
+                etag = client.put_object(Bucket=target.bucket, Key=key, Body=fh, **cond,
+                                         **algo)["ETag"]
         except Exception as exc:
             if s3.error_code(exc) not in ("PreconditionFailed", "NoSuchKey",
                                           "ConditionalRequestConflict"):
