@@ -214,8 +214,10 @@ def _build_model(spec: str):
 
 
 def cmd_sync(args) -> int:
+    from mechray.storage import s3
     from mechray.storage.recovery import sync
 
+    s3.probe_all()   # a deliberate retry: in this process too, one try whatever happened before
     result = sync(args.path, endpoint_url=args.endpoint_url)
     print(f"{args.path}: {result['uploaded']} shard(s) uploaded, {result['pending']} still "
           f"pending, {result['shards']} listed")

@@ -214,6 +214,12 @@ class Breaker:
         self.is_open, self._probe_every = True, max(1.0, budget_s)
         self.open_until = max(self.open_until, now + self._probe_every)
 
+    def probe_now(self) -> None:
+        """Let the next call through at once (a deliberate retry: a run's close, ``mechray
+        sync``); if it fails, the breaker stays open."""
+        with self._lock:
+            self.open_until = 0.0
+
     def ok(self) -> None:
         with self._lock:
             if self.is_open:
@@ -234,6 +240,14 @@ def breaker(endpoint_url: Optional[str]) -> Breaker:
         os.environ.get("AWS_ENDPOINT_URL") or "aws"
     with _BREAKERS_LOCK:
         return _BREAKERS.setdefault(key, Breaker())
+
+
+def probe_all() -> None:
+    """Let every endpoint's next call through (``mechray sync``: a deliberate retry)."""
+    with _BREAKERS_LOCK:
+        gates = list(_BREAKERS.values())
+    for gate in gates:
+        gate.probe_now()
 
 
 def with_backoff(fn, budget_s: float, what: str, endpoint_url: Optional[str] = None):

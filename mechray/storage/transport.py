@@ -181,6 +181,7 @@ class Transport:
         try:
             self.flush()
             if self.stats.pending_uploads or self.target.hold_uploads:
+                s3.breaker(self.target.endpoint_url).probe_now()  # a deliberate retry
                 uploaded, left = self._sync_pending(self.target.retry_seconds)
                 self.stats.pending_uploads = left
                 if left:
@@ -226,7 +227,13 @@ class ThreadTransport(Transport):
         self.claim.release()
 
     def _write(self, pending: PendingShard) -> dict[str, Any]:
-        self.claim.check()   # fenced: a run whose claim was taken over stops here
+        try:
+            self.claim.check()   # fenced: a run whose claim was taken over stops here
+        except ClaimLostError as exc:  # ... and keeps the shard beside the store, unlisted
+            aside = self.target.local_dir + f"/.fenced-{self.run_id}"
+            ShardSink(StorageTarget(backend="local", local_dir=aside,
+                                    checksum=self.target.checksum)).write(pending.materialize())
+            raise ClaimLostError(f"{exc}. Shard {pending.name} is kept in {aside}") from None
         entry = self.sink.write(pending.materialize())
         self.claim.check()   # ...and before every manifest commit
         self.manifest.add(entry)

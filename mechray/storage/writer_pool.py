@@ -134,8 +134,10 @@ class ManifestOwner:
                    self.found.next_index(rank) if self.found else 0)
 
     def sync_pending(self, budget_s: float) -> tuple[int, int]:
+        from mechray.storage import s3
         from mechray.storage.transport import late_claim
 
+        s3.breaker(self.target.endpoint_url).probe_now()  # a deliberate retry
         if self.found is None and self.claim is not None:
             if not late_claim(self.claim, self.manifest, self.claim.run_id):
                 return 0, len(self.manifest.pending())

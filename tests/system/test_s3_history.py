@@ -192,10 +192,11 @@ def test_a_paused_writer_whose_claim_was_taken_stops(tiny_net, tmp_path, s3_buck
     b = _sampler(tiny_net, tmp_path / "b", endpoint, bucket, s3_append=True)
     b_names = _save(b, tiny_net, range(1, 4))
     b.flush()
-    _save(a, tiny_net, [1])                # A wakes up and writes on
+    late = _save(a, tiny_net, [1])         # A wakes up and writes on
     with pytest.raises((ShardWriteError, ClaimLostError)) as info:
         a.flush()
     assert "lost its claim" in str(info.value)
+    assert list((tmp_path / "a").glob(f".fenced-{a.run_id}/{late[0]}"))  # kept, not listed
     with pytest.raises(ClaimLostError):
         _save(a, tiny_net, [2])            # and stops at its next save
     b.close()
