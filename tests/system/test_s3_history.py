@@ -293,3 +293,26 @@ def test_a_future_heartbeat_still_goes_stale(tmp_path):
     old = time.time() - 3600
     os.utime(tmp_path / LOCK, (old, old))                # not rewritten for an hour: stale
     StoreClaim(target, "run-b").acquire().release()
+
+
+@pytest.mark.slow
+def test_the_ray_writer_pool_refuses_another_runs_prefix_too(ray_local, tiny_net, tmp_path,
+                                                              s3_bucket):
+    endpoint, bucket = s3_bucket
+    a = ActivationSampler(layers=["popt"], save_dir=str(tmp_path / "a"), use_ray=True,
+                          verbose=False, storage_backend="s3", s3_bucket=bucket,
+                          s3_prefix=PREFIX, s3_endpoint_url=endpoint)
+    a.register_hooks(tiny_net)
+    first = _save(a, tiny_net, range(3))
+    a.close()
+    before = _objects(endpoint, bucket)
+    b = ActivationSampler(layers=["popt"], save_dir=str(tmp_path / "b"), use_ray=True,
+                          verbose=False, storage_backend="s3", s3_bucket=bucket,
+                          s3_prefix=PREFIX, s3_endpoint_url=endpoint)
+    b.register_hooks(tiny_net)
+    with torch.no_grad():
+        tiny_net(torch.randn(2, 3, 6))
+    with pytest.raises(StoreBusyError, match="already holds another store"):
+        b.save_activations(0)
+    b.close()
+    assert _objects(endpoint, bucket) == before and _s3_manifest(endpoint, bucket) == set(first)
