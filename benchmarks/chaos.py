@@ -494,7 +494,7 @@ def s3_history(root: Path | None = None, budget_s: float = 2.0) -> dict:
             a_names = save(a, range(2))
             a.flush()
             a.transport.claim._stop.set()
-            time.sleep(1.6)
+            time.sleep(2.6)  # S3 times are whole seconds: 2.6 s is >= 2 s on its clock
             b = sampler("pause-b", bucket, s3_append=True)
             b_names = save(b, range(2, 6))
             b.flush()

@@ -66,7 +66,10 @@ class Timeouts:
 
     @classmethod
     def for_budget(cls, budget_s: float) -> "Timeouts":
-        read = min(60.0, max(5.0, budget_s))
+        """Read timeout ``clamp(budget/3, 5, 60)`` s, connect ``clamp(budget/2, 1, 10)`` s,
+        and as many attempts (1 to 3) as fit the budget: 60 s gives 3 x 20 s (a throttled
+        read is still retried), 10 s gives 2 x 5 s, 2 s gives one 5 s attempt."""
+        read = min(60.0, max(5.0, budget_s / 3))
         connect = min(10.0, max(1.0, budget_s / 2))
         return cls(connect, read, int(min(3, max(1, budget_s // read))))
 

@@ -188,7 +188,7 @@ def test_a_paused_writer_whose_claim_was_taken_stops(tiny_net, tmp_path, s3_buck
     _save(a, tiny_net, [0])
     a.flush()
     a.transport.claim._stop.set()          # A pauses: no heartbeat ...
-    time.sleep(1.6)                        # ... for longer than the claim lives (on S3's clock)
+    time.sleep(2.6)                        # ... past the claim's life on S3's whole-second clock
     b = _sampler(tiny_net, tmp_path / "b", endpoint, bucket, s3_append=True)
     b_names = _save(b, tiny_net, range(1, 4))
     b.flush()
