@@ -209,8 +209,7 @@ class StoreClaim:
             raise ClaimLostError(self.lost)
         with self._guard():
             held = self._read_local()
-        if held is None or (held.token != self.token if self.owned else
-                            held.run_id != self.run_id):
+        if held is not None and self._taken(held, self.owned):  # (gone: nobody took it)
             self._lose(held, str(self.path))
         if self.s3_state not in ("owned", "joined"):
             return
@@ -228,10 +227,14 @@ class StoreClaim:
                 raise
             body = b""
         held = Holder.parse(body)
-        if held is None or (held.token != self.token if self.s3_state == "owned" else
-                            held.run_id != self.run_id):
+        if held is not None and self._taken(held, self.s3_state == "owned"):
             self._lose(held, f"s3://{bucket}/{key}")
         self._checked_s3 = now
+
+    def _taken(self, held: Holder, owner: bool) -> bool:
+        """Whether ``held`` is someone else's claim: another owner (we wrote ours), or another
+        run (we joined our run's)."""
+        return held.token != self.token if owner else held.run_id != self.run_id
 
     def _lose(self, held: Optional[Holder], where: str) -> None:
         self.lost = (f"this run ({self.run_id!r}) lost its claim on {self.target.local_dir} "
@@ -381,10 +384,14 @@ class StoreClaim:
         now = time.time()
         with self._guard():
             held = self._read_local()
-            if held is None or held.token != self.token:
+            if held is None:
+                log.error("the claim on %s was removed while this run (%s) still writes",
+                          self.target.local_dir, self.run_id)
+                return
+            if held.token != self.token:
                 self.lost = (f"the claim on {self.target.local_dir} was taken by "
-                             f"{held.describe() if held else 'nobody'} while this run "
-                             f"({self.run_id!r}) still writes; this run stops writing")
+                             f"{held.describe()} while this run ({self.run_id!r}) still "
+                             f"writes; this run stops writing")
                 log.error("%s", self.lost)
                 self._stop.set()
                 return
@@ -400,7 +407,7 @@ class StoreClaim:
                                               IfMatch=self._s3_etag)["ETag"],
                     0.0, f"s3://{bucket}/{key}", self.target.endpoint_url)
             except Exception as exc:
-                if s3.error_code(exc) in ("PreconditionFailed", "NoSuchKey"):
+                if s3.error_code(exc) == "PreconditionFailed":
                     self.lost = (f"the S3 claim s3://{bucket}/{key} was taken over while this "
                                  f"run ({self.run_id!r}) still writes; this run stops writing")
                     log.error("%s", self.lost)
