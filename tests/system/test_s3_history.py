@@ -111,6 +111,18 @@ def test_a_rerun_on_the_same_store_continues_without_asking(tiny_net, tmp_path, 
     assert _s3_manifest(endpoint, bucket) == set(first) | set(more)
 
 
+def test_a_resumed_run_on_another_machine_continues_its_own_store(tiny_net, tmp_path, s3_bucket):
+    endpoint, bucket = s3_bucket
+    a = _sampler(tiny_net, tmp_path / "a", endpoint, bucket, run_id="exp-1")
+    first = _save(a, tiny_net, range(2))
+    a.close()
+    again = _sampler(tiny_net, tmp_path / "b", endpoint, bucket, run_id="exp-1")  # new machine
+    more = _save(again, tiny_net, range(2, 4))
+    again.close()
+    assert more[0].startswith("activations_shard_000002")
+    assert _s3_manifest(endpoint, bucket) == set(first) | set(more)
+
+
 def test_shard_objects_are_created_never_replaced(tmp_path, s3_bucket):
     endpoint, bucket = s3_bucket
     name = "activations_shard_000000_step_0.pt"
