@@ -12,8 +12,15 @@ malicious manifests (paths out of the store, links, wrong shapes, truncation, a 
 ``s3_uri`` naming another object) against every reader (``ShardStore``, ``ls``, ``inspect``,
 ``repair``, ``sync``, the S3 cache), counting files written or changed outside the store and
 unclean errors; and two runs on one store (Ray pool, writer threads, one after the other), counting
-refusals and shards silently lost.  ``--store-phases-only`` runs just those two phases.  Prints the figures and
-writes them to ``benchmarks/out/chaos.json``.  ``run()`` is also the short version the tests use.
+refusals and shards silently lost.  ``--store-phases-only`` runs just those two phases.  Prints
+the figures and writes them to ``benchmarks/out/chaos.json``.  ``run()`` is also the short
+version the tests use.
+
+``--s3-history-only`` runs the S3 history phases (:func:`s3_history`, moto on 127.0.0.1, writer
+threads): runs one after the other and at the same time on one prefix, S3 down when the first
+run starts, a claim taken over by clock skew and by a paused writer, a black-hole endpoint and
+a refused-connection outage; it counts shards overwritten or lost (aim 0) and the longest block
+of the training thread against ``s3_retry_seconds``.
 """
 
 from __future__ import annotations
@@ -333,21 +340,238 @@ def store_phases(out_dir: str | None = None) -> dict:
         s3.stop()
 
 
+def s3_history(root: Path | None = None, budget_s: float = 2.0) -> dict:
+    """The S3 history phases (see the module docstring); returns their figures."""
+    import socket
+    import types
+    import uuid
+
+    import torch
+    from torch import nn
+
+    from mechray import ActivationSampler, ShardStore
+    from mechray.errors import MechrayError
+    from mechray.storage import claim as claim_mod
+    from mechray.storage import s3 as s3_mod
+    from mechray.testing import LocalS3
+
+    root = root or Path(tempfile.mkdtemp(prefix="mechray-s3-history-"))
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8))
+    server = LocalS3()
+    counts = Counter(scenarios=0, refused=0, fenced=0, shards_saved=0)
+    worst = {"longest_block_s": 0.0}
+
+    def sampler(d, bucket, endpoint=None, **kw):
+        s = ActivationSampler(layers=["1"], save_dir=str(root / d), use_ray=False, verbose=False,
+                              storage_backend="s3", s3_bucket=bucket, s3_prefix="p",
+                              s3_endpoint_url=endpoint or server.url,
+                              s3_retry_seconds=budget_s, **kw)
+        s.register_hooks(model)
+        return s
+
+    def save(s, steps) -> list:
+        names = []
+        for step in steps:
+            model(torch.randn(16, 32))
+            t = time.monotonic()
+            names.append(s.save_activations(step))
+            worst["longest_block_s"] = max(worst["longest_block_s"], time.monotonic() - t)
+        counts["shards_saved"] += len(names)
+        return names
+
+    def objects(bucket) -> dict:
+        listed = server.client().list_objects_v2(Bucket=bucket, Prefix="p/").get("Contents", [])
+        return {o["Key"][2:]: o["ETag"] for o in listed if o["Key"].endswith(".pt")}
+
+    def kept(bucket, runs) -> tuple[int, int]:
+        """(overwritten, lost): shards whose S3 bytes are not their writer's, or that are
+        neither in S3 under a manifest nor kept listed in their run's own directory."""
+        body = server.client().get_object(Bucket=bucket, Key="p/manifest.json")["Body"].read()
+        on_s3 = {e["file"]: e["checksum"] for e in json.loads(body)["shards"]}
+        overwritten = lost = 0
+        for d, names in runs:
+            if not names:      # a refused run wrote nothing
+                continue
+            local = {e["file"]: e for e in ShardStore(root / d).shards()}
+            for n in names:
+                e = local.get(n)
+                if e is None:
+                    lost += 1
+                elif n in on_s3 and on_s3[n] != e["checksum"] and not e.get("pending_upload"):
+                    overwritten += 1
+                elif not (n in on_s3 or (e.get("pending_upload") and
+                                         (root / d / ".spool" / n).is_file())):
+                    lost += 1
+        return overwritten, lost
+
+    def fresh(name) -> str:
+        s3_mod._BREAKERS.clear()      # each run below stands for another process
+        counts["scenarios"] += 1
+        return server.create_bucket(f"{name}-{uuid.uuid4().hex[:6]}")
+
+    figures: dict = {}
+    try:
+        # 1. one after the other on one prefix: refused, then appended
+        bucket = fresh("seq")
+        a = sampler("seq-a", bucket)
+        a_names = save(a, range(5))
+        a.close()
+        before = objects(bucket)
+        b = sampler("seq-b", bucket)
+        try:
+            save(b, range(3))
+        except MechrayError:
+            counts["refused"] += 1
+        b.close()
+        c = sampler("seq-c", bucket, s3_append=True)
+        c_names = save(c, range(3))
+        c.close()
+        changed = sum(1 for k, v in before.items() if objects(bucket).get(k) != v)
+        figures["sequential_overwritten"], figures["sequential_lost"] = \
+            (lambda o, lost: (o + changed, lost))(*kept(bucket, [("seq-a", a_names),
+                                                                ("seq-c", c_names)]))
+        # 2. two runs starting at once on one prefix (two machines)
+        bucket = fresh("conc")
+        results: dict = {}
+
+        def run_one(d: str) -> None:
+            s = sampler(d, bucket)
+            try:
+                results[d] = save(s, range(4))
+                s.close()
+            except MechrayError:
+                results[d] = []
+                counts["refused"] += 1
+                s.close()
+
+        threads = [threading.Thread(target=run_one, args=(d,)) for d in ("conc-a", "conc-b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        figures["concurrent_overwritten"], figures["concurrent_lost"] = kept(
+            bucket, [(d, results.get(d, [])) for d in ("conc-a", "conc-b")])
+        # 3. S3 down when A starts, back when B starts
+        bucket = fresh("down")
+        server.stop()
+        a = sampler("down-a", bucket)
+        a_names = save(a, range(4))
+        a.flush()
+        server.start()
+        s3_mod._BREAKERS.clear()
+        b = sampler("down-b", bucket)
+        b_names = save(b, range(4))
+        b.close()
+        s3_mod._BREAKERS.clear()
+        a.close()
+        figures["down_at_start_overwritten"], figures["down_at_start_lost"] = kept(
+            bucket, [("down-a", a_names), ("down-b", b_names)])
+        # 4. a claim taken by a writer whose clock is 1,000 s ahead
+        bucket = fresh("skew")
+        a = sampler("skew-a", bucket)
+        a_names = save(a, range(2))
+        real = claim_mod.time
+        claim_mod.time = types.SimpleNamespace(  # type: ignore[assignment]
+            time=lambda: time.time() + 1000.0, monotonic=time.monotonic, gmtime=time.gmtime,
+            strftime=time.strftime)
+        try:
+            b = sampler("skew-b", bucket)
+            b_names = save(b, range(2))
+        except MechrayError:
+            counts["refused"] += 1
+            b_names = []
+        finally:
+            claim_mod.time = real  # type: ignore[assignment]
+        b.close()
+        a.close()
+        figures["skew_overwritten"], figures["skew_lost"] = kept(
+            bucket, [("skew-a", a_names), ("skew-b", b_names)])
+        # 5. a paused writer: its claim goes stale, B takes it, A wakes up and is fenced
+        bucket = fresh("pause")
+        stale_was, claim_mod.STALE_AFTER_S = claim_mod.STALE_AFTER_S, 1.0
+        try:
+            a = sampler("pause-a", bucket)
+            a_names = save(a, range(2))
+            a.flush()
+            a.transport.claim._stop.set()
+            time.sleep(2.6)  # S3 times are whole seconds: 2.6 s is >= 2 s on its clock
+            b = sampler("pause-b", bucket, s3_append=True)
+            b_names = save(b, range(2, 6))
+            b.flush()
+            try:
+                a_names += save(a, [6])
+                a.flush()
+            except MechrayError:
+                counts["fenced"] += 1
+            b.close()
+            try:
+                a.close()
+            except MechrayError:
+                counts["fenced"] += 1
+        finally:
+            claim_mod.STALE_AFTER_S = stale_was
+        figures["paused_overwritten"], figures["paused_lost"] = kept(
+            bucket, [("pause-a", a_names[:2]), ("pause-b", b_names)])
+        figures["paused_late_shard_kept_locally"] = all(
+            any((root / "pause-a").glob(f".fenced-*/{n}")) for n in a_names[2:])
+        # 6. a black-hole endpoint (accepts, never answers)
+        hole = socket.socket()
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        fresh("hole")
+        worst["longest_block_s"] = 0.0
+        t0 = time.monotonic()
+        s = sampler("hole", "b", endpoint=f"http://127.0.0.1:{hole.getsockname()[1]}")
+        save(s, range(4))
+        t = time.monotonic()
+        s.close()
+        figures["black_hole_longest_block_s"] = round(worst["longest_block_s"], 2)
+        figures["black_hole_close_s"] = round(time.monotonic() - t, 2)
+        figures["black_hole_total_s"] = round(time.monotonic() - t0, 2)
+        hole.close()
+        # 7. refused connections mid-run: 8 shards during the outage
+        bucket = fresh("refused")
+        s = sampler("refused", bucket, num_writers=2, max_shards_in_flight=2)
+        save(s, [0])
+        s.flush()
+        server.stop()
+        worst["longest_block_s"] = 0.0
+        t = time.monotonic()
+        save(s, range(1, 9))
+        s.flush()
+        figures["refused_outage_training_blocked_s"] = round(time.monotonic() - t, 2)
+        figures["refused_outage_longest_save_s"] = round(worst["longest_block_s"], 2)
+        s.close()
+        server.start()
+    finally:
+        server.stop()
+    figures["s3_retry_seconds"] = budget_s
+    return {**counts, **figures}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="store directory (default: a temp dir)")
+    parser.add_argument("--s3-history-only", action="store_true",
+                        help="only the S3 history phases (one prefix, outages, fencing)")
+    parser.add_argument("--s3-retry-seconds", type=float, default=2.0,
+                        help="the S3 history phases' outage budget")
     parser.add_argument("--store-phases-only", action="store_true",
                         help="only the malicious-manifest and two-writer phases (no writer "
                              "kills), on a small store of their own")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    figures = store_phases(args.out) if args.store_phases_only else \
-        run(args.steps, args.out, seed=args.seed)
+    if args.s3_history_only:
+        figures = s3_history(Path(args.out) if args.out else None, args.s3_retry_seconds)
+    else:
+        figures = store_phases(args.out) if args.store_phases_only else \
+            run(args.steps, args.out, seed=args.seed)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
-    name = "chaos_store_phases.json" if args.store_phases_only else "chaos.json"
+    name = "chaos_s3_history.json" if args.s3_history_only else \
+        "chaos_store_phases.json" if args.store_phases_only else "chaos.json"
     (out / name).write_text(json.dumps(figures, indent=1))
     width = max(map(len, figures))
     for key, value in figures.items():

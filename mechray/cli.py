@@ -214,8 +214,10 @@ def _build_model(spec: str):
 
 
 def cmd_sync(args) -> int:
+    from mechray.storage import s3
     from mechray.storage.recovery import sync
 
+    s3.probe_all()   # a deliberate retry: in this process too, one try whatever happened before
     result = sync(args.path, endpoint_url=args.endpoint_url)
     print(f"{args.path}: {result['uploaded']} shard(s) uploaded, {result['pending']} still "
           f"pending, {result['shards']} listed")
@@ -241,8 +243,7 @@ def cmd_unlock(args) -> int:
     from mechray.storage.claim import unlock
 
     held = unlock(args.path)
-    print(f"{args.path}: " + (f"removed the claim of {held.describe()}" if held else
-                              "no claim to remove"))
+    print(f"{args.path}: " + (f"removed {held}" if held else "no claim to remove"))
     return 0
 
 
@@ -303,6 +304,8 @@ def main(argv=None) -> int:
     p.add_argument("path", help="a store directory or s3://bucket/prefix")
     p.add_argument("--shards", action="store_true", help="list every shard too")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    p.add_argument("--s3-retry-seconds", type=float, default=None,
+                   help="how long to wait for a down or silent S3 endpoint (default 60)")
     p.set_defaults(fn=cmd_ls)
     p = sub.add_parser("inspect", help="show one shard's metadata and per-layer figures "
                        "(verified against its store's manifest entry first)")
@@ -315,6 +318,8 @@ def main(argv=None) -> int:
     p.add_argument("--analyses", default="neuron,feature", help=_analyses_help(argv))
     p.add_argument("--out", default="results", help="directory for results, report and plots")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    p.add_argument("--s3-retry-seconds", type=float, default=None,
+                   help="how long to wait for a down or silent S3 endpoint (default 60)")
     p.add_argument("--layers", default=None, help="comma-separated captured layers (default all)")
     p.add_argument("--params", default=None,
                    help='per-analysis parameters as JSON, e.g. \'{"sae": {"k": 16}}\'')
@@ -337,6 +342,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("sync", help="upload shards left pending by an S3 outage")
     p.add_argument("path", help="the capture's storage_path (holds manifest.json)")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    p.add_argument("--s3-retry-seconds", type=float, default=None,
+                   help="how long to wait for a down or silent S3 endpoint (default 60)")
     p.set_defaults(fn=cmd_sync)
     p = sub.add_parser("repair", help="reconcile files and manifest after a crash")
     p.add_argument("path", help="the capture's storage_path (holds manifest.json)")
@@ -377,6 +384,21 @@ def main(argv=None) -> int:
     if extra and args.fn is not cmd_demo:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    from mechray.storage.s3 import BUDGET_ENV
+
+    budget_was = os.environ.get(BUDGET_ENV)
+    if getattr(args, "s3_retry_seconds", None) is not None:   # every S3 client this command makes
+        os.environ[BUDGET_ENV] = str(max(0.0, args.s3_retry_seconds))
+    try:
+        return _run(args)
+    finally:
+        if budget_was is None:
+            os.environ.pop(BUDGET_ENV, None)
+        else:
+            os.environ[BUDGET_ENV] = budget_was
+
+
+def _run(args) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -388,7 +410,8 @@ def main(argv=None) -> int:
         print(f"mechray: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        if type(exc).__module__.startswith(("botocore", "boto3", "s3transfer")):
+        if type(exc).__module__.startswith(("botocore", "boto3", "s3transfer",
+                                            "mechray.storage.s3")):
             print(f"mechray: error: S3 request failed ({type(exc).__name__}: {exc}); check "
                   f"--endpoint-url, the network and your credentials", file=sys.stderr)
             return 2

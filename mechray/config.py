@@ -68,8 +68,14 @@ class MechIntConfig(BaseModel):
                              "storing it (CRC32C needs `pip install botocore[crt]`); None for "
                              "S3-compatible stores that refuse checksum headers")
     s3_retry_seconds: float = Field(
-        60.0, description="how long one upload retries a down endpoint before the shard is "
-                          "left in the local spool, marked pending_upload (see `mechray sync`)")
+        60.0, description="the S3 outage budget: how long the run waits for a down (or silent) "
+                          "endpoint, once per outage, before shards are left in the local "
+                          "spool, marked pending_upload (see `mechray sync`); it also sets the "
+                          "S3 clients' connect/read timeouts")
+    s3_append: bool = Field(
+        False, description="when s3_prefix already holds another run's store: False refuses "
+                           "to start (naming it); True adds to that store, numbering shards "
+                           "after its own")
 
     # --- capture -------------------------------------------------------------------------------
     storage_dtype: Literal["float32", "float16", "bfloat16"] = "float32"

@@ -18,6 +18,7 @@ dropped) and named by the error ``flush`` raises; ``retry_failed()`` submits tho
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -27,7 +28,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from mechray.errors import ShardWriteError
-from mechray.storage.claim import StoreBusyError, StoreClaim
+from mechray.storage import s3
+from mechray.storage.claim import ClaimLostError, StoreBusyError, StoreClaim
+from mechray.storage.history import Found, PrefixTakenError, claim_prefix
 from mechray.storage.manifest import MAIN, Manifest, partial_name
 from mechray.storage.shard import PendingShard, to_wire
 from mechray.storage.sink import ShardSink, StorageTarget
@@ -65,6 +68,7 @@ class Transport:
         self._futures: set[Future] = set()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mechray-writer")
         self._closed = False
+        self._fatal: Optional[ClaimLostError] = None   # the claim was taken over: stop
 
     # --- subclasses ----------------------------------------------------------------------------
     def start(self) -> int:
@@ -86,6 +90,8 @@ class Transport:
     def check(self) -> None:
         """Raise the pending write failures now (``on_write_error='raise'``): training stops at
         the next save instead of losing more shards.  The failed shards stay in ``failed``."""
+        if self._fatal is not None:
+            raise self._fatal
         with self._lock:
             errors = dict(self._errors)
         if errors and self.config.on_write_error == "raise":
@@ -94,6 +100,8 @@ class Transport:
     def submit(self, pending: PendingShard) -> None:
         if self._closed:
             raise RuntimeError("transport is closed; create a new sampler to capture again")
+        if self._fatal is not None:
+            raise self._fatal
         t0 = time.perf_counter()
         self._slots.acquire()
         self.stats.blocked_seconds += time.perf_counter() - t0
@@ -119,6 +127,10 @@ class Transport:
                 self.stats.pending_uploads += bool(entry.get("pending_upload"))
                 self.failed.pop(pending.name, None)
                 self._errors.pop(pending.name, None)
+            elif isinstance(exc, ClaimLostError):  # fenced: kept, never dropped, and fatal
+                self._fatal = exc
+                self.failed[pending.name] = pending
+                self._errors[pending.name] = exc
             elif self.config.on_write_error == "drop":
                 self.stats.shards_dropped += 1
                 log.error("DROPPED shard %s (%d dropped so far): %s. Capture goes on because "
@@ -168,7 +180,8 @@ class Transport:
             return
         try:
             self.flush()
-            if self.stats.pending_uploads:
+            if self.stats.pending_uploads or self.target.hold_uploads:
+                s3.breaker(self.target.endpoint_url).probe_now()  # a deliberate retry
                 uploaded, left = self._sync_pending(self.target.retry_seconds)
                 self.stats.pending_uploads = left
                 if left:
@@ -192,25 +205,99 @@ class ThreadTransport(Transport):
         self.claim = StoreClaim(target, run_id)
         self.claim.acquire()  # before the manifest is read: nobody else changes it from now on
         try:
-            self.manifest = Manifest(target, config.to_dict(),
+            self.manifest = Manifest(target, {**config.to_dict(), "run_id": run_id},
                                      MAIN if world_size == 1 else partial_name(rank))
+            self.found = prefix_history(self.claim, self.manifest, run_id,
+                                        getattr(config, "s3_append", False))
+            self._hold(self.found is None)
         except BaseException:
             self.claim.release()
             raise
 
+    def _hold(self, held: bool) -> None:
+        """Hold (or release) every upload: the S3 prefix is not claimed (yet)."""
+        self.target = dataclasses.replace(self.target, hold_uploads=held)
+        self.sink.target = self.manifest.target = self.target
+
     def start(self) -> int:
-        return self.manifest.next_index(self.rank)
+        return max(self.manifest.next_index(self.rank),
+                   self.found.next_index(self.rank) if self.found else 0)
 
     def _release(self) -> None:
         self.claim.release()
 
     def _write(self, pending: PendingShard) -> dict[str, Any]:
+        try:
+            self.claim.check()   # fenced: a run whose claim was taken over stops here
+        except ClaimLostError as exc:  # ... and keeps the shard beside the store, unlisted
+            aside = self.target.local_dir + f"/.fenced-{self.run_id}"
+            ShardSink(StorageTarget(backend="local", local_dir=aside,
+                                    checksum=self.target.checksum)).write(pending.materialize())
+            raise ClaimLostError(f"{exc}. Shard {pending.name} is kept in {aside}") from None
         entry = self.sink.write(pending.materialize())
+        self.claim.check()   # ...and before every manifest commit
         self.manifest.add(entry)
         return entry
 
     def _sync_pending(self, budget_s: float) -> tuple[int, int]:
+        if self.target.hold_uploads:
+            if not late_claim(self.claim, self.manifest, self.run_id):
+                return 0, len(self.manifest.pending())
+            self._hold(False)
         return self.manifest.sync_pending(budget_s)
+
+
+def prefix_history(claim: StoreClaim, manifest: Manifest, run_id: str,
+                   append: bool) -> Optional[Found]:
+    """After ``claim.acquire()``: check the S3 prefix's history (:func:`claim_prefix`) and adopt
+    what appending takes over.  ``None`` when S3 could not be reached: the run may not upload
+    until it claims the prefix (:func:`late_claim`).  Ranks joining their run's claim trust the
+    rank that took it."""
+    target = manifest.target
+    if not target.uses_s3 or claim.s3_state == "joined":
+        return Found()
+    if claim.s3_state != "owned":
+        return None
+    try:
+        found = s3.with_backoff(lambda: claim_prefix(target, manifest.entries(), run_id, append),
+                                target.retry_seconds, target.prefix_uri, target.endpoint_url)
+    except PrefixTakenError:
+        raise
+    except Exception as exc:
+        if not s3.transient(exc):
+            raise
+        log.warning("could not read %s's history (%s); uploads wait until it is claimed",
+                    target.prefix_uri, exc)
+        return None
+    if found.adopt:
+        manifest.add(*found.adopt)
+    return found
+
+
+def late_claim(claim: StoreClaim, manifest: Manifest, run_id: str) -> bool:
+    """A run that could not claim its S3 prefix at start tries again (at close): whether its
+    held uploads may go now.  Only into a prefix whose history is this store's: shards are
+    already numbered, so another run's store there means they stay local (logged, with the fix)."""
+    target = manifest.target
+    try:
+        if not claim.acquire_s3():
+            log.warning("S3 still unreachable: %d shard(s) stay in %s; run `mechray sync %s` "
+                        "when it is back", len(manifest.pending()), target.shard_dir,
+                        target.local_dir)
+            return False
+        found = s3.with_backoff(lambda: claim_prefix(target, manifest.entries(), run_id),
+                                0.0, target.prefix_uri, target.endpoint_url)
+    except StoreBusyError as exc:
+        log.error("%d shard(s) stay in %s and are not uploaded: %s", len(manifest.pending()),
+                  target.shard_dir, exc)
+        return False
+    except Exception as exc:
+        if not s3.transient(exc):
+            raise
+        log.warning("S3 unreachable (%s): run `mechray sync %s` when it is back", exc,
+                    target.local_dir)
+        return False
+    return not found.adopt and not found.floor
 
 
 class RayTransport(Transport):
@@ -231,10 +318,12 @@ class RayTransport(Transport):
     def start(self) -> int:
         import ray
 
-        busy = ray.get(self.pool.manifest.join.remote(self.run_id, self.member))
+        busy = ray.get(self.pool.manifest.join.remote(self.run_id, self.member,
+                                                      getattr(self.config, "s3_append", False)))
         if busy:
             raise StoreBusyError(busy)
         self._joined = True
+        self._held = ray.get(self.pool.manifest.held.remote())
         return self.pool.next_index(self.rank)
 
     def _release(self) -> None:
@@ -251,8 +340,14 @@ class RayTransport(Transport):
         import ray
 
         wire = ray.put(to_wire(pending.materialize()))
-        done, entry = self.pool.write(pending.index * self.world_size + self.rank, wire)
-        ray.get(done)
+        done, entry = self.pool.write(pending.index * self.world_size + self.rank, wire,
+                                      getattr(self, "_held", False))
+        try:
+            ray.get(done)
+        except ray.exceptions.RayTaskError as exc:  # the owner's own error, unwrapped
+            if isinstance(exc.cause, ClaimLostError):
+                raise exc.cause from None
+            raise
         return ray.get(entry)
 
     def _sync_pending(self, budget_s: float) -> tuple[int, int]:

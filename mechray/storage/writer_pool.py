@@ -18,6 +18,7 @@ rank, index and step and the manifest is keyed by file name.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 from typing import Any, Optional
@@ -25,6 +26,7 @@ from typing import Any, Optional
 import ray
 
 from mechray.storage.claim import StoreBusyError, StoreClaim, _pid_alive
+from mechray.storage.history import Found
 from mechray.storage.manifest import Manifest
 from mechray.storage.shard import from_wire
 from mechray.storage.sink import ShardSink, StorageTarget
@@ -38,9 +40,11 @@ class ShardWriter:
 
     def __init__(self, target: StorageTarget):
         self.sink = ShardSink(target)
+        self.held_sink = ShardSink(dataclasses.replace(target, hold_uploads=True))
 
-    def write(self, wire: dict[str, Any]) -> dict[str, Any]:
-        return self.sink.write(from_wire(wire))
+    def write(self, wire: dict[str, Any], held: bool = False) -> dict[str, Any]:
+        """``held``: the run has not claimed its S3 prefix; the shard stays pending_upload."""
+        return (self.held_sink if held else self.sink).write(from_wire(wire))
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -60,12 +64,31 @@ class ManifestOwner:
         self.token = f"ray-actor:{ray.get_runtime_context().get_actor_id()}"
         self.members: dict[str, tuple[str, int]] = {}   # member -> (host, pid)
         self.claim: Optional[StoreClaim] = None
+        self.config = config
+        self.found: Optional[Found] = Found()
+        self.manifest = Manifest(target, config)
         held = StoreClaim(target, "", token=self.token).holder()
         if held is not None and held.token == self.token:  # restarted: keep our run's claim
-            self.claim = StoreClaim(target, held.run_id, token=self.token).acquire()
-        self.manifest = Manifest(target, config)
+            self._claim(held.run_id, append=True)
 
-    def join(self, run_id: str, member: str) -> Optional[str]:
+    def _claim(self, run_id: str, append: bool) -> None:
+        from mechray.storage.transport import prefix_history
+
+        claim = StoreClaim(self.target, run_id, token=self.token).acquire()
+        try:
+            self.found = prefix_history(claim, self.manifest, run_id, append)
+        except BaseException:
+            claim.release()
+            raise
+        self.manifest.target = dataclasses.replace(self.target,
+                                                   hold_uploads=self.found is None)
+        self.claim = claim
+
+    def held(self) -> bool:
+        """Whether uploads wait: S3 was unreachable when the run claimed the store."""
+        return self.found is None
+
+    def join(self, run_id: str, member: str, append: bool = False) -> Optional[str]:
         """Let a rank of ``run_id`` write; the reason it may not (another run writes) or None."""
         host = socket.gethostname()
         for name, (h, pid) in list(self.members.items()):  # forget ranks that died here
@@ -83,7 +106,7 @@ class ManifestOwner:
             self.claim = None
         if self.claim is None:
             try:
-                self.claim = StoreClaim(self.target, run_id, token=self.token).acquire()
+                self._claim(run_id, append)
             except StoreBusyError as exc:
                 return str(exc)
         _, _, rest = member.partition("/")
@@ -99,15 +122,27 @@ class ManifestOwner:
             self.claim = None
 
     def add(self, entry: dict[str, Any]) -> int:
+        if self.claim is not None:
+            self.claim.check()  # fenced: ClaimLostError once another run took the store
         return self.manifest.add(entry)
 
     def entries(self) -> list[dict[str, Any]]:
         return self.manifest.entries()
 
     def next_index(self, rank: int) -> int:
-        return self.manifest.next_index(rank)
+        return max(self.manifest.next_index(rank),
+                   self.found.next_index(rank) if self.found else 0)
 
     def sync_pending(self, budget_s: float) -> tuple[int, int]:
+        from mechray.storage import s3
+        from mechray.storage.transport import late_claim
+
+        s3.breaker(self.target.endpoint_url).probe_now()  # a deliberate retry
+        if self.found is None and self.claim is not None:
+            if not late_claim(self.claim, self.manifest, self.claim.run_id):
+                return 0, len(self.manifest.pending())
+            self.found = Found()
+            self.manifest.target = self.target
         return self.manifest.sync_pending(budget_s)
 
 
@@ -131,11 +166,12 @@ class WriterPool:
                    for i in range(config.num_writers)]
         return cls(writers, manifest)
 
-    def write(self, slot: int, wire_ref) -> tuple:
+    def write(self, slot: int, wire_ref, held: bool = False) -> tuple:
         """Store one shard on writer ``slot % n`` and record it; returns ``(done, entry)`` refs,
         ``done`` resolving once the manifest lists the shard.  Callers pass
-        ``index * world_size + rank`` so the ranks' shards of one step go to different writers."""
-        entry = self.writers[slot % len(self.writers)].write.remote(wire_ref)
+        ``index * world_size + rank`` so the ranks' shards of one step go to different writers;
+        ``held``: the run has not claimed its S3 prefix, so the shard is not uploaded."""
+        entry = self.writers[slot % len(self.writers)].write.remote(wire_ref, held)
         return self.manifest.add.remote(entry), entry
 
     def next_index(self, rank: int) -> int:

@@ -99,12 +99,33 @@ def test_cli_ls_reads_s3(tiny_net, tmp_path, s3_bucket, capsys, monkeypatch):
     assert "2 shard(s)" in out and "popt" in out and f"s3://{bucket}/exp001" in out
 
 
-def test_upload_failure_keeps_the_shard_and_names_it(tiny_net, tmp_path, s3_server):
+def test_a_missing_bucket_is_named_before_anything_is_written(tiny_net, tmp_path, s3_server):
+    from mechray.errors import ConfigError
+
     config = {"sample_layers": ["popt"], "storage_backend": "s3", "storage_path": str(tmp_path),
               "s3_bucket": "no-such-bucket-here", "s3_endpoint_url": s3_server, "use_ray": False}
     hooks = MechIntHooks(config).register_hooks(tiny_net)
     tiny_net(torch.randn(2, 3, 6))
-    name = hooks.sampler.save_activations(0)
+    with pytest.raises(ConfigError, match="s3_bucket='no-such-bucket-here' does not exist"):
+        hooks.sampler.save_activations(0)
+    assert not list(tmp_path.rglob("*.pt"))
+    hooks.close()
+
+
+def test_upload_failure_keeps_the_shard_and_names_it(tiny_net, tmp_path, s3_bucket):
+    endpoint, bucket = s3_bucket
+    config = {"sample_layers": ["popt"], "storage_backend": "s3", "storage_path": str(tmp_path),
+              "s3_bucket": bucket, "s3_endpoint_url": endpoint, "use_ray": False}
+    hooks = MechIntHooks(config).register_hooks(tiny_net)
+    tiny_net(torch.randn(2, 3, 6))
+    hooks.sampler.save_activations(0)
+    hooks.sampler.flush()
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    for key in _keys(endpoint, bucket, ""):   # the bucket goes away under the run
+        s3.delete_object(Bucket=bucket, Key=key)
+    s3.delete_bucket(Bucket=bucket)
+    tiny_net(torch.randn(2, 3, 6))
+    name = hooks.sampler.save_activations(1)
     with pytest.raises(Exception) as info:
         hooks.close()
     assert name in str(info.value) and "retry_failed" in str(info.value)

@@ -24,3 +24,15 @@ def test_chaos_capture_loses_duplicates_and_corrupts_nothing(ray_local, tmp_path
     assert f["writes_outside_store"] == f["hostile_unclean_errors"] == 0
     assert f["second_run_refused"] == 2 and f["silent_losses"] == 0
     assert f["staggered_shards_listed"] == 10
+
+
+def test_s3_history_phases_overwrite_and_lose_nothing(tmp_path):
+    spec = importlib.util.spec_from_file_location("chaos", ROOT / "benchmarks" / "chaos.py")
+    chaos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chaos)
+    f = chaos.s3_history(tmp_path, budget_s=2.0)
+    assert f["scenarios"] == 7 and f["refused"] >= 3 and f["fenced"] >= 1
+    assert all(f[k] == 0 for k in f if k.endswith(("_overwritten", "_lost")))
+    assert f["paused_late_shard_kept_locally"] is True
+    # a bound on a hang (old code: 245 s per call), not a speed figure
+    assert f["black_hole_longest_block_s"] < 30 and f["refused_outage_training_blocked_s"] < 30
