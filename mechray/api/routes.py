@@ -215,8 +215,8 @@ def add_routes(app: FastAPI, backend: Any, config: MechIntConfig, *, dashboard: 
 def _read_upload(file: UploadFile):
     from mechray.api.uploads import parse_upload
 
-    file.file.seek(0)
-    return parse_upload(file.file.read(), file.filename)
+    return parse_upload(file.file, file.filename)   # headers first: a refused upload is
+                                                    # never read whole into memory
 
 
 class ParseSlots:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -51,6 +54,42 @@ def error(r, status, code, *words):
     return body
 
 
+class _Alloc:
+    """Pickles as ``bytearray(n)``: a call that allocates from a number in the stream."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __reduce__(self):
+        return (bytearray, (self.n,))
+
+
+def with_pickle(pickled: bytes, tensors=None) -> bytes:
+    """A torch.save archive of ``tensors`` whose data.pkl is replaced by ``pickled``."""
+    src = zipfile.ZipFile(io.BytesIO(pt_bytes(tensors if tensors is not None
+                                              else {"x": torch.ones(2, 2)})))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            z.writestr(info.filename, pickled if info.filename.endswith("data.pkl") else data)
+    return out.getvalue()
+
+
+def alloc_bomb(n: int, tensors=None) -> bytes:
+    """Issue 19 defect 1: a ~950-byte .pt whose data.pkl is ``{'x': bytearray(n)}``."""
+    return with_pickle(pickle.dumps({"x": _Alloc(n)}, protocol=3), tensors)
+
+
+def memo_bomb(index: int) -> bytes:
+    """A valid tensor file whose pickle memoises at ``index``: C's unpickler grows its memo array
+    to 2 x index pointers (2**26 -> 1 GiB), a dict in Python's."""
+    good = zipfile.ZipFile(io.BytesIO(pt_bytes({"x": torch.ones(2, 2)})))
+    pkl = good.read(next(n for n in good.namelist() if n.endswith("data.pkl")))
+    assert pkl[2:5] == b"}q\x00"                        # the top dict, memoised at 0
+    return with_pickle(pkl[:2] + b"}r" + struct.pack("<I", index) + pkl[5:])
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("hostile") / "store"
@@ -84,7 +123,10 @@ def _peak_rss(pid: int) -> int:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_hostile_uploads_are_refused_before_the_server_spends_memory(tmp_path):
     """A 1.5 KB expanded view (4 GB dense), a 4 TB one, a 1-D upload of 10^6 values (a 600 MB
-    answer) and a 2,000-layer file: each a 4xx, and the server's peak RSS grows < 150 MB."""
+    answer), a 2,000-layer file, a 951-byte ``bytearray(2**30)`` pickle (issue 19 defect 1: +1 GB
+    before), the same beside 48 MB of storage (the largest refused upload), and a memo index of
+    2**26 (+1 GiB in C's unpickler): each answered without a 5xx, the server's peak RSS growing
+    < 50 MB over them all."""
     port = free_port()
     code = ("import sys, uvicorn; from fastapi import FastAPI; "
             "from mechray import FastAPIIntegrationMixin, MechIntConfig; "
@@ -95,6 +137,7 @@ def test_hostile_uploads_are_refused_before_the_server_spends_memory(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     server = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "none"), str(port)],
                               env=env)
+    big = alloc_bomb(2 ** 30, {"x": torch.zeros(12 * 2 ** 20)})
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             deadline = time.time() + 60
@@ -107,6 +150,7 @@ def test_hostile_uploads_are_refused_before_the_server_spends_memory(tmp_path):
                     time.sleep(0.2)
             ok = upload(client, pt_bytes(torch.randn(64, 8)))     # warm: imports, one analysis
             assert ok.status_code == 200, ok.text
+            error(upload(client, alloc_bomb(16)), 422, "unreadable_upload", "bytearray")
             before = _peak_rss(server.pid)
             expanded = pt_bytes(torch.zeros(1).expand(100_000, 10_000))
             assert len(expanded) < 2000
@@ -117,11 +161,69 @@ def test_hostile_uploads_are_refused_before_the_server_spends_memory(tmp_path):
                   "api_max_answer_mb")
             many = pt_bytes({f"l{i}": torch.ones(1, 2) for i in range(2000)})
             error(upload(client, many), 422, "too_many_layers")
+            bomb = alloc_bomb(2 ** 30)
+            assert len(bomb) < 1000
+            for _ in range(2):
+                error(upload(client, bomb), 422, "unreadable_upload", "bytearray(int)")
+            assert len(big) > 48 * 2 ** 20
+            error(upload(client, big), 422, "unreadable_upload", "bytearray(int)")
+            r = upload(client, memo_bomb(2 ** 26))
+            assert r.status_code == 200, r.text                 # a valid file, read cheaply
             grown = _peak_rss(server.pid) - before
-        assert grown < 150 * 2 ** 20, f"peak RSS grew {grown / 2 ** 20:.0f} MiB"
+        assert grown < 50 * 2 ** 20, f"peak RSS grew {grown / 2 ** 20:.0f} MiB"
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_the_upload_unpickler_builds_only_what_a_tensor_file_needs(monkeypatch):
+    """Issue 19 defect 1: every global's arguments are checked while parsing, and the opcodes
+    that allocate from a number, build instances or state, or never end are refused."""
+    from mechray.api import header, uploads
+    from mechray.api.errors import ApiError
+
+    built = []
+    monkeypatch.setitem(uploads._LOADERS, "pt", lambda data: built.append(1))
+    good = zipfile.ZipFile(io.BytesIO(pt_bytes({"x": torch.ones(2, 2)})))
+    pkl = good.read(next(n for n in good.namelist() if n.endswith("data.pkl")))
+    cases = {
+        "bytearray(2**30)": (alloc_bomb(2 ** 30), "bytearray(int)"),
+        "BYTEARRAY8": (with_pickle(b"\x80\x05\x96" + struct.pack("<Q", 2 ** 30) + b"."),
+                       "bytearray of a size"),
+        "set(int)": (with_pickle(b"\x80\x03cbuiltins\nset\nJ\x00\x00\x00\x40\x85R."),
+                     "set(int)"),
+        "torch.Size(int)": (with_pickle(b"\x80\x03ctorch\nSize\nJ\x00\x00\x00\x40\x85R."),
+                            "torch.Size(int)"),
+        "NEWOBJ": (with_pickle(b"\x80\x03ccollections\nOrderedDict\n)\x81."), "instance"),
+        "BUILD": (with_pickle(pkl[:-1] + b"}b."), "state"),
+        "ops": (with_pickle(b"\x80\x03" + b"N" * (header.MAX_PICKLE_OPS + 1) + b"."),
+                "pickle operations"),
+        "text persistent id": (with_pickle(b"\x80\x03P0\n."), "persistent id"),
+        "wrong storage size": (with_pickle(pkl.replace(b"K\x04t", b"K\x05t")),
+                               "declares 20 bytes"),
+    }
+    for what, (data, words) in cases.items():
+        with pytest.raises(ApiError) as info:
+            uploads.parse_upload(data, "x.pt")
+        assert info.value.status == 422 and words in info.value.message, (what, info.value)
+    assert not built                                   # nothing was loaded for any of them
+    monkeypatch.setattr(header, "MAX_PICKLE_BYTES", len(pkl) - 1)
+    with pytest.raises(ApiError) as info:
+        uploads.parse_upload(with_pickle(pkl), "x.pt")
+    assert info.value.code == "unsafe_upload" and "data.pkl" in info.value.message
+
+
+def test_safetensors_uploads_read_their_header_first(api):
+    """A declarative header: preferred for untrusted exchange; a header that claims more bytes
+    than the file (or over the cap) is refused before it is read."""
+    from safetensors.torch import save as st_save
+
+    client, _ = api
+    r = upload(client, st_save({"a": torch.randn(16, 3)}))
+    assert r.status_code == 200 and r.json()["upload"]["format"] == "safetensors", r.text
+    lying = struct.pack("<Q", 2 ** 40) + b'{"a": 1}' + b" " * 64
+    r = upload(client, lying)
+    assert r.status_code in (415, 422) and r.status_code < 500, r.text
 
 
 def test_headers_are_checked_before_any_tensor_is_built(monkeypatch):
