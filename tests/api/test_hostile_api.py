@@ -573,3 +573,22 @@ def test_a_job_that_hits_a_bug_reports_a_request_id_only(caplog):
     assert error["error"] == "internal_error" and error["request_id"] in error["message"]
     assert "/srv/secret" not in json.dumps(status) and "4242" not in json.dumps(status)
     assert any(error["request_id"] in rec.getMessage() for rec in caplog.records)
+
+
+# --- issue 19 defect 10: eval_inputs beyond int64 -------------------------------------------------
+@pytest.mark.parametrize("value", [2 ** 63, 2 ** 70, -2 ** 63 - 1])
+def test_eval_inputs_beyond_int64_are_422_naming_the_value(store, value):
+    from conftest import TinyNet
+
+    config = MechIntConfig(sample_layers=LAYERS, storage_path=str(store), verbose=False)
+    mixin = FastAPIIntegrationMixin(TinyNet(), config)
+    try:
+        with serve_in_thread(mixin.add_routes(FastAPI())) as url:
+            for key in ("input_ids", "attention_mask", "token_type_ids"):
+                inputs = {"input_ids": [[1, 2]], key: [[1, value]]}
+                r = httpx.post(f"{url}/interpret", json={
+                    "analysis_type": "causal", "layer_name": "popt", "eval_inputs": inputs},
+                    timeout=60)
+                error(r, 422, "bad_eval_inputs", str(value)[:20], "64-bit", key)
+    finally:
+        mixin.close()
