@@ -99,7 +99,7 @@ class FastAPIIntegrationMixin:
             MechIntConfig(sample_layers=["*"])
         self.config = cfg
         self.service = Interpreter(model, cfg, location=storage, tokenizer=tokenizer)
-        self.jobs = JobBoard(self.service.compute, workers=cfg.api_job_workers,
+        self.jobs = JobBoard(self.service.compute_job, workers=cfg.api_job_workers,
                              max_pending=cfg.api_max_pending_jobs, ttl_s=cfg.api_job_ttl_s)
 
     def add_routes(self, app: FastAPI) -> FastAPI:

@@ -118,7 +118,7 @@ def _unwrap(out: tuple) -> Any:
 class AnalysisDeployment:
     """Holds the store, the model and a result cache; runs the analyses."""
 
-    METHODS = ("layers_json", "shards_json", "health", "interpret", "compute")
+    METHODS = ("layers_json", "shards_json", "health", "interpret", "compute", "compute_job")
 
     def __init__(self, args: dict[str, Any]):
         from mechray.api.service import Interpreter
@@ -151,8 +151,8 @@ class JobsDeployment:
         self.board = JobBoard(self._run, workers=cfg.api_job_workers,
                               max_pending=cfg.api_max_pending_jobs, ttl_s=cfg.api_job_ttl_s)
 
-    def _run(self, request: dict) -> bytes:        # on a board thread, not the event loop
-        return _unwrap(self.analysis.call.remote("compute", request).result())
+    def _run(self, request: dict) -> tuple[bytes, bool]:    # on a board thread, not the loop
+        return _unwrap(self.analysis.call.remote("compute_job", request).result())
 
     async def submit(self, key: str, request: dict) -> tuple:
         return _wrap(lambda: self.board.submit(key, request, analysis=request["analysis_type"],

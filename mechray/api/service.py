@@ -8,7 +8,7 @@ Usage::
     service.layers_json()                                 # bytes of LayersResponse
     answer = service.interpret({"analysis_type": "neuron", "layer_name": "popt"})
     answer.body()                                         # response bytes, or answer.job_key:
-    service.compute(request)                              # long ones: the JobBoard calls this
+    service.compute_job(request)           # long ones, for the JobBoard: (bytes, keep)
 
 Plain synchronous Python (no web framework), so the FastAPI mixin calls it from a threadpool and
 the Ray Serve analysis deployment calls it in its replicas: the routes and the analyses are the
@@ -135,6 +135,14 @@ class Interpreter:
         """The response bytes for ``request`` (validated again), computed or from the cache."""
         plan, hit = self.lookup(request)
         return (Answer(hit, cached=True) if hit is not None else self._compute(plan)).body()
+
+    def compute_job(self, request: dict) -> tuple[bytes, bool]:
+        """:meth:`compute` for the job board: ``(bytes, keep)``, ``keep`` False when the result
+        failed inside (an analysis error on a layer), so the board does not re-serve it."""
+        plan, hit = self.lookup(request)
+        answer = Answer(hit, cached=True) if hit is not None else self._compute(plan)
+        assert answer.result is not None
+        return answer.body(), answer.result.cacheable
 
     def remember(self, plan: Plan, result: Result) -> None:
         """Cache a result computed elsewhere (a Serve analysis replica) under ``plan``'s key,

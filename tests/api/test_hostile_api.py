@@ -592,3 +592,42 @@ def test_eval_inputs_beyond_int64_are_422_naming_the_value(store, value):
                 error(r, 422, "bad_eval_inputs", str(value)[:20], "64-bit", key)
     finally:
         mixin.close()
+
+
+# --- issue 19 defect 12: a job whose result failed inside is not re-served -------------------------
+def test_a_job_whose_result_failed_inside_runs_again_once_the_cause_is_gone(store, monkeypatch):
+    from mechray.analysis.sae import SAEAnalysis
+
+    real, calls = SAEAnalysis.fit, []
+
+    def flaky(self, ctx, layer):              # the cause: fails on the first run only
+        calls.append(layer)
+        if len(calls) == 1:
+            raise MemoryError("the machine was short of memory")
+        return real(self, ctx, layer)
+
+    monkeypatch.setattr(SAEAnalysis, "fit", flaky)
+    mixin, app = serve_mixin(store)
+    body = {"analysis_type": "sae", "layer_name": "popt",
+            "params": {"expansion_factor": 2, "k": 4, "epochs": 1, "batch_size": 32}}
+    try:
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            def run_job() -> tuple[str, dict]:
+                r = client.post("/interpret", json=body)
+                assert r.status_code == 202, r.text
+                job_id, deadline = r.json()["job_id"], time.time() + 120
+                while (job := client.get(f"/interpret/jobs/{job_id}").json())["status"] in \
+                        ("queued", "running"):
+                    assert time.time() < deadline, job
+                    time.sleep(0.1)
+                return job_id, job
+
+            first, job = run_job()
+            assert job["status"] == "done" and "MemoryError" in job["result"]["result"]["error"]
+            second, job = run_job()
+            assert second != first and len(calls) == 2
+            assert job["status"] == "done" and "error" not in job["result"]["result"], job
+            again = client.post("/interpret", json=body)             # a good one is kept
+            assert again.status_code == 200 and again.json()["cached"] and len(calls) == 2
+    finally:
+        mixin.close()
