@@ -7,6 +7,7 @@ Usage (the seed's Pattern 4)::
 
     app = FastAPI()
     mixin = FastAPIIntegrationMixin(model, config)    # model may be None; config or dict
+    # saes={"l3": "results/saes/l3"}: SAEs clients may evaluate by name (params.pretrained)
     mixin.add_routes(app)                              # then: uvicorn app:app
 
     # curl http://localhost:8000/interpret/layers
@@ -91,14 +92,15 @@ class FastAPIIntegrationMixin:
     """Adds mechray's interpretation routes to a FastAPI app (see the module docstring)."""
 
     def __init__(self, model: Any = None, config: Optional[MechIntConfig | dict] = None, *,
-                 storage: Optional[str] = None, tokenizer: Any = None):
+                 storage: Optional[str] = None, tokenizer: Any = None,
+                 saes: Optional[dict[str, str]] = None):
         from mechray.api.jobs import JobBoard
         from mechray.api.service import Interpreter
 
         cfg = MechIntConfig.coerce(config) if config is not None else \
             MechIntConfig(sample_layers=["*"])
         self.config = cfg
-        self.service = Interpreter(model, cfg, location=storage, tokenizer=tokenizer)
+        self.service = Interpreter(model, cfg, location=storage, tokenizer=tokenizer, saes=saes)
         self.jobs = JobBoard(self.service.compute_job, workers=cfg.api_job_workers,
                              max_pending=cfg.api_max_pending_jobs, ttl_s=cfg.api_job_ttl_s)
 

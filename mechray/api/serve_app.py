@@ -28,10 +28,12 @@ Three deployments, one application:
 ``build_app(args)`` args (unknown keys are refused, naming the valid ones): ``storage``
 (directory or ``s3://bucket/prefix``, required), ``s3_endpoint_url``, ``model``
 (``package.module:Class``, built with no arguments) and ``model_checkpoint`` (its state_dict,
-``weights_only`` load), ``num_replicas``, ``max_ongoing_requests``, ``autoscaling_config``,
-``ingress_replicas``, ``analysis_num_cpus``, ``ray_tasks``, ``access_log`` and ``config`` (more
-:class:`~mechray.config.MechIntConfig` fields, e.g. ``api_max_upload_mb``).  The bearer token
-is read from ``$MECHRAY_API_TOKEN`` in the ingress replicas' environment.
+``weights_only`` load), ``saes`` (``{name: directory}``: the SAEs an ``sae`` request may name as
+``params.pretrained``, listed at ``/interpret/layers``), ``num_replicas``,
+``max_ongoing_requests``, ``autoscaling_config``, ``ingress_replicas``, ``analysis_num_cpus``,
+``ray_tasks``, ``access_log`` and ``config`` (more :class:`~mechray.config.MechIntConfig`
+fields, e.g. ``api_max_upload_mb``).  The bearer token is read from ``$MECHRAY_API_TOKEN`` in
+the ingress replicas' environment.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class ServeArgs(BaseModel):
     tokenizer: Optional[str] = Field(None, description="tokenizer directory, Hugging Face name "
                                      "or package.module:name: token contexts in answers and "
                                      "texts as eval_inputs")
+    saes: dict[str, str] = Field(default_factory=dict, description="SAEs clients may evaluate "
+                                 "by name (params.pretrained): {name: SAELens directory or "
+                                 "mechray .safetensors}; never a client's path")
     num_replicas: Optional[int] = Field(1, ge=1, le=1024)
     max_ongoing_requests: int = Field(16, ge=1, le=10_000)
     autoscaling_config: Optional[dict[str, Any]] = None
@@ -130,7 +135,7 @@ class AnalysisDeployment:
 
             tokenizer = load_tokenizer(a.tokenizer)
         self.service = Interpreter(_load_model(a.model, a.model_checkpoint), a.mech_config(),
-                                   location=a.storage, tokenizer=tokenizer)
+                                   location=a.storage, tokenizer=tokenizer, saes=a.saes)
 
     async def call(self, method: str, *args: Any) -> tuple:
         if method not in self.METHODS:
@@ -214,7 +219,8 @@ class IngressDeployment:
         a = parse_args(args)
         self.config = a.mech_config()
         self.backend = ServeBackend(analysis, jobs,
-                                    Interpreter(None, self.config, location=a.storage))
+                                    Interpreter(None, self.config, location=a.storage,
+                                                saes=a.saes))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         from mechray.api.routes import add_routes
@@ -234,6 +240,10 @@ def build_app(args: dict[str, Any]):
 def build(args: dict[str, Any] | ServeArgs, *, ingress_options: Optional[dict] = None):
     """:func:`build_app` with extra ``.options(...)`` for the ingress (e.g. a runtime_env)."""
     a = parse_args(args)
+    if a.saes:                   # each SAE loaded once here: a bad one stops the start, named
+        from mechray.api.saes import ServedSAEs
+
+        ServedSAEs(a.saes)
     plain = a.model_dump()
     scale: dict[str, Any] = {"autoscaling_config": a.autoscaling_config} \
         if a.autoscaling_config else {"num_replicas": a.num_replicas}

@@ -182,13 +182,15 @@ class StoreView:
             return False
 
     # --- responses -------------------------------------------------------------------------------
-    def layers_json(self) -> bytes:
+    def layers_json(self, saes: Optional[dict[str, Any]] = None) -> bytes:
+        """``LayersResponse`` bytes (cached per version); ``saes``: the served SAEs."""
         snap = self.snapshot()
         hit = self._pages.get("layers")
         if hit is not None and hit[0] == snap.version:
             return hit[1]
         body = json.dumps({"store": snap.store.location, "manifest_version": snap.version,
-                           "layers": {n: i.public() for n, i in snap.layers.items()}}).encode()
+                           "layers": {n: i.public() for n, i in snap.layers.items()},
+                           "saes": saes or {}}).encode()
         self._pages["layers"] = (snap.version, body)
         return body
 

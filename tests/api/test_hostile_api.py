@@ -631,3 +631,50 @@ def test_a_job_whose_result_failed_inside_runs_again_once_the_cause_is_gone(stor
             assert again.status_code == 200 and again.json()["cached"] and len(calls) == 2
     finally:
         mixin.close()
+
+
+# --- issue 19 defect 4: clients name served SAEs, never server paths -------------------------------
+def test_pretrained_names_only_the_saes_the_server_was_started_with(store, tmp_path):
+    from mechray.analysis.sae_model import SparseAutoencoder, save_saelens
+    from mechray.errors import ConfigError
+
+    torch.manual_seed(0)
+    save_saelens(SparseAutoencoder(8, 16, "topk", 4), tmp_path / "popt_sae", hook_name="popt")
+    save_saelens(SparseAutoencoder(4, 8, "topk", 2), tmp_path / "narrow", hook_name="x")
+    (tmp_path / "secret.json").write_text('{"architecture": "gated"}')
+    saes = {"popt-sae": str(tmp_path / "popt_sae"), "narrow": str(tmp_path / "narrow")}
+    config = MechIntConfig(sample_layers=LAYERS, storage_path=str(store), verbose=False)
+    with pytest.raises(ConfigError, match="missing"):                     # checked at start-up
+        FastAPIIntegrationMixin(None, config, saes={"missing": str(tmp_path / "nothing")})
+    mixin = FastAPIIntegrationMixin(None, config, saes=saes)
+
+    def sae(client, name, layer="popt"):
+        return client.post("/interpret", json={"analysis_type": "sae", "layer_name": layer,
+                                               "params": {"pretrained": name}})
+    try:
+        with serve_in_thread(mixin.add_routes(FastAPI())) as url, \
+                httpx.Client(base_url=url, timeout=60) as client:
+            listed = client.get("/interpret/layers").json()["saes"]
+            assert listed["popt-sae"]["d_in"] == 8 and listed["popt-sae"]["n_latents"] == 16
+            assert listed["popt-sae"]["hook_name"] == "popt" and str(tmp_path) not in str(listed)
+            r = sae(client, "popt-sae")
+            assert r.status_code == 202, r.text
+            deadline = time.time() + 120
+            while (job := client.get(r.json()["poll"]).json())["status"] in ("queued", "running"):
+                assert time.time() < deadline
+                time.sleep(0.1)
+            result = job["result"]["result"]
+            assert job["status"] == "done" and result["trained"] is False, job
+            assert result["pretrained"]["name"] == "popt-sae" and "error" not in result
+            assert str(tmp_path) not in json.dumps(job)               # no server path answered
+            bodies = []
+            for name in (str(tmp_path / "popt_sae"), str(tmp_path / "secret.json"),
+                         str(tmp_path / "absent.json"), "~/popt_sae", "../popt_sae", "nope"):
+                body = error(sae(client, name), 422, "unknown_sae", "--sae NAME=DIR")
+                assert body["valid"] == ["narrow", "popt-sae"]
+                assert "gated" not in body["message"]
+                bodies.append(body["message"].replace(repr(name[:80]), "NAME"))
+            assert len(set(bodies)) == 1           # an existing path answers as a missing one
+            error(sae(client, "narrow"), 422, "sae_layer_mismatch", "reads 4 features", "8")
+    finally:
+        mixin.close()

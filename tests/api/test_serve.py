@@ -357,6 +357,28 @@ def test_mechray_serve_command(monkeypatch):
     assert seen["proxy"] == "python"
 
 
+def test_mechray_serve_takes_named_saes_and_refuses_a_bad_one_before_starting(monkeypatch,
+                                                                               tmp_path, capsys):
+    """Issue 19 defect 4: ``--sae NAME=DIR`` is the only way an SAE reaches HTTP clients;
+    a bad one stops the command with its name and the fix, before Ray starts."""
+    from mechray import cli
+    from mechray.analysis.sae_model import SparseAutoencoder, save_saelens
+    from mechray.api import serve_app as serve
+    from mechray.errors import ConfigError
+
+    save_saelens(SparseAutoencoder(64, 128, "topk", 8), tmp_path / "l1", hook_name=LAYER)
+    seen = {}
+    monkeypatch.setattr(serve, "run_server", lambda args, **kw: seen.update(args=args, **kw))
+    assert cli.main(["serve", "--storage", "./s", "--sae", f"l1={tmp_path / 'l1'}"]) == 0
+    assert seen["args"]["saes"] == {"l1": str(tmp_path / "l1")}
+    app = serve.build_app({"storage": "./s", "saes": seen["args"]["saes"]})
+    assert type(app).__name__ == "Application"
+    with pytest.raises(ConfigError, match="'gone'.*SAELens directory"):
+        serve.build_app({"storage": "./s", "saes": {"gone": str(tmp_path / "gone")}})
+    assert cli.main(["serve", "--storage", "./s", "--sae", "no-equals-sign"]) == 2
+    assert "NAME=DIR" in capsys.readouterr().err
+
+
 def test_haproxy_env_keeps_the_users_settings_and_falls_back_without_a_binary(tmp_path, caplog):
     from mechray.api.serve_app import HA_PROXY, haproxy_env
 
