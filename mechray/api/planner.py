@@ -88,8 +88,8 @@ class Planner:
                              len(upload.tensors[la])) for la in layers]
         else:
             info, source, n_layers = self._store_layer(layer)
-            shard_rows = self.view.shard_rows(str(layer))
-            work = [Workload(info.rows, info.features, shard_rows, len(info.steps),
+            facts = self.view.facts(str(layer))     # the entries, not the summary's word
+            work = [Workload(facts.rows, info.features, facts.largest, max(facts.steps, 1),
                              self.model_params, n_layers,
                              inputs or self.config.eval_max_samples)]
             layers = [check_layer_name(layer)]

@@ -48,7 +48,8 @@ class LayerInfo(BaseModel):
     dtype: str
     shards: int
     rows: int
-    steps: list[int]
+    steps: list[int] = Field(description="captured steps, the first 10,000 at most")
+    steps_total: int = Field(description="how many steps were captured")
 
 
 class ServedSAEInfo(BaseModel):

@@ -678,3 +678,53 @@ def test_pretrained_names_only_the_saes_the_server_was_started_with(store, tmp_p
             error(sae(client, "narrow"), 422, "sae_layer_mismatch", "reads 4 features", "8")
     finally:
         mixin.close()
+
+
+# --- issue 19 defect 11: the summary at the manifest's head is checked before use -----------------
+def forge_summary(store_dir: Path, edit) -> None:
+    """Rewrite the summary in ``store_dir``'s manifest head with ``edit(summary)``."""
+    path = store_dir / "manifest.json"
+    text = path.read_text()
+    i, j = text.index('"summary"'), text.index('"shards": [')
+    head = json.loads("{" + text[i:j].rstrip().rstrip(",") + "}")
+    edit(head["summary"])
+    path.write_text(text[:i] + json.dumps(head)[1:-1] + ",\n " + text[j:])
+
+
+def test_a_forged_summary_is_checked_against_the_entries(tmp_path):
+    """A summary listing 10^6 steps (an 8.9 MB answer before), a phantom layer (a 500 before),
+    and totals that lie (``next_offset == offset`` before: a client following pages looped)."""
+    capture_store(tmp_path / "s")
+
+    def edit(summary):
+        summary["shards"] = 7                                       # the entries hold 4
+        summary["layers"]["ghost"] = dict(summary["layers"]["popt"])
+        summary["layers"]["popt"]["steps"] = [[0, 10 ** 6 - 1, 1]]
+
+    forge_summary(tmp_path / "s", edit)
+    mixin, app = serve_mixin(tmp_path / "s")
+    try:
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            r = client.get("/interpret/layers")
+            assert r.status_code == 200 and len(r.content) < 200_000, len(r.content)
+            popt = r.json()["layers"]["popt"]
+            assert popt["steps_total"] == 10 ** 6 and len(popt["steps"]) == 10_000
+            r = client.post("/interpret", json={"analysis_type": "neuron", "layer_name": "ghost"})
+            error(r, 404, "layer_without_shards", "mechray repair --rebuild")
+            r = client.post("/interpret", json={"analysis_type": "neuron", "layer_name": "popt"})
+            assert r.status_code == 200 and r.json()["result"]["num_samples"] == 60, r.text
+            for limit in (1, 2, 3, 5):
+                seen, offset, pages = [], 0, 0
+                while offset is not None:
+                    pages += 1
+                    assert pages <= 10, f"paging by {limit} does not progress"
+                    page = client.get("/interpret/shards",
+                                      params={"offset": offset, "limit": limit}).json()
+                    assert page["next_offset"] is None or page["next_offset"] > offset, page
+                    seen += [s["file"] for s in page["shards"]]
+                    offset = page["next_offset"]
+                assert len(seen) == len(set(seen)) == 4, (limit, seen)
+            beyond = client.get("/interpret/shards", params={"offset": 5, "limit": 2}).json()
+            assert beyond["next_offset"] is None and beyond["total"] == 4
+    finally:
+        mixin.close()
