@@ -259,8 +259,13 @@ def cmd_serve(args) -> int:
 
         spec["saes"] = parse_spec(args.sae)
     print(f"mechray: serving {args.storage} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-    serve.run_server(spec, host=args.host, port=args.port, ray_address=args.ray_address,
-                     proxy=args.proxy)
+    stopped = serve.run_server(spec, host=args.host, port=args.port,
+                               ray_address=args.ray_address, proxy=args.proxy)
+    if stopped is True:              # served, then stopped by a signal: leave without Ray's
+        logging.shutdown()           # exit hooks, which wait on a GCS that is gone
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
