@@ -152,8 +152,10 @@ def test_uploads_over_http(served, tmp_path):
 
 def test_hostile_inputs_over_serve_are_4xx_before_reaching_a_replica(served):
     """float8 (a 500 carrying a RayTaskError before), sparse, quantized, expanded views, a 1-D
-    upload with a huge answer, deep and out-of-range params: 4xx from the ingress, naming what is
-    supported, with the ingress replicas' peak RSS (VmHWM) growing < 150 MB; shards paged."""
+    upload with a huge answer, ``bytearray(2**30)`` pickles (951 bytes, and beside 48 MB of
+    storage), a 2**26 memo index, deep and out-of-range params: 4xx from the ingress (the memo
+    one a 200), naming what is supported, the ingress replicas' peak RSS (VmHWM) growing
+    < 50 MB; shards paged."""
     client, _ = served
     ingress = _processes_named("MechrayIngress")
     assert ingress, "no ingress replica process found under this test's Ray"
@@ -171,8 +173,21 @@ def test_hostile_inputs_over_serve_are_4xx_before_reaching_a_replica(served):
                     files={"file": ("x.pt", pt_bytes(torch.randn(10 ** 6)))},   # 4 MB: the
                     data={"analysis_type": "neuron"})            # app at /secure allows 64 MB
     assert r.status_code == 422 and r.json()["error"] == "too_expensive", r.text
+    from test_hostile_api import alloc_bomb, memo_bomb    # issue 19 defect 1: +950 MB before
+
+    for _ in range(2):
+        r = client.post("/interpret/upload", files={"file": ("x.pt", alloc_bomb(2 ** 30))},
+                        data={"analysis_type": "neuron"})
+        assert r.status_code == 422 and "bytearray(int)" in r.json()["message"], r.text
+    r = client.post("/secure/interpret/upload", headers={"Authorization": f"Bearer {TOKEN}"},
+                    files={"file": ("x.pt", alloc_bomb(2 ** 30, {"x": torch.zeros(12 << 20)}))},
+                    data={"analysis_type": "neuron"})              # 48 MB: the largest refused
+    assert r.status_code == 422 and "bytearray(int)" in r.json()["message"], r.text
+    r = client.post("/interpret/upload", files={"file": ("x.pt", memo_bomb(2 ** 26))},
+                    data={"analysis_type": "neuron"})
+    assert r.status_code == 200, r.text                           # valid, and read cheaply
     grown = max(_peak_rss(pid) - before[pid] for pid in ingress)
-    assert grown < 150 * 2 ** 20, f"an ingress replica's peak RSS grew {grown / 2 ** 20:.0f} MiB"
+    assert grown < 50 * 2 ** 20, f"an ingress replica's peak RSS grew {grown / 2 ** 20:.0f} MiB"
     r = client.post("/interpret/upload", files={"file": ("x.pt", pt_bytes(torch.ones(4, 3)))},
                     data={"analysis_type": "neuron", "params": "[" * 10_000 + "]" * 10_000})
     assert r.status_code == 422 and r.json()["error"] == "bad_params", r.text
