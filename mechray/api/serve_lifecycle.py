@@ -101,12 +101,19 @@ def start(init: Callable[[], None], run: Callable[[], None], teardown: Callable[
                         "timeout at %s s", why, os.environ.get(next(iter(READY))))
 
 
+_SLOW = ("ActorDied", "ActorUnavailable", "GetTimeout", "Timeout", "health", "ready",
+         "unhealthy", "died")
+
+
 def _advice(why: str, started_ray: bool) -> str:
     ready = next(iter(READY))
     try:
         load = f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     except OSError:
         load = f"{os.cpu_count()} CPUs"
+    if not any(word.lower() in why.lower() for word in _SLOW):    # not a missed check: say so
+        return (f"Ray Serve did not start twice ({why}; {load}): the application failed to "
+                "deploy; the cause is in the log above (a replica's constructor error)")
     fix = (f"raise {ready} (now {os.environ.get(ready, READY[ready])} s) and "
            "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S, or start it when the machine is less busy"
            if started_ray else f"set {ready} higher before `ray start` on the cluster it joins")

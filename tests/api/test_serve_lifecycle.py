@@ -57,6 +57,13 @@ def test_a_failed_start_is_retried_with_longer_timeouts_then_one_line_with_the_f
     assert "ActorDiedError" in message and READY in message and "CPUs" in message
     assert info.value.exit_code == 3
 
+    def bad_app():                      # not a missed check: the advice points at the cause
+        raise RuntimeError("Deploying application 'mechray' failed: ConfigError: bad store")
+
+    with pytest.raises(life.ServeStartError, match="failed to deploy") as info:
+        life.start(lambda: None, bad_app, lambda: None, started_ray=True)
+    assert READY not in str(info.value) and "bad store" in str(info.value)
+
 
 def _busy(seconds: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + "
