@@ -255,9 +255,18 @@ def cmd_serve(args) -> int:
     for key in ("s3_endpoint_url", "model", "model_checkpoint", "tokenizer"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
+    if args.sae:
+        from mechray.api.saes import parse_spec
+
+        spec["saes"] = parse_spec(args.sae)
     print(f"mechray: serving {args.storage} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-    serve.run_server(spec, host=args.host, port=args.port, ray_address=args.ray_address,
-                     proxy=args.proxy)
+    stopped = serve.run_server(spec, host=args.host, port=args.port,
+                               ray_address=args.ray_address, proxy=args.proxy)
+    if stopped is True:              # served, then stopped by a signal: leave without Ray's
+        logging.shutdown()           # exit hooks, which wait on a GCS that is gone
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -365,6 +374,10 @@ def main(argv=None) -> int:
     p.add_argument("--model-checkpoint", default=None, help="state_dict or Lightning .ckpt")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or Hugging Face name: "
                    "token contexts in /interpret answers and the dashboard, texts as eval_inputs")
+    p.add_argument("--sae", action="append", default=None, metavar="NAME=DIR",
+                   help="an SAE clients may evaluate by NAME (params.pretrained; listed at "
+                   "/interpret/layers): an SAELens directory or mechray .safetensors; repeat "
+                   "for more. HTTP clients never name a path")
     p.add_argument("--num-replicas", type=int, default=1, help="analysis replicas")
     p.add_argument("--max-ongoing-requests", type=int, default=16,
                    help="concurrent requests per analysis replica")

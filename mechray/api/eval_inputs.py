@@ -32,6 +32,7 @@ MAX_TOKENS = 512
 MAX_TOTAL_TOKENS = 65_536
 MAX_TEXT_CHARS = 4096
 ID_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+_INT64 = (-2 ** 63, 2 ** 63 - 1)
 
 
 def _bad(message: str) -> ApiError:
@@ -123,6 +124,10 @@ def _int_rows(value: Any, key: str) -> list[list[int]]:
         raise _bad(f"a sequence of eval_inputs.{key} has {long} tokens; at most {MAX_TOKENS}")
     if not all(type(x) is int for r in value for x in r):
         raise _bad(f"eval_inputs.{key} holds values that are not integers")
+    wild = next((x for r in value for x in r if not _INT64[0] <= x <= _INT64[1]), None)
+    if wild is not None:
+        raise _bad(f"eval_inputs.{key} holds {str(wild)[:40]}, beyond a 64-bit integer; token "
+                   "ids run from 0 to the vocabulary size - 1")
     return value
 
 

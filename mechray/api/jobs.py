@@ -4,15 +4,17 @@ Usage::
 
     from mechray.api.jobs import JobBoard
 
-    board = JobBoard(run=lambda request: service.compute(request), workers=1, max_pending=16)
+    board = JobBoard(run=service.compute_job, workers=1, max_pending=16)
     job = board.submit(key, request, analysis="sae", layer="popt")   # dict: job_id, status, ...
     board.status(job["job_id"])                                      # JSON bytes (JobStatus)
     board.close()
 
-``run(request)`` returns the finished response as JSON bytes or raises
+``run(request)`` returns the finished response as JSON bytes, or ``(bytes, keep)``, or raises
 :class:`~mechray.api.errors.ApiError`.  A request whose ``key`` (analysis, layer, params and
 manifest version, or the upload's hash) matches a queued, running or unexpired job gets that
-job instead of a new one, so a double-clicked SAE trains once.  At most ``max_pending`` jobs
+job instead of a new one, so a double-clicked SAE trains once; a job that failed, or whose
+result failed inside (``keep`` False: an analysis error on a layer), is never handed out again:
+the same request runs afresh (its own job id still answers until it expires).  At most ``max_pending`` jobs
 wait or run (more: 429); finished jobs are kept ``ttl_s`` seconds and at most ``keep`` of them.
 The board is plain threads (no event loop), so it works under any ASGI server and inside a Ray
 Serve replica alike.
@@ -71,8 +73,8 @@ class Job:
 class JobBoard:
     """Thread-pool job runner with de-duplication, bounded queue and expiry."""
 
-    def __init__(self, run: Callable[[dict], bytes], *, workers: int = 1, max_pending: int = 16,
-                 ttl_s: float = 3600.0, keep: int = 256):
+    def __init__(self, run: Callable[[dict], bytes | tuple[bytes, bool]], *, workers: int = 1,
+                 max_pending: int = 16, ttl_s: float = 3600.0, keep: int = 256):
         self._run = run
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mechray-job")
         self.max_pending, self.ttl_s, self.keep = max_pending, ttl_s, keep
@@ -86,7 +88,7 @@ class JobBoard:
         with self._lock:
             self._expire()
             same = self._jobs.get(self._by_key.get(key, ""))
-            if same is not None and same.status != "failed":
+            if same is not None and same.status != "failed":       # failed ones left _by_key
                 return same.accepted()
             if self.pending() >= self.max_pending:
                 raise ApiError(429, "too_many_jobs",
@@ -123,8 +125,11 @@ class JobBoard:
     def _work(self, job: Job, request: dict) -> None:
         with self._lock:
             job.status, job.started = "running", time.time()
+        keep = False
         try:
-            body, error = self._run(request), None
+            out = self._run(request)
+            body, keep = out if isinstance(out, tuple) else (out, True)
+            error = None
         except ApiError as exc:
             body, error = None, exc.body()
         except Exception:  # a bug: keep the board alive; the job says only the request id
@@ -133,6 +138,8 @@ class JobBoard:
             job.body, job.error = body, error
             job.status = "done" if error is None else "failed"
             job.finished = time.time()
+            if not keep and self._by_key.get(job.key) == job.job_id:
+                del self._by_key[job.key]          # not re-served: the next submit runs again
 
     def _expire(self) -> None:
         now = time.time()

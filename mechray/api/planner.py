@@ -25,6 +25,7 @@ from typing import Any, Optional
 from mechray.analysis.base import REGISTRY, AnalysisParamsError, get_analysis
 from mechray.api.cost import Workload, answer_bytes, estimate
 from mechray.api.errors import ApiError
+from mechray.api.saes import ServedSAEs
 from mechray.api.store_view import LayerInfo, StoreView
 from mechray.api.uploads import Upload, check_layer_name
 from mechray.config import MechIntConfig
@@ -56,18 +57,29 @@ class Plan:
     cost: Estimate
     key: str                            # the cache key: analysis, layers, params, source
     eval_data: Any = None               # the request's eval inputs (keyword tensors), if any
+    run_params: Optional[dict[str, Any]] = None   # params as the engine gets them: a served
+    #                                     SAE's name (params.pretrained) turned into its path
+
+    @property
+    def engine_params(self) -> dict[str, Any]:
+        return self.params if self.run_params is None else self.run_params
 
 
 class Planner:
     """Validates requests against the store view and the config; see the module docstring."""
 
-    def __init__(self, view: StoreView, config: MechIntConfig, model_params: int = 0):
+    def __init__(self, view: StoreView, config: MechIntConfig, model_params: int = 0,
+                 saes: Optional[ServedSAEs] = None):
         self.view, self.config, self.model_params = view, config, model_params
+        self.saes = saes if saes is not None else ServedSAEs()
 
     def plan(self, request: dict[str, Any], inputs: Optional[int] = None) -> Plan:
         """``inputs``: how many eval inputs the request brings (default: the config's cap)."""
         analysis, upload = request["analysis_type"], request.get("upload")
         spec = self.params(analysis, request.get("params") or {})
+        served = spec.get("pretrained") if analysis == "sae" else None
+        if served is not None:
+            self.saes.info(served)                   # a registered name, never a path: 422
         layer = request.get("layer_name")
         if upload is not None:
             source = f"upload:{upload.sha256}"
@@ -76,18 +88,26 @@ class Planner:
                              len(upload.tensors[la])) for la in layers]
         else:
             info, source, n_layers = self._store_layer(layer)
-            shard_rows = self.view.shard_rows(str(layer))
-            work = [Workload(info.rows, info.features, shard_rows, len(info.steps),
+            facts = self.view.facts(str(layer))     # the entries, not the summary's word
+            work = [Workload(facts.rows, info.features, facts.largest, max(facts.steps, 1),
                              self.model_params, n_layers,
                              inputs or self.config.eval_max_samples)]
             layers = [check_layer_name(layer)]
         costs = [estimate(analysis, spec, w) for w in work]
-        cost = Estimate(sum(c.ops for c in costs), max(c.bytes for c in costs),
+        run_params, weights, ops = None, 0, 0.0
+        if served is not None:               # its own size, not the params' expansion_factor
+            paths = {self.saes.resolve(served, la, w.d) for la, w in zip(layers, work)}
+            run_params = {**spec, "pretrained": paths.pop()}
+            sae = self.saes.info(served)
+            weights = sae.weight_bytes
+            ops = sum(4.0 * w.rows * w.d * sae.n_latents for w in work)  # encode, decode, top
+        cost = Estimate(sum(c.ops for c in costs) + ops, max(c.bytes for c in costs) + weights,
                         sum(answer_bytes(analysis, spec, w) for w in work))
         self._check_cost(analysis, cost)
         key = hashlib.sha256(json.dumps([analysis, layers, spec, source],
                                         sort_keys=True).encode()).hexdigest()
-        return Plan(analysis, spec, layers, layer, upload, source, cost, key)
+        return Plan(analysis, spec, layers, layer, upload, source, cost, key,
+                    run_params=run_params)
 
     def params(self, analysis: str, params: Any) -> dict[str, Any]:
         """The analysis's full validated params (422 naming the problem)."""

@@ -7,6 +7,7 @@ Usage (the seed's Pattern 4)::
 
     app = FastAPI()
     mixin = FastAPIIntegrationMixin(model, config)    # model may be None; config or dict
+    # saes={"l3": "results/saes/l3"}: SAEs clients may evaluate by name (params.pretrained)
     mixin.add_routes(app)                              # then: uvicorn app:app
 
     # curl http://localhost:8000/interpret/layers
@@ -91,15 +92,16 @@ class FastAPIIntegrationMixin:
     """Adds mechray's interpretation routes to a FastAPI app (see the module docstring)."""
 
     def __init__(self, model: Any = None, config: Optional[MechIntConfig | dict] = None, *,
-                 storage: Optional[str] = None, tokenizer: Any = None):
+                 storage: Optional[str] = None, tokenizer: Any = None,
+                 saes: Optional[dict[str, str]] = None):
         from mechray.api.jobs import JobBoard
         from mechray.api.service import Interpreter
 
         cfg = MechIntConfig.coerce(config) if config is not None else \
             MechIntConfig(sample_layers=["*"])
         self.config = cfg
-        self.service = Interpreter(model, cfg, location=storage, tokenizer=tokenizer)
-        self.jobs = JobBoard(self.service.compute, workers=cfg.api_job_workers,
+        self.service = Interpreter(model, cfg, location=storage, tokenizer=tokenizer, saes=saes)
+        self.jobs = JobBoard(self.service.compute_job, workers=cfg.api_job_workers,
                              max_pending=cfg.api_max_pending_jobs, ttl_s=cfg.api_job_ttl_s)
 
     def add_routes(self, app: FastAPI) -> FastAPI:
@@ -215,8 +217,8 @@ def add_routes(app: FastAPI, backend: Any, config: MechIntConfig, *, dashboard: 
 def _read_upload(file: UploadFile):
     from mechray.api.uploads import parse_upload
 
-    file.file.seek(0)
-    return parse_upload(file.file.read(), file.filename)
+    return parse_upload(file.file, file.filename)   # headers first: a refused upload is
+                                                    # never read whole into memory
 
 
 class ParseSlots:

@@ -48,13 +48,25 @@ class LayerInfo(BaseModel):
     dtype: str
     shards: int
     rows: int
-    steps: list[int]
+    steps: list[int] = Field(description="captured steps, the first 10,000 at most")
+    steps_total: int = Field(description="how many steps were captured")
+
+
+class ServedSAEInfo(BaseModel):
+    d_in: int
+    n_latents: int
+    architecture: str
+    format: Literal["saelens", "mechray"]
+    hook_name: Optional[str] = None
 
 
 class LayersResponse(BaseModel):
     store: str
     manifest_version: str = Field(description="changes whenever a shard is added or replaced")
     layers: dict[str, LayerInfo]
+    saes: dict[str, ServedSAEInfo] = Field(
+        default_factory=dict, description="SAEs the server was started with (mechray serve "
+        "--sae NAME=DIR): an sae request names one as params.pretrained")
 
 
 class ShardInfo(BaseModel):

@@ -28,10 +28,12 @@ Three deployments, one application:
 ``build_app(args)`` args (unknown keys are refused, naming the valid ones): ``storage``
 (directory or ``s3://bucket/prefix``, required), ``s3_endpoint_url``, ``model``
 (``package.module:Class``, built with no arguments) and ``model_checkpoint`` (its state_dict,
-``weights_only`` load), ``num_replicas``, ``max_ongoing_requests``, ``autoscaling_config``,
-``ingress_replicas``, ``analysis_num_cpus``, ``ray_tasks``, ``access_log`` and ``config`` (more
-:class:`~mechray.config.MechIntConfig` fields, e.g. ``api_max_upload_mb``).  The bearer token
-is read from ``$MECHRAY_API_TOKEN`` in the ingress replicas' environment.
+``weights_only`` load), ``saes`` (``{name: directory}``: the SAEs an ``sae`` request may name as
+``params.pretrained``, listed at ``/interpret/layers``), ``num_replicas``,
+``max_ongoing_requests``, ``autoscaling_config``, ``ingress_replicas``, ``analysis_num_cpus``,
+``ray_tasks``, ``access_log`` and ``config`` (more :class:`~mechray.config.MechIntConfig`
+fields, e.g. ``api_max_upload_mb``).  The bearer token is read from ``$MECHRAY_API_TOKEN`` in
+the ingress replicas' environment.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class ServeArgs(BaseModel):
     tokenizer: Optional[str] = Field(None, description="tokenizer directory, Hugging Face name "
                                      "or package.module:name: token contexts in answers and "
                                      "texts as eval_inputs")
+    saes: dict[str, str] = Field(default_factory=dict, description="SAEs clients may evaluate "
+                                 "by name (params.pretrained): {name: SAELens directory or "
+                                 "mechray .safetensors}; never a client's path")
     num_replicas: Optional[int] = Field(1, ge=1, le=1024)
     max_ongoing_requests: int = Field(16, ge=1, le=10_000)
     autoscaling_config: Optional[dict[str, Any]] = None
@@ -118,7 +123,7 @@ def _unwrap(out: tuple) -> Any:
 class AnalysisDeployment:
     """Holds the store, the model and a result cache; runs the analyses."""
 
-    METHODS = ("layers_json", "shards_json", "health", "interpret", "compute")
+    METHODS = ("layers_json", "shards_json", "health", "interpret", "compute", "compute_job")
 
     def __init__(self, args: dict[str, Any]):
         from mechray.api.service import Interpreter
@@ -130,7 +135,7 @@ class AnalysisDeployment:
 
             tokenizer = load_tokenizer(a.tokenizer)
         self.service = Interpreter(_load_model(a.model, a.model_checkpoint), a.mech_config(),
-                                   location=a.storage, tokenizer=tokenizer)
+                                   location=a.storage, tokenizer=tokenizer, saes=a.saes)
 
     async def call(self, method: str, *args: Any) -> tuple:
         if method not in self.METHODS:
@@ -151,8 +156,8 @@ class JobsDeployment:
         self.board = JobBoard(self._run, workers=cfg.api_job_workers,
                               max_pending=cfg.api_max_pending_jobs, ttl_s=cfg.api_job_ttl_s)
 
-    def _run(self, request: dict) -> bytes:        # on a board thread, not the event loop
-        return _unwrap(self.analysis.call.remote("compute", request).result())
+    def _run(self, request: dict) -> tuple[bytes, bool]:    # on a board thread, not the loop
+        return _unwrap(self.analysis.call.remote("compute_job", request).result())
 
     async def submit(self, key: str, request: dict) -> tuple:
         return _wrap(lambda: self.board.submit(key, request, analysis=request["analysis_type"],
@@ -214,7 +219,8 @@ class IngressDeployment:
         a = parse_args(args)
         self.config = a.mech_config()
         self.backend = ServeBackend(analysis, jobs,
-                                    Interpreter(None, self.config, location=a.storage))
+                                    Interpreter(None, self.config, location=a.storage,
+                                                saes=a.saes))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         from mechray.api.routes import add_routes
@@ -234,6 +240,10 @@ def build_app(args: dict[str, Any]):
 def build(args: dict[str, Any] | ServeArgs, *, ingress_options: Optional[dict] = None):
     """:func:`build_app` with extra ``.options(...)`` for the ingress (e.g. a runtime_env)."""
     a = parse_args(args)
+    if a.saes:                   # each SAE loaded once here: a bad one stops the start, named
+        from mechray.api.saes import ServedSAEs
+
+        ServedSAEs(a.saes)
     plain = a.model_dump()
     scale: dict[str, Any] = {"autoscaling_config": a.autoscaling_config} \
         if a.autoscaling_config else {"num_replicas": a.num_replicas}
@@ -250,8 +260,9 @@ def build(args: dict[str, Any] | ServeArgs, *, ingress_options: Optional[dict] =
 
 def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
                ray_address: Optional[str] = None, blocking: bool = True,
-               proxy: str = "haproxy") -> None:
-    """Start Ray (or join ``ray_address``), Serve on ``host:port``, and the application.
+               proxy: str = "haproxy") -> bool:
+    """Start Ray (or join ``ray_address``), Serve on ``host:port``, and the application; True
+    once it served and stopped (blocking), False when it returns serving (``blocking=False``).
 
     ``proxy="haproxy"`` (the default) puts Serve's HAProxy ingress in front of the replicas
     (:func:`haproxy_env`, set in this process's environment before it starts Ray, whose
@@ -259,13 +270,18 @@ def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
     the cluster's own environment decides (set ``RAY_SERVE_ENABLE_HA_PROXY=1`` before
     ``ray start``).
 
-    Blocking, it serves until SIGINT or SIGTERM, then deletes the application and disconnects
-    from Ray (which stops a local Ray it started, so no Ray process outlives it; a cluster it
-    joined keeps running)."""
+    On a busy machine: Serve's proxy readiness timeouts are raised with the load before Ray
+    starts, the start is tried twice, and a second failure is one line naming the fix
+    (:mod:`mechray.api.serve_lifecycle`).  Blocking, it serves until SIGINT or SIGTERM (to it
+    or to its whole process group), then deletes the application and stops a local Ray it
+    started within a deadline, and ends any Ray or HAProxy process of its own still left (a
+    cluster it joined keeps running)."""
     import signal
     import threading
 
     import ray
+
+    from mechray.api import serve_lifecycle as life
 
     if proxy not in PROXIES:
         raise ValueError(f"proxy={proxy!r}: use one of {PROXIES}")
@@ -276,31 +292,47 @@ def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
     elif started:
         os.environ[HA_PROXY] = "0"
     if started:
-        ray.init(address=ray_address, configure_logging=False)
+        os.environ.update(life.readiness_env())
     elif proxy == "haproxy" and os.environ.get(HA_PROXY) != "1":
         log.info("mechray: Ray was started before run_server, so Serve keeps the proxy Ray was "
                  "started with (os.environ.update(haproxy_env()) before ray.init, or %s=1 "
                  "before `ray start`, for HAProxy)", HA_PROXY)
+    watch = life.ProcessWatch() if started and blocking else None
     stop = threading.Event()
-    if blocking:                  # after ray.init, which installs handlers of its own
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-    try:
+
+    def init() -> None:
+        if started and not ray.is_initialized():
+            ray.init(address=ray_address, configure_logging=False)
+        if blocking:              # after ray.init, which installs handlers of its own
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+        if watch is not None:
+            watch.refresh()
+
+    def run() -> None:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
+
+    def teardown() -> None:
+        _stop(started, gcs_alive=watch is None or watch.alive("gcs_server"))
+
+    try:
+        life.start(init, run, teardown, started_ray=started)
     except BaseException:
-        _stop(started)
+        life.stop(teardown, watch)
         raise
     log.info("mechray: serving %s on http://%s:%d/ (dashboard at /, proxy %s)", args["storage"],
              host, port, "HAProxy" if os.environ.get(HA_PROXY) == "1" else "Serve's Python proxy")
     if not blocking:
-        return
+        return False
     try:
-        while not stop.wait(3600):
-            pass
+        while not stop.wait(2.0):
+            if watch is not None:
+                watch.refresh()   # HAProxy and replicas as they come: ended even if orphaned
         log.info("mechray: shutting down")
     finally:
-        _stop(started)
+        life.stop(teardown, watch)
+    return True
 
 
 # --- the proxy in front of the replicas --------------------------------------------------------
@@ -364,13 +396,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(started_ray: bool) -> None:
+def _stop(started_ray: bool, gcs_alive: bool = True) -> None:
     import ray
 
-    try:
-        serve.delete(APP_NAME)
-    except Exception as exc:  # Serve may be gone already; still leave Ray
-        log.warning("mechray: deleting the Serve application failed: %s", exc)
+    if gcs_alive and ray.is_initialized():   # a dead GCS (the whole group was signalled)
+        try:                                 # makes Serve's teardown wait for minutes
+            serve.delete(APP_NAME)
+        except Exception as exc:  # Serve may be gone already; still leave Ray
+            log.warning("mechray: deleting the Serve application failed: %s", exc)
     if started_ray:
         ray.shutdown()
 

@@ -8,7 +8,7 @@ Usage::
     service.layers_json()                                 # bytes of LayersResponse
     answer = service.interpret({"analysis_type": "neuron", "layer_name": "popt"})
     answer.body()                                         # response bytes, or answer.job_key:
-    service.compute(request)                              # long ones: the JobBoard calls this
+    service.compute_job(request)           # long ones, for the JobBoard: (bytes, keep)
 
 Plain synchronous Python (no web framework), so the FastAPI mixin calls it from a threadpool and
 the Ray Serve analysis deployment calls it in its replicas: the routes and the analyses are the
@@ -44,6 +44,7 @@ from mechray.analysis.base import get_analysis
 from mechray.api.errors import ApiError
 from mechray.api.planner import CODE_PARAMS, Plan, Planner
 from mechray.api.result_cache import Result, ResultCache
+from mechray.api.saes import ServedSAEs
 from mechray.api.store_view import StoreView
 from mechray.api.upload_store import UploadStores
 from mechray.config import MechIntConfig
@@ -72,7 +73,8 @@ class Interpreter:
     """One store (and optionally a model) served to many concurrent requests."""
 
     def __init__(self, model: Optional[torch.nn.Module], config: MechIntConfig | dict, *,
-                 location: Optional[str] = None, tokenizer: Any = None):
+                 location: Optional[str] = None, tokenizer: Any = None,
+                 saes: Optional[dict[str, str] | ServedSAEs] = None):
         from mechray.analysis.runner import default_location
 
         self.config = cfg = MechIntConfig.coerce(config)
@@ -81,7 +83,8 @@ class Interpreter:
         self.location = str(location or default_location(cfg))
         params = sum(p.numel() for p in model.parameters()) if model is not None else 0
         self.view = StoreView(self.location, cfg)
-        self.planner = Planner(self.view, cfg, params)
+        self.saes = saes if isinstance(saes, ServedSAEs) else ServedSAEs(saes)
+        self.planner = Planner(self.view, cfg, params, self.saes)
         self.cache = ResultCache(int(cfg.api_cache_mb * 2 ** 20), cfg.api_cache_entries)
         self.uploads = UploadStores(KEEP_UPLOAD_STORES)
         self._slots = threading.BoundedSemaphore(cfg.api_max_concurrent)
@@ -89,7 +92,7 @@ class Interpreter:
 
     # --- the store -------------------------------------------------------------------------------
     def layers_json(self) -> bytes:
-        return self.view.layers_json()
+        return self.view.layers_json(self.saes.public())
 
     def shards_json(self, offset: int = 0, limit: int = 1000) -> bytes:
         return self.view.shards_json(offset, limit)
@@ -136,6 +139,14 @@ class Interpreter:
         plan, hit = self.lookup(request)
         return (Answer(hit, cached=True) if hit is not None else self._compute(plan)).body()
 
+    def compute_job(self, request: dict) -> tuple[bytes, bool]:
+        """:meth:`compute` for the job board: ``(bytes, keep)``, ``keep`` False when the result
+        failed inside (an analysis error on a layer), so the board does not re-serve it."""
+        plan, hit = self.lookup(request)
+        answer = Answer(hit, cached=True) if hit is not None else self._compute(plan)
+        assert answer.result is not None
+        return answer.body(), answer.result.cacheable
+
     def remember(self, plan: Plan, result: Result) -> None:
         """Cache a result computed elsewhere (a Serve analysis replica) under ``plan``'s key,
         unless it was computed on another manifest version than the plan's."""
@@ -167,7 +178,7 @@ class Interpreter:
                                 num_cpus=self.config.analysis_num_cpus,
                                 seed=self.config.sample_seed)
                 with model_lock:
-                    results = engine.run([name], {name: plan.params}, layers=plan.layers,
+                    results = engine.run([name], {name: plan.engine_params}, layers=plan.layers,
                                          model=self.model, eval_data=plan.eval_data)
                 if self.tokenizer is not None and upload is None:
                     from mechray.analysis.contexts import add_contexts, decoder
@@ -177,6 +188,11 @@ class Interpreter:
                 raise store_error(exc) from None
             seconds = round(time.perf_counter() - t0, 4)
         per_layer = json_safe(results[name])
+        if plan.run_params is not None:      # a served SAE: answered by name, never its path
+            for value in per_layer.values():
+                if isinstance(value, dict) and isinstance(value.get("pretrained"), dict):
+                    value["pretrained"]["path"] = None
+                    value["pretrained"]["name"] = plan.params["pretrained"]
         head: dict[str, Any]
         if upload is not None:
             head = {"analysis_type": name, "params": plan.params,

@@ -7,7 +7,7 @@ Usage::
     view = StoreView("./mechint_cache", config)
     snap = view.snapshot()          # Snapshot(store, version, layers, total); 404/503 if none
     snap.layers["popt"].rows        # per-layer catalog (LayerInfo), from the manifest's summary
-    view.shard_rows("popt")         # rows of the layer's largest shard (for cost limits)
+    view.facts("popt")              # LayerFacts from the entries: shards, rows, steps, largest
     view.layers_json()              # bytes of LayersResponse (cached per version)
     view.shards_json(offset=0, limit=100)   # one page of ShardsResponse
     view.ready()                    # for /health: never parses the manifest
@@ -18,9 +18,13 @@ manifest's (mtime, size, inode) changed, on S3 when the listed manifests' ETags 
 (:attr:`ShardStore.version`: those stamps, hashed), so any rewrite of the manifest moves it.
 Layers and totals come from the per-layer summary at the manifest's head and a page of shards
 from the lines of that page, so ``/interpret/layers`` and ``/interpret/shards`` parse no entry
-even at 10^6 shards; only ``shard_rows`` (an ``/interpret`` request's cost check) reads the
-layer's entries, once per version.  A manifest that fails to read after a good one keeps the
-good one served (logged).
+even at 10^6 shards; only ``facts`` (an ``/interpret`` request's plan and cost check) reads the
+layer's entries, once per version.  The summary is a hint checked against the entries before a
+request is planned on it: a layer it lists that no entry holds is a 404 naming the repair, a
+request is costed on the entries' rows and steps (a disagreement is logged), a page that comes
+short of the summary's total counts the entries, so ``next_offset`` always moves forward (or is
+null), and ``/interpret/layers`` lists at most :data:`MAX_LISTED_STEPS` steps per layer.  A
+manifest that fails to read after a good one keeps the good one served (logged).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from mechray.storage.reader import ShardStore
 
 log = logging.getLogger(__name__)
 _SHARD_KEYS = ("file", "step", "rank", "rows", "bytes", "s3_uri")
+MAX_LISTED_STEPS = 10_000   # /interpret/layers lists at most this many steps per layer
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,20 @@ class LayerInfo:
         return d
 
     def public(self) -> dict[str, Any]:
+        """As answered: at most :data:`MAX_LISTED_STEPS` steps (``steps_total`` counts them)."""
         return {"feature_shape": self.feature_shape, "dtype": self.dtype, "shards": self.shards,
-                "rows": self.rows, "steps": self.steps}
+                "rows": self.rows, "steps": self.steps[:MAX_LISTED_STEPS],
+                "steps_total": len(self.steps)}
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """One layer as its manifest entries (not the summary at the head) have it."""
+
+    shards: int
+    rows: int
+    steps: int
+    largest: int                         # rows of the largest shard
 
 
 class Snapshot(NamedTuple):
@@ -83,7 +100,8 @@ class StoreView:
         self._stamp: Any = None
         self._listed = 0.0                              # S3: when the manifests were last listed
         self._pages: dict[str, tuple[str, bytes]] = {}
-        self._shard_rows: dict[tuple[str, str], int] = {}
+        self._facts: dict[tuple[str, str], LayerFacts] = {}
+        self._totals: dict[str, int] = {}               # version -> entries counted
         self._lock = threading.Lock()
 
     # --- the manifest ---------------------------------------------------------------------------
@@ -127,21 +145,47 @@ class StoreView:
         return Snapshot(store, version, _catalog(store), store.count())
 
     def shard_rows(self, layer: str) -> int:
-        """Rows of ``layer``'s largest shard (what one task holds in memory), read from the
-        layer's entries once per version."""
+        """Rows of ``layer``'s largest shard (what one task holds in memory)."""
+        return self.facts(layer).largest
+
+    def facts(self, layer: str) -> LayerFacts:
+        """``layer`` as its entries have it (shards, rows, steps, largest shard), counted once
+        per version: what a request is planned and costed on, never the summary at the head
+        alone.  A layer the summary lists but no entry holds is a 404 naming the repair; a
+        summary that disagrees with the entries is logged."""
         snap = self.snapshot()
         key = (snap.version, layer)
-        if key not in self._shard_rows:
-            largest = 0
+        if key not in self._facts:
+            largest = shards = total = 0
+            steps: set[int] = set()
             for e in snap.store.shards(layer):
                 rows = e.get("rows")
                 n = rows.get(layer, 0) if isinstance(rows, dict) else 0
-                largest = max(largest, int(n or 0))
+                n = n if isinstance(n, int) and n > 0 else 0
+                largest, shards, total = max(largest, n), shards + 1, total + n
+                listed = e.get("steps", [e.get("step")])
+                if isinstance(listed, list):
+                    steps.update(s for s in listed if isinstance(s, int))
+            facts = LayerFacts(shards, total, len(steps), largest)
+            head = snap.layers.get(layer)
+            if head is not None and (head.shards, head.rows, len(head.steps)) != \
+                    (shards, total, len(steps)):
+                log.warning("mechray: the manifest summary of %s lists layer %r with %d shards, "
+                            "%d rows, %d steps; its entries hold %d, %d, %d: planning on the "
+                            "entries (`mechray repair --rebuild` rewrites the summary)",
+                            self.location, layer, head.shards, head.rows, len(head.steps),
+                            shards, total, len(steps))
             with self._lock:
-                self._shard_rows = {k: v for k, v in self._shard_rows.items()
-                                    if k[0] == snap.version}
-                self._shard_rows[key] = largest or snap.layers[layer].rows
-        return self._shard_rows[key]
+                self._facts = {k: v for k, v in self._facts.items() if k[0] == snap.version}
+                self._facts[key] = facts
+        facts = self._facts[key]
+        if facts.shards == 0:
+            raise ApiError(404, "layer_without_shards",
+                           f"layer {layer!r} is listed in the store's manifest summary but no "
+                           "shard of it holds that layer (a damaged or hand-edited manifest); "
+                           "pick another layer, and run `mechray repair --rebuild` on the store "
+                           "to rewrite its summary")
+        return facts
 
     def _kept(self, exc: BaseException) -> None:
         log.warning("mechray: re-reading the manifest of %s failed (%s: %s); serving the "
@@ -182,27 +226,42 @@ class StoreView:
             return False
 
     # --- responses -------------------------------------------------------------------------------
-    def layers_json(self) -> bytes:
+    def layers_json(self, saes: Optional[dict[str, Any]] = None) -> bytes:
+        """``LayersResponse`` bytes (cached per version); ``saes``: the served SAEs."""
         snap = self.snapshot()
         hit = self._pages.get("layers")
         if hit is not None and hit[0] == snap.version:
             return hit[1]
         body = json.dumps({"store": snap.store.location, "manifest_version": snap.version,
-                           "layers": {n: i.public() for n, i in snap.layers.items()}}).encode()
+                           "layers": {n: i.public() for n, i in snap.layers.items()},
+                           "saes": saes or {}}).encode()
         self._pages["layers"] = (snap.version, body)
         return body
 
     def shards_json(self, offset: int = 0, limit: int = 1000) -> bytes:
         """One page of the shard list: ``limit`` entries from ``offset`` (and the total)."""
         snap = self.snapshot()
-        page = snap.store.shards(offset=offset, limit=limit) if offset < snap.total else []
+        total = snap.total
+        page = snap.store.shards(offset=offset, limit=limit) if offset < total else []
         end = offset + len(page)
+        if len(page) < limit and end < total:         # the summary's total is over the entries
+            total = self._entry_total(snap)
         return json.dumps({
             "store": snap.store.location, "manifest_version": snap.version,
-            "total": snap.total, "offset": offset, "limit": limit,
-            "next_offset": end if end < snap.total else None,
+            "total": total, "offset": offset, "limit": limit,
+            "next_offset": end if page and len(page) == limit and end < total else None,
             "shards": [{k: e.get(k) for k in _SHARD_KEYS} | {"steps": e.get("steps", [e["step"]])}
                        for e in page]}).encode()
+
+    def _entry_total(self, snap: Snapshot) -> int:
+        """Shards the entries list (parsed once per version), for a summary whose total lies."""
+        if snap.version not in self._totals:
+            counted = len(snap.store.shards())
+            log.warning("mechray: the manifest summary of %s says %d shards; its entries list "
+                        "%d (`mechray repair --rebuild` rewrites the summary)", self.location,
+                        snap.total, counted)
+            self._totals = {snap.version: counted}
+        return self._totals[snap.version]
 
 
 def _unreadable(location: str, exc: BaseException) -> ApiError:

@@ -39,13 +39,13 @@ import re
 import struct
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 import numpy as np
 import torch
 
 from mechray.api.errors import ApiError
-from mechray.api.header import check_declared
+from mechray.api.header import check_declared, source
 
 BARE = "upload"
 _ZIP, _NPY = b"PK\x03\x04", b"\x93NUMPY"
@@ -78,43 +78,53 @@ def check_layer_name(name: Any, what: str = "layer_name") -> str:
     return name
 
 
-def sniff(data: bytes) -> Optional[str]:
-    """The format the bytes are in (``pt``, ``npz``, ``safetensors``, ``npy``) or ``None``."""
-    if data.startswith(_NPY):
+def sniff(data: bytes | BinaryIO) -> Optional[str]:
+    """The format the bytes (or a seekable file) are in (``pt``, ``npz``, ``safetensors``,
+    ``npy``) or ``None``; reads the first bytes and, for a zip, its directory only."""
+    fp, size = source(data)
+    first = fp.read(10)
+    fp.seek(0)
+    if first.startswith(_NPY):
         return "npy"
-    if data.startswith(_ZIP):
+    if first.startswith(_ZIP):
         try:
-            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
-        except zipfile.BadZipFile:
+            names = zipfile.ZipFile(fp).namelist()
+        except (zipfile.BadZipFile, ValueError, OSError):
             return None
         if any(n.endswith("data.pkl") for n in names):
             return "pt"
         if names and all(n.endswith(".npy") for n in names):
             return "npz"
         return None
-    if len(data) >= 10:
-        (n,) = struct.unpack("<Q", data[:8])
-        if 2 <= n <= len(data) - 8 and data[8:9] == b"{":
+    if len(first) >= 10:
+        (n,) = struct.unpack("<Q", first[:8])
+        if 2 <= n <= size - 8 and first[8:9] == b"{":
             return "safetensors"
     return None
 
 
-def parse_upload(data: bytes, filename: Optional[str] = None, max_layers: int = 64) -> Upload:
-    """Parse uploaded bytes into an :class:`Upload` (see the module docstring); 4xx on failure."""
+def parse_upload(data: bytes | BinaryIO, filename: Optional[str] = None,
+                 max_layers: int = 64) -> Upload:
+    """Parse uploaded bytes, or a seekable file (read whole only once its headers passed), into
+    an :class:`Upload` (see the module docstring); 4xx on failure."""
     name = f"{filename!r}" if filename else "the uploaded file"
-    if not data:
+    fp, size = source(data)
+    if not size:
         raise ApiError(422, "empty_upload", f"{name} is empty; upload {_FORMATS}")
-    kind = sniff(data)
+    kind = sniff(fp)
     if kind is None:
+        fp.seek(0)
         hint = (" It looks like a raw pickle (or a legacy torch.save file), which mechray never "
                 "loads: save tensors with torch.save (zip format), safetensors or numpy."
-                if data[:1] == b"\x80" else "")
+                if fp.read(1) == b"\x80" else "")
         raise ApiError(415, "unsupported_format",
                        f"{name} is not {_FORMATS} (the format is read from its bytes, not its "
                        f"name).{hint}")
     try:
-        check_declared(data, kind, name, max_layers)     # before any tensor is built
-        obj = _LOADERS[kind](data)
+        check_declared(fp, kind, name, max_layers)       # before any tensor is built
+        fp.seek(0)
+        whole = fp.read() if not isinstance(data, bytes) else data
+        obj = _LOADERS[kind](whole)
     except ApiError:
         raise
     except Exception as exc:
@@ -125,7 +135,7 @@ def parse_upload(data: bytes, filename: Optional[str] = None, max_layers: int = 
     if len(tensors) > max_layers:
         raise ApiError(422, "too_many_layers", f"{name} holds {len(tensors)} layers; at most "
                        f"{max_layers} per upload: split it")
-    return Upload(hashlib.sha256(data).hexdigest(), kind, tensors)
+    return Upload(hashlib.sha256(whole).hexdigest(), kind, tensors)
 
 
 # --- loaders (no pickled code runs in any of them) -----------------------------------------------

@@ -97,7 +97,7 @@ def test_layers_shards_health_and_dashboard(api, store):
     assert sorted(layers["layers"]) == sorted(LAYERS)
     popt = layers["layers"]["popt"]
     assert popt == {"feature_shape": [8], "dtype": "float32", "shards": 4, "rows": 60,
-                    "steps": [0, 1, 2, 3]}
+                    "steps": [0, 1, 2, 3], "steps_total": 4}
     shards = api.get("/interpret/shards").json()
     assert [s["step"] for s in shards["shards"]] == [0, 1, 2, 3]
     assert shards["manifest_version"] == layers["manifest_version"]

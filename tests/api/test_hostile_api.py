@@ -10,9 +10,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -51,6 +54,42 @@ def error(r, status, code, *words):
     return body
 
 
+class _Alloc:
+    """Pickles as ``bytearray(n)``: a call that allocates from a number in the stream."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __reduce__(self):
+        return (bytearray, (self.n,))
+
+
+def with_pickle(pickled: bytes, tensors=None) -> bytes:
+    """A torch.save archive of ``tensors`` whose data.pkl is replaced by ``pickled``."""
+    src = zipfile.ZipFile(io.BytesIO(pt_bytes(tensors if tensors is not None
+                                              else {"x": torch.ones(2, 2)})))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            z.writestr(info.filename, pickled if info.filename.endswith("data.pkl") else data)
+    return out.getvalue()
+
+
+def alloc_bomb(n: int, tensors=None) -> bytes:
+    """Issue 19 defect 1: a ~950-byte .pt whose data.pkl is ``{'x': bytearray(n)}``."""
+    return with_pickle(pickle.dumps({"x": _Alloc(n)}, protocol=3), tensors)
+
+
+def memo_bomb(index: int) -> bytes:
+    """A valid tensor file whose pickle memoises at ``index``: C's unpickler grows its memo array
+    to 2 x index pointers (2**26 -> 1 GiB), a dict in Python's."""
+    good = zipfile.ZipFile(io.BytesIO(pt_bytes({"x": torch.ones(2, 2)})))
+    pkl = good.read(next(n for n in good.namelist() if n.endswith("data.pkl")))
+    assert pkl[2:5] == b"}q\x00"                        # the top dict, memoised at 0
+    return with_pickle(pkl[:2] + b"}r" + struct.pack("<I", index) + pkl[5:])
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("hostile") / "store"
@@ -84,7 +123,10 @@ def _peak_rss(pid: int) -> int:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_hostile_uploads_are_refused_before_the_server_spends_memory(tmp_path):
     """A 1.5 KB expanded view (4 GB dense), a 4 TB one, a 1-D upload of 10^6 values (a 600 MB
-    answer) and a 2,000-layer file: each a 4xx, and the server's peak RSS grows < 150 MB."""
+    answer), a 2,000-layer file, a 951-byte ``bytearray(2**30)`` pickle (issue 19 defect 1: +1 GB
+    before), the same beside 48 MB of storage (the largest refused upload), and a memo index of
+    2**26 (+1 GiB in C's unpickler): each answered without a 5xx, the server's peak RSS growing
+    < 50 MB over them all."""
     port = free_port()
     code = ("import sys, uvicorn; from fastapi import FastAPI; "
             "from mechray import FastAPIIntegrationMixin, MechIntConfig; "
@@ -95,6 +137,7 @@ def test_hostile_uploads_are_refused_before_the_server_spends_memory(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     server = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "none"), str(port)],
                               env=env)
+    big = alloc_bomb(2 ** 30, {"x": torch.zeros(12 * 2 ** 20)})
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             deadline = time.time() + 60
@@ -107,6 +150,7 @@ def test_hostile_uploads_are_refused_before_the_server_spends_memory(tmp_path):
                     time.sleep(0.2)
             ok = upload(client, pt_bytes(torch.randn(64, 8)))     # warm: imports, one analysis
             assert ok.status_code == 200, ok.text
+            error(upload(client, alloc_bomb(16)), 422, "unreadable_upload", "bytearray")
             before = _peak_rss(server.pid)
             expanded = pt_bytes(torch.zeros(1).expand(100_000, 10_000))
             assert len(expanded) < 2000
@@ -117,11 +161,69 @@ def test_hostile_uploads_are_refused_before_the_server_spends_memory(tmp_path):
                   "api_max_answer_mb")
             many = pt_bytes({f"l{i}": torch.ones(1, 2) for i in range(2000)})
             error(upload(client, many), 422, "too_many_layers")
+            bomb = alloc_bomb(2 ** 30)
+            assert len(bomb) < 1000
+            for _ in range(2):
+                error(upload(client, bomb), 422, "unreadable_upload", "bytearray(int)")
+            assert len(big) > 48 * 2 ** 20
+            error(upload(client, big), 422, "unreadable_upload", "bytearray(int)")
+            r = upload(client, memo_bomb(2 ** 26))
+            assert r.status_code == 200, r.text                 # a valid file, read cheaply
             grown = _peak_rss(server.pid) - before
-        assert grown < 150 * 2 ** 20, f"peak RSS grew {grown / 2 ** 20:.0f} MiB"
+        assert grown < 50 * 2 ** 20, f"peak RSS grew {grown / 2 ** 20:.0f} MiB"
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_the_upload_unpickler_builds_only_what_a_tensor_file_needs(monkeypatch):
+    """Issue 19 defect 1: every global's arguments are checked while parsing, and the opcodes
+    that allocate from a number, build instances or state, or never end are refused."""
+    from mechray.api import header, uploads
+    from mechray.api.errors import ApiError
+
+    built = []
+    monkeypatch.setitem(uploads._LOADERS, "pt", lambda data: built.append(1))
+    good = zipfile.ZipFile(io.BytesIO(pt_bytes({"x": torch.ones(2, 2)})))
+    pkl = good.read(next(n for n in good.namelist() if n.endswith("data.pkl")))
+    cases = {
+        "bytearray(2**30)": (alloc_bomb(2 ** 30), "bytearray(int)"),
+        "BYTEARRAY8": (with_pickle(b"\x80\x05\x96" + struct.pack("<Q", 2 ** 30) + b"."),
+                       "bytearray of a size"),
+        "set(int)": (with_pickle(b"\x80\x03cbuiltins\nset\nJ\x00\x00\x00\x40\x85R."),
+                     "set(int)"),
+        "torch.Size(int)": (with_pickle(b"\x80\x03ctorch\nSize\nJ\x00\x00\x00\x40\x85R."),
+                            "torch.Size(int)"),
+        "NEWOBJ": (with_pickle(b"\x80\x03ccollections\nOrderedDict\n)\x81."), "instance"),
+        "BUILD": (with_pickle(pkl[:-1] + b"}b."), "state"),
+        "ops": (with_pickle(b"\x80\x03" + b"N" * (header.MAX_PICKLE_OPS + 1) + b"."),
+                "pickle operations"),
+        "text persistent id": (with_pickle(b"\x80\x03P0\n."), "persistent id"),
+        "wrong storage size": (with_pickle(pkl.replace(b"K\x04t", b"K\x05t")),
+                               "declares 20 bytes"),
+    }
+    for what, (data, words) in cases.items():
+        with pytest.raises(ApiError) as info:
+            uploads.parse_upload(data, "x.pt")
+        assert info.value.status == 422 and words in info.value.message, (what, info.value)
+    assert not built                                   # nothing was loaded for any of them
+    monkeypatch.setattr(header, "MAX_PICKLE_BYTES", len(pkl) - 1)
+    with pytest.raises(ApiError) as info:
+        uploads.parse_upload(with_pickle(pkl), "x.pt")
+    assert info.value.code == "unsafe_upload" and "data.pkl" in info.value.message
+
+
+def test_safetensors_uploads_read_their_header_first(api):
+    """A declarative header: preferred for untrusted exchange; a header that claims more bytes
+    than the file (or over the cap) is refused before it is read."""
+    from safetensors.torch import save as st_save
+
+    client, _ = api
+    r = upload(client, st_save({"a": torch.randn(16, 3)}))
+    assert r.status_code == 200 and r.json()["upload"]["format"] == "safetensors", r.text
+    lying = struct.pack("<Q", 2 ** 40) + b'{"a": 1}' + b" " * 64
+    r = upload(client, lying)
+    assert r.status_code in (415, 422) and r.status_code < 500, r.text
 
 
 def test_headers_are_checked_before_any_tensor_is_built(monkeypatch):
@@ -471,3 +573,158 @@ def test_a_job_that_hits_a_bug_reports_a_request_id_only(caplog):
     assert error["error"] == "internal_error" and error["request_id"] in error["message"]
     assert "/srv/secret" not in json.dumps(status) and "4242" not in json.dumps(status)
     assert any(error["request_id"] in rec.getMessage() for rec in caplog.records)
+
+
+# --- issue 19 defect 10: eval_inputs beyond int64 -------------------------------------------------
+@pytest.mark.parametrize("value", [2 ** 63, 2 ** 70, -2 ** 63 - 1])
+def test_eval_inputs_beyond_int64_are_422_naming_the_value(store, value):
+    from conftest import TinyNet
+
+    config = MechIntConfig(sample_layers=LAYERS, storage_path=str(store), verbose=False)
+    mixin = FastAPIIntegrationMixin(TinyNet(), config)
+    try:
+        with serve_in_thread(mixin.add_routes(FastAPI())) as url:
+            for key in ("input_ids", "attention_mask", "token_type_ids"):
+                inputs = {"input_ids": [[1, 2]], key: [[1, value]]}
+                r = httpx.post(f"{url}/interpret", json={
+                    "analysis_type": "causal", "layer_name": "popt", "eval_inputs": inputs},
+                    timeout=60)
+                error(r, 422, "bad_eval_inputs", str(value)[:20], "64-bit", key)
+    finally:
+        mixin.close()
+
+
+# --- issue 19 defect 12: a job whose result failed inside is not re-served -------------------------
+def test_a_job_whose_result_failed_inside_runs_again_once_the_cause_is_gone(store, monkeypatch):
+    from mechray.analysis.sae import SAEAnalysis
+
+    real, calls = SAEAnalysis.fit, []
+
+    def flaky(self, ctx, layer):              # the cause: fails on the first run only
+        calls.append(layer)
+        if len(calls) == 1:
+            raise MemoryError("the machine was short of memory")
+        return real(self, ctx, layer)
+
+    monkeypatch.setattr(SAEAnalysis, "fit", flaky)
+    mixin, app = serve_mixin(store)
+    body = {"analysis_type": "sae", "layer_name": "popt",
+            "params": {"expansion_factor": 2, "k": 4, "epochs": 1, "batch_size": 32}}
+    try:
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            def run_job() -> tuple[str, dict]:
+                r = client.post("/interpret", json=body)
+                assert r.status_code == 202, r.text
+                job_id, deadline = r.json()["job_id"], time.time() + 120
+                while (job := client.get(f"/interpret/jobs/{job_id}").json())["status"] in \
+                        ("queued", "running"):
+                    assert time.time() < deadline, job
+                    time.sleep(0.1)
+                return job_id, job
+
+            first, job = run_job()
+            assert job["status"] == "done" and "MemoryError" in job["result"]["result"]["error"]
+            second, job = run_job()
+            assert second != first and len(calls) == 2
+            assert job["status"] == "done" and "error" not in job["result"]["result"], job
+            again = client.post("/interpret", json=body)             # a good one is kept
+            assert again.status_code == 200 and again.json()["cached"] and len(calls) == 2
+    finally:
+        mixin.close()
+
+
+# --- issue 19 defect 4: clients name served SAEs, never server paths -------------------------------
+def test_pretrained_names_only_the_saes_the_server_was_started_with(store, tmp_path):
+    from mechray.analysis.sae_model import SparseAutoencoder, save_saelens
+    from mechray.errors import ConfigError
+
+    torch.manual_seed(0)
+    save_saelens(SparseAutoencoder(8, 16, "topk", 4), tmp_path / "popt_sae", hook_name="popt")
+    save_saelens(SparseAutoencoder(4, 8, "topk", 2), tmp_path / "narrow", hook_name="x")
+    (tmp_path / "secret.json").write_text('{"architecture": "gated"}')
+    saes = {"popt-sae": str(tmp_path / "popt_sae"), "narrow": str(tmp_path / "narrow")}
+    config = MechIntConfig(sample_layers=LAYERS, storage_path=str(store), verbose=False)
+    with pytest.raises(ConfigError, match="missing"):                     # checked at start-up
+        FastAPIIntegrationMixin(None, config, saes={"missing": str(tmp_path / "nothing")})
+    mixin = FastAPIIntegrationMixin(None, config, saes=saes)
+
+    def sae(client, name, layer="popt"):
+        return client.post("/interpret", json={"analysis_type": "sae", "layer_name": layer,
+                                               "params": {"pretrained": name}})
+    try:
+        with serve_in_thread(mixin.add_routes(FastAPI())) as url, \
+                httpx.Client(base_url=url, timeout=60) as client:
+            listed = client.get("/interpret/layers").json()["saes"]
+            assert listed["popt-sae"]["d_in"] == 8 and listed["popt-sae"]["n_latents"] == 16
+            assert listed["popt-sae"]["hook_name"] == "popt" and str(tmp_path) not in str(listed)
+            r = sae(client, "popt-sae")
+            assert r.status_code == 202, r.text
+            deadline = time.time() + 120
+            while (job := client.get(r.json()["poll"]).json())["status"] in ("queued", "running"):
+                assert time.time() < deadline
+                time.sleep(0.1)
+            result = job["result"]["result"]
+            assert job["status"] == "done" and result["trained"] is False, job
+            assert result["pretrained"]["name"] == "popt-sae" and "error" not in result
+            assert str(tmp_path) not in json.dumps(job)               # no server path answered
+            bodies = []
+            for name in (str(tmp_path / "popt_sae"), str(tmp_path / "secret.json"),
+                         str(tmp_path / "absent.json"), "~/popt_sae", "../popt_sae", "nope"):
+                body = error(sae(client, name), 422, "unknown_sae", "--sae NAME=DIR")
+                assert body["valid"] == ["narrow", "popt-sae"]
+                assert "gated" not in body["message"]
+                bodies.append(body["message"].replace(repr(name[:80]), "NAME"))
+            assert len(set(bodies)) == 1           # an existing path answers as a missing one
+            error(sae(client, "narrow"), 422, "sae_layer_mismatch", "reads 4 features", "8")
+    finally:
+        mixin.close()
+
+
+# --- issue 19 defect 11: the summary at the manifest's head is checked before use -----------------
+def forge_summary(store_dir: Path, edit) -> None:
+    """Rewrite the summary in ``store_dir``'s manifest head with ``edit(summary)``."""
+    path = store_dir / "manifest.json"
+    text = path.read_text()
+    i, j = text.index('"summary"'), text.index('"shards": [')
+    head = json.loads("{" + text[i:j].rstrip().rstrip(",") + "}")
+    edit(head["summary"])
+    path.write_text(text[:i] + json.dumps(head)[1:-1] + ",\n " + text[j:])
+
+
+def test_a_forged_summary_is_checked_against_the_entries(tmp_path):
+    """A summary listing 10^6 steps (an 8.9 MB answer before), a phantom layer (a 500 before),
+    and totals that lie (``next_offset == offset`` before: a client following pages looped)."""
+    capture_store(tmp_path / "s")
+
+    def edit(summary):
+        summary["shards"] = 7                                       # the entries hold 4
+        summary["layers"]["ghost"] = dict(summary["layers"]["popt"])
+        summary["layers"]["popt"]["steps"] = [[0, 10 ** 6 - 1, 1]]
+
+    forge_summary(tmp_path / "s", edit)
+    mixin, app = serve_mixin(tmp_path / "s")
+    try:
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            r = client.get("/interpret/layers")
+            assert r.status_code == 200 and len(r.content) < 200_000, len(r.content)
+            popt = r.json()["layers"]["popt"]
+            assert popt["steps_total"] == 10 ** 6 and len(popt["steps"]) == 10_000
+            r = client.post("/interpret", json={"analysis_type": "neuron", "layer_name": "ghost"})
+            error(r, 404, "layer_without_shards", "mechray repair --rebuild")
+            r = client.post("/interpret", json={"analysis_type": "neuron", "layer_name": "popt"})
+            assert r.status_code == 200 and r.json()["result"]["num_samples"] == 60, r.text
+            for limit in (1, 2, 3, 5):
+                seen, offset, pages = [], 0, 0
+                while offset is not None:
+                    pages += 1
+                    assert pages <= 10, f"paging by {limit} does not progress"
+                    page = client.get("/interpret/shards",
+                                      params={"offset": offset, "limit": limit}).json()
+                    assert page["next_offset"] is None or page["next_offset"] > offset, page
+                    seen += [s["file"] for s in page["shards"]]
+                    offset = page["next_offset"]
+                assert len(seen) == len(set(seen)) == 4, (limit, seen)
+            beyond = client.get("/interpret/shards", params={"offset": 5, "limit": 2}).json()
+            assert beyond["next_offset"] is None and beyond["total"] == 4
+    finally:
+        mixin.close()

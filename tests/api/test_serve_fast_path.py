@@ -104,7 +104,12 @@ def test_the_default_proxy_is_haproxy(server):
     """HAProxy holds the served port (Serve's Python proxy only stands by, on another port, for
     scale-from-zero)."""
     proc, base, _ = server
-    haproxy = [cmd.split() for cmd in descendants(proc.pid).values() if "bin/haproxy" in cmd]
+    deadline = time.time() + 60           # on a loaded machine /health may answer before
+    while True:                           # HAProxyManager has started HAProxy
+        haproxy = [cmd.split() for cmd in descendants(proc.pid).values() if "bin/haproxy" in cmd]
+        if haproxy or time.time() > deadline:
+            break
+        time.sleep(1)
     assert haproxy, descendants(proc.pid)
     config = Path(haproxy[-1][haproxy[-1].index("-f") + 1]).read_text()
     assert f"bind {base.removeprefix('http://')}" in config
@@ -155,6 +160,29 @@ def test_thirty_two_concurrent_clients_are_all_answered(server):
             return await asyncio.gather(*(one(i) for i in range(64)))
 
     assert asyncio.run(run()) == [200] * 64
+
+
+def test_hostile_uploads_cost_the_ingress_nothing_behind_haproxy(server):
+    """Issue 19 defect 1 on `mechray serve`'s default path: a 951-byte ``bytearray(2**30)``
+    pickle (+950 MB before) and the same beside 48 MB of storage, the largest upload it refuses:
+    422 each, the ingress replica's peak RSS growing < 50 MB (the body streams to disk and only
+    its headers are read)."""
+    import torch
+    from test_hostile_api import alloc_bomb
+    from test_serve import _peak_rss
+
+    proc, base, _ = server
+    ingress = [pid for pid, cmd in descendants(proc.pid).items() if "MechrayIngress" in cmd]
+    assert ingress, "no ingress replica below `mechray serve`"
+    before = {pid: _peak_rss(pid) for pid in ingress}
+    big = alloc_bomb(2 ** 30, {"x": torch.zeros(12 << 20)})
+    with httpx.Client(base_url=base, timeout=120) as client:
+        for data in (alloc_bomb(2 ** 30), alloc_bomb(2 ** 30), big):
+            r = client.post("/interpret/upload", files={"file": ("x.pt", data)},
+                            data={"analysis_type": "neuron"})
+            assert r.status_code == 422 and "bytearray(int)" in r.json()["message"], r.text
+    grown = max(_peak_rss(pid) - before[pid] for pid in ingress)
+    assert grown < 50 * 2 ** 20, f"the ingress replica's peak RSS grew {grown / 2 ** 20:.0f} MiB"
 
 
 def test_ctrl_c_stops_it_and_leaves_no_haproxy_or_ray_behind(server):

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import tempfile
 import zipfile
 
 import pytest
@@ -74,17 +75,64 @@ def _valid_shard_bytes() -> bytes:
     return buf.getvalue()
 
 
+_GARBAGE_MARK = os.path.join(tempfile.mkdtemp(prefix="mechray-fuzz-"), "ran")
+
+
+class _TouchesMark:
+    def __reduce__(self):
+        return (os.system, (f"touch {_GARBAGE_MARK}",))
+
+
+def _evil_shard_bytes() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"activations": {"x": torch.zeros(2, 2)}, "metadata": {"x": _TouchesMark()}}, buf)
+    return buf.getvalue()
+
+
+def _plain(value, depth: int = 0) -> bool:
+    """Only tensors and plain containers (what ``weights_only`` may build)."""
+    if depth > 50:
+        return False
+    if isinstance(value, dict):
+        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return all(_plain(v, depth + 1) for v in value)
+    return value is None or isinstance(value, (torch.Tensor, bool, int, float, str, bytes,
+                                               torch.dtype, torch.device, torch.Size))
+
+
+def _flip(data: bytes, at: int, byte: int) -> bytes:
+    return data if not data else data[:at % len(data)] + bytes([byte]) + data[at % len(data) + 1:]
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.binary(max_size=2000),
                  st.builds(lambda b: _zip_with({"archive/data.pkl": b}), st.binary(max_size=500)),
-                 st.builds(lambda cut: _valid_shard_bytes()[:cut], st.integers(0, 3000))))
+                 st.builds(lambda cut: _valid_shard_bytes()[:cut], st.integers(0, 3000)),
+                 st.builds(lambda cut: _evil_shard_bytes()[:cut], st.integers(0, 3000)),
+                 st.builds(_flip, st.builds(_evil_shard_bytes), st.integers(0, 3000),
+                           st.integers(0, 255))))
 def test_decode_fails_cleanly_on_garbage(blob):
-    """Random bytes, fake zips and truncated shards fail with an exception, never run code."""
+    """Random bytes, fake zips, truncated shards and damaged shards whose pickle would run code:
+    each either decodes to tensors and plain containers or raises an ``Exception``; no pickled
+    code ever runs (the marker the evil pickle would touch never appears)."""
     try:
         payload = decode(blob)
     except Exception:
-        return
-    assert isinstance(payload, dict)
+        payload = None
+    assert not os.path.exists(_GARBAGE_MARK), "a pickle in the bytes ran code"
+    if payload is not None:
+        assert isinstance(payload, dict) and _plain(payload), type(payload)
+
+
+def test_decode_fuzz_inputs_include_the_valid_and_the_evil_shard():
+    """The strategies above reach both ends: a whole valid shard decodes, a whole evil one is
+    refused without running."""
+    assert torch.equal(decode(_valid_shard_bytes())["activations"]["x"],
+                       torch.arange(512.0).reshape(64, 8))
+    with pytest.raises(Exception, match="weights_only|GLOBAL"):
+        decode(_evil_shard_bytes())
+    assert not os.path.exists(_GARBAGE_MARK)
 
 
 class _RunsCode:
@@ -100,7 +148,7 @@ def test_pickles_that_run_code_are_refused(tmp_path, monkeypatch, mutation):
     evil = {"activations": {"x": torch.zeros(2, 2)}, "metadata": {"x": _RunsCode()}} \
         if mutation == "pickle-in-metadata" else {"activations": {"x": _RunsCode()}}
     torch.save(evil, buf)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="[Ww]eights.only"):
         decode(buf.getvalue())
     # and through a store whose manifest vouches for the bytes
     (tmp_path / "activations_shard_000000_step_0.pt").write_bytes(buf.getvalue())
