@@ -26,6 +26,10 @@ maximising the summed cosine), a match counting when its cosine is ``>= match_th
 - **death** at group ``g``: a live latent of ``g - 1`` with nothing within ``match_threshold``
   among the live latents of ``g``; one without a match that is close to a latent of ``g`` (matched
   to another) **merged** into it.
+- **flicker**: a chain seen in one group only (with more than two groups): a latent of one SAE
+  that neither neighbour has.  Its birth and death are not counted (``flickers`` lists them);
+  a latent born in the last group is such a chain too, so a birth at the last saved step cannot
+  be confirmed by tracking.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from mechray.analysis.sae_train import SAETrainer
 from mechray.analysis.step_rows import StepRows
 
 log = logging.getLogger(__name__)
+MIN_CHAIN = 2          # groups a chain must span for its birth or death to count
 
 
 class TrackingParams(StepDictParams):
@@ -271,6 +276,13 @@ def track(directions: list[np.ndarray], live: list[np.ndarray], freqs: list[np.n
                                                                               4)})
             else:
                 deaths.append({"step": labels[g], "latent": i, "chain": chain_of[g - 1][i]})
+    # a chain seen in one group only, between two others, is a flicker (a latent of one SAE
+    # that no neighbour has), not a feature born and dead: listed apart
+    flicker = {c for c, links in enumerate(chains) if len(links) < MIN_CHAIN and G > MIN_CHAIN}
+    flickers = [{"step": labels[chains[c][0][0]], "latent": chains[c][0][1], "chain": c}
+                for c in sorted(flicker)]
+    births = [b for b in births if b["chain"] not in flicker]
+    deaths = [d for d in deaths if d["chain"] not in flicker]
     born = {b["chain"]: b["step"] for b in births}
     died = {d["chain"]: d["step"] for d in deaths}
     rel = np.zeros((len(chains), G))
@@ -278,11 +290,19 @@ def track(directions: list[np.ndarray], live: list[np.ndarray], freqs: list[np.n
         for g, j in links:
             rel[c, g] = freqs[g][j]
     rel = rel / np.maximum(rel.max(1, keepdims=True), 1e-30)
-    kinds = ["shared" if c not in born and c not in died and chains[c][0][0] == 0 and
-             chains[c][-1][0] == G - 1 else "born" if c in born and c not in died else
-             "died" if c in died and c not in born else "transient" if c in born else
-             "split_or_merged" for c in range(len(chains))]
-    return {"chains": chains, "births": births, "deaths": deaths, "splits": splits,
+    def kind(c: int) -> str:
+        if c in flicker:
+            return "flicker"
+        if c in born:
+            return "transient" if c in died else "born"
+        if c in died:
+            return "died"
+        whole = chains[c][0][0] == 0 and chains[c][-1][0] == G - 1
+        return "shared" if whole else "split_or_merged"
+
+    kinds = [kind(c) for c in range(len(chains))]
+    return {"chains": chains, "births": births, "deaths": deaths, "flickers": flickers,
+            "splits": splits,
             "merges": merges, "matched_cosine": matched_cos,
             "birth_step": [born.get(c) for c in range(len(chains))],
             "death_step": [died.get(c) for c in range(len(chains))],

@@ -22,7 +22,8 @@ from mechray.analysis.crosscoder_model import encode_raw, load_crosscoder
 from mechray.analysis.engine import Engine
 from mechray.analysis.lifetimes import lifetimes
 from mechray.analysis.report import write_report
-from mechray.analysis.sae_model import load_saelens
+from mechray.analysis.sae_model import load_sae, load_saelens
+from mechray.analysis.tracking import track
 from mechray.api.cost import answer_bytes, estimate
 from mechray.storage.reader import ShardStore
 from mechray.testing import serve_in_thread
@@ -174,3 +175,49 @@ def test_ray_fit_per_layer_and_http_interpret(paired, ray_local, tmp_path):
     assert done["status"] == "done", done
     got = done["result"]["result"]
     assert got["steps"] == STEPS and got["pairing"] == "same_inputs"
+
+
+# --- sae_tracking -----------------------------------------------------------------------------
+def test_track_links_births_deaths_splits_merges_and_flickers():
+    e = np.eye(6)
+
+    def unit(v):
+        return v / np.linalg.norm(v)
+
+    dirs = [np.stack([e[0], e[1], e[3], e[4]]),
+            np.stack([e[0], e[1], e[2], unit(e[1] + 0.2 * e[5]), e[3], e[4],
+                      unit(e[0] + 0.3 * e[5])]),        # c born; b and a split
+            np.stack([e[0], e[2], e[3], e[5], e[5]]),   # b, e4 die; a' merges back into a
+            np.stack([e[0], e[2], e[3], e[4], unit(e[3] + 0.1 * e[4])])]
+    live = [np.ones(len(d), bool) for d in dirs]
+    live[2][4] = False                                  # not live: never matched
+    freqs = [np.full(len(d), 0.1) for d in dirs]
+    r = track(dirs, live, freqs, [0, 10, 20, 30], 0.7)
+    assert [(b["step"], b["latent"]) for b in r["births"]] == [(10, 2)]
+    assert [(d["step"], d["latent"]) for d in r["deaths"]] == [(20, 1), (20, 5)]
+    assert [(s["step"], s["from"], s["into"]) for s in r["splits"]] == \
+        [(10, 1, 3), (10, 0, 6), (30, 2, 4)]
+    assert [(m["step"], m["from"], m["into"]) for m in r["merges"]] == [(20, 6, 0)]
+    assert [(f["step"], f["latent"]) for f in r["flickers"]] == \
+        [(10, 3), (10, 6), (20, 3), (30, 3), (30, 4)]
+    c = r["births"][0]["chain"]
+    assert r["chains"][c] == [[1, 2], [2, 1], [3, 1]] and r["kind"][c] == "born"
+    assert r["kind"][0] == "shared" and r["chains"][0] == [[g, 0] for g in range(4)]
+    assert r["birth_step"][c] == 10 and r["death_step"][1] == 20 and r["kind"][1] == "died"
+
+
+@pytest.mark.slow
+def test_tracking_finds_the_planted_births_and_deaths(unpaired, tmp_path):
+    store, _ = unpaired
+    steps = [0, 200, 300, 400, 500, 700]
+    r = get_analysis("sae_tracking", {"k": 3, "expansion_factor": 2, "training_steps": steps}
+                     ).fit(Context(store=store, out_dir=tmp_path), "src")
+    assert r["steps"] == steps and len(r["weights_paths"]) == len(steps)
+    w = {s: load_sae(tmp_path / p).W_dec for s, p in zip(steps, r["weights_paths"])}
+    births = [(e["step"], w[e["step"]][e["latent"]][None]) for e in r["births"]]
+    deaths = [(e["step"], w[steps[steps.index(e["step"]) - 1]][e["latent"]][None])
+              for e in r["deaths"]]
+    b, d = score(births, LATE, BIRTH), score(deaths, DYING, DEATH)
+    assert b["found"] == LATE and max(b["errors"]) <= 1 and b["false"] <= 0.05 * len(births)
+    assert d["found"] == DYING and d["false"] <= 0.05 * len(deaths)
+    assert {e["step"] for e in r["births"]} == {BIRTH}     # the crosscoder's birth step too
