@@ -30,3 +30,4 @@ __all__ = ["REGISTRY", "Analysis", "Context", "Cost", "Skip", "Workload", "analy
 
 # Built-in analyses register themselves on import, in this order (the order help texts list).
 from mechray.analysis import neuron, feature, sae, causal, circuit, dynamics  # noqa: E402,F401,I001  # isort: skip
+from mechray.analysis import crosscoder, tracking  # noqa: E402,F401,I001  # isort: skip
