@@ -151,3 +151,29 @@ def test_interpret_over_http_shows_the_stored_token_of_left_padded_rows(tmp_path
              for s, r, c in zip(ss, rr, cc)]
     assert len(pairs) == 2 * 256
     assert all(c["token_id"] == stored[(s, r)] for s, r, c in pairs)
+
+
+def test_an_explicit_mask_equal_to_the_forwards_is_accepted_and_a_different_one_refused(tmp_path):
+    from mechray.capture.sampler import ActivationSampler
+
+    model, tok = gpt2(), tokenizer("left")
+    enc = tok(TEXTS[:3], padding=True, return_tensors="pt")
+    sampler = ActivationSampler(layers=["transformer.h.0"], save_dir=str(tmp_path / "a"),
+                                use_ray=False)
+    sampler.register_hooks(model)
+    try:
+        with torch.no_grad():
+            model(**enc)
+        assert sampler.save_activations(0, mask=enc["attention_mask"].clone(),
+                                        input_ids=enc["input_ids"]) is not None
+        with torch.no_grad():
+            model(**enc)
+        other = enc["attention_mask"].clone()
+        other[0, -1] = 0
+        with pytest.raises(ValueError, match="other than this one"):
+            sampler.save_activations(1, mask=other)
+    finally:
+        sampler.close()
+    tokens = stored_tokens(tmp_path / "a", "transformer.h.0")
+    assert sorted(tokens.values()) == sorted(enc["input_ids"][enc["attention_mask"].bool()]
+                                             .tolist())
