@@ -104,6 +104,7 @@ class Interpreter:
         plan = self.planner.plan(request)
         if request.get("eval_inputs") is None:
             return plan
+        from mechray.analysis.inputs import PromptPairs
         from mechray.api.eval_inputs import parse_eval_inputs
 
         if get_analysis(plan.analysis).kind != "model" or plan.upload is not None:
@@ -112,7 +113,8 @@ class Interpreter:
                            f"not by {plan.analysis}" + (" on an upload" if plan.upload else "")
                            + "; drop eval_inputs")
         data, digest = parse_eval_inputs(request["eval_inputs"], self.tokenizer, self.model)
-        plan = self.planner.plan(request, inputs=len(data["input_ids"]))   # costed on them
+        ids = data.clean["input_ids"] if isinstance(data, PromptPairs) else data["input_ids"]
+        plan = self.planner.plan(request, inputs=len(ids))   # costed on them
         key = hashlib.sha256(f"{plan.key}:{digest}".encode()).hexdigest()
         return dataclasses.replace(plan, eval_data=data, key=key)
 

@@ -104,7 +104,7 @@ def test_left_padded_causal_scan_equals_each_sentence_alone():
     ctx = Context(store=None, model=model, eval_data=enc,
                   results={"neuron": {layer: {"mean": mean.tolist(), "std": std.tolist()}}})
     res = get_analysis("causal", {"method": "mean", "top_n": 3, "batch_size": 4}).run(ctx, layer)
-    assert res["masked"]
+    assert res["masked"] and res["unembedding"] == "read out lazily"      # never [B, T, vocab]
     got = {e["neuron"]: e["effect"] for e in res["ranked"]}
     with torch.no_grad():
         alone = [tok([t], return_tensors="pt") for t in TEXTS]
@@ -177,3 +177,194 @@ def test_an_explicit_mask_equal_to_the_forwards_is_accepted_and_a_different_one_
     tokens = stored_tokens(tmp_path / "a", "transformer.h.0")
     assert sorted(tokens.values()) == sorted(enc["input_ids"][enc["attention_mask"].bool()]
                                              .tolist())
+
+
+@pytest.mark.parametrize("name", ["mse", "kl"])
+def test_metrics_read_through_the_unembedding_equal_them_on_full_logits(name):
+    from mechray.analysis.inputs import as_inputs
+    from mechray.analysis.intervene import Metric
+    from mechray.analysis.readout import Readout
+
+    model, tok = gpt2(), tokenizer("right")
+    x = as_inputs(tok(TEXTS[:3], padding=True, return_tensors="pt"), 3)
+    readout = Readout.find(model, "transformer.h.1", x)
+    assert readout is not None and readout.vocab == 30522
+    torch.manual_seed(1)
+    h_ref = torch.randn(3, x.mask.shape[1], 256)
+    h_out = h_ref + 0.3 * torch.randn(2, *h_ref.shape)
+    lazy = Metric(name).read_out(readout)
+    full = Metric(name)
+    want = full.sums(readout.logits(h_out), readout.logits(h_ref), x.mask)
+    assert torch.allclose(lazy.sums(h_out, h_ref, x.mask), want, rtol=1e-4)
+    assert lazy.count(h_ref, x.mask) == full.count(readout.logits(h_ref), x.mask)
+
+
+def test_the_sweep_fits_the_memory_budget_or_says_what_it_needs():
+    from mechray.analysis.base import Context, get_analysis
+    from mechray.errors import AnalysisParamsError
+
+    model, tok = gpt2(), tokenizer("left")
+    enc = left_padded(tok, TEXTS)
+    stats = {"mean": [0.0] * 256, "std": torch.rand(256).tolist()}
+    ctx = Context(store=None, model=model, eval_data=enc,
+                  results={"neuron": {"transformer.h.3": stats}})
+    small = get_analysis("causal", {"top_n": 4, "memory_budget_gb": 0.004}).run(
+        ctx, "transformer.h.3")
+    assert small["memory"]["estimated_gb"] <= 0.004
+    assert small["memory"]["neuron_batch"] < 16 or small["memory"]["batch_size"] < len(TEXTS)
+    roomy = get_analysis("causal", {"top_n": 4, "memory_budget_gb": 4}).run(
+        ctx, "transformer.h.3")
+    assert roomy["memory"]["neuron_batch"] == 16 and roomy["memory"]["batch_size"] == len(TEXTS)
+    assert [e["neuron"] for e in small["ranked"]] == [e["neuron"] for e in roomy["ranked"]]
+    with pytest.raises(AnalysisParamsError, match="memory_budget_gb"):
+        get_analysis("causal", {"top_n": 4, "memory_budget_gb": 1e-5}).run(ctx, "transformer.h.3")
+
+
+class Planted(torch.nn.Module):
+    """A position-wise token model with a planted circuit: ``mid`` (identity) feeds two
+    parallel paths ``a`` (3x) and ``b`` (1x, or squared with ``square=True``) into the
+    unembedding.  Token 3 (clean) embeds to [3, 2, 0, ...], token 4 (corrupted) to
+    [0, 1, 0, ...]; the logit difference of token 7 over token 8 reads neurons 0 and 1."""
+
+    def __init__(self, square: bool = False):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        d, vocab = 8, 12
+        self.square = square
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.mid = torch.nn.Linear(d, d)
+        self.a = torch.nn.Linear(d, d, bias=False)
+        self.b = torch.nn.Linear(d, d, bias=False)
+        self.lm_head = torch.nn.Linear(d, vocab, bias=False)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(vocab, d, generator=gen) * 0.1)
+            self.embed.weight[3] = torch.tensor([3.0, 2] + [0] * (d - 2))
+            self.embed.weight[4] = torch.tensor([0.0, 1] + [0] * (d - 2))
+            self.mid.weight.copy_(torch.eye(d))
+            self.mid.bias.zero_()
+            self.a.weight.copy_(torch.eye(d) * (0 if square else 3))
+            self.b.weight.copy_(torch.eye(d))
+            self.lm_head.weight.copy_(torch.randn(vocab, d, generator=gen) * 0.01)
+            self.lm_head.weight[7, :2] = 1.0
+            self.lm_head.weight[8, :2] = 0.0
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.mid(self.embed(input_ids))
+        return self.lm_head(self.a(h) + self.b(h * h if self.square else h))
+
+
+def planted_pairs():
+    clean = {"input_ids": torch.tensor([[5, 1, 2, 3], [0, 6, 1, 3]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])}     # left-padded
+    corrupt = {"input_ids": torch.tensor([[5, 1, 2, 4], [0, 6, 1, 4]]),
+               "attention_mask": clean["attention_mask"].clone()}
+    return clean, corrupt
+
+
+def run_circuit(tmp_path, model, params):
+    clean, corrupt = planted_pairs()
+    config = MechIntConfig(sample_layers=["mid", "a", "b"], storage_path=str(tmp_path / "c"),
+                           use_ray=False, verbose=False, analyses_to_run=["circuit"],
+                           analysis_params={"circuit": params})
+    with MechIntHooks(config).attach(model) as hooks, torch.no_grad():
+        model(**clean)
+        hooks.sampler.save_activations(0)
+    runner = EvalMechIntRunner(model, config)
+    return runner.run_mechint_eval(eval_data=clean, corrupt_data=corrupt, layers=["mid"],
+                                   out_dir=str(tmp_path / "o"))["circuit"]["mid"]
+
+
+def test_prompt_pairs_logit_diff_positions_and_two_paths_on_a_planted_circuit(tmp_path):
+    res = run_circuit(tmp_path, Planted(), {"metric": "logit_diff", "answer_tokens": [7, 8]})
+    assert not res.get("skipped"), res
+    assert res["corruption"] == "pairs" and res["metric"] == "logit_diff"
+    assert res["layer_effect"] == pytest.approx(1.0, abs=1e-5)
+    top = res["ranked"][:2]                     # neuron 0 carries 3/4 of the difference
+    assert [e["neuron"] for e in top] == [0, 1]
+    assert top[0]["exact"] == pytest.approx(0.75, abs=1e-4)
+    assert top[0]["attribution"] == pytest.approx(0.75, abs=1e-4)      # linear: they agree
+    assert res["warnings"] == []
+    grid = res["positions"]                     # position-wise model: only the last position
+    assert [round(g["effect"], 4) for g in grid] == [0.0, 0.0, 0.0, 1.0]
+    assert grid[-1]["token_id"] == 3
+    paths = res["paths"]                        # a carries 3 of 4 parts, b one
+    assert paths["a"]["effect"] == pytest.approx(0.75, abs=1e-4)
+    assert paths["b"]["effect"] == pytest.approx(0.25, abs=1e-4)
+
+
+def test_circuit_warns_when_attribution_and_exact_patching_disagree(tmp_path):
+    res = run_circuit(tmp_path, Planted(square=True), {"metric": "logit_diff",
+                                                       "answer_tokens": [7, 8], "paths": False})
+    exact = {e["neuron"]: e["exact"] for e in res["ranked"]}
+    assert exact[0] == pytest.approx(0.75, abs=1e-4) and exact[1] == pytest.approx(0.25, abs=1e-4)
+    assert res["ranked"][0]["neuron"] == 1            # attribution's (wrong) top neuron
+    assert res["attribution_check"]["top1_agree"] is False
+    assert len(res["warnings"]) == 1 and "disagrees with exact patching" in res["warnings"][0]
+
+
+def test_prob_metric_and_texts_with_a_tokenizer(tmp_path):
+    """Prompt pairs as texts (tokenised together by the runner's tokenizer, left padding) on
+    the GPT-2-style model, with the probability of a target token at the last real token."""
+    model, tok = gpt2(), tokenizer("left")
+    clean = ["when mary and john went to the store john gave a drink to",
+             "the cat and the dog sat on the mat and the dog looked at"]
+    corrupt = ["when mary and john went to the store mary gave a drink to",
+               "the cat and the dog sat on the mat and the cat looked at"]
+    layer = "transformer.h.1"
+    config = MechIntConfig(sample_layers=[layer], storage_path=str(tmp_path / "c"),
+                           use_ray=False, verbose=False, analyses_to_run=["circuit"],
+                           analysis_params={"circuit": {
+                               "metric": "prob", "target_token": tok.convert_tokens_to_ids("mary"),
+                               "check_neurons": 4, "paths": False, "max_positions": 4}})
+    with MechIntHooks(config).attach(model) as hooks, torch.no_grad():
+        model(**tok(clean, padding=True, return_tensors="pt"))
+        hooks.sampler.save_activations(0)
+    runner = EvalMechIntRunner(model, config, tokenizer=tok)
+    res = runner.run_mechint_eval(eval_data=clean, corrupt_data=corrupt,
+                                  out_dir=str(tmp_path / "o"))["circuit"][layer]
+    assert not res.get("skipped"), res
+    assert res["corruption"] == "pairs" and res["unembedding"] == "read out lazily"
+    assert res["layer_effect"] == pytest.approx(1.0, abs=1e-4)    # the whole layer restores all
+    assert res["positions"] is None                  # longer than max_positions: not patched
+
+
+def test_prompt_pairs_over_http_reach_circuit(tmp_path):
+    import httpx
+    from fastapi import FastAPI
+
+    from mechray import FastAPIIntegrationMixin
+    from mechray.testing import serve_in_thread
+
+    model, tok, layer = gpt2(), tokenizer("left"), "transformer.h.1"
+    clean = ["when mary and john went out john gave it to", "the cat sat and the cat saw"]
+    corrupt = ["when mary and john went out mary gave it to", "the cat sat and the dog saw"]
+    config = MechIntConfig(sample_layers=[layer], storage_path=str(tmp_path), use_ray=False,
+                           verbose=False)
+    with MechIntHooks(config).attach(model) as hooks, torch.no_grad():
+        model(**tok(clean, padding=True, return_tensors="pt"))
+        hooks.sampler.save_activations(0)
+    app = FastAPI()
+    mixin = FastAPIIntegrationMixin(model, config, tokenizer=tok)
+    mixin.add_routes(app)
+    ids = tok.convert_tokens_to_ids(["mary", "john"])
+    body = {"analysis_type": "circuit", "layer_name": layer,
+            "params": {"metric": "logit_diff", "answer_tokens": ids, "check_neurons": 4,
+                       "paths": False, "max_positions": 16},
+            "eval_inputs": {"texts": clean, "corrupt_texts": corrupt}}
+    try:
+        with serve_in_thread(app) as url:
+            answer = httpx.post(f"{url}/interpret", json=body, timeout=120)
+            bad = httpx.post(f"{url}/interpret", json={**body, "eval_inputs": {
+                "texts": clean, "corrupt_texts": corrupt[:1]}}, timeout=60)
+    finally:
+        mixin.close()
+    assert answer.status_code == 200, answer.text
+    res = answer.json()["result"]
+    assert res["corruption"] == "pairs" and res["layer_effect"] == pytest.approx(1.0, abs=1e-4)
+    width = len(res["positions"])
+    assert width == tok(clean, padding=True, return_tensors="pt")["input_ids"].shape[1]
+    assert res["positions"][-1]["token_id"] == tok.sep_token_id       # the last real token
+    assert bad.status_code == 422 and "corrupt_texts" in bad.text
