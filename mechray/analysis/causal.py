@@ -34,7 +34,7 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
-from mechray.analysis.base import Analysis, Context, Cost, Params, Workload, register
+from mechray.analysis.base import Analysis, Context, Cost, Params, Skip, Workload, register
 from mechray.analysis.footprint import GB, Footprint, Plan, available_bytes
 from mechray.analysis.inputs import ModelInputs
 from mechray.analysis.intervene import (
@@ -101,7 +101,9 @@ class InterventionParams(Params):
 
 
 class CausalParams(InterventionParams):
-    method: Literal["zero", "mean", "resample"] = "zero"
+    method: Literal["zero", "mean", "resample", "corrupt"] = Field(
+        "zero", description="corrupt: each neuron set to its value in the paired corrupted "
+        "prompt (needs prompt pairs; neurons ranked by how much the pairs differ there)")
     top_n: int = Field(64, ge=1, le=1_000_000, description="ablate the top-N neurons by variance")
     max_rows: int = Field(4096, ge=1, le=10_000_000,
                           description="stored rows read for means, variances and resampling")
@@ -187,16 +189,24 @@ class Causal(Analysis):
         seed = ctx.seed if p.seed is None else p.seed
         x = eval_inputs(ctx, p.n_inputs)                     # Skip without model or inputs
         model = model_of(ctx)
+        if p.method == "corrupt" and x.corrupt is None:
+            raise Skip("method='corrupt' needs prompt pairs: run_mechint_eval(eval_data=clean, "
+                       "corrupt_data=corrupted), --corrupt-texts, or eval_inputs.corrupt_texts")
         with eval_mode(model):
-            prep = prepare(ctx, layer, x, p)
+            prep = prepare(ctx, layer, x, p, x.corrupt if p.method == "corrupt" else None)
             metric, xs, d = prep.metric, prep.batches, prep.width
-            mean, var, source = self._neuron_stats(ctx, layer, d)
-            rows = None                 # stored rows: read only for what the results lack
-            if p.method == "resample" or (source == "none" and (p.method == "mean" or d > p.top_n)):
-                rows = self._rows(ctx, layer, p, d)
-            if source == "none" and rows is not None:
-                mean, var, source = rows.mean(0), rows.var(0, unbiased=False), "stored rows"
-            fill = self._fill(p.method, mean, rows, d, seed)
+            if p.method == "corrupt":
+                xs, fill, var, mean = self._corrupt(model, layer, prep, d)
+                source = "prompt pairs"
+            else:
+                mean, var, source = self._neuron_stats(ctx, layer, d)
+                rows = None                 # stored rows: read only for what the results lack
+                if p.method == "resample" or (source == "none" and
+                                              (p.method == "mean" or d > p.top_n)):
+                    rows = self._rows(ctx, layer, p, d)
+                if source == "none" and rows is not None:
+                    mean, var, source = rows.mean(0), rows.var(0, unbiased=False), "stored rows"
+                fill = self._fill(p.method, mean, rows, d, seed)
             with prep.swapped():
                 stack = prep.plan.neuron_batch if can_stack(model, layer, xs[0]) else 1
                 batches, skip = clean_runs(model, layer, xs, min(stack, 2), p.reuse_prefix)
@@ -221,6 +231,37 @@ class Causal(Analysis):
             "unembedding": "read out lazily" if prep.readout is not None else None,
             "memory": prep.plan.describe(),
         }
+
+    @staticmethod
+    def _corrupt(model: Any, layer: str, prep: Prepared, d: int) -> tuple:
+        """``(clean batches, fill, variance, mean)`` for ``method='corrupt'``: the corrupted
+        run's layer outputs fill each edited neuron; neurons are ranked by the mean squared
+        clean - corrupted difference at real positions."""
+        half = len(prep.batches) // 2
+        xs, xr = prep.batches[:half], prep.batches[half:]
+        acts: list[list[torch.Tensor]] = []
+        diff, count = torch.zeros(d), 0
+        with torch.no_grad(), prep.swapped():
+            for x, r in zip(xs, xr):
+                with record_outputs(model, layer) as got_r:
+                    r(model)
+                with record_outputs(model, layer) as got_c:
+                    x(model)
+                acts.append([a.reshape(-1, d) for a in got_r])
+                for a, c in zip(got_r, got_c):
+                    sq = (a.float() - c.float()).pow(2).reshape(-1, d)
+                    m = x.mask
+                    keep = m.reshape(-1).to(sq.device) if m is not None and \
+                        m.numel() == len(sq) else torch.ones(len(sq), dtype=torch.bool)
+                    diff += sq[keep].sum(0).cpu()
+                    count += int(keep.sum())
+
+        def fill(b: int, call: int, positions: int) -> torch.Tensor:
+            if call >= len(acts[b]):
+                raise ValueError(f"layer {layer!r} ran {call + 1} times in an edited run but "
+                                 f"{len(acts[b])} times in the corrupted run")
+            return acts[b][call]
+        return xs, fill, diff / max(count, 1), None
 
     @staticmethod
     def _rows(ctx: Context, layer: str, p: CausalParams, d: int) -> torch.Tensor:

@@ -368,3 +368,17 @@ def test_prompt_pairs_over_http_reach_circuit(tmp_path):
     assert width == tok(clean, padding=True, return_tensors="pt")["input_ids"].shape[1]
     assert res["positions"][-1]["token_id"] == tok.sep_token_id       # the last real token
     assert bad.status_code == 422 and "corrupt_texts" in bad.text
+
+
+def test_causal_sets_neurons_to_their_corrupted_values_with_prompt_pairs():
+    from mechray.analysis.base import Context, get_analysis
+    from mechray.analysis.inputs import PromptPairs
+
+    clean, corrupt = planted_pairs()
+    ctx = Context(store=None, model=Planted(), eval_data=PromptPairs(clean, corrupt))
+    res = get_analysis("causal", {"method": "corrupt", "metric": "logit_diff",
+                                  "answer_tokens": [7, 8], "top_n": 3}).run(ctx, "mid")
+    got = {e["neuron"]: e["effect"] for e in res["ranked"]}
+    assert {0, 1} < set(got) and res["stats_source"] == "prompt pairs"     # the pairs differ there
+    assert got[0] == pytest.approx(12.0, abs=1e-4) and got[1] == pytest.approx(4.0, abs=1e-4)
+    assert res["layer_effect"] == pytest.approx(16.0, abs=1e-4)
