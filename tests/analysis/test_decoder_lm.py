@@ -382,3 +382,31 @@ def test_causal_sets_neurons_to_their_corrupted_values_with_prompt_pairs():
     assert {0, 1} < set(got) and res["stats_source"] == "prompt pairs"     # the pairs differ there
     assert got[0] == pytest.approx(12.0, abs=1e-4) and got[1] == pytest.approx(4.0, abs=1e-4)
     assert res["layer_effect"] == pytest.approx(16.0, abs=1e-4)
+
+
+def test_cli_takes_corrupt_texts_as_prompt_pairs(tmp_path, capsys):
+    from mechray.cli import main as cli
+    from mechray.demo.text import minilm_dir
+
+    model, tok, layer = gpt2(), tokenizer("right"), "transformer.h.2"
+    clean = ["when mary and john went out john gave it to", "the cat sat and the cat saw"]
+    corrupt = ["when mary and john went out mary gave it to", "the cat sat and the dog saw"]
+    config = MechIntConfig(sample_layers=[layer], storage_path=str(tmp_path / "c"),
+                           use_ray=False, verbose=False)
+    with MechIntHooks(config).attach(model) as hooks, torch.no_grad():
+        model(**tok(clean, padding=True, return_tensors="pt"))
+        hooks.sampler.save_activations(0)
+    (tmp_path / "clean.txt").write_text("\n".join(clean) + "\n")
+    (tmp_path / "corrupt.txt").write_text("\n".join(corrupt) + "\n")
+    ids = tok.convert_tokens_to_ids(["mary", "john"])
+    params = {"circuit": {"metric": "logit_diff", "answer_tokens": ids, "check_neurons": 2,
+                          "paths": False, "max_positions": 2}}
+    code = cli(["analyze", str(tmp_path / "c"), "--analyses", "circuit", "--quiet",
+                "--model", "test_decoder_lm:gpt2", "--eval-texts", str(tmp_path / "clean.txt"),
+                "--corrupt-texts", str(tmp_path / "corrupt.txt"), "--tokenizer",
+                str(minilm_dir()), "--params", json.dumps(params), "--out", str(tmp_path / "r")])
+    assert code == 0, capsys.readouterr()
+    doc = json.loads((tmp_path / "r" / "mechint_results.json").read_text())
+    res = doc["results"]["circuit"][layer]
+    assert res["corruption"] == "pairs" and res["metric"] == "logit_diff" and res["n_inputs"] == 2
+    assert res["layer_effect"] == pytest.approx(1.0, abs=1e-4)
