@@ -103,6 +103,9 @@ class EvalMechIntRunner:
 
             contexts = add_contexts(self.results, store, decoder(self.tokenizer),
                                     self.context_window)
+            from mechray.analysis.lens import add_logit_lens
+
+            add_logit_lens(self.results, self.model, decoder(self.tokenizer), self.out_dir)
         info = store.layers()
         self.meta = {
             "format": "mechray.results/1", "store": store.location,

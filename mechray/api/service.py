@@ -175,6 +175,10 @@ class Interpreter:
                     from mechray.analysis.contexts import add_contexts, decoder
 
                     add_contexts(results, store, decoder(self.tokenizer))
+                    if self.model is not None:          # logit lens of residual-stream units
+                        from mechray.analysis.lens import add_logit_lens
+
+                        add_logit_lens(results, self.model, decoder(self.tokenizer))
             except ShardError as exc:
                 raise store_error(exc) from None
             seconds = round(time.perf_counter() - t0, 4)

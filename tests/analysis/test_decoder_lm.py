@@ -410,3 +410,47 @@ def test_cli_takes_corrupt_texts_as_prompt_pairs(tmp_path, capsys):
     res = doc["results"]["circuit"][layer]
     assert res["corruption"] == "pairs" and res["metric"] == "logit_diff" and res["n_inputs"] == 2
     assert res["layer_effect"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_logit_lens_of_residual_neurons_in_results_report_and_http(tmp_path):
+    """A neuron of a residual-stream layer promotes the tokens whose unembedding rows are
+    largest on it; the report shows them and /interpret answers carry them."""
+    import httpx
+    from fastapi import FastAPI
+
+    from mechray import FastAPIIntegrationMixin
+    from mechray.testing import serve_in_thread
+
+    model, tok, layer = gpt2(), tokenizer("left"), "transformer.h.3"
+    with torch.no_grad():                       # plant: neuron 5 writes "paris", against "rome"
+        model.lm_head.weight[:, 5] = 0.0
+        model.lm_head.weight[tok.convert_tokens_to_ids("paris"), 5] = 9.0
+        model.lm_head.weight[tok.convert_tokens_to_ids("rome"), 5] = -9.0
+    config = MechIntConfig(sample_layers=[layer], storage_path=str(tmp_path / "c"),
+                           use_ray=False, verbose=False, analyses_to_run=["neuron"])
+    with MechIntHooks(config).attach(model) as hooks, torch.no_grad():
+        model(**tok(TEXTS, padding=True, return_tensors="pt"))
+        hooks.sampler.save_activations(0)
+    runner = EvalMechIntRunner(model, config, tokenizer=tok)
+    res = runner.run_mechint_eval()["neuron"][layer]
+    table = res["logit_lens"]
+    assert len(table["units"]) == 32 and len(table["promoted"][0]) == 8
+    for u, up, down in zip(table["units"], table["promoted"], table["suppressed"]):
+        col = model.lm_head.weight[:, u]
+        assert up[0]["token_id"] == int(col.argmax()) and down[0]["token_id"] == int(col.argmin())
+    report = runner.export_results(tmp_path / "r").read_text()
+    assert "Logit lens, `transformer.h.3`" in report
+    app = FastAPI()
+    mixin = FastAPIIntegrationMixin(model, config, tokenizer=tok)
+    mixin.add_routes(app)
+    try:
+        with serve_in_thread(app) as url:
+            answer = httpx.post(f"{url}/interpret", json={"analysis_type": "neuron",
+                                                          "layer_name": layer}, timeout=60)
+    finally:
+        mixin.close()
+    lens = answer.json()["result"]["logit_lens"]
+    from mechray.analysis.lens import lens as direct
+    got = direct(model.lm_head, torch.eye(256)[[5]], tok.decode, k=1)
+    assert got["promoted"][0][0]["token"] == "paris" and got["suppressed"][0][0]["token"] == "rome"
+    assert lens["units"] == table["units"]
