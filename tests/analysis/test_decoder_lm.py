@@ -454,3 +454,23 @@ def test_logit_lens_of_residual_neurons_in_results_report_and_http(tmp_path):
     got = direct(model.lm_head, torch.eye(256)[[5]], tok.decode, k=1)
     assert got["promoted"][0][0]["token"] == "paris" and got["suppressed"][0][0]["token"] == "rome"
     assert lens["units"] == table["units"]
+
+
+def test_logit_lens_of_sae_latents(tmp_path):
+    from mechray.analysis.sae_model import load_sae
+
+    model, tok, layer = gpt2(), tokenizer("right"), "transformer.h.3"
+    config = MechIntConfig(sample_layers=[layer], storage_path=str(tmp_path / "c"),
+                           use_ray=False, verbose=False, analyses_to_run=["sae"],
+                           analysis_params={"sae": {"n_latents": 64, "k": 4, "steps": 20, "min_steps": 1,
+                                                    "device": "cpu"}})
+    with MechIntHooks(config).attach(model) as hooks, torch.no_grad():
+        model(**tok(TEXTS, padding=True, return_tensors="pt"))
+        hooks.sampler.save_activations(0)
+    runner = EvalMechIntRunner(model, config, tokenizer=tok)
+    res = runner.run_mechint_eval(out_dir=str(tmp_path / "o"))["sae"][layer]
+    table = res["logit_lens"]
+    assert table["units"] == res["top_activations"]["latents"][:32]
+    w_dec = load_sae(tmp_path / "o" / res["weights_path"]).W_dec.detach()
+    for u, up in zip(table["units"], table["promoted"]):
+        assert up[0]["token_id"] == int((model.lm_head.weight @ w_dec[u]).argmax())
