@@ -37,7 +37,7 @@ from torch import nn
 from mechray.analysis.base import Skip
 from mechray.analysis.inputs import ModelInputs, as_inputs, stored_inputs
 from mechray.analysis.readout import Readout
-from mechray.capture.layers import pick_tensor, resolve_layers
+from mechray.capture.layers import INPUT, module_input, pick_tensor, resolve_layers
 
 log = logging.getLogger(__name__)
 LOSS_FN_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
@@ -86,6 +86,23 @@ def edit_output(model: nn.Module, layer: str,
     replaced by ``fn(tensor, call_index)`` (``None`` keeps it); the hook is always removed."""
     module = find_module(model, layer)
     calls = itertools.count()
+    if layer.endswith(INPUT):            # the module's input (``name:input``) is edited
+        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+            tensor = module_input(args, kwargs)
+            if tensor is None:
+                raise TypeError(f"layer {layer!r}: the module got no tensor input")
+            new = fn(tensor, next(calls))
+            if new is None or new is tensor:
+                return None
+            args = tuple(new if a is tensor else a for a in args)
+            kwargs = {k: new if v is tensor else v for k, v in kwargs.items()}
+            return args, kwargs
+        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            yield module
+        finally:
+            handle.remove()
+        return
 
     def hook(mod: nn.Module, inputs: Any, output: Any) -> Any:
         tensor = pick_tensor(output, None)
@@ -457,7 +474,7 @@ class Prefix:
             return cls([], len(x)), y
         begin = events.index(("s", tname))
         ended = {n for kind, n in events[:begin] if kind == "e"}
-        if calls.get(tname) == 1:
+        if calls.get(tname) == 1 and not layer.endswith(INPUT):
             ended.add(tname)                 # the layer itself: its clean output, then the edit
         ok = {n for n in ended if calls.get(n) == 1 and outs.get(n) is not None
               and outs[n][1] in (None, _versions(outs[n][0]))   # not changed in place later

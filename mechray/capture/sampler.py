@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mechray.capture.layers import pick_tensor, resolve_layers
+from mechray.capture.layers import INPUT, module_input, pick_tensor, resolve_layers
 from mechray.capture.tokens import TokenBatch, find_tokens, mask_chunk
 from mechray.config import MechIntConfig
 from mechray.storage.claim import run_id_for
@@ -123,7 +123,11 @@ class ActivationSampler:
         modules = resolve_layers(model, self.config.sample_layers)
         try:
             for name, module in modules.items():
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+                if name.endswith(INPUT):
+                    self._handles.append(module.register_forward_pre_hook(
+                        self._input_hook(name), with_kwargs=True))
+                else:
+                    self._handles.append(module.register_forward_hook(self._hook(name)))
             save = self.config.save_inputs if inputs is None else inputs
             if save or self.config.mask_key:
                 self._handles.append(model.register_forward_pre_hook(
@@ -171,6 +175,16 @@ class ActivationSampler:
                 if tensor is None:
                     log.warning("mechray: %s returned %s with no tensor to capture; set "
                                 "output_keys[%r]", name, type(output).__name__, name)
+                    return
+                self._add(name, tensor)
+        return hook
+
+    def _input_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.enabled:
+                tensor = module_input(args, kwargs)
+                if tensor is None:
+                    log.warning("mechray: %s: the module got no tensor input", name)
                     return
                 self._add(name, tensor)
         return hook

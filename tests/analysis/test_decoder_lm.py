@@ -474,3 +474,34 @@ def test_logit_lens_of_sae_latents(tmp_path):
     w_dec = load_sae(tmp_path / "o" / res["weights_path"]).W_dec.detach()
     for u, up in zip(table["units"], table["promoted"]):
         assert up[0]["token_id"] == int((model.lm_head.weight @ w_dec[u]).argmax())
+
+
+def test_module_inputs_are_capture_points_and_can_be_ablated(tmp_path):
+    """``transformer.h.1.ln_2:input`` is GPT-2's resid_mid: the block's input plus the attention
+    output, stored for real tokens only; causal edits it (prefix replay or not, same effects)."""
+    from mechray.analysis.base import Context, get_analysis
+    from mechray.storage.reader import ShardStore
+
+    model, tok = gpt2(), tokenizer("left")
+    enc = left_padded(tok, TEXTS)
+    layers = ["transformer.h.1:input", "transformer.h.1.attn", "transformer.h.1.ln_2:input"]
+    config = MechIntConfig(sample_layers=layers, storage_path=str(tmp_path / "c"),
+                           use_ray=False, verbose=False)
+    with MechIntHooks(config).attach(model) as hooks, torch.no_grad():
+        model(**enc)
+        hooks.sampler.save_activations(0)
+    store = ShardStore(str(tmp_path / "c"))
+    assert sorted(store.layers()) == sorted(layers)
+    rows = {la: store.read_layer(la, 10_000).float() for la in layers}
+    real = int(enc["attention_mask"].sum())
+    assert all(len(r) == real for r in rows.values())
+    assert torch.allclose(rows[layers[2]], rows[layers[0]] + rows[layers[1]], atol=1e-4)
+    stats = {"mean": [0.0] * 256, "std": torch.rand(256).tolist()}
+    ctx = Context(store=None, model=model, eval_data=enc,
+                  results={"neuron": {layers[2]: stats}})
+    got = [get_analysis("causal", {"top_n": 3, "reuse_prefix": reuse}).run(ctx, layers[2])
+           for reuse in (True, False)]
+    effects = [[e["effect"] for e in g["ranked"]] for g in got]
+    assert got[0]["prefix_reused"] and not got[1]["prefix_reused"]
+    assert effects[0] == pytest.approx(effects[1], rel=1e-4) and min(effects[0]) > 0
+    assert got[0]["layer_effect"] == pytest.approx(got[1]["layer_effect"], rel=1e-4)
