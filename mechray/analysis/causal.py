@@ -20,7 +20,15 @@ exact for the model (checked on the first batch), else one per pass; the layer a
 that finish before it are run once per batch and replayed, so each pass computes only what comes
 after the layer (``reuse_prefix``, checked too).
 Inputs with an ``attention_mask`` are batched by length with padding trimmed, and padded
-positions are neither ablated nor counted in the metric.
+positions are neither ablated nor counted in the metric (left or right padding).
+
+Decoder-only LMs: ``logit_diff`` (``answer_tokens=[correct, wrong]``) and ``prob``
+(``target_token``) read each example's last real token; when the model's output is its
+unembedding of a hidden state, logits are never materialised for the sweep
+(:mod:`mechray.analysis.readout`); a probe forward estimates the peak memory first and
+``batch_size``/``neuron_batch`` shrink to ``memory_budget_gb`` (:mod:`mechray.analysis.footprint`,
+``result["memory"]``).  ``method='corrupt'`` sets each neuron to its value in the paired
+corrupted prompt (prompt pairs, see :class:`mechray.analysis.inputs.PromptPairs`).
 """
 
 from __future__ import annotations
