@@ -316,8 +316,8 @@ class Metric:
         assert self.readout is not None
         if self.name == "mse":
             assert self._gram is not None
-            diff = (out - ref).double()
-            sq = ((diff @ self._gram.to(diff.device)) * diff).sum(-1)
+            diff = out - ref                  # float32: [K, B, T, d], no vocabulary dimension
+            sq = ((diff @ self._gram.to(diff.device, torch.float32)) * diff).sum(-1)
             if m is not None:
                 sq = sq * m.reshape(*m.shape, *([1] * (ref.dim() - 3)))
             return sq.flatten(1).sum(1).float()
