@@ -131,6 +131,17 @@ def _lookup(store: Any, wanted: dict[str, set[tuple[str, int]]], decode: Decode,
     return out
 
 
+def name_positions(results: dict[str, dict[str, Any]], decode: Decode) -> None:
+    """Give every ``positions`` entry with a ``token_id`` (``circuit``'s per-position patching)
+    its ``token`` text, in place."""
+    for per in results.values():
+        for result in per.values():
+            table = result.get("positions") if isinstance(result, dict) else None
+            for entry in table if isinstance(table, list) else []:
+                if isinstance(entry, dict) and isinstance(entry.get("token_id"), int):
+                    entry["token"] = decode([entry["token_id"]])
+
+
 # --- showing them -------------------------------------------------------------------------------
 _MD_SPECIAL = set("\\`*_{}[]()#+-.!|~>")
 

@@ -103,7 +103,10 @@ class EvalMechIntRunner:
 
             contexts = add_contexts(self.results, store, decoder(self.tokenizer),
                                     self.context_window)
+            from mechray.analysis.contexts import name_positions
             from mechray.analysis.lens import add_logit_lens
+
+            name_positions(self.results, decoder(self.tokenizer))
 
             add_logit_lens(self.results, self.model, decoder(self.tokenizer), self.out_dir)
         info = store.layers()

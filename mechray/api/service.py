@@ -172,9 +172,10 @@ class Interpreter:
                     results = engine.run([name], {name: plan.params}, layers=plan.layers,
                                          model=self.model, eval_data=plan.eval_data)
                 if self.tokenizer is not None and upload is None:
-                    from mechray.analysis.contexts import add_contexts, decoder
+                    from mechray.analysis.contexts import add_contexts, decoder, name_positions
 
                     add_contexts(results, store, decoder(self.tokenizer))
+                    name_positions(results, decoder(self.tokenizer))
                     if self.model is not None:          # logit lens of residual-stream units
                         from mechray.analysis.lens import add_logit_lens
 

@@ -367,6 +367,7 @@ def test_prompt_pairs_over_http_reach_circuit(tmp_path):
     width = len(res["positions"])
     assert width == tok(clean, padding=True, return_tensors="pt")["input_ids"].shape[1]
     assert res["positions"][-1]["token_id"] == tok.sep_token_id       # the last real token
+    assert res["positions"][-1]["token"] == "[SEP]"                   # named as text
     assert bad.status_code == 422 and "corrupt_texts" in bad.text
 
 
