@@ -184,17 +184,31 @@ def _eval_data(args) -> Any:
             raise ValueError(f"--eval-inputs {args.eval_inputs} is not a loadable tensor file: "
                              f"{load_error(exc)}") from None
         return data
+    if args.corrupt_texts and not args.eval_texts:
+        raise ValueError("--corrupt-texts needs --eval-texts (the clean prompts, line by line)")
     if not args.eval_texts:
         return None
     if not args.tokenizer:
         raise ValueError("--eval-texts needs --tokenizer (a tokenizer directory or a Hugging "
                          "Face name) to turn the texts into model inputs")
-    with open(args.eval_texts, encoding="utf-8") as fh:
+    texts = _lines(args.eval_texts, "--eval-texts")
+    tokenizer = _tokenizer(args.tokenizer)
+    if args.corrupt_texts:             # prompt pairs: line i of one with line i of the other
+        from mechray.analysis.inputs import PromptPairs
+
+        return PromptPairs.from_texts(tokenizer, texts, _lines(args.corrupt_texts,
+                                                               "--corrupt-texts"),
+                                      max_length=args.max_length)
+    return tokenizer(texts, padding=True, truncation=True, max_length=args.max_length,
+                     return_tensors="pt")
+
+
+def _lines(path: str, flag: str) -> list[str]:
+    with open(path, encoding="utf-8") as fh:
         texts = [line.rstrip("\n") for line in fh if line.strip()]
     if not texts:
-        raise ValueError(f"--eval-texts {args.eval_texts} holds no non-empty lines")
-    return _tokenizer(args.tokenizer)(texts, padding=True, truncation=True,
-                                      max_length=args.max_length, return_tensors="pt")
+        raise ValueError(f"{flag} {path} holds no non-empty lines")
+    return texts
 
 
 def _tokenizer(spec: str):
@@ -338,6 +352,8 @@ def main(argv=None) -> int:
                    help="Lightning .ckpt or state_dict file loaded into --model")
     p.add_argument("--eval-texts", default=None, help="file of texts, one per line, tokenised "
                    "with --tokenizer: the model inputs of causal, circuit and SAE splicing")
+    p.add_argument("--corrupt-texts", default=None, help="file of corrupted prompts, line i "
+                   "paired with line i of --eval-texts (circuit patches clean into them)")
     p.add_argument("--eval-inputs", default=None, help=".pt file of model inputs (token ids, "
                    "or a dict of tensors such as a tokenizer's output)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or Hugging Face name "

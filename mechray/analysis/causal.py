@@ -20,22 +20,34 @@ exact for the model (checked on the first batch), else one per pass; the layer a
 that finish before it are run once per batch and replayed, so each pass computes only what comes
 after the layer (``reuse_prefix``, checked too).
 Inputs with an ``attention_mask`` are batched by length with padding trimmed, and padded
-positions are neither ablated nor counted in the metric.
+positions are neither ablated nor counted in the metric (left or right padding).
+
+Decoder-only LMs: ``logit_diff`` (``answer_tokens=[correct, wrong]``) and ``prob``
+(``target_token``) read each example's last real token; when the model's output is its
+unembedding of a hidden state, logits are never materialised for the sweep
+(:mod:`mechray.analysis.readout`); a probe forward estimates the peak memory first and
+``batch_size``/``neuron_batch`` shrink to ``memory_budget_gb`` (:mod:`mechray.analysis.footprint`,
+``result["memory"]``).  ``method='corrupt'`` sets each neuron to its value in the paired
+corrupted prompt (prompt pairs, see :class:`mechray.analysis.inputs.PromptPairs`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
 from pydantic import Field, model_validator
 
-from mechray.analysis.base import Analysis, Context, Cost, Params, Workload, register
+from mechray.analysis.base import Analysis, Context, Cost, Params, Skip, Workload, register
+from mechray.analysis.footprint import GB, Footprint, Plan, available_bytes
 from mechray.analysis.inputs import ModelInputs
 from mechray.analysis.intervene import (
     LOSS_FN_PATTERN,
+    READ_OUT,
     Metric,
     can_stack,
     clean_runs,
@@ -46,6 +58,7 @@ from mechray.analysis.intervene import (
     resolve_loss_fn,
     sweep,
 )
+from mechray.analysis.readout import Readout
 from mechray.analysis.render import plot_ranked, top_effects
 
 log = logging.getLogger(__name__)
@@ -54,7 +67,13 @@ log = logging.getLogger(__name__)
 class InterventionParams(Params):
     """Parameters shared by ``causal`` and ``circuit``."""
 
-    metric: Literal["mse", "kl", "loss"] = "mse"
+    metric: Literal["mse", "kl", "loss", "logit_diff", "prob"] = Field(
+        "mse", description="mse/kl of the outputs; loss: |change| of loss_fn; logit_diff: "
+        "logit of answer_tokens[0] minus answer_tokens[1] at each example's last real token; "
+        "prob: probability of target_token there")
+    answer_tokens: Optional[list[int]] = Field(None, min_length=2, max_length=2,
+                                               description="[correct, wrong] token ids")
+    target_token: Optional[int] = Field(None, ge=0, description="token id for metric='prob'")
     loss_fn: Optional[str] = Field(None, pattern=LOSS_FN_PATTERN,
                                    description="'package.module:function' for metric='loss'")
     n_inputs: int = Field(256, ge=1, le=1_000_000, description="eval inputs used")
@@ -64,17 +83,35 @@ class InterventionParams(Params):
                                "before the layer (checked to leave the output unchanged)")
     seed: Optional[int] = Field(None, ge=0, le=2 ** 32 - 1,
                                 description="default: the context's seed")
+    memory_budget_gb: Optional[float] = Field(
+        None, gt=0, le=1_000_000, description="peak memory allowed; batch_size and neuron_batch "
+        "shrink to fit (default: half the free memory of the model's device)")
 
     @model_validator(mode="after")
     def _loss(self):
         if self.loss_fn is not None and self.metric != "loss":
             raise ValueError(f"loss_fn={self.loss_fn!r} is only used with metric='loss' "
                              f"(metric is {self.metric!r}); set metric='loss' or drop loss_fn")
+        if (self.metric == "logit_diff") != (self.answer_tokens is not None):
+            raise ValueError("metric='logit_diff' goes with answer_tokens=[correct, wrong] "
+                             f"(token ids); got metric={self.metric!r}, "
+                             f"answer_tokens={self.answer_tokens}")
+        if (self.metric == "prob") != (self.target_token is not None):
+            raise ValueError("metric='prob' goes with target_token=<token id>; got "
+                             f"metric={self.metric!r}, target_token={self.target_token}")
         return self
+
+    def tokens(self) -> Optional[list[int]]:
+        """The token ids the metric reads."""
+        if self.metric == "logit_diff":
+            return self.answer_tokens
+        return [self.target_token] if self.target_token is not None else None
 
 
 class CausalParams(InterventionParams):
-    method: Literal["zero", "mean", "resample"] = "zero"
+    method: Literal["zero", "mean", "resample", "corrupt"] = Field(
+        "zero", description="corrupt: each neuron set to its value in the paired corrupted "
+        "prompt (needs prompt pairs; neurons ranked by how much the pairs differ there)")
     top_n: int = Field(64, ge=1, le=1_000_000, description="ablate the top-N neurons by variance")
     max_rows: int = Field(4096, ge=1, le=10_000_000,
                           description="stored rows read for means, variances and resampling")
@@ -86,19 +123,47 @@ def intervention_bytes(p: dict[str, Any], w: Workload) -> float:
     return float(w.model_params) * 4 * 4 + acts + float(w.shard_rows) * w.d * 8 * 3
 
 
+@dataclass
+class Prepared:
+    """What a sweep needs, fixed before it starts."""
+
+    metric: Metric
+    batches: list[ModelInputs]      # eval batches (``pair``'s follow when given)
+    width: int                      # the layer's feature count
+    readout: Optional[Readout]      # the model's unembedding, read out lazily (or None)
+    plan: Plan                      # batch sizes within the memory budget
+
+    def swapped(self) -> Any:
+        """Run the model with the unembedding read out lazily (no-op without one)."""
+        return self.readout.swapped() if self.readout is not None else nullcontext()
+
+
 def prepare(ctx: Context, layer: str, x: ModelInputs, params: InterventionParams,
-            pair: Optional[ModelInputs] = None) -> tuple[Metric, list[ModelInputs], int]:
-    """The metric, eval inputs split into batches (similar lengths together; ``pair``'s
-    batches follow, aligned), and the layer width (checks the layer)."""
+            pair: Optional[ModelInputs] = None, grad: bool = False) -> Prepared:
+    """The metric, the readout, batch sizes that fit the memory budget, and the eval inputs
+    split into batches of that size (similar lengths together; ``pair``'s batches follow,
+    aligned).  Checks the layer; raises ``AnalysisParamsError`` when nothing fits."""
     metric = Metric(params.metric, resolve_loss_fn(params.loss_fn, ctx)
-                    if params.metric == "loss" else None)
+                    if params.metric == "loss" else None, params.tokens())
     model = model_of(ctx)
+    probe = x.select(slice(0, min(len(x), 2)))
     with torch.no_grad(), record_outputs(model, layer) as acts:
-        x.select(slice(0, min(len(x), params.batch_size)))(model)
+        probe(model)
     if not acts:
         raise ValueError(f"layer {layer!r} did not run in the model's forward pass on eval_data; "
                          f"check that eval_data are inputs of this model")
-    return metric, x.batches(params.batch_size, pair), acts[0].shape[-1]
+    d = acts[0].shape[-1]
+    readout = Readout.find(model, layer, probe) if metric.name in READ_OUT else None
+    metric.read_out(readout)
+    with readout.swapped() if readout is not None else nullcontext():
+        foot = Footprint.measure(model, probe, sum(a.numel() * 4 for a in acts))
+    budget = int(params.memory_budget_gb * GB) if params.memory_budget_gb is not None else \
+        available_bytes(model) // 2
+    n = len(x) * (2 if pair is not None else 1)
+    plan = foot.fit(n, params.batch_size, params.neuron_batch, budget,
+                    f"{type(params).__name__.removesuffix('Params').lower()} {layer!r}",
+                    grad=grad)
+    return Prepared(metric, x.batches(plan.batch_size, pair), d, readout, plan)
 
 
 def ranked(neurons: torch.Tensor, effects: torch.Tensor, **extra: torch.Tensor
@@ -132,25 +197,35 @@ class Causal(Analysis):
         seed = ctx.seed if p.seed is None else p.seed
         x = eval_inputs(ctx, p.n_inputs)                     # Skip without model or inputs
         model = model_of(ctx)
+        if p.method == "corrupt" and x.corrupt is None:
+            raise Skip("method='corrupt' needs prompt pairs: run_mechint_eval(eval_data=clean, "
+                       "corrupt_data=corrupted), --corrupt-texts, or eval_inputs.corrupt_texts")
         with eval_mode(model):
-            metric, xs, d = prepare(ctx, layer, x, p)
-            mean, var, source = self._neuron_stats(ctx, layer, d)
-            rows = None                 # stored rows: read only for what the results lack
-            if p.method == "resample" or (source == "none" and (p.method == "mean" or d > p.top_n)):
-                rows = self._rows(ctx, layer, p, d)
-            if source == "none" and rows is not None:
-                mean, var, source = rows.mean(0), rows.var(0, unbiased=False), "stored rows"
-            fill = self._fill(p.method, mean, rows, d, seed)
-            stack = p.neuron_batch if can_stack(model, layer, xs[0]) else 1
-            batches, skip = clean_runs(model, layer, xs, min(stack, 2), p.reuse_prefix)
-            metric.reference([ref for _, ref in batches])
-            neurons = torch.arange(d) if d <= p.top_n else \
-                torch.sort(torch.topk(var, p.top_n).indices).values
-            label = f"causal {layer}" if ctx.progress else None
-            effects = sweep(model, layer, batches, fill, metric, neurons, stack, label,
-                            skip=skip)
-            layer_effect = float(sweep(model, layer, batches, fill, metric, None,
-                                       skip=skip)[0])
+            prep = prepare(ctx, layer, x, p, x.corrupt if p.method == "corrupt" else None)
+            metric, xs, d = prep.metric, prep.batches, prep.width
+            if p.method == "corrupt":
+                xs, fill, var, mean = self._corrupt(model, layer, prep, d)
+                source = "prompt pairs"
+            else:
+                mean, var, source = self._neuron_stats(ctx, layer, d)
+                rows = None                 # stored rows: read only for what the results lack
+                if p.method == "resample" or (source == "none" and
+                                              (p.method == "mean" or d > p.top_n)):
+                    rows = self._rows(ctx, layer, p, d)
+                if source == "none" and rows is not None:
+                    mean, var, source = rows.mean(0), rows.var(0, unbiased=False), "stored rows"
+                fill = self._fill(p.method, mean, rows, d, seed)
+            with prep.swapped():
+                stack = prep.plan.neuron_batch if can_stack(model, layer, xs[0]) else 1
+                batches, skip = clean_runs(model, layer, xs, min(stack, 2), p.reuse_prefix)
+                metric.reference([ref for _, ref in batches])
+                neurons = torch.arange(d) if d <= p.top_n else \
+                    torch.sort(torch.topk(var, p.top_n).indices).values
+                label = f"causal {layer}" if ctx.progress else None
+                effects = sweep(model, layer, batches, fill, metric, neurons, stack, label,
+                                skip=skip)
+                layer_effect = float(sweep(model, layer, batches, fill, metric, None,
+                                           skip=skip)[0])
         log.info("mechray: causal %s: %d neurons, %s/%s, %.2fs", layer, len(neurons), p.method,
                  p.metric, time.perf_counter() - t0)
         return {
@@ -161,7 +236,40 @@ class Causal(Analysis):
             "prefix_reused": skip[0] is not None if skip else False,
             "selection": "all" if d <= p.top_n else f"top {p.top_n} by variance",
             "stats_source": source, "seconds": round(time.perf_counter() - t0, 3),
+            "unembedding": "read out lazily" if prep.readout is not None else None,
+            "memory": prep.plan.describe(),
         }
+
+    @staticmethod
+    def _corrupt(model: Any, layer: str, prep: Prepared, d: int) -> tuple:
+        """``(clean batches, fill, variance, mean)`` for ``method='corrupt'``: the corrupted
+        run's layer outputs fill each edited neuron; neurons are ranked by the mean squared
+        clean - corrupted difference at real positions."""
+        half = len(prep.batches) // 2
+        xs, xr = prep.batches[:half], prep.batches[half:]
+        acts: list[list[torch.Tensor]] = []
+        diff, count = torch.zeros(d), 0
+        with torch.no_grad(), prep.swapped():
+            for x, r in zip(xs, xr):
+                with record_outputs(model, layer) as got_r:
+                    r(model)
+                with record_outputs(model, layer) as got_c:
+                    x(model)
+                acts.append([a.reshape(-1, d) for a in got_r])
+                for a, c in zip(got_r, got_c):
+                    sq = (a.float() - c.float()).pow(2).reshape(-1, d)
+                    m = x.mask
+                    keep = m.reshape(-1).to(sq.device) if m is not None and \
+                        m.numel() == len(sq) else torch.ones(len(sq), dtype=torch.bool)
+                    diff += sq[keep].sum(0).cpu()
+                    count += int(keep.sum())
+
+        def fill(b: int, call: int, positions: int) -> torch.Tensor:
+            if call >= len(acts[b]):
+                raise ValueError(f"layer {layer!r} ran {call + 1} times in an edited run but "
+                                 f"{len(acts[b])} times in the corrupted run")
+            return acts[b][call]
+        return xs, fill, diff / max(count, 1), None
 
     @staticmethod
     def _rows(ctx: Context, layer: str, p: CausalParams, d: int) -> torch.Tensor:

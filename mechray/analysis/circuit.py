@@ -11,8 +11,16 @@ Usage::
     result["attribution_check"]["spearman"]   # attribution vs exact patching on a sample
 
 Clean inputs are ``ctx.eval_data``; corrupted ones are a seeded derangement of them
-(``shuffle``), the clean ones plus Gaussian noise scaled by their std (``noise``), or
-``ctx.corrupt_data`` set in Python (``pairs``, same shape as the clean inputs).  Every effect is
+(``shuffle``), the clean ones plus Gaussian noise scaled by their std (``noise``), or prompt
+pairs (``pairs``; ``auto``, the default, uses them when given): ``run_mechint_eval(eval_data=
+clean, corrupt_data=corrupted)``, ``eval_data=PromptPairs(clean, corrupted)``, the CLI's
+``--corrupt-texts``, HTTP ``eval_inputs.corrupt_texts``, or ``ctx.corrupt_data`` set in Python
+(same shape as the clean inputs).  Metrics beyond ``mse``/``kl``/``loss``: ``logit_diff``
+(``answer_tokens=[correct, wrong]``) and ``prob`` (``target_token``) at each example's last
+real token (left or right padding).  With pairs, ``positions`` holds the effect of patching the
+layer at one sequence position at a time (the layer x position grid, row by row over layers).
+When attribution ranks the exactly patched neurons unlike exact patching (Spearman below
+``agreement`` or a different top neuron), ``warnings`` says so.  Every effect is
 normalised: ``1 - metric(patched, clean) / metric(corrupt, clean)`` (1 = fully restored).
 
 Per neuron, ``method='attribution'`` (default) estimates every neuron's effect from one backward
@@ -62,12 +70,19 @@ log = logging.getLogger(__name__)
 
 
 class CircuitParams(InterventionParams):
-    corruption: Literal["shuffle", "noise", "pairs"] = "shuffle"
+    corruption: Literal["auto", "shuffle", "noise", "pairs"] = Field(
+        "auto", description="auto: the prompt pairs when eval_data holds them, else shuffle")
     noise_scale: float = Field(1.0, gt=0, le=1000, description="noise std / input std")
     method: Literal["attribution", "exact"] = "attribution"
     check_neurons: int = Field(16, ge=0, le=100_000, description="neurons patched exactly")
     top_k: Optional[int] = Field(100, ge=1, description="ranked entries kept (None: all)")
     paths: bool = Field(True, description="path patching through later captured layers")
+    positions: bool = Field(True, description="with prompt pairs: patch the layer one sequence "
+                            "position at a time (a layer x position grid over layers)")
+    max_positions: int = Field(128, ge=1, le=4096, description="longest sequence patched "
+                               "position by position (one forward per position)")
+    agreement: float = Field(0.8, ge=-1, le=1, description="warn below this Spearman "
+                             "correlation between attribution and exact patching")
 
 
 @register
@@ -95,50 +110,62 @@ class Circuit(Analysis):
         corrupt = corrupt_inputs(ctx, clean, p, seed)
         model = model_of(ctx)
         with eval_mode(model):
-            metric, both, d = prepare(ctx, layer, clean, p, corrupt)
-            xs, xr = both[: len(both) // 2], both[len(both) // 2:]
-            acts_c, refs = _record(model, layer, xs)
-            acts_r, outs_r = _record(model, layer, xr)
-            metric.reference(refs)
-            masks = [x.mask for x in xs]     # real positions of the clean inputs are compared
-            xr = [_with_mask(r, m) for r, m in zip(xr, masks)]
-            count = sum(metric.count(r, m) for r, m in zip(refs, masks))
-            mean_r = float(sum(metric.sums(o[None], r, m)[0]
-                               for o, r, m in zip(outs_r, refs, masks)) / count)
-            m_r = float(metric.finish(torch.tensor(mean_r)))
-            if metric.negligible(m_r, refs):
-                raise Skip(f"corruption={p.corruption!r} does not change the {p.metric} metric "
-                           f"beyond rounding ({m_r:.3g}), so there is nothing to restore; use "
-                           f"another corruption or metric, or give ctx.corrupt_data")
-            batches = list(zip(xr, refs))
-            patch = lambda b, call, positions: _call(acts_c[b], call, layer)  # noqa: E731
-            skip = prefixes(model, layer, batches) if p.reuse_prefix else None
-            layer_m = float(sweep(model, layer, batches, patch, metric, None, skip=skip)[0])
-            label = f"circuit {layer}" if ctx.progress else None
-            attr = _attribution(model, layer, batches, acts_c, acts_r, metric, mean_r, count, d)
-            attr_effect = -attr / m_r
-            stack = p.neuron_batch if can_stack(model, layer, xr[0]) else 1
-            sample = _sample(attr_effect, d, p.check_neurons if p.method == "attribution" else d,
-                             seed)
-            exact = torch.full((d,), float("nan"))
-            if len(sample):
-                exact[sample] = 1 - sweep(model, layer, batches, patch, metric, sample, stack,
-                                          label, skip=skip) / m_r
-            paths = _paths(ctx, model, layer, batches, acts_c, metric, m_r) if p.paths else {}
+            prep = prepare(ctx, layer, clean, p, corrupt, grad=True)
+            metric, both, d = prep.metric, prep.batches, prep.width
+            with prep.swapped():
+                xs, xr = both[: len(both) // 2], both[len(both) // 2:]
+                acts_c, refs = _record(model, layer, xs)
+                acts_r, outs_r = _record(model, layer, xr)
+                metric.reference(refs)
+                masks = [x.mask for x in xs]     # real positions of the clean inputs are compared
+                xr = [_with_mask(r, m) for r, m in zip(xr, masks)]
+                count = sum(metric.count(r, m) for r, m in zip(refs, masks))
+                mean_r = float(sum(metric.sums(o[None], r, m)[0]
+                                   for o, r, m in zip(outs_r, refs, masks)) / count)
+                m_r = float(metric.finish(torch.tensor(mean_r)))
+                if metric.negligible(m_r, refs):
+                    raise Skip(f"corruption={p.corruption!r} does not change the {p.metric} metric "
+                               f"beyond rounding ({m_r:.3g}), so there is nothing to restore; use "
+                               f"another corruption or metric, or give ctx.corrupt_data")
+                batches = list(zip(xr, refs))
+                patch = lambda b, call, positions: _call(acts_c[b], call, layer)  # noqa: E731
+                skip = prefixes(model, layer, batches) if p.reuse_prefix else None
+                layer_m = float(sweep(model, layer, batches, patch, metric, None, skip=skip)[0])
+                label = f"circuit {layer}" if ctx.progress else None
+                attr = _attribution(model, layer, batches, acts_c, acts_r, metric, mean_r, count, d)
+                attr_effect = -attr / m_r
+                stack = prep.plan.neuron_batch if can_stack(model, layer, xr[0]) else 1
+                sample = _sample(attr_effect, d, p.check_neurons if p.method == "attribution" else d,
+                                 seed)
+                exact = torch.full((d,), float("nan"))
+                if len(sample):
+                    exact[sample] = 1 - sweep(model, layer, batches, patch, metric, sample, stack,
+                                              label, skip=skip) / m_r
+                paths = _paths(ctx, model, layer, batches, acts_c, metric, m_r) if p.paths else {}
+                grid = _positions(model, layer, batches, acts_c, metric, m_r, clean) \
+                    if p.positions and corrupt is clean.corrupt and \
+                    max(r.shape[1] if r.dim() >= 3 else 0 for r in refs) <= p.max_positions \
+                    else None
         effect = exact if p.method == "exact" else attr_effect
         entries = ranked(torch.arange(d), effect, attribution=attr_effect)
         for e in entries:
             if not torch.isnan(exact[e["neuron"]]):
                 e["exact"] = float(exact[e["neuron"]])
+        check = _check(attr_effect[sample], exact[sample], sample)
+        warnings = _disagreement(check, p.agreement, p.method)
         log.info("mechray: circuit %s: layer effect %.3f, %.2fs", layer, 1 - layer_m / m_r,
                  time.perf_counter() - t0)
         return {
             "layer_effect": 1 - layer_m / m_r, "ranked": entries[: p.top_k],
             "method": f"activation patching + {p.method}", "metric": p.metric,
-            "corruption": p.corruption, "corrupt_metric": m_r, "patched_metric": layer_m,
-            "attribution_check": _check(attr_effect[sample], exact[sample], sample),
+            "corruption": "pairs" if corrupt is clean.corrupt else
+            ("shuffle" if p.corruption == "auto" else p.corruption),
+            "corrupt_metric": m_r, "patched_metric": layer_m,
+            "attribution_check": check, "warnings": warnings, "positions": grid,
             "paths": paths, "n_neurons": d, "n_inputs": len(clean),
             "masked": clean.mask is not None,
+            "unembedding": "read out lazily" if prep.readout is not None else None,
+            "memory": prep.plan.describe(),
             "seconds": round(time.perf_counter() - t0, 3),
         }
 
@@ -147,17 +174,21 @@ def corrupt_inputs(ctx: Context, clean: ModelInputs, p: CircuitParams, seed: int
                    ) -> ModelInputs:
     """The corrupted counterpart of every clean input."""
     gen = torch.Generator().manual_seed(seed)
+    if p.corruption in ("auto", "pairs") and clean.corrupt is not None:
+        return clean.corrupt
     if p.corruption == "pairs":
         given = getattr(ctx, "corrupt_data", None)
         if given is None:
-            raise Skip("corruption='pairs' needs ctx.corrupt_data, corrupted inputs (a tensor or "
-                       "a dict of tensors) paired with eval_data")
+            raise Skip("corruption='pairs' needs prompt pairs: run_mechint_eval(eval_data=clean, "
+                       "corrupt_data=corrupted), eval_data=PromptPairs(clean, corrupted), the "
+                       "CLI's --corrupt-texts, the request's eval_inputs.corrupt_texts, or "
+                       "ctx.corrupt_data set in Python")
         given = as_inputs(given, len(clean))
         if given.shapes != clean.shapes:
             raise ValueError(f"ctx.corrupt_data has shapes {given.shapes} but the clean "
                              f"inputs have {clean.shapes}; give one corrupted input per clean")
         return given
-    if p.corruption == "shuffle":
+    if p.corruption in ("shuffle", "auto"):
         if len(clean) < 2:
             raise Skip("corruption='shuffle' needs at least 2 eval inputs; use 'noise'")
         perm = torch.randperm(len(clean), generator=gen)
@@ -237,6 +268,52 @@ def _check(attr: torch.Tensor, exact: torch.Tensor, sample: torch.Tensor) -> dic
     return {"n": len(sample), "neurons": sample.tolist(), "spearman": spearman(attr, exact),
             "top1_agree": bool(int(torch.argmax(attr)) == int(torch.argmax(exact))),
             "max_abs_error": float((attr - exact).abs().max())}
+
+
+def _disagreement(check: dict[str, Any], floor: float, method: str) -> list[str]:
+    """Warnings when attribution ranks the exactly patched neurons unlike exact patching."""
+    if method != "attribution" or check["n"] < 3:
+        return []
+    rho, top1 = check["spearman"], check["top1_agree"]
+    if (rho is not None and rho >= floor) and top1:
+        return []
+    return [f"attribution patching disagrees with exact patching on the {check['n']} neurons "
+            f"checked (Spearman {rho if rho is None else round(rho, 3)}, top-1 "
+            f"{'agrees' if top1 else 'differs'}, max |error| {check['max_abs_error']:.3g}); the "
+            f"ranking follows attribution: use method='exact' (or read each entry's 'exact')"]
+
+
+def _positions(model, layer: str, batches, acts_c, metric, m_r: float,
+               clean: ModelInputs) -> Optional[list[dict[str, Any]]]:
+    """Per sequence position: the fraction restored by patching the layer's clean output at that
+    position only (padded positions of the inputs; ``token_id`` of the first clean example)."""
+    if any(a.dim() < 3 for acts in acts_c for a in acts):
+        return None
+    width = max(ref.shape[1] for _, ref in batches)
+    ids = clean.kwargs.get("input_ids") if clean.tensor is None else None
+    mask = clean.mask
+    out = []
+    with torch.no_grad():
+        for pos in range(width):
+            total, count = 0.0, 0
+            for b, (x, ref) in enumerate(batches):
+                if pos >= ref.shape[1]:
+                    continue
+
+                def patch(t: torch.Tensor, call: int, b=b, pos=pos) -> torch.Tensor:
+                    new = t.clone()
+                    new[:, pos] = _call(acts_c[b], call, layer).reshape(t.shape)[:, pos]
+                    return new
+                with edit_output(model, layer, patch):
+                    y = output_of(x(model))
+                total += float(metric.sums(y[None], ref.to(y.device), x.mask)[0])
+                count += metric.count(ref, x.mask)
+            value = float(metric.finish(torch.tensor(total / max(count, 1))))
+            real = mask is None or (pos < mask.shape[1] and bool(mask[0, pos]))
+            out.append({"position": pos, "effect": 1 - value / m_r,
+                        "token_id": int(ids[0, pos]) if ids is not None and real and
+                        pos < ids.shape[1] else None})
+    return out
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:

@@ -16,8 +16,10 @@ rows per neuron or latent, like ``neuron``'s ``top_k``) gets a ``contexts`` tabl
 shape.  A row's token, position and example come from the shard's provenance companions (see
 :mod:`mechray.storage.shard`), the window of ``window`` tokens each side from the shard's
 ``examples`` table; rows of shards captured without a mask or token ids get ``None``.  Each
-shard is read once.  The text is data, not markup: whoever shows it escapes it (the report
-and the dashboard do).
+shard is read once.  ``position`` is the token's index among the example's real tokens (the
+same for left and right padding; provenance stores the padded position, which maps to it
+through the examples table, where padding is ``-1``).  The text is data, not markup: whoever
+shows it escapes it (the report and the dashboard do).
 """
 
 from __future__ import annotations
@@ -108,23 +110,36 @@ def _lookup(store: Any, wanted: dict[str, set[tuple[str, int]]], decode: Decode,
             if prov is None or table is None or not 0 <= row < len(prov["example"]):
                 continue
             ex, pos = int(prov["example"][row]), int(prov["position"][row])
-            ids = [int(t) for t in table[ex].tolist() if int(t) >= 0] if 0 <= ex < len(table) \
-                else []
-            if not ids or pos < 0 or pos >= len(ids):     # a per-example row: no token
+            full = [int(t) for t in table[ex].tolist()] if 0 <= ex < len(table) else []
+            real = [i for i, t in enumerate(full) if t >= 0]   # left or right padding alike
+            ids = [full[i] for i in real]
+            step = int(steps[ex]) if steps is not None else None
+            at = real.index(pos) if 0 <= pos < len(full) and full[pos] >= 0 else -1
+            if not ids or at < 0:     # a per-example row (or a position that is padding)
                 out[(layer, shard, row)] = None if not ids else {
                     "left": "", "token": "", "right": decode(ids[: 2 * window]), "example": ex,
                     "position": pos, "token_id": -1, "text": decode(ids[: 2 * window]),
-                    "step": int(steps[ex]) if steps is not None else None}
+                    "step": step}
                 continue
-            lo, hi = max(0, pos - window), min(len(ids), pos + window + 1)
-            left, token, right = decode(ids[lo:pos]), decode(ids[pos:pos + 1]), \
-                decode(ids[pos + 1:hi])
+            lo, hi = max(0, at - window), min(len(ids), at + window + 1)
+            left, token, right = decode(ids[lo:at]), decode(ids[at:at + 1]), \
+                decode(ids[at + 1:hi])
             out[(layer, shard, row)] = {
                 "left": left, "token": token, "right": right,
                 "text": f"{left} [[{token.strip()}]] {right}".strip(),
-                "example": ex, "position": pos, "token_id": ids[pos],
-                "step": int(steps[ex]) if steps is not None else None}
+                "example": ex, "position": at, "token_id": ids[at], "step": step}
     return out
+
+
+def name_positions(results: dict[str, dict[str, Any]], decode: Decode) -> None:
+    """Give every ``positions`` entry with a ``token_id`` (``circuit``'s per-position patching)
+    its ``token`` text, in place."""
+    for per in results.values():
+        for result in per.values():
+            table = result.get("positions") if isinstance(result, dict) else None
+            for entry in table if isinstance(table, list) else []:
+                if isinstance(entry, dict) and isinstance(entry.get("token_id"), int):
+                    entry["token"] = decode([entry["token_id"]])
 
 
 # --- showing them -------------------------------------------------------------------------------

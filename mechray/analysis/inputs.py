@@ -41,6 +41,7 @@ class ModelInputs:
     kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
     mask_key: str = MASK_KEY
     positions: Optional[torch.Tensor] = None   # [B, T] edited/compared, when not the own mask
+    corrupt: Optional["ModelInputs"] = None    # prompt pairs: example i's corrupted twin
 
     def __post_init__(self) -> None:
         if (self.tensor is None) == (not self.kwargs):
@@ -129,11 +130,46 @@ class ModelInputs:
         return out + paired
 
 
+@dataclass
+class PromptPairs:
+    """Clean and corrupted model inputs, example ``i`` of one paired with example ``i`` of the
+    other (e.g. IOI prompts with the indirect object swapped): ``eval_data=PromptPairs(clean,
+    corrupt)``, each anything :func:`as_inputs` takes, of the same shape (tokenise both in one
+    call, or use :meth:`from_texts`).  ``circuit`` patches clean into corrupted runs of them;
+    ``causal`` with ``method='corrupt'`` sets each neuron to its value in the corrupted run."""
+
+    clean: Any
+    corrupt: Any
+
+    @classmethod
+    def from_texts(cls, tokenizer: Any, clean: list[str], corrupt: list[str],
+                   max_length: int = 512) -> "PromptPairs":
+        """Both lists tokenised in one call, so they share one padded length (and side)."""
+        if len(clean) != len(corrupt) or not clean:
+            raise ValueError(f"prompt pairs need as many corrupted texts as clean ones (got "
+                             f"{len(clean)} clean, {len(corrupt)} corrupted), at least one each")
+        enc = tokenizer(list(clean) + list(corrupt), padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        n = len(clean)
+        return cls({k: v[:n] for k, v in enc.items()}, {k: v[n:] for k, v in enc.items()})
+
+
 def as_inputs(data: Any, max_samples: int, mask_key: str = MASK_KEY) -> ModelInputs:
     """``eval_data`` (see the module docstring) as :class:`ModelInputs` of at most
     ``max_samples`` examples; errors name what was given and what to pass instead."""
+    if isinstance(data, PromptPairs):
+        clean = as_inputs(data.clean, max_samples, mask_key)
+        corrupt = as_inputs(data.corrupt, len(clean), mask_key)
+        if corrupt.shapes != clean.shapes:
+            raise ValueError(f"prompt pairs: the corrupted inputs have shapes {corrupt.shapes} "
+                             f"but the clean ones {clean.shapes}; give one corrupted input per "
+                             f"clean one, tokenised in the same call (PromptPairs.from_texts)")
+        clean.corrupt = corrupt
+        return clean
     if isinstance(data, ModelInputs):
-        return data.select(slice(0, max_samples))
+        out = data.select(slice(0, max_samples))
+        out.corrupt = data.corrupt.select(slice(0, max_samples)) if data.corrupt else None
+        return out
     if isinstance(data, torch.Tensor):
         if data.dim() == 0:
             raise ValueError("eval_data is a 0-d tensor; pass a batch of model inputs [N, ...]")

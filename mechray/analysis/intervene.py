@@ -36,7 +36,8 @@ from torch import nn
 
 from mechray.analysis.base import Skip
 from mechray.analysis.inputs import ModelInputs, as_inputs, stored_inputs
-from mechray.capture.layers import pick_tensor, resolve_layers
+from mechray.analysis.readout import Readout
+from mechray.capture.layers import INPUT, module_input, pick_tensor, resolve_layers
 
 log = logging.getLogger(__name__)
 LOSS_FN_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
@@ -85,6 +86,23 @@ def edit_output(model: nn.Module, layer: str,
     replaced by ``fn(tensor, call_index)`` (``None`` keeps it); the hook is always removed."""
     module = find_module(model, layer)
     calls = itertools.count()
+    if layer.endswith(INPUT):            # the module's input (``name:input``) is edited
+        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+            tensor = module_input(args, kwargs)
+            if tensor is None:
+                raise TypeError(f"layer {layer!r}: the module got no tensor input")
+            new = fn(tensor, next(calls))
+            if new is None or new is tensor:
+                return None
+            args = tuple(new if a is tensor else a for a in args)
+            kwargs = {k: new if v is tensor else v for k, v in kwargs.items()}
+            return args, kwargs
+        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            yield module
+        finally:
+            handle.remove()
+        return
 
     def hook(mod: nn.Module, inputs: Any, output: Any) -> Any:
         tensor = pick_tensor(output, None)
@@ -203,6 +221,11 @@ def resolve_loss_fn(spec: Optional[str], ctx: Any) -> Optional[Callable]:
     return getattr(ctx, "loss_fn", None)
 
 
+METRICS = ("mse", "kl", "loss", "logit_diff", "prob")
+POSITION = ("logit_diff", "prob")         # read at each example's last real token
+READ_OUT = ("mse", "kl", "logit_diff", "prob")   # computable through a lazy unembedding
+
+
 class Metric:
     """A change between outputs that accumulates over batches and stacked interventions.
 
@@ -211,13 +234,30 @@ class Metric:
     ``finish(total_sums / count)``.
     """
 
-    def __init__(self, name: str, loss_fn: Optional[Callable] = None):
-        if name not in ("mse", "kl", "loss"):
-            raise ValueError(f"metric={name!r} is not one of 'mse', 'kl', 'loss'")
+    def __init__(self, name: str, loss_fn: Optional[Callable] = None,
+                 tokens: Optional[list[int]] = None):
+        if name not in METRICS:
+            raise ValueError(f"metric={name!r} is not one of {', '.join(METRICS)}")
+        want = {"logit_diff": 2, "prob": 1}.get(name, 0)
+        if len(tokens or []) != want:
+            raise ValueError(f"metric={name!r} needs {want} token id(s) (answer_tokens=[correct, "
+                             f"wrong] for logit_diff, target_token for prob), got {tokens}")
+        self.tokens = torch.tensor(tokens or [], dtype=torch.long)
         if name == "loss" and loss_fn is None:
             raise ValueError("metric='loss' needs loss_fn='package.module:function' in the "
                              "analysis params (or ctx.loss_fn set in Python)")
         self.name, self.loss_fn, self.ref_loss = name, loss_fn, 0.0
+        self.readout: Optional[Readout] = None   # outputs are hidden states: logits lazily
+        self._gram: Optional[torch.Tensor] = None
+
+    def read_out(self, readout: Optional[Readout]) -> "Metric":
+        """Compare hidden states through ``readout`` (see :mod:`mechray.analysis.readout`):
+        the same values as on the logits, without ``[B, T, vocab]`` tensors."""
+        if readout is not None and self.name not in READ_OUT:
+            raise ValueError(f"metric={self.name!r} needs the model's own outputs")
+        self.readout = readout
+        self._gram = readout.gram() if readout is not None and self.name == "mse" else None
+        return self
 
     def reference(self, refs: list[torch.Tensor]) -> "Metric":
         """Set the clean loss (``metric='loss'``) from the clean outputs of every batch."""
@@ -230,6 +270,12 @@ class Metric:
     def count(self, ref: torch.Tensor, mask: Optional[torch.Tensor] = None) -> int:
         """How many values ``sums`` adds up for ``ref`` (only real positions under ``mask``)."""
         m = position_mask(ref, mask)
+        if self.name in POSITION:
+            return len(ref)
+        if self.name == "mse" and self.readout is not None:
+            positions = ref.numel() // ref.shape[-1] if m is None else \
+                int(m.sum()) * (ref[0, 0].numel() // ref.shape[-1])
+            return positions * self.readout.vocab
         if self.name == "mse":
             return ref.numel() if m is None else int(m.sum()) * (ref[0, 0].numel())
         if self.name == "kl":
@@ -243,6 +289,10 @@ class Metric:
         ``[B, T]`` (the batch's ``attention_mask``) padded positions are not counted."""
         out, ref = out.float(), ref.float()
         m = position_mask(ref, mask)
+        if self.name in POSITION:
+            return (self.score(out, mask) - self.score(ref[None], mask)).sum(1)
+        if self.readout is not None:
+            return self._read_sums(out, ref, m)
         if self.name == "mse":
             sq = (out - ref).pow(2)
             if m is not None:
@@ -259,19 +309,73 @@ class Metric:
         return torch.stack([torch.as_tensor(loss_fn(o)).float().reshape(()) * len(ref)
                             for o in out])
 
+    def _read_sums(self, out: torch.Tensor, ref: torch.Tensor,
+                   m: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`sums` of hidden states ``out`` ``[K, B, ..., d]`` / ``ref`` ``[B, ..., d]``
+        through the readout: MSE exactly via ``W^T W``, KL over chunks of real positions."""
+        assert self.readout is not None
+        if self.name == "mse":
+            assert self._gram is not None
+            diff = out - ref                  # float32: [K, B, T, d], no vocabulary dimension
+            sq = ((diff @ self._gram.to(diff.device, torch.float32)) * diff).sum(-1)
+            if m is not None:
+                sq = sq * m.reshape(*m.shape, *([1] * (ref.dim() - 3)))
+            return sq.flatten(1).sum(1).float()
+        k, d = out.shape[0], ref.shape[-1]
+        rows = ref.reshape(-1, d)
+        outs = out.reshape(k, -1, d)
+        if m is not None:
+            keep = m.reshape(-1).nonzero().flatten() if m.dim() == 2 else \
+                m.expand(*ref.shape[:-1]).reshape(-1).nonzero().flatten()
+            rows, outs = rows[keep], outs[:, keep]
+        chunk = max(1, (1 << 24) // (self.readout.vocab * (k + 1)))   # ~64 MB of logits
+        total = torch.zeros(k, device=out.device)
+        for i in range(0, len(rows), chunk):
+            logp_ref = self.readout.logits(rows[i:i + chunk]).log_softmax(-1)
+            logp = self.readout.logits(outs[:, i:i + chunk]).log_softmax(-1)
+            total = total + (logp_ref.exp() * (logp_ref - logp)).sum((-1, -2))
+        return total
+
+    def score(self, out: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """``[K, B]`` position metric of outputs ``[K, B, T, ...]`` at each example's last real
+        token (``mask`` ``[B, T]``; left or right padding): the logit difference of
+        ``tokens[0]`` over ``tokens[1]``, or the probability of ``tokens[0]``."""
+        k, b, t = out.shape[:3]
+        if mask is None:
+            last = torch.full((b,), t - 1, dtype=torch.long)
+        else:
+            m = mask.bool().cpu()
+            last = t - 1 - m.flip(1).long().argmax(1)      # the last True of each row
+        rows = out[:, torch.arange(b), last.to(out.device)]          # [K, B, d or vocab]
+        logits = self.readout.logits(rows) if self.readout is not None else rows.float()
+        ids = self.tokens.to(logits.device)
+        if self.name == "logit_diff":
+            return logits[..., ids[0]] - logits[..., ids[1]]
+        return logits.log_softmax(-1)[..., ids[0]].exp()
+
     def finish(self, mean: torch.Tensor) -> torch.Tensor:
+        if self.name in POSITION:
+            return mean.abs()
         return (mean - self.ref_loss).abs() if self.name == "loss" else mean
 
     def finish_grad(self, mean: float) -> float:
         """d finish / d mean, for attribution (the loss metric is ``|mean - ref|``)."""
+        if self.name in POSITION:
+            return 1.0 if mean >= 0 else -1.0
         return (1.0 if mean >= self.ref_loss else -1.0) if self.name == "loss" else 1.0
 
     def negligible(self, value: float, refs: list[torch.Tensor]) -> bool:
         """Whether ``value`` is within float rounding of 0 for outputs like ``refs``."""
         if self.name == "kl":
             return value <= 1e-9
+        if self.name in POSITION:
+            return value <= 1e-7
         if self.name == "loss":
             return value <= 1e-6 * max(abs(self.ref_loss), 1e-6)
+        if self.readout is not None and self._gram is not None:
+            power = sum(float(((r.double() @ self._gram) * r.double()).sum()) for r in refs) / \
+                max(sum(r.numel() // r.shape[-1] for r in refs) * self.readout.vocab, 1)
+            return value <= 1e-10 * max(power, 1e-6)
         power = sum(float(r.float().pow(2).sum()) for r in refs) / \
             max(sum(r.numel() for r in refs), 1)
         return value <= 1e-10 * max(power, 1e-6)
@@ -282,8 +386,9 @@ class Metric:
         return float(self.finish(self.sums(out[None], ref, mask)[0] / self.count(ref, mask)))
 
 
-def make_metric(name: str, loss_fn: Optional[Callable] = None) -> Metric:
-    return Metric(name, loss_fn)
+def make_metric(name: str, loss_fn: Optional[Callable] = None,
+                tokens: Optional[list[int]] = None) -> Metric:
+    return Metric(name, loss_fn, tokens)
 
 
 Fill = Callable[[int, int, int], torch.Tensor]   # (batch index, call index, positions) -> [P, d]
@@ -369,7 +474,7 @@ class Prefix:
             return cls([], len(x)), y
         begin = events.index(("s", tname))
         ended = {n for kind, n in events[:begin] if kind == "e"}
-        if calls.get(tname) == 1:
+        if calls.get(tname) == 1 and not layer.endswith(INPUT):
             ended.add(tname)                 # the layer itself: its clean output, then the edit
         ok = {n for n in ended if calls.get(n) == 1 and outs.get(n) is not None
               and outs[n][1] in (None, _versions(outs[n][0]))   # not changed in place later

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from mechray.analysis.base import REGISTRY, analysis_class, analysis_names
 from mechray.analysis.contexts import markdown as contexts_markdown
+from mechray.analysis.lens import markdown as lens_markdown
 from mechray.analysis.render import span
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def write_report(doc: dict[str, Any], out_dir: str | Path) -> Path:
             if png:
                 lines += ["", f"![{name}]({png})"]
         lines += contexts_markdown(name, ok[name])
+        lines += lens_markdown(ok[name])
         for layer, r in per.items():
             if not isinstance(r, dict) or r.get("skipped"):
                 reason = r.get("reason") if isinstance(r, dict) else "no result"

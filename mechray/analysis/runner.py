@@ -66,9 +66,13 @@ class EvalMechIntRunner:
     # ------------------------------------------------------------------------------------------
     def run_mechint_eval(self, checkpoint_path: Optional[str] = None,
                          hidden_shards_path: Optional[str] = None, eval_data: Any = None, *,
-                         layers: Optional[list[str]] = None,
-                         out_dir: Optional[str] = None) -> dict[str, dict[str, Any]]:
-        """Run the configured analyses; returns ``{analysis: {layer: result}}``."""
+                         layers: Optional[list[str]] = None, out_dir: Optional[str] = None,
+                         corrupt_data: Any = None) -> dict[str, dict[str, Any]]:
+        """Run the configured analyses; returns ``{analysis: {layer: result}}``.
+
+        ``eval_data`` may also be a list of texts (tokenised with the runner's tokenizer);
+        ``corrupt_data`` (inputs or texts like ``eval_data``, one per clean input) makes prompt
+        pairs for ``circuit`` (and ``causal`` with ``method='corrupt'``)."""
         from mechray.analysis.engine import Engine
 
         cfg = self.config
@@ -83,6 +87,7 @@ class EvalMechIntRunner:
         store = ShardStore(location, endpoint_url=cfg.endpoint_url, region=cfg.s3_region)
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="mechint-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        eval_data = self._texts(eval_data, corrupt_data)
         inputs = as_inputs(eval_data, cfg.eval_max_samples, cfg.mask_key or MASK_KEY) \
             if eval_data is not None else stored_inputs(store, cfg.eval_max_samples)
         t0 = time.time()
@@ -98,6 +103,12 @@ class EvalMechIntRunner:
 
             contexts = add_contexts(self.results, store, decoder(self.tokenizer),
                                     self.context_window)
+            from mechray.analysis.contexts import name_positions
+            from mechray.analysis.lens import add_logit_lens
+
+            name_positions(self.results, decoder(self.tokenizer))
+
+            add_logit_lens(self.results, self.model, decoder(self.tokenizer), self.out_dir)
         info = store.layers()
         self.meta = {
             "format": "mechray.results/1", "store": store.location,
@@ -116,6 +127,25 @@ class EvalMechIntRunner:
         }
         log.info("mechray: analyses %s done in %.1f s", list(self.results), self.meta["seconds"])
         return self.results
+
+    def _texts(self, eval_data: Any, corrupt_data: Any) -> Any:
+        """Texts tokenised (pairs in one call, so they share one padded length) and
+        ``corrupt_data`` joined to ``eval_data`` as :class:`PromptPairs`."""
+        from mechray.analysis.inputs import PromptPairs
+
+        def texts(v: Any) -> bool:
+            return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(t, str) for t in v)
+        if (texts(eval_data) or texts(corrupt_data)) and self.tokenizer is None:
+            raise ValueError("eval_data/corrupt_data are texts but the runner has no tokenizer: "
+                             "EvalMechIntRunner(model, config, tokenizer=...)")
+        if corrupt_data is None:
+            return self.tokenizer(list(eval_data), padding=True, truncation=True,
+                                  return_tensors="pt") if texts(eval_data) else eval_data
+        if eval_data is None:
+            raise ValueError("corrupt_data needs eval_data (the clean inputs) to pair with")
+        if texts(eval_data) and texts(corrupt_data):
+            return PromptPairs.from_texts(self.tokenizer, list(eval_data), list(corrupt_data))
+        return PromptPairs(eval_data, corrupt_data)
 
     def export_results(self, dir: Union[str, Path]) -> Path:
         """Write ``mechint_results.json``, ``mechint_report.md`` and plots into ``dir``; returns

@@ -6,6 +6,10 @@ Usage (JSON bodies)::
      "eval_inputs": {"texts": ["The river rose.", "She opened the door."]}}   # server tokenizer
     {"analysis_type": "circuit", "layer_name": "encoder.layer.3",
      "eval_inputs": {"input_ids": [[101, 1996, 2314, 102], [101, 2016, 102]]}}  # ragged is fine
+    {"analysis_type": "circuit", "layer_name": "transformer.h.1",
+     "params": {"metric": "logit_diff", "answer_tokens": [5510, 2198]},
+     "eval_inputs": {"texts": ["When Mary and John went out, John gave it to"],
+                     "corrupt_texts": ["When Mary and John went out, Mary gave it to"]}}
 
 Token ids may be ragged (right-padded with ``pad_id`` and masked here) or come with their own
 ``attention_mask`` (and ``token_type_ids``) of the same shape; ``texts`` need the server's
@@ -20,11 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
+from mechray.analysis.inputs import PromptPairs
 from mechray.api.errors import ApiError
 
 MAX_SEQUENCES = 1024
@@ -33,6 +38,7 @@ MAX_TOTAL_TOKENS = 65_536
 MAX_TEXT_CHARS = 4096
 ID_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 _INT64 = (-2 ** 63, 2 ** 63 - 1)
+Inputs = Union[dict[str, torch.Tensor], PromptPairs]
 
 
 def _bad(message: str) -> ApiError:
@@ -42,18 +48,34 @@ def _bad(message: str) -> ApiError:
 
 
 def parse_eval_inputs(value: Any, tokenizer: Any, model: Optional[nn.Module]
-                      ) -> tuple[dict[str, torch.Tensor], str]:
-    """``(keyword tensors, digest)`` for the request's ``eval_inputs``; 422 when they are bad."""
+                      ) -> tuple[Inputs, str]:
+    """``(keyword tensors, digest)`` for the request's ``eval_inputs`` (:class:`PromptPairs`
+    of them with ``corrupt_texts``); 422 when they are bad."""
     if model is None:
         raise ApiError(422, "no_model", "eval_inputs need a model on the server; start it with "
                        "--model package.module:factory (mechray serve) or pass the model to "
                        "FastAPIIntegrationMixin(model, config)")
     if not isinstance(value, dict) or not value:
         raise _bad(f"eval_inputs must be a JSON object, got {type(value).__name__}")
-    unknown = sorted(set(value) - {"texts", *ID_KEYS})
+    unknown = sorted(set(value) - {"texts", "corrupt_texts", *ID_KEYS})
     if unknown:
         raise _bad(f"eval_inputs has unknown keys {unknown}; valid keys are "
-                   f"{['texts', *ID_KEYS]}")
+                   f"{['texts', 'corrupt_texts', *ID_KEYS]}")
+    if "corrupt_texts" in value:       # prompt pairs: tokenised together, one padded length
+        if set(value) != {"texts", "corrupt_texts"}:
+            raise _bad("eval_inputs.corrupt_texts go with texts (one corrupted text per clean "
+                       "one) and nothing else")
+        clean, corrupt = value["texts"], value["corrupt_texts"]
+        if not isinstance(corrupt, list) or not isinstance(clean, list) or \
+                len(corrupt) != len(clean):
+            raise _bad("eval_inputs.corrupt_texts must be a list as long as texts")
+        both = _tokenize(clean + corrupt, tokenizer)
+        _check_vocab(both["input_ids"], model, tokenizer)
+        digest = hashlib.sha256(json.dumps({k: v.tolist() for k, v in both.items()},
+                                           sort_keys=True).encode()).hexdigest()
+        n = len(clean)
+        return PromptPairs({k: v[:n] for k, v in both.items()},
+                           {k: v[n:] for k, v in both.items()}), digest
     if "texts" in value:
         if set(value) != {"texts"}:
             raise _bad("eval_inputs gives both texts and token ids; give one of them")

@@ -107,6 +107,7 @@ class Interpreter:
         plan = self.planner.plan(request)
         if request.get("eval_inputs") is None:
             return plan
+        from mechray.analysis.inputs import PromptPairs
         from mechray.api.eval_inputs import parse_eval_inputs
 
         if get_analysis(plan.analysis).kind != "model" or plan.upload is not None:
@@ -115,7 +116,8 @@ class Interpreter:
                            f"not by {plan.analysis}" + (" on an upload" if plan.upload else "")
                            + "; drop eval_inputs")
         data, digest = parse_eval_inputs(request["eval_inputs"], self.tokenizer, self.model)
-        plan = self.planner.plan(request, inputs=len(data["input_ids"]))   # costed on them
+        ids = data.clean["input_ids"] if isinstance(data, PromptPairs) else data["input_ids"]
+        plan = self.planner.plan(request, inputs=len(ids))   # costed on them
         key = hashlib.sha256(f"{plan.key}:{digest}".encode()).hexdigest()
         return dataclasses.replace(plan, eval_data=data, key=key)
 
@@ -181,9 +183,14 @@ class Interpreter:
                     results = engine.run([name], {name: plan.engine_params}, layers=plan.layers,
                                          model=self.model, eval_data=plan.eval_data)
                 if self.tokenizer is not None and upload is None:
-                    from mechray.analysis.contexts import add_contexts, decoder
+                    from mechray.analysis.contexts import add_contexts, decoder, name_positions
 
                     add_contexts(results, store, decoder(self.tokenizer))
+                    name_positions(results, decoder(self.tokenizer))
+                    if self.model is not None:          # logit lens of residual-stream units
+                        from mechray.analysis.lens import add_logit_lens
+
+                        add_logit_lens(results, self.model, decoder(self.tokenizer))
             except ShardError as exc:
                 raise store_error(exc) from None
             seconds = round(time.perf_counter() - t0, 4)

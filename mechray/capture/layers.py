@@ -12,6 +12,12 @@ A name matches a module named exactly so in ``model.named_modules()``; a name wi
 (``popt`` for a LightningModule holding ``model.popt``) matches that module, and a glob found
 nowhere matches the module names it ends (``blocks.*`` matches ``model.backbone.blocks.0``).
 Anything else fails at registration with the closest real names.
+
+A name ending ``:input`` (``transformer.h.1.ln_2:input``) is the module's input instead of its
+output: its first positional tensor, else the first tensor among its keyword arguments (nnsight's
+``.input``).  That reaches the residual stream between modules, e.g. for HF GPT-2 (TransformerLens
+names): ``blocks.L.hook_resid_pre`` = ``transformer.h.L:input``, ``blocks.L.hook_resid_mid`` =
+``transformer.h.L.ln_2:input``, ``blocks.L.hook_resid_post`` = ``transformer.h.L``.
 """
 
 from __future__ import annotations
@@ -36,10 +42,24 @@ def resolve_layers(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     modules.pop("", None)
     found: dict[str, nn.Module] = {}
     for name in names:
-        for match in _match(name, modules):
-            found.setdefault(match, modules[match])
+        base, suffix = (name[: -len(INPUT)], INPUT) if name.endswith(INPUT) else (name, "")
+        for match in _match(base, modules):
+            found.setdefault(match + suffix, modules[match])
     order = {n: i for i, n in enumerate(modules)}
-    return dict(sorted(found.items(), key=lambda kv: order[kv[0]]))
+    return dict(sorted(found.items(), key=lambda kv: (order[kv[0].removesuffix(INPUT)],
+                                                      kv[0].endswith(INPUT) is False)))
+
+
+INPUT = ":input"
+
+
+def module_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The tensor a ``name:input`` capture point reads: the first positional tensor, else the
+    first tensor among the keyword arguments."""
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
 
 
 def _match(name: str, modules: dict[str, nn.Module]) -> list[str]:

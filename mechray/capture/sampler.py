@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mechray.capture.layers import pick_tensor, resolve_layers
+from mechray.capture.layers import INPUT, module_input, pick_tensor, resolve_layers
 from mechray.capture.tokens import TokenBatch, find_tokens, mask_chunk
 from mechray.config import MechIntConfig
 from mechray.storage.claim import run_id_for
@@ -102,6 +102,7 @@ class ActivationSampler:
         self._example0: dict[int, int] = {}            # id(batch) -> its first example index
         self._examples: list[torch.Tensor] = []        # [B, T] int32 id tables, this shard
         self._example_steps: list[int] = []
+        self._example_masks: list[TokenBatch] = []   # the batches that masked rows at capture
         self._n_examples = 0
         self._inputs: list[Any] = []                   # model inputs (save_inputs)
         self._input_rows = 0
@@ -122,7 +123,11 @@ class ActivationSampler:
         modules = resolve_layers(model, self.config.sample_layers)
         try:
             for name, module in modules.items():
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+                if name.endswith(INPUT):
+                    self._handles.append(module.register_forward_pre_hook(
+                        self._input_hook(name), with_kwargs=True))
+                else:
+                    self._handles.append(module.register_forward_hook(self._hook(name)))
             save = self.config.save_inputs if inputs is None else inputs
             if save or self.config.mask_key:
                 self._handles.append(model.register_forward_pre_hook(
@@ -174,6 +179,16 @@ class ActivationSampler:
                 self._add(name, tensor)
         return hook
 
+    def _input_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.enabled:
+                tensor = module_input(args, kwargs)
+                if tensor is None:
+                    log.warning("mechray: %s: the module got no tensor input", name)
+                    return
+                self._add(name, tensor)
+        return hook
+
     def _pre_hook(self, save: bool):
         cfg = self.config
 
@@ -213,6 +228,7 @@ class ActivationSampler:
             self._example0 = {key: self._n_examples}   # only the running batch is remembered
             self._examples.append(batch.ids_table())
             self._example_steps.append(self.current_step)
+            self._example_masks.append(batch)
             self._n_examples += batch.size
         return self._example0[key]
 
@@ -344,6 +360,7 @@ class ActivationSampler:
         self._cached_rows.clear()
         self._info.clear()
         self._examples, self._example_steps, self._n_examples = [], [], 0
+        self._example_masks = []
         self._example0 = {}
         self._inputs, self._input_rows = [], 0
         return chunks, info, examples, inputs
@@ -352,6 +369,9 @@ class ActivationSampler:
         """``save_activations(mask=...)``: every cached chunk reduced to real-token rows."""
         assert batch is not None
         with self._lock:
+            if any(c.example is not None for cache in self._cache.values() for c in cache) and \
+                    self._same_as_capture(batch):
+                return            # the rows were masked at capture with this very mask
             masked = {layer: [mask_chunk(c, batch, self._info[layer]["source_shape"], layer)
                               for c in cache] for layer, cache in self._cache.items() if cache}
             offset = self._example_offset(batch) if masked else 0
@@ -360,6 +380,18 @@ class ActivationSampler:
                     c.example += offset
                 self._cache[layer] = deque(chunks)
                 self._cached_rows[layer] = sum(len(c.rows) for c in chunks)
+
+    def _same_as_capture(self, batch: TokenBatch) -> bool:
+        """Whether every cached chunk was masked at capture by one batch equal to ``batch``
+        (mask, and token ids where ``batch`` has them)."""
+        if len(self._example_masks) != 1 or any(c.example is None for cache in
+                                                self._cache.values() for c in cache):
+            return False
+        seen = self._example_masks[0]
+        if seen.mask.shape != batch.mask.shape or \
+                not torch.equal(seen.mask.cpu(), batch.mask.cpu()):
+            return False
+        return batch.input_ids is None or torch.equal(seen.ids_table(), batch.ids_table())
 
     # --- hand-off ------------------------------------------------------------------------------
     @property
@@ -383,6 +415,8 @@ class ActivationSampler:
         only the real-token rows of what was cached since the last save (every forward call
         then is taken to be on this batch), with their provenance (as
         :meth:`tokens` around the forward does, which also avoids waiting for a GPU copy).
+        When the forward already got a mask (rows masked at capture), ``mask`` must equal it (it
+        is then redundant and accepted); a different one is an error.
         """
         if global_step is None or int(global_step) < 0:
             raise ValueError(f"global_step={global_step!r} must be an integer >= 0")

@@ -130,7 +130,9 @@ def mask_chunk(chunk: Any, batch: TokenBatch, shape: list[int], layer: str,
     if chunk.example is not None:
         raise ValueError(f"save_activations(mask=...): rows of {layer!r} were already masked at "
                          "capture (a mask in the forward's keyword arguments or "
-                         "sampler.tokens(...)); drop mask= or set mask_key=None")
+                         "sampler.tokens(...)) by a mask other than this one (or by several "
+                         "batches); drop mask=, pass the forward's own mask, or set "
+                         "mask_key=None")
     tokens = len(shape) == 3 and shape[:2] == [b, s]
     if not tokens and shape[:1] != [b]:
         raise ValueError(f"save_activations(mask=...): {layer!r} output {shape} does not start "

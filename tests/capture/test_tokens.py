@@ -298,5 +298,5 @@ def test_save_activations_mask_refuses_rows_it_cannot_place(net, tmp_path):
         s.clear_cache()
         with s.tokens(mask=enc["attention_mask"]):
             net(enc["input_ids"])
-        with pytest.raises(ValueError, match="already masked at capture"):
-            s.save_activations(0, mask=enc["attention_mask"])
+        with pytest.raises(ValueError, match="already masked at capture"):   # a different mask
+            s.save_activations(0, mask=torch.ones_like(enc["attention_mask"]))

@@ -187,3 +187,22 @@ def test_transformers_text_example_masks_padding_and_shows_token_contexts(tmp_pa
     sae_top = results["results"]["sae"]["encoder.layer.3"]["top_activations"]
     assert any(c and c["token"] for unit in sae_top["contexts"] for c in unit)
     assert "top contexts:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_causal_lm_example_trains_left_padded_and_runs_every_analysis(tmp_path):
+    """GPT-2-style model, Lightning + MechIntCallback, left padding, prompt pairs: nothing is
+    skipped, contexts and logit lens come out, the circuit grid has one entry per position."""
+    proc = run_example("causal_lm.py", ["--out", "out", "--steps", "12", "--fast"], tmp_path,
+                       timeout=900)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["skipped"] == {n: {} for n in ("neuron", "feature", "sae", "causal",
+                                                  "circuit")}
+    assert summary["top_contexts"] and all("[[" in t for t in summary["top_contexts"])
+    assert len(summary["logit_lens_first"]["promoted"]) == 8
+    assert summary["circuit_layer_effect"] == pytest.approx(1.0, abs=1e-4)
+    grid = summary["circuit_positions"]
+    assert grid and all(v == 0.0 for v in grid[:-6])     # identical tokens before the swap
+    report = (tmp_path / "out" / "results" / "mechint_report.md").read_text()
+    assert "Logit lens, `model.transformer.h.1`" in report
+    assert '"circuit_positions"' in proc.stdout
