@@ -70,6 +70,7 @@ class EvalMechIntRunner:
                          out_dir: Optional[str] = None) -> dict[str, dict[str, Any]]:
         """Run the configured analyses; returns ``{analysis: {layer: result}}``."""
         from mechray.analysis.engine import Engine
+        from mechray.analysis.tasks import checkpoint_beside
 
         cfg = self.config
         if checkpoint_path is not None:
@@ -87,6 +88,7 @@ class EvalMechIntRunner:
             if eval_data is not None else stored_inputs(store, cfg.eval_max_samples)
         t0 = time.time()
         engine = Engine(store, out_dir=self.out_dir, use_ray=cfg.use_ray,
+                        checkpoint_dir=None if out_dir else checkpoint_beside(store),
                         num_cpus=cfg.analysis_num_cpus, num_gpus=cfg.analysis_num_gpus,
                         progress=cfg.verbose, seed=cfg.sample_seed)
         self.results = engine.run(cfg.analyses_to_run, cfg.analysis_params,

@@ -240,7 +240,7 @@ class SAEAnalysis(Analysis):
                              l0_coefficient=p.l0_coefficient, bandwidth=p.jumprelu_bandwidth)
         losses = torch.empty(total, device=device)
         ckpt = self._checkpoint(ctx, layer, data)
-        resumed = ckpt.restore(trainer) if ckpt is not None else None
+        resumed = ckpt.restore(trainer, total) if ckpt is not None else None
         rows_seen, before = 0, 0.0
         batches = data.batches(None)
         if resumed is not None:
@@ -356,7 +356,8 @@ class SAEAnalysis(Analysis):
 
     def _checkpoint(self, ctx: Context, layer: str, data: LayerRows) -> Optional[Checkpoint]:
         p: SAEParams = self.params
-        if ctx.out_dir is None or not p.checkpoint_every:
+        root = ctx.checkpoint_dir or ctx.out_dir
+        if root is None or not p.checkpoint_every:
             return None
         info = ctx.store.layers()[layer]
         spec = {"params": p.model_dump(exclude={"checkpoint_every", "top_latents", "latents",
@@ -364,7 +365,7 @@ class SAEAnalysis(Analysis):
                                                 "save_weights"}),
                 "layer": layer, "rows": info["rows"], "shards": info["shards"], "d": data.d,
                 "n_train": data.n_train}
-        return Checkpoint(ctx.out_dir / "sae" / "checkpoints" / safe_name(layer), spec)
+        return Checkpoint(Path(root) / "sae" / "checkpoints" / safe_name(layer), spec)
 
     def _check_sizes(self, d: int, n_latents: int) -> None:
         p = self.params
