@@ -147,6 +147,14 @@ class SAEParams(Params):
     latents: Optional[list[int]] = Field(None, max_length=4096,
                                          description="list these latents instead")
     k_examples: int = Field(5, ge=1, le=1000, description="top-activating rows per latent")
+    num_workers: int = Field(1, ge=1, le=1024,
+                             description="Ray Train workers training one SAE data-parallel "
+                                         "(1: this process; see sae_distributed)")
+    gpus_per_worker: float = Field(0.0, ge=0.0, le=8.0, description="num_workers > 1: GPUs "
+                                   "per worker (> 0: NCCL on CUDA, else gloo on CPU)")
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0, description="num_workers > 1")
+    max_failures: int = Field(3, ge=0, le=100, description="num_workers > 1: restarts from "
+                              "the last checkpoint after a lost worker")
 
     @model_validator(mode="after")
     def _k_fits(self) -> "SAEParams":
@@ -224,6 +232,10 @@ class SAEAnalysis(Analysis):
         device = _device(p.device)
         if p.pretrained is not None:
             return self._evaluate_pretrained(ctx, layer, device)
+        if p.num_workers > 1:
+            from mechray.analysis.sae_distributed import fit_distributed
+
+            return fit_distributed(self, ctx, layer, device)
         data = LayerRows(ctx.store, layer, p, device)
         d = data.d
         n_latents = p.n_latents or p.expansion_factor * d
