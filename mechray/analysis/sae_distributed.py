@@ -122,18 +122,21 @@ def _gather_rows(local: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)])
 
 
-def _all_reduce_gradients(trainer: SAETrainer, world: int) -> None:
-    """Average the gradients over workers just before each Adam step (one flat all-reduce)."""
+def _all_reduce_gradients(trainer: SAETrainer, world: int, spent: dict[str, float]) -> None:
+    """Average the gradients over workers just before each Adam step (one flat all-reduce;
+    its seconds added to ``spent["allreduce_s"]``)."""
     import torch.distributed as dist
 
     real_step = trainer.opt.step
     params = [q for group in trainer.opt.param_groups for q in group["params"]]
 
     def step(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
         grads = [q.grad for q in params if q.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= world
+        spent["allreduce_s"] += time.perf_counter() - t0
         at = 0
         for g in grads:
             g.copy_(flat[at: at + g.numel()].view_as(g))
@@ -165,7 +168,8 @@ def train_worker(config: dict[str, Any]) -> None:
     total = config["total"]
     trainer = build_trainer(p, data.d, config["n_latents"], total, config["lr"], config["warmup"],
                             device)
-    _all_reduce_gradients(trainer, world)
+    spent = {"read_s": 0.0, "step_s": 0.0, "allreduce_s": 0.0}   # rank's wall time split
+    _all_reduce_gradients(trainer, world, spent)
     losses = torch.zeros(total, device=device)
     resumed, rows_seen, before = None, 0, 0.0
     got = ray.train.get_checkpoint()
@@ -184,7 +188,10 @@ def train_worker(config: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     sample: Optional[torch.Tensor] = None
     while trainer.n_steps < total:
+        t1 = time.perf_counter()
         batch = next(batches)
+        t2 = time.perf_counter()
+        spent["read_s"] += t2 - t1
         if sample is None:
             assert data.sample is not None
             sample = _gather_rows(data.sample, world)
@@ -192,16 +199,19 @@ def train_worker(config: dict[str, Any]) -> None:
                 trainer.sae.init_from_data(sample, p.normalize_input, p.b_dec_init)
         step = trainer.n_steps
         losses[step] = trainer.step(batch)
+        t3 = time.perf_counter()
         dist.all_reduce(trainer.steps_since_fired, op=dist.ReduceOp.MIN)
+        spent["allreduce_s"] += time.perf_counter() - t3
+        spent["step_s"] += t3 - t2
         rows_seen += len(batch)
         if trainer.n_steps % config["every"] == 0 or trainer.n_steps == total:
             _report(trainer, losses, rows_seen, before + time.perf_counter() - t0, config,
-                    rank, world, resumed, sample if trainer.n_steps == total else None)
+                    rank, world, resumed, sample if trainer.n_steps == total else None, spent)
 
 
 def _report(trainer: SAETrainer, losses: torch.Tensor, rows_seen: int, seconds: float,
             config: dict[str, Any], rank: int, world: int, resumed: Optional[int],
-            sample: Optional[torch.Tensor]) -> None:
+            sample: Optional[torch.Tensor], spent: dict[str, float]) -> None:
     """A Ray Train report with rank 0's checkpoint (all ranks call it; the last one carries the
     finished SAE, BatchTopK's threshold calibrated on every worker's sample)."""
     import ray.train
@@ -218,7 +228,7 @@ def _report(trainer: SAETrainer, losses: torch.Tensor, rows_seen: int, seconds: 
         trainer.sae.eval()
         trainer.sae.calibrate_threshold(sample[: config["params"]["max_eval_rows"]])
     metrics = {"step": n, "rows_seen": int(rows), "resumed_from_step": resumed,
-               "seconds": seconds}
+               "seconds": seconds, "time_split": {k: round(v, 3) for k, v in spent.items()}}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
@@ -301,7 +311,7 @@ def fit_distributed(analysis: "SAEAnalysis", ctx: Context, layer: str,
         "lr": lr, "warmup": warmup, "per_epoch": per_epoch, "total": total,
         "n_latents": n_latents, "rows_seen": int(doc["rows_seen"]),
         "seconds": float(doc["seconds"]), "resumed_from_step": metrics.get("resumed_from_step"),
-        "device": str(device), "workers": world})
+        "device": str(device), "workers": world, "time_split": metrics.get("time_split")})
     shutil.rmtree(storage / name, ignore_errors=True)
     return result
 
@@ -347,7 +357,8 @@ def _result(analysis: "SAEAnalysis", ctx: Context, layer: str, data: LayerRows,
                        "training_rows": data.n_train, "aux_k": trainer.aux_k,
                        "device": run["device"], "in_memory": None, "loss_curve": curve,
                        "final_loss": curve[-1][1] if curve else None, "plateau_drop": drop,
-                       "resumed_from_step": run["resumed_from_step"], "workers": run["workers"]}
+                       "resumed_from_step": run["resumed_from_step"], "workers": run["workers"],
+                       "time_split": run["time_split"]}
     if p.architecture == "batchtopk":
         result["train"]["threshold"] = float(sae.threshold.max())
     result["converged"] = flat
