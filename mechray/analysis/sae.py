@@ -395,6 +395,13 @@ class SAEAnalysis(Analysis):
         if p.architecture in ("topk", "batchtopk") and p.k > n_latents:
             problems.append(f"k={p.k} exceeds n_latents={n_latents}; lower k or raise "
                             f"expansion_factor")
+        if n_latents > MAX_LATENTS or n_latents * d > MAX_PARAMETERS:
+            from mechray.analysis.sae_distributed import memory_per_worker
+
+            need = memory_per_worker(d, n_latents, p.batch_size, p.num_workers) / 2 ** 30
+            problems.append(f"an SAE of d={d} x n_latents={n_latents} needs ~{need:.1f} GiB per "
+                            f"worker and would need its latents sharded across workers, which "
+                            f"mechray does not support yet (num_workers only splits the rows)")
         if problems:
             raise AnalysisParamsError(f"bad parameters for analysis 'sae': {'; '.join(problems)}")
 

@@ -34,11 +34,16 @@ How (``ray.train.torch.TorchTrainer``, one process group, gloo on CPU / NCCL on 
   worker from the last checkpoint, and a rerun of the same command (same spec) resumes from it
   (``train.resumed_from_step``).  On a multi-node cluster that directory must be on a shared
   filesystem.  It is removed when the fit finishes.
-* **Memory per worker**: ``(5 * n_latents * d + 4 * batch_size / W * n_latents) * 4`` bytes
-  (weights, gradients, Adam's two moments; the batch's codes) plus the ``buffer_mb`` shuffle
-  buffer: every worker holds the whole dictionary.  ``n_latents * d`` above
-  :data:`~mechray.analysis.sae.MAX_PARAMETERS` would need the latents sharded across workers,
-  which is not supported yet (the error says so).
+* **Memory per worker** (float32, :func:`memory_per_worker`): ``40 * n_latents * d`` bytes
+  (both weight matrices, their gradients, Adam's two moments and the flat gradient buffer of the
+  all-reduce) plus ``8 * batch_size / W * n_latents`` (one step's pre-activations and codes)
+  plus the ``buffer_mb`` shuffle buffer: every worker holds the whole dictionary.  At a batch
+  of 4,096 rows on one worker: d 1,024 x 16,384 latents 1.2 GB, d 4,096 x 65,536 12.9 GB,
+  d 8,192 x 262,144 94 GB.  Above
+  :data:`~mechray.analysis.sae.MAX_PARAMETERS` weights (or
+  :data:`~mechray.analysis.sae.MAX_LATENTS` latents) the latents would have to be sharded
+  across workers (each a slice of the encoder columns and decoder rows, a global top-k), which
+  is not supported yet: the error says so and names the size.
 """
 
 from __future__ import annotations
@@ -375,7 +380,8 @@ def _result(analysis: "SAEAnalysis", ctx: Context, layer: str, data: LayerRows,
 
 
 def memory_per_worker(d: int, n_latents: int, batch_size: int, workers: int = 1) -> int:
-    """Bytes of float32 state one worker holds: weights + gradients + Adam's two moments
-    (``5 * n_latents * d``) and one batch's codes and pre-activations
-    (``4 * batch_size / workers * n_latents``)."""
-    return 4 * (5 * n_latents * d + 4 * math.ceil(batch_size / workers) * n_latents)
+    """Bytes of float32 training state one worker holds (module docstring): weights, gradients,
+    Adam's moments and the all-reduce buffer (``40 * n_latents * d``) and one step's
+    pre-activations and codes (``8 * batch_size / workers * n_latents``); not the shuffle
+    buffer (``buffer_mb``)."""
+    return 40 * n_latents * d + 8 * math.ceil(batch_size / workers) * n_latents

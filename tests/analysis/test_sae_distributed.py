@@ -151,3 +151,12 @@ def test_more_workers_than_the_cluster_has_cpus_is_refused(planted, ray2):
     with pytest.raises(AnalysisParamsError, match="needs 8 CPUs but the Ray cluster has 2"):
         get_analysis("sae", {**PARAMS, "num_workers": 2, "cpus_per_worker": 4}).fit(
             Context(store=store), "src")
+
+
+def test_a_dictionary_that_needs_latent_sharding_is_refused_naming_its_size(tmp_path):
+    """d 512 x 256 = 131,072 latents: the error gives the memory per worker and says that
+    sharding the latents is not supported yet (before: only 'exceeds 65536')."""
+    store = write_store(tmp_path / "wide", torch.randn(40, 512), per_shard=40)
+    with pytest.raises(AnalysisParamsError, match=r"d=512 x n_latents=131072 needs ~3\.5 GiB "
+                                                  r"per worker .*latents sharded.*not support"):
+        get_analysis("sae", {"expansion_factor": 256, "k": 8}).fit(Context(store=store), "src")
