@@ -122,11 +122,12 @@ def _fit(store, out, **params):
     return get_analysis("sae", {**PARAMS, **params}).fit(Context(store=store, out_dir=out), "src")
 
 
-@pytest.fixture
-def planted_checkpoint(store, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def checkpoint_template(store, tmp_path_factory):
     """A real checkpoint at step 50 of a 100-step fit, left by a fit that died at step 60."""
     from mechray.analysis.sae_train import SAETrainer
 
+    out = tmp_path_factory.mktemp("template")
     real_step = SAETrainer.step
 
     def dying_step(self, x):
@@ -134,12 +135,22 @@ def planted_checkpoint(store, tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return real_step(self, x)
 
-    with monkeypatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SAETrainer, "step", dying_step)
         with pytest.raises(RuntimeError):
-            _fit(store, tmp_path, steps=100, checkpoint_every=50)
-    [ckpt] = tmp_path.glob("sae/checkpoints/src-*")
+            _fit(store, out, steps=100, checkpoint_every=50)
+    [ckpt] = out.glob("sae/checkpoints/src-*")
     return ckpt
+
+
+@pytest.fixture
+def planted_checkpoint(checkpoint_template, tmp_path):
+    """A copy of the template checkpoint where a fit into ``tmp_path`` looks for it."""
+    import shutil
+
+    dest = tmp_path / "sae" / "checkpoints" / checkpoint_template.name
+    shutil.copytree(checkpoint_template, dest)
+    return dest
 
 
 def _forge_state(ckpt, **changes):
