@@ -108,38 +108,59 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(planted, single, ray2
     """SIGKILL of one training worker's process once a checkpoint is registered: the group
     restarts (FailureConfig) from the last one and ends with the uninterrupted fit's quality."""
     store, dictionary, _ = planted
-    killed: list[str] = []
-
-    def killer():
-        """SIGKILL one worker process of this test's Ray (a child of this process: no other
-        Ray on the machine is touched) as soon as Ray Train's controller has registered a
-        checkpoint (its snapshot file is on disk: a checkpoint reported but not yet registered
-        dies with the group); the worker processes are found beforehand, so the kill lands
-        with most of the 500 steps still to go."""
-        import psutil
-
-        deadline = time.monotonic() + 240
-        workers: list[psutil.Process] = []
-        while time.monotonic() < deadline and not killed:
-            if not workers:
-                for proc in psutil.Process().children(recursive=True):
-                    try:
-                        if "RayTrainWorker" in " ".join(proc.cmdline()):
-                            workers.append(proc)
-                    except psutil.Error:
-                        continue
-            elif list(tmp_path.glob("sae/ray_train/src-*/checkpoint_manager_snapshot.json")):
-                workers[-1].kill()
-                killed.append(workers[-1].pid)
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=killer, daemon=True)
+    killed: list[int] = []
+    thread = threading.Thread(target=_kill_a_worker, args=(tmp_path, killed), daemon=True)
     thread.start()
     many = fit(store, tmp_path, num_workers=2, checkpoint_every=50)
     thread.join(5)
     assert killed, "no worker was killed"
     assert many[0]["train"]["resumed_from_step"] in range(50, PARAMS["steps"], 50)
     _agree(single, many, dictionary)
+
+
+def _kill_a_worker(tmp_path, killed: list[int]) -> None:
+    """SIGKILL one worker process of this test's Ray (a child of this process: no other Ray on
+    the machine is touched) as soon as Ray Train's controller has registered a checkpoint (its
+    snapshot file is on disk: a checkpoint reported but not yet registered dies with the
+    group); the worker processes are found beforehand, so the kill lands with most of the 500
+    steps still to go."""
+    import psutil
+
+    deadline = time.monotonic() + 240
+    workers: list[psutil.Process] = []
+    while time.monotonic() < deadline and not killed:
+        if not workers:
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    if "RayTrainWorker" in " ".join(proc.cmdline()):
+                        workers.append(proc)
+                except psutil.Error:
+                    continue
+        elif list(tmp_path.glob("sae/ray_train/src-*/checkpoint_manager_snapshot.json")):
+            workers[-1].kill()
+            killed.append(workers[-1].pid)
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_failed_fit_resumes_from_its_ray_train_checkpoint_when_run_again(planted, single,
+                                                                           ray2, tmp_path):
+    """``max_failures=0``: the killed worker fails the fit (as a killed ``mechray analyze``
+    would stop it); the same fit run again resumes from the registered checkpoint in the
+    results directory (Ray Train's snapshot there) and ends with the uninterrupted quality."""
+    import ray.train
+
+    store, dictionary, _ = planted
+    killed: list[int] = []
+    thread = threading.Thread(target=_kill_a_worker, args=(tmp_path, killed), daemon=True)
+    thread.start()
+    with pytest.raises(ray.train.TrainingFailedError):
+        fit(store, tmp_path, num_workers=2, checkpoint_every=50, max_failures=0)
+    thread.join(5)
+    assert killed
+    again = fit(store, tmp_path, num_workers=2, checkpoint_every=50, max_failures=0)
+    assert again[0]["train"]["resumed_from_step"] in range(50, PARAMS["steps"], 50)
+    _agree(single, again, dictionary)
 
 
 def test_a_batch_that_does_not_split_over_the_workers_is_refused_naming_the_fix(planted, ray2):
