@@ -259,12 +259,14 @@ def fit_distributed(analysis: "SAEAnalysis", ctx: Context, layer: str,
         raise Skip(f"num_workers={world} trains on Ray Train but Ray is not running here: "
                    f"ray.init() first (mechray analyze --ray), or set num_workers=1")
     have = ray.cluster_resources()
+    held = _held_resources()
     for what, each in (("CPU", p.cpus_per_worker), ("GPU", p.gpus_per_worker)):
-        if each and have.get(what, 0) < world * each:
+        free = have.get(what, 0) - held.get(what, 0)
+        if each and free < world * each:
             raise AnalysisParamsError(
                 f"num_workers={world} x {each} {what} per worker needs {world * each:g} {what}s "
-                f"but the Ray cluster has {have.get(what, 0):g}; lower num_workers or "
-                f"{what.lower()}s_per_worker, or add nodes")
+                f"but the Ray cluster has {free:g} besides this task's; lower num_workers or "
+                f"{what.lower()}s_per_worker, or add nodes (the workers would wait forever)")
     data = LayerRows(ctx.store, layer, p, device)
     n_latents = p.n_latents or p.expansion_factor * data.d
     analysis._check_sizes(data.d, n_latents)
@@ -319,6 +321,14 @@ def fit_distributed(analysis: "SAEAnalysis", ctx: Context, layer: str,
         "device": str(device), "workers": world, "time_split": metrics.get("time_split")})
     shutil.rmtree(storage / name, ignore_errors=True)
     return result
+
+
+def _held_resources() -> dict[str, float]:
+    """What this process holds when it is a Ray task (the engine's fit task), else nothing."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return ctx.get_assigned_resources() if ctx.worker.mode == ray.WORKER_MODE else {}
 
 
 def analysis_spec(analysis: "SAEAnalysis", ctx: Context, layer: str,

@@ -172,7 +172,7 @@ def test_a_batch_that_does_not_split_over_the_workers_is_refused_naming_the_fix(
 
 def test_more_workers_than_the_cluster_has_cpus_is_refused(planted, ray2):
     store, _, _ = planted
-    with pytest.raises(AnalysisParamsError, match="needs 8 CPUs but the Ray cluster has 2"):
+    with pytest.raises(AnalysisParamsError, match="needs 8 CPUs but the Ray cluster has 2 besides"):
         get_analysis("sae", {**PARAMS, "num_workers": 2, "cpus_per_worker": 4}).fit(
             Context(store=store), "src")
 
@@ -184,3 +184,15 @@ def test_a_dictionary_that_needs_latent_sharding_is_refused_naming_its_size(tmp_
     with pytest.raises(AnalysisParamsError, match=r"d=512 x n_latents=131072 needs ~3\.5 GiB "
                                                   r"per worker .*latents sharded.*not support"):
         get_analysis("sae", {"expansion_factor": 256, "k": 8}).fit(Context(store=store), "src")
+
+
+def test_an_engine_fit_task_does_not_wait_forever_for_cpus_it_holds(planted, ray2):
+    """Through the engine the fit is a Ray task holding 1 of the 2 CPUs: 2 workers could never
+    start, so the layer's result is a clear error, not a hang."""
+    from mechray.analysis.engine import Engine
+
+    store, _, _ = planted
+    out = Engine(store, use_ray=True, progress=False).run(
+        ["sae"], {"sae": {**PARAMS, "num_workers": 2}})
+    assert "needs 2 CPUs but the Ray cluster has 1 besides this task's" in \
+        out["sae"]["src"]["error"]
