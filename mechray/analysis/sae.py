@@ -17,6 +17,7 @@ Budget, lr, schedule and the verdict (``converged``, ``warnings``):
 :mod:`mechray.analysis.sae_budget`.  The training step (sparse for TopK/BatchTopK, JumpReLU's
 thresholds, SAELens' dead count ``dead_saelens``): :mod:`mechray.analysis.sae_train`.
 Resuming an interrupted fit (``checkpoint_every``): :mod:`mechray.analysis.sae_checkpoint`.
+One SAE on several Ray Train workers (``num_workers``): :mod:`mechray.analysis.sae_distributed`.
 Top-activating rows per latent (``top_activations``): :mod:`mechray.analysis.sae_examples`.
 
 Data: every shard is split once, deterministically from ``seed`` and its file name, into training
