@@ -130,12 +130,15 @@ class Checkpoint:
                     "afresh", self.directory, why, aside)
 
     def remove(self) -> None:
+        """Delete the checkpoint, and its ``sae/checkpoints`` parents when they are left empty
+        (nothing else is removed: a directory that is not empty stays)."""
         for name in (STATE, TENSORS):
             (self.directory / name).unlink(missing_ok=True)
-        try:
-            self.directory.rmdir()
-        except OSError:
-            pass
+        for empty in (self.directory, self.directory.parent, self.directory.parent.parent):
+            try:
+                empty.rmdir()
+            except OSError:
+                break
 
 
 def _regular(path: Path) -> bool:

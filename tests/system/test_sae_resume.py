@@ -115,6 +115,7 @@ def test_the_engine_keeps_checkpoints_beside_the_store_without_a_results_dir(sto
     assert list(beside.glob("sae/checkpoints/src-*/checkpoint.json"))
     done = Engine(local, use_ray=False, progress=False).run(["sae"], {"sae": params})
     assert done["sae"]["src"]["train"]["resumed_from_step"] == 50
+    assert not (beside / "sae").exists()        # nothing left behind but the empty root
 
 
 # --- hostile checkpoints ------------------------------------------------------------------------
