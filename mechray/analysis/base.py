@@ -50,6 +50,7 @@ class Context:
     device: str = "cpu"
     seed: int = 0
     progress: bool = False                       # bars inside long analyses (verbose runs)
+    checkpoint_dir: Optional[Path] = None        # resumable fit state a rerun finds (None: out_dir)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,9 @@ paths and small manifests travel; S3 shards are read straight into the task's me
 ``row_steps`` / ``row_positions`` (int64 tensors from the shard's metadata).  Files an analysis
 writes into ``ctx.out_dir`` are written by the task into a private directory and shipped back to
 the driver's ``out_dir`` (same relative paths), so a multi-node cluster needs no shared disk.
+Resumable fit checkpoints (``sae``) are written straight to ``checkpoint_dir`` (default: ``out_dir``,
+else ``<store>.checkpoints`` beside the store), where a rerun of the same command finds them; on
+a multi-node cluster that directory is per node unless it is on a shared filesystem.
 
 An analysis that raises :class:`Skip`, needs a model that was not given, or fails is recorded as
 ``{"skipped": True, "reason": ...}`` (plus ``"error"`` for failures) for that layer; a missing
@@ -56,6 +59,7 @@ from mechray.analysis.tasks import (
     Shipped,
     Spec,
     StoreRef,
+    checkpoint_beside,
     finalize,
     fit,
     loads,
@@ -79,7 +83,8 @@ class Engine:
                  region: Optional[str] = None, out_dir: Optional[str | os.PathLike] = None,
                  use_ray: Optional[bool] = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  progress: bool = True, seed: int = 0, device: str = "cpu", strict: bool = False,
-                 shards_per_task: Optional[int] = None):
+                 shards_per_task: Optional[int] = None,
+                 checkpoint_dir: Optional[str | os.PathLike] = None):
         if isinstance(store, ShardStore):
             self.ref = StoreRef.of(store)
             STORES[self.ref] = store
@@ -87,6 +92,10 @@ class Engine:
             self.ref = StoreRef(str(store), endpoint_url, region)
         self.store = open_store(self.ref)
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        # resumable fit checkpoints: where a rerun of the same command finds them
+        where = checkpoint_dir if checkpoint_dir is not None else self.out_dir
+        self.checkpoint_dir = Path(where).resolve() if where is not None else \
+            checkpoint_beside(self.store)
         self.use_ray = _ray_ready() if use_ray is None else use_ray
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.progress, self.seed, self.device, self.strict = progress, seed, device, strict
@@ -204,6 +213,7 @@ class Engine:
         device = "cuda" if gpu and self.num_gpus else self.device
         return {"results": done, "seed": self.seed, "device": device, "strict": self.strict,
                 "collect_files": self.out_dir is not None,
+                "checkpoint_dir": str(self.checkpoint_dir),
                 "progress": self.progress and not self.use_ray}
 
     def _put(self, value: Any) -> Any:

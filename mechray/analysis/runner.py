@@ -74,6 +74,7 @@ class EvalMechIntRunner:
         ``corrupt_data`` (inputs or texts like ``eval_data``, one per clean input) makes prompt
         pairs for ``circuit`` (and ``causal`` with ``method='corrupt'``)."""
         from mechray.analysis.engine import Engine
+        from mechray.analysis.tasks import checkpoint_beside
 
         cfg = self.config
         if checkpoint_path is not None:
@@ -92,6 +93,7 @@ class EvalMechIntRunner:
             if eval_data is not None else stored_inputs(store, cfg.eval_max_samples)
         t0 = time.time()
         engine = Engine(store, out_dir=self.out_dir, use_ray=cfg.use_ray,
+                        checkpoint_dir=None if out_dir else checkpoint_beside(store),
                         num_cpus=cfg.analysis_num_cpus, num_gpus=cfg.analysis_num_gpus,
                         progress=cfg.verbose, seed=cfg.sample_seed)
         self.results = engine.run(cfg.analyses_to_run, cfg.analysis_params,

@@ -17,6 +17,7 @@ Budget, lr, schedule and the verdict (``converged``, ``warnings``):
 :mod:`mechray.analysis.sae_budget`.  The training step (sparse for TopK/BatchTopK, JumpReLU's
 thresholds, SAELens' dead count ``dead_saelens``): :mod:`mechray.analysis.sae_train`.
 Resuming an interrupted fit (``checkpoint_every``): :mod:`mechray.analysis.sae_checkpoint`.
+One SAE on several Ray Train workers (``num_workers``): :mod:`mechray.analysis.sae_distributed`.
 Top-activating rows per latent (``top_activations``): :mod:`mechray.analysis.sae_examples`.
 
 Data: every shard is split once, deterministically from ``seed`` and its file name, into training
@@ -147,6 +148,14 @@ class SAEParams(Params):
     latents: Optional[list[int]] = Field(None, max_length=4096,
                                          description="list these latents instead")
     k_examples: int = Field(5, ge=1, le=1000, description="top-activating rows per latent")
+    num_workers: int = Field(1, ge=1, le=1024,
+                             description="Ray Train workers training one SAE data-parallel "
+                                         "(1: this process; see sae_distributed)")
+    gpus_per_worker: float = Field(0.0, ge=0.0, le=8.0, description="num_workers > 1: GPUs "
+                                   "per worker (> 0: NCCL on CUDA, else gloo on CPU)")
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0, description="num_workers > 1")
+    max_failures: int = Field(3, ge=0, le=100, description="num_workers > 1: restarts from "
+                              "the last checkpoint after a lost worker")
 
     @model_validator(mode="after")
     def _k_fits(self) -> "SAEParams":
@@ -224,6 +233,10 @@ class SAEAnalysis(Analysis):
         device = _device(p.device)
         if p.pretrained is not None:
             return self._evaluate_pretrained(ctx, layer, device)
+        if p.num_workers > 1:
+            from mechray.analysis.sae_distributed import fit_distributed
+
+            return fit_distributed(self, ctx, layer, device)
         data = LayerRows(ctx.store, layer, p, device)
         d = data.d
         n_latents = p.n_latents or p.expansion_factor * d
@@ -240,7 +253,7 @@ class SAEAnalysis(Analysis):
                              l0_coefficient=p.l0_coefficient, bandwidth=p.jumprelu_bandwidth)
         losses = torch.empty(total, device=device)
         ckpt = self._checkpoint(ctx, layer, data)
-        resumed = ckpt.restore(trainer) if ckpt is not None else None
+        resumed = ckpt.restore(trainer, total) if ckpt is not None else None
         rows_seen, before = 0, 0.0
         batches = data.batches(None)
         if resumed is not None:
@@ -356,7 +369,8 @@ class SAEAnalysis(Analysis):
 
     def _checkpoint(self, ctx: Context, layer: str, data: LayerRows) -> Optional[Checkpoint]:
         p: SAEParams = self.params
-        if ctx.out_dir is None or not p.checkpoint_every:
+        root = ctx.checkpoint_dir or ctx.out_dir
+        if root is None or not p.checkpoint_every:
             return None
         info = ctx.store.layers()[layer]
         spec = {"params": p.model_dump(exclude={"checkpoint_every", "top_latents", "latents",
@@ -364,7 +378,7 @@ class SAEAnalysis(Analysis):
                                                 "save_weights"}),
                 "layer": layer, "rows": info["rows"], "shards": info["shards"], "d": data.d,
                 "n_train": data.n_train}
-        return Checkpoint(ctx.out_dir / "sae" / "checkpoints" / safe_name(layer), spec)
+        return Checkpoint(Path(root) / "sae" / "checkpoints" / safe_name(layer), spec)
 
     def _check_sizes(self, d: int, n_latents: int) -> None:
         p = self.params
@@ -382,6 +396,13 @@ class SAEAnalysis(Analysis):
         if p.architecture in ("topk", "batchtopk") and p.k > n_latents:
             problems.append(f"k={p.k} exceeds n_latents={n_latents}; lower k or raise "
                             f"expansion_factor")
+        if n_latents > MAX_LATENTS or n_latents * d > MAX_PARAMETERS:
+            from mechray.analysis.sae_distributed import memory_per_worker
+
+            need = memory_per_worker(d, n_latents, p.batch_size, p.num_workers) / 2 ** 30
+            problems.append(f"an SAE of d={d} x n_latents={n_latents} needs ~{need:.1f} GiB per "
+                            f"worker and would need its latents sharded across workers, which "
+                            f"mechray does not support yet (num_workers only splits the rows)")
         if problems:
             raise AnalysisParamsError(f"bad parameters for analysis 'sae': {'; '.join(problems)}")
 

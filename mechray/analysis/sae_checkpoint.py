@@ -27,7 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import stat
+import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +39,7 @@ import torch
 
 log = logging.getLogger(__name__)
 TENSORS, STATE = "checkpoint.safetensors", "checkpoint.json"
+MAX_STATE_BYTES = 1 << 20     # the JSON state: a spec, a few numbers and key lists
 
 
 class Checkpoint:
@@ -45,55 +50,174 @@ class Checkpoint:
         self.spec = json.loads(text)
         self.directory = Path(f"{base}-{hashlib.sha1(text.encode()).hexdigest()[:12]}")
 
+    @classmethod
+    def at(cls, directory: Path, spec: dict[str, Any]) -> "Checkpoint":
+        """A checkpoint in exactly ``directory`` (Ray Train's checkpoint directories)."""
+        ckpt = cls(directory, spec)
+        ckpt.directory = Path(directory)
+        return ckpt
+
     def save(self, trainer: Any, losses: torch.Tensor, rows_seen: int, seconds: float) -> None:
+        """Write the checkpoint (temporary names, then renamed: the JSON last).  A directory that
+        cannot be written is logged and the fit goes on without a checkpoint."""
         from safetensors.torch import save_file
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tensors, state = trainer.state()
-        tensors["losses"] = losses.detach().cpu().float().contiguous()
-        tmp = self.directory / f".{TENSORS}.tmp"
-        save_file(tensors, str(tmp), metadata={"n_steps": str(trainer.n_steps)})
-        os.replace(tmp, self.directory / TENSORS)
-        doc = {"spec": self.spec, "trainer": state, "rows_seen": rows_seen,
-               "seconds": seconds, "n_steps": trainer.n_steps}
-        tmp = self.directory / f".{STATE}.tmp"
-        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
-        os.replace(tmp, self.directory / STATE)
+        tag = f"{os.getpid()}.{threading.get_ident()}"      # concurrent identical fits
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tensors, state = trainer.state()
+            tensors["losses"] = losses.detach().cpu().float().contiguous()
+            tmp = self.directory / f".{TENSORS}.{tag}.tmp"
+            save_file(tensors, str(tmp), metadata={"n_steps": str(trainer.n_steps)})
+            os.replace(tmp, self.directory / TENSORS)
+            doc = {"spec": self.spec, "trainer": state, "rows_seen": rows_seen,
+                   "seconds": seconds, "n_steps": trainer.n_steps}
+            tmp = self.directory / f".{STATE}.{tag}.tmp"
+            tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+            os.replace(tmp, self.directory / STATE)
+        except OSError as exc:
+            log.warning("sae checkpoint at step %d not written to %s (%s); the fit goes on, "
+                        "but a rerun cannot resume from it", trainer.n_steps, self.directory, exc)
+            return
         log.info("sae checkpoint at step %d: %s", trainer.n_steps, self.directory)
 
-    def restore(self, trainer: Any) -> Optional[tuple[torch.Tensor, int, float]]:
+    def restore(self, trainer: Any, total_steps: Optional[int] = None
+                ) -> Optional[tuple[torch.Tensor, int, float]]:
         """Load the checkpoint into ``trainer`` if it is for this spec: ``(losses, rows_seen,
-        seconds)``, or None (no checkpoint, another spec, or unreadable: logged)."""
-        from safetensors import safe_open
+        seconds)``, or None (no checkpoint or another spec: logged).  A checkpoint that fails
+        :func:`check` (a step outside ``1 .. total_steps - 1``, tensors of other names, shapes,
+        dtypes or sizes than this trainer's, non-finite values) is set aside as
+        ``<dir>.rejected-<ns>`` with a warning, and the fit starts afresh; nothing in it is
+        allocated before its header is checked."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         state_path, tensor_path = self.directory / STATE, self.directory / TENSORS
-        if not state_path.is_file() or not tensor_path.is_file():
+        if not _regular(state_path) or not _regular(tensor_path):
             return None
         try:
+            if state_path.stat().st_size > MAX_STATE_BYTES:
+                raise ValueError(f"{STATE} is {state_path.stat().st_size} bytes (at most "
+                                 f"{MAX_STATE_BYTES})")
             doc = json.loads(state_path.read_text())
-            with safe_open(str(tensor_path), framework="pt") as fh:
-                steps = int((fh.metadata() or {}).get("n_steps", -1))
-            if doc.get("spec") != self.spec:
+            if not isinstance(doc, dict) or doc.get("spec") != self.spec:
                 log.info("sae checkpoint %s is for other parameters or data; starting afresh",
                          self.directory)
                 return None
-            if steps != doc["n_steps"]:
-                raise ValueError(f"tensors are at step {steps}, the state at {doc['n_steps']}")
+            check(doc, tensor_path, trainer, total_steps)
             tensors = load_file(str(tensor_path))
+            bad = [k for k, v in tensors.items() if v.is_floating_point() and
+                   not bool(torch.isfinite(v).all())]
+            if bad or bool((tensors["steps_since_fired"] < 0).any()):
+                raise ValueError(f"non-finite values in {bad[:3]} or negative dead counters")
             trainer.load_state(tensors, doc["trainer"])
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            log.warning("sae checkpoint %s is unreadable (%s); starting afresh", self.directory,
-                        exc)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError,
+                SafetensorError) as exc:
+            self._set_aside(exc)
             return None
         log.info("sae: resuming from the checkpoint at step %d (%s)", trainer.n_steps,
                  self.directory)
         return tensors["losses"], int(doc["rows_seen"]), float(doc["seconds"])
 
+    def _set_aside(self, why: Exception) -> None:
+        aside = self.directory.with_name(f"{self.directory.name}.rejected-{time.time_ns()}")
+        try:
+            os.replace(self.directory, aside)
+        except OSError:
+            aside = self.directory
+            self.remove()
+        log.warning("sae checkpoint %s is not usable (%s); set aside as %s, the fit starts "
+                    "afresh", self.directory, why, aside)
+
     def remove(self) -> None:
+        """Delete the checkpoint, and its ``sae/checkpoints`` parents when they are left empty
+        (nothing else is removed: a directory that is not empty stays)."""
         for name in (STATE, TENSORS):
             (self.directory / name).unlink(missing_ok=True)
-        try:
-            self.directory.rmdir()
-        except OSError:
-            pass
+        for empty in (self.directory, self.directory.parent, self.directory.parent.parent):
+            try:
+                empty.rmdir()
+            except OSError:
+                break
+
+
+def _regular(path: Path) -> bool:
+    """A regular file, not a link, FIFO or device (those are never opened)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def check(doc: dict[str, Any], tensor_path: Path, trainer: Any,
+          total_steps: Optional[int]) -> None:
+    """Raise ValueError unless the state ``doc`` and the safetensors header of ``tensor_path``
+    describe a checkpoint of ``trainer``: the step in ``1 .. total_steps - 1``, finite
+    non-negative rows and seconds, exactly the tensors (names, dtypes, shapes) the trainer
+    would write at that step, and a file no bigger than those tensors plus their header."""
+    from safetensors import safe_open
+
+    steps = doc.get("n_steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1 or \
+            (total_steps is not None and steps >= total_steps):
+        raise ValueError(f"n_steps={steps!r} is not a step of this fit (1 .. "
+                         f"{'?' if total_steps is None else total_steps - 1})")
+    state = doc.get("trainer")
+    if not isinstance(state, dict) or state.get("n_steps") != steps:
+        raise ValueError(f"the trainer state is not at step {steps}")
+    rows, seconds = doc.get("rows_seen"), doc.get("seconds")
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+        raise ValueError(f"rows_seen={rows!r} is not a row count")
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or \
+            not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"seconds={seconds!r} is not a duration")
+    want = expected(trainer, steps)
+    keys = {str(i): sorted(names) for i, names in _opt_keys(trainer).items()}
+    if state.get("opt_keys") != keys or state.get("opt_params") != len(keys):
+        raise ValueError("the optimiser state does not match this SAE's parameters")
+    with safe_open(str(tensor_path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        if meta.get("n_steps") != str(steps):
+            raise ValueError(f"tensors are at step {meta.get('n_steps')!r}, the state at {steps}")
+        names = set(fh.keys())
+        if names != set(want):
+            extra, missing = sorted(names - set(want))[:3], sorted(set(want) - names)[:3]
+            raise ValueError(f"tensors do not match this SAE (unexpected {extra}, missing "
+                             f"{missing})")
+        total = 0
+        for name, (dtype, shape) in want.items():
+            part = fh.get_slice(name)
+            got = (part.get_dtype(), list(part.get_shape()))
+            if got != (dtype, list(shape)):
+                raise ValueError(f"tensor {name!r} is {got}, this SAE needs {(dtype, shape)}")
+            total += math.prod(shape) * _ITEMSIZE.get(dtype, 8)
+    size = tensor_path.stat().st_size
+    if size > total + (1 << 20):
+        raise ValueError(f"{TENSORS} is {size} bytes, more than its {total} bytes of tensors")
+
+
+def _opt_keys(trainer: Any) -> dict[int, tuple[str, ...]]:
+    return {i: ("exp_avg", "exp_avg_sq", "step")
+            for i in range(len(trainer.opt.param_groups[0]["params"]))}
+
+
+def expected(trainer: Any, steps: int) -> dict[str, tuple[str, list[int]]]:
+    """The tensors (safetensors dtype, shape) ``Checkpoint.save`` writes for ``trainer`` after
+    ``steps`` steps (Adam's moments per parameter, its step count a float32 scalar)."""
+    names = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16",
+             torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
+    out = {f"model.{k}": (names[v.dtype], list(v.shape))
+           for k, v in trainer.sae.state_dict().items()}
+    out["steps_since_fired"] = ("I64", [trainer.sae.n_latents])
+    if trainer.theta is not None:
+        out["theta"] = (names[trainer.theta.dtype], list(trainer.theta.shape))
+    params = trainer.opt.param_groups[0]["params"]
+    for i, keys in _opt_keys(trainer).items():
+        for key in keys:
+            out[f"opt.{i}.{key}"] = ("F32", []) if key == "step" else \
+                (names[params[i].dtype], list(params[i].shape))
+    out["losses"] = ("F32", [steps])
+    return out
+
+
+_ITEMSIZE = {"F32": 4, "F64": 8, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "BOOL": 1, "U8": 1}

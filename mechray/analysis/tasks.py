@@ -205,7 +205,9 @@ def loads(model, eval_data) -> bool:
 
 def _with_ctx(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_data,
               body: Callable[[Analysis, Context], dict]) -> TaskResult:
-    """Run ``body(analysis, ctx)`` with a private out_dir and collect the files it wrote."""
+    """Run ``body(analysis, ctx)`` with a private out_dir and collect the files it wrote;
+    checkpoints go to ``info["checkpoint_dir"]`` (the results directory), where a rerun of
+    the same command finds them."""
     store = open_store(ref)
     try:
         store.refresh()
@@ -217,9 +219,11 @@ def _with_ctx(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_dat
     device = info["device"]
     if device.startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"
+    where = info.get("checkpoint_dir")
     ctx = Context(store=store, model=model, eval_data=eval_data, out_dir=tmp,
                   results=info["results"], device=device, seed=info["seed"],
-                  progress=info.get("progress", False))
+                  progress=info.get("progress", False),
+                  checkpoint_dir=Path(where) if where else None)
     try:
         with model_lock(model):  # hooks of concurrent analyses on one model would interfere
             outcome = _guarded(lambda: body(spec.build(), ctx), spec, layer, info)
@@ -231,6 +235,13 @@ def _with_ctx(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_dat
     task = _task_result(outcome)
     task.files = files
     return task
+
+
+def checkpoint_beside(store: ShardStore) -> Path:
+    """Where fits keep resumable checkpoints when there is no results directory: a sibling of
+    the store's local directory (of its download cache for S3), ``<store>.checkpoints``."""
+    root = Path(store.root)
+    return root.with_name(f"{root.name}.checkpoints")
 
 
 def _guarded(body: Callable[[], Any], spec: Spec, layer: str, info: dict) -> Outcome:
