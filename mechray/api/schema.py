@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from mechray.analysis.base import analysis_names
+from mechray.storage.entry import LayerInfo
 
 ANALYSIS_EXAMPLES = analysis_names()  # the registry, at import time of the API
 
@@ -41,14 +42,6 @@ class InterpretRequest(BaseModel):
         description="model inputs for the analyses that run the model (causal, circuit): "
                     "texts (tokenized by the server's tokenizer) or token ids (ragged lists, "
                     "optionally attention_mask / token_type_ids); bounded sizes")
-
-
-class LayerInfo(BaseModel):
-    feature_shape: list[int]
-    dtype: str
-    shards: int
-    rows: int
-    steps: list[int]
 
 
 class LayersResponse(BaseModel):

@@ -6,7 +6,7 @@ Usage::
 
     view = StoreView("./mechint_cache", config)
     snap = view.snapshot()          # Snapshot(store, version, layers, total); 404/503 if none
-    snap.layers["popt"].rows        # per-layer catalog (LayerInfo), from the manifest's summary
+    snap.layers["popt"].rows        # per-layer catalog (LayerSummary), from the manifest's summary
     view.shard_rows("popt")         # rows of the layer's largest shard (for cost limits)
     view.layers_json()              # bytes of LayersResponse (cached per version)
     view.shards_json(offset=0, limit=100)   # one page of ShardsResponse
@@ -30,38 +30,17 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 from mechray.api.errors import ApiError
 from mechray.config import MechIntConfig
+from mechray.storage import manifest as mf
+from mechray.storage.entry import LayerSummary, steps_of
 from mechray.storage.reader import ShardStore
 
 log = logging.getLogger(__name__)
 _SHARD_KEYS = ("file", "step", "rank", "rows", "bytes", "s3_uri")
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One captured layer, as ``GET /interpret/layers`` lists it (plus its largest shard)."""
-
-    feature_shape: list[int]
-    dtype: str
-    shards: int
-    rows: int
-    steps: list[int]
-
-    @property
-    def features(self) -> int:
-        d = 1
-        for s in self.feature_shape:
-            d *= s
-        return d
-
-    def public(self) -> dict[str, Any]:
-        return {"feature_shape": self.feature_shape, "dtype": self.dtype, "shards": self.shards,
-                "rows": self.rows, "steps": self.steps}
 
 
 class Snapshot(NamedTuple):
@@ -69,7 +48,7 @@ class Snapshot(NamedTuple):
 
     store: ShardStore
     version: str
-    layers: dict[str, LayerInfo]
+    layers: dict[str, LayerSummary]
     total: int                           # shards listed
 
 
@@ -124,12 +103,15 @@ class StoreView:
         version = store.version
         if snap is not None and version == snap.version:
             return snap
-        return Snapshot(store, version, _catalog(store), store.count())
+        return Snapshot(store, version, store.summaries(), store.count())
 
     def shard_rows(self, layer: str) -> int:
-        """Rows of ``layer``'s largest shard (what one task holds in memory), read from the
-        layer's entries once per version."""
+        """Rows of ``layer``'s largest shard (what one task holds in memory): from the
+        manifest's summary (format 2), else read from the layer's entries once per version."""
         snap = self.snapshot()
+        known = snap.layers[layer].max_shard_rows
+        if known is not None:
+            return known or snap.layers[layer].rows
         key = (snap.version, layer)
         if key not in self._shard_rows:
             largest = 0
@@ -155,11 +137,7 @@ class StoreView:
                 d = root.stat()
             except OSError:
                 return None
-            try:
-                m = (root / "manifest.json").stat()
-            except OSError:
-                return (d.st_mtime_ns, None)
-            return (d.st_mtime_ns, m.st_mtime_ns, m.st_size, m.st_ino)
+            return (d.st_mtime_ns, mf.stamp(root))
         self._listed = time.monotonic()
         try:
             return tuple(_s3_manifests(self.location, self.config))
@@ -175,7 +153,7 @@ class StoreView:
             root = Path(self.location).expanduser()
             if not root.is_dir():
                 return False
-            return (root / "manifest.json").is_file() or any(root.glob("manifest.rank*.json"))
+            return mf.exists(root) or bool(mf.partial_manifests(root))
         try:
             return bool(_s3_manifests(self.location, self.config))
         except Exception:
@@ -201,7 +179,7 @@ class StoreView:
             "store": snap.store.location, "manifest_version": snap.version,
             "total": snap.total, "offset": offset, "limit": limit,
             "next_offset": end if end < snap.total else None,
-            "shards": [{k: e.get(k) for k in _SHARD_KEYS} | {"steps": e.get("steps", [e["step"]])}
+            "shards": [{k: e.get(k) for k in _SHARD_KEYS} | {"steps": steps_of(e)}
                        for e in page]}).encode()
 
 
@@ -213,12 +191,6 @@ def _unreadable(location: str, exc: BaseException) -> ApiError:
                     f"the store cannot be read ({type(exc).__name__}); if its manifest is damaged, "
                     f"run `mechray repair` on the store. Request id {rid} in the server log has "
                     "the details", request_id=rid)
-
-
-def _catalog(store: ShardStore) -> dict[str, LayerInfo]:
-    return {name: LayerInfo(list(info["feature_shape"]), info["dtype"], info["shards"],
-                            info["rows"], list(info["steps"]))
-            for name, info in store.layers().items()}
 
 
 def _s3_manifests(location: str, config: MechIntConfig) -> list[tuple[str, str, int]]:
