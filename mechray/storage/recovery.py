@@ -178,7 +178,8 @@ def _salvage_config(path: Path) -> dict[str, Any]:
     except (OSError, UnsafeFileError):
         return {}
     with os.fdopen(fd, "rb") as fh:
-        text = fh.read(MAX_CONFIG_SCAN).decode("utf-8", "replace")
+        size = min(os.fstat(fd).st_size, MAX_CONFIG_SCAN)  # read(n) would allocate n at once
+        text = fh.read(size).decode("utf-8", "replace")
     m = re.search(r'"config"\s*:\s*', text)
     if m is None:
         return {}
