@@ -33,7 +33,9 @@ from pydantic import (
 
 from mechray.storage.shard import DIGEST, parse_shard_name
 
-_STRICT = ConfigDict(strict=True, extra="allow", frozen=True)
+# defer_build: the validators are built at first use, so `mechray ls` (which reads a head and
+# no entry) does not pay for them
+_STRICT = ConfigDict(strict=True, extra="allow", frozen=True, defer_build=True)
 
 
 class LayerShape(BaseModel):
@@ -126,7 +128,7 @@ def steps_of(entry: Mapping[str, Any]) -> list[int]:
 class LayerInfo(BaseModel):
     """One captured layer as ``GET /interpret/layers`` serves it."""
 
-    model_config = ConfigDict(strict=True, frozen=True)
+    model_config = ConfigDict(strict=True, frozen=True, defer_build=True)
     feature_shape: list[StrictInt]
     dtype: StrictStr
     shards: StrictInt
