@@ -64,16 +64,18 @@ class ShardEntry(BaseModel):
     bytes: StrictInt = Field(ge=0)
     checksum: StrictStr
     layers: dict[StrictStr, LayerShape]
-    world_size: StrictInt = 1
+    # optional fields default to None (absent), not to a fresh {} or []: pydantic would copy a
+    # mutable default per entry, which doubled the cost of checking a million entries
+    world_size: Optional[StrictInt] = None
     steps: Optional[list[StrictInt]] = None
-    rows: dict[StrictStr, StrictInt] = {}
-    has_inputs: StrictBool = False
+    rows: Optional[dict[StrictStr, StrictInt]] = None
+    has_inputs: Optional[StrictBool] = None
     run_id: Optional[StrictStr] = None
-    provenance: list[StrictStr] = []
-    examples: StrictInt = 0
-    dropped_rows: dict[StrictStr, StrictInt] = {}
+    provenance: Optional[list[StrictStr]] = None
+    examples: Optional[StrictInt] = None
+    dropped_rows: Optional[dict[StrictStr, StrictInt]] = None
     s3_uri: Optional[StrictStr] = None
-    pending_upload: StrictBool = False
+    pending_upload: Optional[StrictBool] = None
     written_at: Optional[StrictStr] = None
 
     @field_validator("file")

@@ -230,16 +230,25 @@ def combine(main: Optional[bytes], journal: Optional[bytes], where: str) -> dict
             log.warning("%s: a journal without its manifest.json is ignored; `mechray repair` "
                         "adopts the shards it listed", where)
         raise FileNotFoundError(f"{where} does not exist")
-    doc = parse(main, where)
+    return replay(parse(main, where), main, journal, where)[0]
+
+
+def replay(doc: dict[str, Any], main: bytes, journal: Optional[bytes], where: str
+           ) -> tuple[dict[str, Any], Optional[Journal]]:
+    """``doc`` (parsed from ``main``) with the journal's committed records applied, and the
+    parsed journal (``None`` when there is none or it does not extend ``main``)."""
     if journal is None:
-        return doc
+        return doc, None
     jwhere = journal_name(where) if where.endswith(".json") else f"{where} journal"
     j = parse_journal(journal, jwhere)
     base = {k: j.header["base"].get(k) for k in ("bytes", "tail")}
     if base != binding(main):
         log.warning("%s does not extend %s (that file was replaced or edited since): the "
                     "journal is ignored; `mechray repair` adopts any shard it listed", jwhere, where)
-        return doc
+        return doc, None
+    if not j.records and j.commit is not None:
+        doc["config"] = j.header.get("config", doc.get("config", {}))
+        return doc, j
     by_file = {e["file"]: e for e in doc["shards"]}
     for rec in j.records:
         if "add" in rec:
@@ -253,7 +262,7 @@ def combine(main: Optional[bytes], journal: Optional[bytes], where: str) -> dict
     doc["config"] = j.header.get("config", doc.get("config", {}))
     if j.commit is not None and "summary" in j.commit:
         doc["summary"] = j.commit["summary"]
-    return doc
+    return doc, j
 
 
 def exists(root: Path, filename: str = MAIN) -> bool:
@@ -473,7 +482,6 @@ class Manifest:
         self.doc["version"] = VERSION
         self._by_file = {e["file"]: e for e in doc["shards"]}
         self._summary = Summary(self._by_file.values())
-        self._lines = {f: json.dumps(e, allow_nan=False) for f, e in self._by_file.items()}
         self._changed: dict[str, Optional[dict[str, Any]]] = {}
         self.upload_pending = False
         self._remote_main_stale = False
@@ -492,13 +500,11 @@ class Manifest:
         self._main_bytes = len(main)
         jdata = _read_file(self.journal_path, "manifest journal") \
             if os.path.lexists(self.journal_path) else None
+        doc, j = replay(doc, main, jdata, str(self.path))
         usable = False
-        if jdata is not None:
-            doc = combine(main, jdata, str(self.path))
-            j = parse_journal(jdata, str(self.journal_path))
+        if j is not None and jdata is not None:
             self._records = len(j.records)
             usable = doc.get("version") == VERSION and j.committed == len(jdata) and \
-                {k: j.header["base"].get(k) for k in ("bytes", "tail")} == binding(main) and \
                 (not config or j.header.get("config") == config)
         if config:
             doc["config"] = config
@@ -519,7 +525,6 @@ class Manifest:
                     self._summary.remove(old)
                 self._summary.add(entry)
                 self._by_file[entry["file"]] = entry
-                self._lines[entry["file"]] = json.dumps(entry, allow_nan=False)
                 self._changed[entry["file"]] = entry
             return self._commit()
 
@@ -531,7 +536,6 @@ class Manifest:
                 if old is not None:
                     self._summary.remove(old)
                     self._changed[f] = None
-                self._lines.pop(f, None)
             self._commit()
 
     def close(self) -> None:
@@ -583,7 +587,8 @@ class Manifest:
         if self._compact_due():
             self.doc["updated"] = utc_now()
             order = sorted(self._by_file, key=lambda f: _order(self._by_file[f]))
-            data, span = render({**self.doc, "summary": summary}, [self._lines[f] for f in order])
+            data, span = render({**self.doc, "summary": summary},
+                                [json.dumps(self._by_file[f], allow_nan=False) for f in order])
             self._records, self._journal_ok = 0, True
             self._main_bytes = len(data)
             journal = journal_start(data, span, self.doc.get("config", {}), summary)

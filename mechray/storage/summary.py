@@ -149,9 +149,8 @@ def layer_summaries(doc: Any, where: str) -> dict[str, LayerSummary]:
         raise ValueError(f"{where}: the summary is not {SHAPE} (a step run goes backwards)")
     if sum((r[1] - r[0]) // r[2] + 1 for la in layers.values() for r in la.steps) > MAX_STEPS:
         raise ValueError(f"{where}: the summary lists more than {MAX_STEPS} steps")
-    return {name: LayerSummary.model_construct(feature_shape=la.feature_shape, dtype=la.dtype, shards=la.shards,
-                               rows=la.rows, steps=expand(la.steps),
-                               dropped_rows=la.dropped_rows,
-                               provenance_shards=la.provenance_shards,
-                               max_shard_rows=la.max_shard_rows)
-            for name, la in layers.items()}   # (checked above: _Runs)
+    return {name: LayerSummary.model_construct(  # (checked above, as _Runs)
+                feature_shape=la.feature_shape, dtype=la.dtype, shards=la.shards, rows=la.rows,
+                steps=expand(la.steps), dropped_rows=la.dropped_rows,
+                provenance_shards=la.provenance_shards, max_shard_rows=la.max_shard_rows)
+            for name, la in layers.items()}
