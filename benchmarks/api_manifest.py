@@ -19,7 +19,7 @@ under uvicorn in a thread (``serve_in_thread``), queried over HTTP with httpx:
   commit           one group commit of one new entry by a manifest owner (a child process)
   interpret        then the first ``POST /interpret`` (neuron on ``blocks.0``): planning reads
                    the new manifest version (the layer's largest shard, for the cost check).
-                   ``api_max_cost=1`` makes it answer 413 once planned, so no analysis runs
+                   ``api_max_cost=1`` makes it answer 422 too_expensive once planned, so no analysis runs
                    (the synthetic store has no shard files): the time is the manifest's part
   peak_mb          the server process's peak RSS (VmHWM) at the end
 
@@ -122,7 +122,7 @@ def run(entries: int, requests: int) -> dict:
                 r = client.post("/interpret", json=body)
                 out["interpret_after_commit_ms"] = round((time.perf_counter() - t0) * 1000, 1)
                 out["interpret_status"] = r.status_code
-                assert r.status_code == 413, (r.status_code, r.text[:300])
+                assert r.status_code == 422 and b"too_expensive" in r.content, r.text[:300]
                 t0 = time.perf_counter()
                 layers = client.get("/interpret/layers").json()["layers"]
                 out["layers_after_commit_ms"] = round((time.perf_counter() - t0) * 1000, 1)

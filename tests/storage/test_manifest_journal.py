@@ -120,3 +120,28 @@ def test_a_version_1_store_reads_and_repair_upgrades_it(tiny_net, tmp_path):
     assert report["shards"] == 2
     assert json.loads((d / "manifest.json").read_text())["version"] == 2
     assert read_head(d) is not None and ShardStore(d).read_layer("popt").shape == (24, 8)
+
+
+def test_on_s3_the_journal_travels_beside_the_manifest_until_folded(tmp_path, s3_bucket,
+                                                                    monkeypatch):
+    import boto3
+
+    endpoint, bucket = s3_bucket
+    target = StorageTarget(backend="both", local_dir=str(tmp_path), bucket=bucket, prefix="exp",
+                           endpoint_url=endpoint, retry_seconds=5.0)
+    owner = Manifest(target, {"k": 1})
+    owner.add(*[_entry(i) for i in range(50)])
+    monkeypatch.setattr(mf, "COMPACT_BELOW", 0)
+    for i in range(50, 53):
+        owner.add(_entry(i))                                    # appended, journal uploaded
+    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(
+        Bucket=bucket, Prefix="exp/")["Contents"]}
+    assert keys == {"exp/manifest.json", "exp/manifest.journal"}
+    remote = ShardStore(f"s3://{bucket}/exp", endpoint_url=endpoint,
+                        cache_dir=str(tmp_path / "dl"))
+    assert remote.count() == 53 and remote.layers()["a"]["shards"] == 53
+    owner.close()                                               # folded: one manifest.json
+    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(
+        Bucket=bucket, Prefix="exp/")["Contents"]}
+    assert keys == {"exp/manifest.json"}
+    assert remote.refresh() and [e["index"] for e in remote.shards()] == list(range(53))
