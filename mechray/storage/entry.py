@@ -146,7 +146,7 @@ class LayerInfo(BaseModel):
 
     def public(self) -> dict[str, Any]:
         """The served fields, as ``GET /interpret/layers`` answers them."""
-        return self.model_dump(include=set(LayerInfo.model_fields))
+        return {k: getattr(self, k) for k in LayerInfo.model_fields}  # no copies
 
 
 class LayerSummary(LayerInfo):
@@ -159,4 +159,4 @@ class LayerSummary(LayerInfo):
 
     def info(self) -> dict[str, Any]:
         """The plain dict ``ShardStore.layers()`` has always given (without ``max_shard_rows``)."""
-        return self.model_dump(exclude={"max_shard_rows"})
+        return {k: getattr(self, k) for k in type(self).model_fields if k != "max_shard_rows"}
