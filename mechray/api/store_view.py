@@ -137,7 +137,8 @@ class StoreView:
                 d = root.stat()
             except OSError:
                 return None
-            return (d.st_mtime_ns, mf.stamp(root))
+            return (d.st_mtime_ns, mf.stamp(root),   # journals append: their stats move
+                    tuple(mf.stamp(root, p.name) for p in mf.partial_manifests(root)))
         self._listed = time.monotonic()
         try:
             return tuple(_s3_manifests(self.location, self.config))

@@ -145,3 +145,15 @@ def test_on_s3_the_journal_travels_beside_the_manifest_until_folded(tmp_path, s3
         Bucket=bucket, Prefix="exp/")["Contents"]}
     assert keys == {"exp/manifest.json"}
     assert remote.refresh() and [e["index"] for e in remote.shards()] == list(range(53))
+
+
+def test_the_api_view_sees_a_commit_that_only_appended(owner, tmp_path):
+    from mechray import MechIntConfig
+    from mechray.api.store_view import StoreView
+
+    view = StoreView(str(tmp_path), MechIntConfig(sample_layers=["*"], storage_path=str(tmp_path)))
+    assert json.loads(view.layers_json())["layers"]["a"]["shards"] == 200
+    owner.add(_entry(200, rows=40))                            # manifest.json untouched
+    assert json.loads(view.layers_json())["layers"]["a"]["shards"] == 201
+    assert view.shard_rows("a") == 40                          # from the head, no entry read
+    assert view.snapshot().store._doc is None
