@@ -17,7 +17,7 @@ the summary of a million shards is a few hundred bytes per layer.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
@@ -30,7 +30,7 @@ SHAPE = "summary: {'shards': int, 'bytes': int, 'layers': {name: {'feature_shape
 
 class _Layer:
     __slots__ = ("feature_shape", "dtype", "shards", "rows", "steps", "dropped_rows",
-                 "provenance_shards", "sizes")
+                 "provenance_shards", "sizes", "runs")
 
     def __init__(self) -> None:
         self.feature_shape: list[int] = []
@@ -38,6 +38,33 @@ class _Layer:
         self.shards = self.rows = self.dropped_rows = self.provenance_shards = 0
         self.steps: Counter[int] = Counter()
         self.sizes: Counter[int] = Counter()   # shards per row count: the largest one is known
+        self.runs: Optional[list[list[int]]] = []  # the steps as runs; None: recompute
+
+    def step(self, s: int, sign: int) -> None:
+        """Count step ``s`` once more (``sign`` 1) or once less (-1), keeping the runs current
+        when a new step comes after the last one (a capture's usual order: O(1) per commit,
+        not a sort of every step); anything else has them recomputed when next asked for."""
+        _bump(self.steps, s, sign)
+        fresh = sign > 0 and self.steps[s] == 1
+        if not fresh and self.steps.get(s, 0) > 0:
+            return                                    # a step already counted: runs unchanged
+        if not fresh or self.runs is None or (self.runs and s <= self.runs[-1][1]):
+            self.runs = None
+        elif not self.runs:
+            self.runs.append([s, s, 1])
+        else:
+            last = self.runs[-1]
+            if last[0] == last[1]:                    # a lone step: it and s make a run
+                last[1], last[2] = s, s - last[0]
+            elif s - last[1] == last[2]:
+                last[1] = s
+            else:
+                self.runs.append([s, s, 1])
+
+    def step_runs(self) -> list[list[int]]:
+        if self.runs is None:
+            self.runs = runs(sorted(self.steps))
+        return [list(r) for r in self.runs]
 
 
 def _bump(counter: Counter[int], key: int, sign: int) -> None:
@@ -73,7 +100,7 @@ class Summary:
             layer.provenance_shards += sign * (name in prov)
             _bump(layer.sizes, info["shape"][0], sign)
             for s in steps:
-                _bump(layer.steps, s, sign)
+                layer.step(s, sign)
             if layer.shards <= 0:
                 del self.layers[name]
 
@@ -87,7 +114,7 @@ class Summary:
                                   "dropped_rows": la.dropped_rows,
                                   "provenance_shards": la.provenance_shards,
                                   "max_shard_rows": max(la.sizes, default=0),
-                                  "steps": runs(sorted(la.steps))}
+                                  "steps": la.step_runs()}
                            for name, la in sorted(self.layers.items())}}
 
     def summaries(self) -> dict[str, LayerSummary]:

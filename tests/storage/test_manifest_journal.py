@@ -157,3 +157,23 @@ def test_the_api_view_sees_a_commit_that_only_appended(owner, tmp_path):
     assert json.loads(view.layers_json())["layers"]["a"]["shards"] == 201
     assert view.shard_rows("a") == 40                          # from the head, no entry read
     assert view.snapshot().store._doc is None
+
+
+def test_the_summary_keeps_step_runs_right_in_any_order():
+    import random
+
+    from mechray.storage.summary import Summary, expand
+
+    rng = random.Random(0)
+    for _ in range(200):
+        summary, entries = Summary(), []
+        for i in range(rng.randint(1, 30)):
+            steps = sorted(rng.sample(range(0, 200, rng.choice([1, 5, 10])), rng.randint(1, 3))) \
+                if rng.random() < 0.3 else [i * rng.choice([1, 10])]
+            entry = {**_entry(i), "step": steps[0], "steps": steps}
+            entries.append(entry)
+            summary.add(entry)
+            if rng.random() < 0.1:
+                summary.remove(entries.pop(rng.randrange(len(entries))))
+            runs = summary.to_json()["layers"].get("a", {}).get("steps", [])
+            assert expand(runs) == sorted({s for e in entries for s in e["steps"]})
