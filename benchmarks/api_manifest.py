@@ -47,12 +47,12 @@ ROUTES = ("/health", "/interpret/layers", "/interpret/shards?limit=100")
 
 
 def write_manifest(root: Path, entries: int) -> None:
-    """A manifest of ``entries`` shards written the way mechray's manifest owner writes it (head
-    with the per-layer summary, one entry per line): what a real store of that size holds."""
-    from manifest_scale import build
-
+    """A manifest of ``entries`` shards written by the manifest owner of the mechray on the
+    path, in a child process (so the server's peak memory is its own)."""
     root.mkdir(parents=True, exist_ok=True)
-    build(root, entries)
+    subprocess.run([sys.executable, str(Path(__file__).with_name("manifest_scale.py")),
+                    "--build", str(root), str(entries)], check=True, capture_output=True,
+                   env=os.environ.copy())
 
 
 def timed(client, path: str) -> float:
