@@ -21,7 +21,8 @@ under uvicorn in a thread (``serve_in_thread``), queried over HTTP with httpx:
                    the new manifest version (the layer's largest shard, for the cost check).
                    ``api_max_cost=1`` makes it answer 422 too_expensive once planned, so no analysis runs
                    (the synthetic store has no shard files): the time is the manifest's part
-  peak_mb          the server process's peak RSS (VmHWM) at the end
+  peak_mb          the server process's peak RSS (VmHWM): before the commit, during the first
+                   ``/interpret`` after it (the mark reset just before), and at the end
 
 JSON: ``benchmarks/out/api_manifest-*.json``.
 """
@@ -117,11 +118,15 @@ def run(entries: int, requests: int) -> dict:
                 subprocess.run([sys.executable, "-c", COMMIT, str(root), str(entries + 1)],
                                check=True, env=os.environ.copy())
                 out["commit_s"] = round(time.perf_counter() - t0, 2)
+                out["peak_before_mb"] = round(peak_mb())
+                with open("/proc/self/clear_refs", "w") as fh:   # VmHWM from here on
+                    fh.write("5")
                 body = {"analysis_type": "neuron", "layer_name": "blocks.0"}
                 t0 = time.perf_counter()
                 r = client.post("/interpret", json=body)
                 out["interpret_after_commit_ms"] = round((time.perf_counter() - t0) * 1000, 1)
                 out["interpret_status"] = r.status_code
+                out["interpret_peak_mb"] = round(peak_mb())
                 assert r.status_code == 422 and b"too_expensive" in r.content, r.text[:300]
                 t0 = time.perf_counter()
                 layers = client.get("/interpret/layers").json()["layers"]
@@ -175,6 +180,8 @@ def main() -> None:
             row.update({"commit_s": res["commit_s"],
                         "interpret_after_commit_ms": res["interpret_after_commit_ms"],
                         "layers_after_commit_ms": res["layers_after_commit_ms"],
+                        "peak_before_mb": res["peak_before_mb"],
+                        "interpret_peak_mb": res["interpret_peak_mb"],
                         "peak_mb": res["peak_mb"]})
             rows.append(row)
             print(table(rows[-1:], list(row)), flush=True)

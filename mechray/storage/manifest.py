@@ -350,21 +350,23 @@ def read_head(root: Path, filename: str = MAIN) -> Optional[Head]:
 
 def entry_starts(root: Path, head: Head, filename: str = MAIN):
     """Byte offsets where ``manifest.json``'s entry lines start, plus where they end (numpy,
-    64 MiB at a time); the span comes from the journal's header, never from a text search."""
-    import mmap
-
+    read 16 MiB at a time into one buffer: a few tens of MB whatever the manifest's size); the
+    span comes from the journal's header, never from a text search."""
     import numpy as np
 
     start, end = head.entries
+    step = 16 << 20
+    buf = bytearray(step)
+    parts = [np.array([start], dtype=np.int64)]
     with os.fdopen(open_regular(Path(root) / filename, "manifest"), "rb") as fh:
         if end <= start or end > os.fstat(fh.fileno()).st_size:
-            return np.array([start], dtype=np.int64)
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            parts, step = [np.array([start], dtype=np.int64)], 64 << 20
-            for at in range(start, end, step):
-                chunk = np.frombuffer(mm, dtype=np.uint8, count=min(step, end - at), offset=at)
-                parts.append(np.flatnonzero(chunk == 10).astype(np.int64) + at + 1)
-                del chunk
+            return parts[0]
+        fh.seek(start)
+        for at in range(start, end, step):
+            n = fh.readinto(memoryview(buf)[:min(step, end - at)])
+            chunk = np.frombuffer(buf, dtype=np.uint8, count=n)
+            parts.append(np.flatnonzero(chunk == 10).astype(np.int64) + at + 1)
+            del chunk
     starts = np.concatenate(parts)
     return starts if starts[-1] == end else np.append(starts, end)
 
