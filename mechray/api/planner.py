@@ -26,9 +26,10 @@ from mechray.analysis.base import REGISTRY, AnalysisParamsError, get_analysis
 from mechray.api.cost import Workload, answer_bytes, estimate
 from mechray.api.errors import ApiError
 from mechray.api.saes import ServedSAEs
-from mechray.api.store_view import LayerInfo, StoreView
+from mechray.api.store_view import StoreView
 from mechray.api.uploads import Upload, check_layer_name
 from mechray.config import MechIntConfig
+from mechray.storage.entry import LayerSummary
 
 CODE_PARAMS = ("loss_fn",)          # parameters that import code: refused over HTTP
 MAX_PARAMS_DEPTH = 32
@@ -136,7 +137,7 @@ class Planner:
         except AnalysisParamsError as exc:
             raise ApiError(422, "bad_params", str(exc)) from None
 
-    def _store_layer(self, layer: Optional[str]) -> tuple[LayerInfo, str, int]:
+    def _store_layer(self, layer: Optional[str]) -> tuple[LayerSummary, str, int]:
         """The layer's catalog entry, the manifest version and the number of captured layers."""
         if layer is None:
             raise ApiError(422, "missing_layer_name", "layer_name is required; GET "

@@ -6,7 +6,7 @@ Usage::
 
     view = StoreView("./mechint_cache", config)
     snap = view.snapshot()          # Snapshot(store, version, layers, total); 404/503 if none
-    snap.layers["popt"].rows        # per-layer catalog (LayerInfo), from the manifest's summary
+    snap.layers["popt"].rows        # per-layer catalog (LayerSummary), from the manifest's summary
     view.facts("popt")              # LayerFacts from the entries: shards, rows, steps, largest
     view.layers_json()              # bytes of LayersResponse (cached per version)
     view.shards_json(offset=0, limit=100)   # one page of ShardsResponse
@@ -40,35 +40,13 @@ from typing import Any, NamedTuple, Optional
 
 from mechray.api.errors import ApiError
 from mechray.config import MechIntConfig
+from mechray.storage import manifest as mf
+from mechray.storage.entry import LayerSummary, steps_of
 from mechray.storage.reader import ShardStore
 
 log = logging.getLogger(__name__)
 _SHARD_KEYS = ("file", "step", "rank", "rows", "bytes", "s3_uri")
 MAX_LISTED_STEPS = 10_000   # /interpret/layers lists at most this many steps per layer
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One captured layer, as ``GET /interpret/layers`` lists it (plus its largest shard)."""
-
-    feature_shape: list[int]
-    dtype: str
-    shards: int
-    rows: int
-    steps: list[int]
-
-    @property
-    def features(self) -> int:
-        d = 1
-        for s in self.feature_shape:
-            d *= s
-        return d
-
-    def public(self) -> dict[str, Any]:
-        """As answered: at most :data:`MAX_LISTED_STEPS` steps (``steps_total`` counts them)."""
-        return {"feature_shape": self.feature_shape, "dtype": self.dtype, "shards": self.shards,
-                "rows": self.rows, "steps": self.steps[:MAX_LISTED_STEPS],
-                "steps_total": len(self.steps)}
 
 
 @dataclass(frozen=True)
@@ -86,7 +64,7 @@ class Snapshot(NamedTuple):
 
     store: ShardStore
     version: str
-    layers: dict[str, LayerInfo]
+    layers: dict[str, LayerSummary]
     total: int                           # shards listed
 
 
@@ -142,10 +120,14 @@ class StoreView:
         version = store.version
         if snap is not None and version == snap.version:
             return snap
-        return Snapshot(store, version, _catalog(store), store.count())
+        return Snapshot(store, version, store.summaries(), store.count())
 
     def shard_rows(self, layer: str) -> int:
-        """Rows of ``layer``'s largest shard (what one task holds in memory)."""
+        """Rows of ``layer``'s largest shard (what one task holds in memory): from the
+        manifest's head when it records it (format 2, no entry read), else from the entries."""
+        info = self.snapshot().layers.get(layer)
+        if info is not None and info.max_shard_rows:
+            return info.max_shard_rows
         return self.facts(layer).largest
 
     def facts(self, layer: str) -> LayerFacts:
@@ -199,11 +181,8 @@ class StoreView:
                 d = root.stat()
             except OSError:
                 return None
-            try:
-                m = (root / "manifest.json").stat()
-            except OSError:
-                return (d.st_mtime_ns, None)
-            return (d.st_mtime_ns, m.st_mtime_ns, m.st_size, m.st_ino)
+            return (d.st_mtime_ns, mf.stamp(root),   # journals append: their stats move
+                    tuple(mf.stamp(root, p.name) for p in mf.partial_manifests(root)))
         self._listed = time.monotonic()
         try:
             return tuple(_s3_manifests(self.location, self.config))
@@ -219,7 +198,7 @@ class StoreView:
             root = Path(self.location).expanduser()
             if not root.is_dir():
                 return False
-            return (root / "manifest.json").is_file() or any(root.glob("manifest.rank*.json"))
+            return mf.exists(root) or bool(mf.partial_manifests(root))
         try:
             return bool(_s3_manifests(self.location, self.config))
         except Exception:
@@ -250,7 +229,7 @@ class StoreView:
             "store": snap.store.location, "manifest_version": snap.version,
             "total": total, "offset": offset, "limit": limit,
             "next_offset": end if page and len(page) == limit and end < total else None,
-            "shards": [{k: e.get(k) for k in _SHARD_KEYS} | {"steps": e.get("steps", [e["step"]])}
+            "shards": [{k: e.get(k) for k in _SHARD_KEYS} | {"steps": steps_of(e)}
                        for e in page]}).encode()
 
     def _entry_total(self, snap: Snapshot) -> int:
@@ -272,12 +251,6 @@ def _unreadable(location: str, exc: BaseException) -> ApiError:
                     f"the store cannot be read ({type(exc).__name__}); if its manifest is damaged, "
                     f"run `mechray repair` on the store. Request id {rid} in the server log has "
                     "the details", request_id=rid)
-
-
-def _catalog(store: ShardStore) -> dict[str, LayerInfo]:
-    return {name: LayerInfo(list(info["feature_shape"]), info["dtype"], info["shards"],
-                            info["rows"], list(info["steps"]))
-            for name, info in store.layers().items()}
 
 
 def _s3_manifests(location: str, config: MechIntConfig) -> list[tuple[str, str, int]]:

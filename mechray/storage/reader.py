@@ -25,10 +25,8 @@ Nothing here unpickles code: shards load with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,15 +34,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generator, Iterable, Iterator, Optional, Union, cast
 
 from mechray.errors import ShardError
+from mechray.storage import manifest as mf
 from mechray.storage import s3
-from mechray.storage.manifest import (
-    MAIN,
-    ManifestError,
-    entry_problem,
-    merge,
-    parse,
-    rebuild_hint,
-)
+from mechray.storage.entry import LayerSummary, steps_of
+from mechray.storage.manifest import MAIN, merge
 from mechray.storage.shard import (
     checksum,
     corrupt_error,
@@ -53,7 +46,7 @@ from mechray.storage.shard import (
     load_error,
     shard_path,
 )
-from mechray.storage.summary import Summary, layers_from_json, runs
+from mechray.storage.summary import Summary, runs
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +54,6 @@ else:  # torch loads at first use: `mechray ls` lists a store without it
     from mechray.storage.lazy import torch
 
 log = logging.getLogger(__name__)
-_PARTIAL = re.compile(r"manifest\.rank[0-9]{3,}\.json")
 PART_BYTES = 32 << 20     # S3 objects above this (the default shard target size) come as parallel
                           # ranged GETs of this size; smaller ones in one GET
 PARALLEL_GETS = 4         # ranged GETs in flight per object
@@ -79,55 +71,6 @@ def cache_root(base: Path, bucket: str, prefix: str) -> Path:
     if not root.resolve().is_relative_to((base / "s3").resolve()):
         raise ValueError(f"s3://{bucket}/{prefix} maps outside the cache {base}: refused")
     return root
-
-
-_SHARDS = b'\n "shards": ['   # where mechray's manifests end their head and start the entries
-
-
-def _read_local(path: Path, head: bool = False) -> Optional[bytes]:
-    """A manifest's bytes, or with ``head`` only those before its entries (None: not found)."""
-    if not head:
-        return path.read_bytes()
-    buf = b""
-    with open(path, "rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        if fh.tell() < 16:
-            return None
-        fh.seek(-16, os.SEEK_END)
-        if not fh.read().endswith(b"]\n}\n"):  # truncated (or not laid out by mechray)
-            return None
-        fh.seek(0)
-        while len(buf) < (64 << 20):
-            chunk = fh.read(1 << 20)
-            buf += chunk
-            at = buf.find(_SHARDS)
-            if at >= 0:
-                return buf[:at] + b'\n "shards": []\n}'
-            if not chunk:
-                return None
-    return None
-
-
-def _entry_lines(path: Path):
-    """Byte offsets where the entry lines of a mechray-laid-out manifest start, plus the offset
-    where they end (numpy, scanned 64 MiB at a time); None for another layout."""
-    import mmap
-
-    import numpy as np
-
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        first = mm.find(_SHARDS)
-        end = mm.rfind(b"\n ]\n}")
-        if first < 0 or end < 0:
-            return None
-        first = mm.find(b"\n", first + 1) + 1
-        parts, step = [np.array([first], dtype=np.int64)], 64 << 20
-        for at in range(first, end, step):
-            chunk = np.frombuffer(mm, dtype=np.uint8, count=min(step, end - at), offset=at)
-            parts.append(np.flatnonzero(chunk == 10).astype(np.int64) + at + 1)
-            del chunk
-        starts = np.concatenate(parts + [np.array([end + 1], dtype=np.int64)])
-    return starts if starts[-1] > starts[0] else starts[:1]
 
 
 class ShardStore:
@@ -151,11 +94,12 @@ class ShardStore:
         self._load_lock = threading.RLock()
         self._stamp: tuple = ()
         self._doc: Optional[dict[str, Any]] = None
-        self._summary: Optional[dict[str, dict[str, Any]]] = None
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._head: Optional[mf.Head] = None
+        self._summaries: Optional[dict[str, LayerSummary]] = None
         self._config: dict[str, Any] = {}
         self._total: Optional[int] = None
         self._lines: Optional[tuple] = None     # (stamp, entry line starts) for paging
-        self._head_runs: list = []
         self._bytes: Optional[int] = None
         self._sources_now: list = []
         self.refresh()
@@ -163,10 +107,12 @@ class ShardStore:
     # --- the manifest --------------------------------------------------------------------------
     def refresh(self) -> bool:
         """Re-read the manifest (and any per-rank partial manifests) if it changed since the last
-        read (size, mtime and inode on disk; ETag on S3); returns whether it changed.
+        read (size, mtime and inode of it and its journal on disk; ETags on S3); returns
+        whether it changed.
 
-        Only the head (config and per-layer summary) is parsed here when the manifest has one;
-        the entries are parsed on first use (``shards()``, ``load()``...), once per change.
+        Only the head (config and per-layer summary, from the journal's last commit) is read
+        here when the store has one; the entries are parsed on first use (``shards()``,
+        ``load()``...), once per change.
         """
         sources = self._sources()
         if not sources:
@@ -177,15 +123,14 @@ class ShardStore:
         if stamp == self._stamp:
             return False
         with self._load_lock:
-            head = self._head_of(sources[0][2]) if len(sources) == 1 else None
+            single = not self.is_s3 and len(sources) == 1 and \
+                sources[0][0] == str(self.root / MAIN)
+            head = mf.read_head(self.root) if single else None
             if head is not None:
-                self._doc, self._summary = None, head["layers"]
-                self._head_runs = [la["steps"] for la in head["summary"]["layers"].values()]
-                self._total = head["summary"].get("shards")
-                self._bytes = head["summary"].get("bytes")
-                self._config = head.get("config", {})
+                self._doc, self._head, self._summaries = None, head, head.layers
+                self._total, self._bytes, self._config = head.shards, head.bytes, head.config
             else:
-                self._set_doc(merge([parse(read(), where) for where, _, read in sources]))
+                self._set_doc(merge([read() for _, _, read in sources]))
             self._sources_now, self._stamp = sources, stamp
         return True
 
@@ -193,7 +138,7 @@ class ShardStore:
         self._doc = doc
         self._entries = {e["file"]: e for e in doc["shards"]}
         self._config = doc.get("config", {})
-        self._summary = None
+        self._head = self._summaries = None
         self._total = len(doc["shards"])
         self._bytes = sum(e["bytes"] for e in doc["shards"])
 
@@ -211,8 +156,7 @@ class ShardStore:
         if self._doc is None:
             with self._load_lock:
                 if self._doc is None:
-                    self._set_doc(merge([parse(read(), where)
-                                         for where, _, read in self._sources_now]))
+                    self._set_doc(merge([read() for _, _, read in self._sources_now]))
         assert self._doc is not None
         return self._doc
 
@@ -221,48 +165,42 @@ class ShardStore:
         _ = self.manifest  # parses the entries on first use
         return self._entries
 
-    @staticmethod
-    def _head_of(read) -> Optional[dict[str, Any]]:
-        """The manifest's head (everything before its entries) when it carries a summary."""
-        head = read(head=True)
-        if head is None:
-            return None
-        try:
-            doc = parse(head, "head")
-            doc["layers"] = layers_from_json(doc.get("summary"), "head")
-        except ValueError:
-            return None  # not laid out as mechray writes it, or no summary: parse it all
-        return doc
-
-    def _sources(self) -> list[tuple[str, tuple, Any]]:
-        """``(where, stamp, read)`` per manifest file, the main manifest first."""
+    def _sources(self) -> list[tuple[str, Any, Any]]:
+        """``(where, stamp, read)`` per manifest, the main manifest first; ``read()`` gives
+        its document (the journal replayed), through :mod:`mechray.storage.manifest`."""
         if not self.is_s3:
             if not self.root.is_dir():
                 return []
-            names = [MAIN] + sorted(p.name for p in self.root.iterdir()
-                                    if _PARTIAL.fullmatch(p.name))
-            out = []
-            for n in names:
-                try:
-                    st = (self.root / n).stat()
-                except FileNotFoundError:
-                    continue
-                out.append((str(self.root / n), (st.st_size, st.st_mtime_ns, st.st_ino),
-                            lambda head=False, p=self.root / n: _read_local(p, head)))
-            return out
+            names = [MAIN] + [p.name for p in mf.partial_manifests(self.root)]
+            return [(str(self.root / n), st, lambda n=n: mf.load(self.root, n))
+                    for n in names if (st := mf.stamp(self.root, n)) is not None]
         client = self._client()
         listed = client.list_objects_v2(Bucket=self.bucket, Prefix=s3.key_for(self.prefix, "manifest"))
         objs = {o["Key"]: o for o in listed.get("Contents", [])}
         main = s3.key_for(self.prefix, MAIN)
+        folder = main.rsplit("/", 1)[0] if "/" in main else ""
         keys = [k for k in objs if k == main] + \
-            sorted(k for k in objs if _PARTIAL.fullmatch(k.rsplit("/", 1)[-1]) and
-                   k.rsplit("/", 1)[0] == main.rsplit("/", 1)[0])
+            sorted(k for k in objs if mf.is_partial(k.rsplit("/", 1)[-1]) and
+                   (k.rsplit("/", 1)[0] if "/" in k else "") == folder)
 
-        def get(key, head=False):
-            return None if head else \
-                client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        return [(f"s3://{self.bucket}/{k}", (objs[k].get("ETag"), objs[k].get("Size")),
-                 lambda head=False, k=k: get(k, head)) for k in keys]
+        def get(key: str) -> Optional[bytes]:
+            if key not in objs:
+                return None
+            try:
+                return client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            except client.exceptions.NoSuchKey:   # a journal folded away since the listing
+                return None
+
+        def journal(key: str) -> str:
+            return key[: len(key) - len(key.rsplit("/", 1)[-1])] + \
+                mf.journal_name(key.rsplit("/", 1)[-1])
+
+        def stamp_of(key: str) -> tuple:
+            return tuple((objs[k].get("ETag"), objs[k].get("Size")) if k in objs else None
+                         for k in (key, journal(key)))
+        return [(f"s3://{self.bucket}/{k}", stamp_of(k),
+                 lambda k=k: mf.combine(get(k), get(journal(k)), f"s3://{self.bucket}/{k}"))
+                for k in keys]
 
     def _client(self):
         return s3.client(self.endpoint_url, self.region)
@@ -286,40 +224,27 @@ class ShardStore:
         return picked[offset: None if limit is None else offset + limit]
 
     def _page(self, offset: int, limit: int) -> Optional[list[dict[str, Any]]]:
-        """Entries ``offset..offset+limit`` of a local manifest laid out one entry per line,
-        through an index of line starts built once per manifest change (None: not that layout)."""
-        if self.is_s3 or len(self._sources_now) != 1:
+        """Entries ``offset..offset+limit`` of a local manifest whose journal holds no entries,
+        through an index of manifest.json's entry lines built once per change (None: read it
+        all instead)."""
+        head = self._head
+        if head is None or head.records:
             return None
-        path = Path(self._sources_now[0][0])
         with self._load_lock:
             if self._lines is None or self._lines[0] != self._stamp:
-                starts = _entry_lines(path)
-                if starts is None or len(starts) - 1 != self._total:
+                starts = mf.entry_starts(self.root, head)
+                if len(starts) - 1 != self._total:
                     return None
                 self._lines = (self._stamp, starts)
             starts = self._lines[1]
-        out = []
-        with open(path, "rb") as fh:
-            for i in range(offset, min(offset + limit, len(starts) - 1)):
-                fh.seek(int(starts[i]))
-                line = fh.read(int(starts[i + 1] - starts[i])).strip().rstrip(b",")
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    return None
-                problem = entry_problem(entry)
-                if problem:
-                    raise ManifestError(f"{path}: shard entry {i} {problem}; "
-                                        f"{rebuild_hint(str(path))}")
-                out.append(entry)
-        return out
+        return mf.entries_at(self.root, starts, offset, offset + limit)
 
     def count(self, layer: Optional[str] = None) -> int:
         """How many shards the manifest lists (holding ``layer``); from the summary if it has one."""
         if layer is None and isinstance(self._total, int):
             return self._total
-        if self._summary is not None:
-            return self._summary[layer]["shards"] if layer in self._summary else 0
+        if self._summaries is not None:
+            return self._summaries[layer].shards if layer in self._summaries else 0
         return len(self.shards(layer))
 
     def total_bytes(self) -> int:
@@ -327,24 +252,30 @@ class ShardStore:
         return self._bytes if isinstance(self._bytes, int) else \
             sum(e["bytes"] for e in self.manifest["shards"])
 
+    def summaries(self) -> dict[str, LayerSummary]:
+        """Per layer :class:`LayerSummary` (from the manifest's head when it has one: no entry
+        is parsed)."""
+        if self._summaries is None:
+            self._summaries = Summary(self.manifest["shards"]).summaries()
+        return self._summaries
+
     def layers(self) -> dict[str, dict[str, Any]]:
         """Per layer: feature shape, dtype, shard count, total rows, steps, rows dropped by the
-        ``max_activations_per_shard`` cap, and how many shards carry token provenance (from the
-        manifest's summary when it has one: no entry is parsed)."""
-        if self._summary is None:
-            self._summary = Summary(self.manifest["shards"]).layers_info()
-        return {k: dict(v, steps=list(v["steps"])) for k, v in self._summary.items()}
+        ``max_activations_per_shard`` cap, and how many shards carry token provenance, as plain
+        dicts (:meth:`summaries` gives them typed)."""
+        return {k: v.info() for k, v in self.summaries().items()}
 
     def step_runs(self) -> list[list[int]]:
         """Every captured step as ``[first, last, stride]`` runs, without listing each step when
         the summary's layers agree (a million-shard store answers at once)."""
-        head = self._head_runs
-        if head and self._doc is None and all(r == head[0] for r in head):
+        head = [la["steps"] for la in self._head.summary["layers"].values()] \
+            if self._head is not None and self._doc is None else []
+        if head and all(r == head[0] for r in head):
             return head[0]
         return runs(self.steps())
 
     def steps(self) -> list[int]:
-        return sorted({s for info in self.layers().values() for s in info["steps"]})
+        return sorted({s for info in self.summaries().values() for s in info.steps})
 
     def check_layer(self, layer: str) -> None:
         """Raise ``KeyError`` naming the valid layers when ``layer`` was not captured here."""
@@ -427,7 +358,7 @@ class ShardStore:
         """Yield ``(entry, rows)`` per shard holding ``layer``; only that shard is mapped."""
         self.check_layer(layer)
         picked = [e for e in self.shards(layer) if steps is None or
-                  set(e.get("steps", [e["step"]])) & set(steps)]
+                  set(steps_of(e)) & set(steps)]
         for entry, payload in self.payloads(picked):
             yield entry, payload["activations"][layer]
 

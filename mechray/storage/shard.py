@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import re
+import stat
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -93,6 +96,105 @@ def shard_path(root, name: Any, where: str = "the manifest") -> Path:
             raise UnsafeNameError(f"{where}: shard {name} is a symlink to {real}, outside the "
                                   f"store {home}: refused. Replace the link by the file itself")
     return path
+
+
+class UnsafeFileError(ShardError, ValueError):
+    """A store held something at a file's place that mechray does not read: a link, a FIFO, a
+    device, a directory, or a file larger than its header allows."""
+
+
+def open_regular(path, what: str = "file") -> int:
+    """A read-only descriptor of ``path`` when it is a regular file (never a link, FIFO or device).
+
+    Usage::
+
+        fd = open_regular(store / "manifest.json", "manifest")   # UnsafeFileError otherwise
+        with os.fdopen(fd, "rb") as fh: ...
+
+    ``O_NOFOLLOW`` refuses a link at ``path`` itself; ``O_NONBLOCK`` makes opening a FIFO return
+    at once (then refused), so nothing a store holds can make mechray hang or read a device.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | \
+        getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if os.path.islink(path):
+            raise UnsafeFileError(f"{what} {path} is a symbolic link: mechray reads only regular "
+                                  f"files inside the store, never a path to follow. Replace the "
+                                  f"link by the file itself") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if \
+            stat.S_ISDIR(st.st_mode) else "a device or socket"
+        raise UnsafeFileError(f"{what} {path} is {kind}, not a regular file: refused (mechray "
+                              f"reads only regular files inside the store). Remove it")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return fd
+
+
+def read_regular(path, what: str = "file", limit: Optional[int] = None) -> bytes:
+    """All bytes of a regular file (see :func:`open_regular`), at most its size at open time
+    and at most ``limit``: a file growing while read, or a huge one, is never read unbounded."""
+    fd = open_regular(path, what)
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fd).st_size
+        if limit is not None and size > limit:
+            raise UnsafeFileError(f"{what} {path} is {size} bytes, more than the {limit} "
+                                  f"mechray reads for it: refused")
+        return fh.read(size)
+
+
+MAX_PICKLE = 64 << 20  # a shard's data.pkl holds metadata only (tensors are separate records)
+
+
+def check_container(fh, size: int, name: str) -> None:
+    """Check a shard file's zip directory before anything is loaded from it: every record stored
+    (uncompressed, so it cannot inflate past what it declares), inside the file, and the
+    pickle small.  Reads only the zip directory; ``UnsafeFileError`` naming the problem."""
+    def bad(why: str) -> UnsafeFileError:
+        return UnsafeFileError(f"{name} is not a mechray shard: {why}; refused")
+    try:
+        with zipfile.ZipFile(fh) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise bad(f"its zip directory is unreadable ({exc})") from None
+    if not infos or not any(i.filename.endswith("/data.pkl") for i in infos):
+        raise bad("it holds no data.pkl record")
+    for i in infos:
+        if i.compress_type != zipfile.ZIP_STORED:
+            raise bad(f"record {i.filename[:80]!r} is compressed (mechray writes shards "
+                      f"uncompressed; a compressed record could inflate past its size)")
+        if i.file_size != i.compress_size or i.header_offset + i.compress_size > size:
+            raise bad(f"record {i.filename[:80]!r} declares {i.file_size} bytes, more than "
+                      f"the file holds")
+        if i.filename.endswith("/data.pkl") and i.file_size > MAX_PICKLE:
+            raise bad(f"its data.pkl declares {i.file_size} bytes (metadata stays under "
+                      f"{MAX_PICKLE})")
+
+
+def load_regular(path, name: str, algorithm: str) -> tuple[dict[str, Any], int, str]:
+    """``(payload, bytes, checksum)`` of a shard file a store holds, read as untrusted data: a
+    regular file only (:func:`open_regular`), its zip directory checked
+    (:func:`check_container`) before loading, tensors memory-mapped (never read whole), loaded
+    with ``weights_only=True``."""
+    fd = open_regular(path, "shard")
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fd).st_size
+        check_container(fh, size, name)
+        fh.seek(0)
+        h, left = Hasher(algorithm), size
+        buf = memoryview(bytearray(1 << 20))
+        while left and (n := fh.readinto(buf[:min(len(buf), left)])):
+            h.update(buf[:n])
+            left -= n
+        proc = f"/proc/self/fd/{fd}"   # the descriptor checked above, not the name again
+        source = proc if os.path.exists(proc) else path
+        payload = torch.load(source, weights_only=True, mmap=True, map_location="cpu")
+    return payload, size, h.digest()
 
 
 ALGORITHMS = ("crc32c", "sha256")

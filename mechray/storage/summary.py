@@ -2,13 +2,13 @@
 
 Usage::
 
-    from mechray.storage.summary import Summary, layers_from_json
+    from mechray.storage.summary import Summary, layer_summaries
 
     summary = Summary()
     summary.add(entry)                  # kept current by the manifest owner, entry by entry
     summary.remove(entry)
-    doc["summary"] = summary.to_json()  # written before "shards" in manifest.json
-    layers = layers_from_json(doc["summary"], "manifest.json")   # what ShardStore.layers() gives
+    head["summary"] = summary.to_json()  # in manifest.json's head and each journal commit
+    layers = layer_summaries(head["summary"], "manifest.json")   # {name: LayerSummary}
 
 Steps are stored as runs ``[first, last, stride]``: a capture every ``n`` steps is one run, so
 the summary of a million shards is a few hundred bytes per layer.
@@ -17,7 +17,11 @@ the summary of a million shards is a few hundred bytes per layer.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Annotated, Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from mechray.storage.entry import LayerSummary, steps_of
 
 MAX_STEPS = 50_000_000  # a hostile summary cannot make a reader expand unbounded ranges
 SHAPE = "summary: {'shards': int, 'bytes': int, 'layers': {name: {'feature_shape', 'dtype', " \
@@ -26,13 +30,47 @@ SHAPE = "summary: {'shards': int, 'bytes': int, 'layers': {name: {'feature_shape
 
 class _Layer:
     __slots__ = ("feature_shape", "dtype", "shards", "rows", "steps", "dropped_rows",
-                 "provenance_shards")
+                 "provenance_shards", "sizes", "runs")
 
     def __init__(self) -> None:
         self.feature_shape: list[int] = []
         self.dtype = ""
         self.shards = self.rows = self.dropped_rows = self.provenance_shards = 0
         self.steps: Counter[int] = Counter()
+        self.sizes: Counter[int] = Counter()   # shards per row count: the largest one is known
+        self.runs: Optional[list[list[int]]] = []  # the steps as runs; None: recompute
+
+    def step(self, s: int, sign: int) -> None:
+        """Count step ``s`` once more (``sign`` 1) or once less (-1), keeping the runs current
+        when a new step comes after the last one (a capture's usual order: O(1) per commit,
+        not a sort of every step); anything else has them recomputed when next asked for."""
+        _bump(self.steps, s, sign)
+        fresh = sign > 0 and self.steps[s] == 1
+        if not fresh and self.steps.get(s, 0) > 0:
+            return                                    # a step already counted: runs unchanged
+        if not fresh or self.runs is None or (self.runs and s <= self.runs[-1][1]):
+            self.runs = None
+        elif not self.runs:
+            self.runs.append([s, s, 1])
+        else:
+            last = self.runs[-1]
+            if last[0] == last[1]:                    # a lone step: it and s make a run
+                last[1], last[2] = s, s - last[0]
+            elif s - last[1] == last[2]:
+                last[1] = s
+            else:
+                self.runs.append([s, s, 1])
+
+    def step_runs(self) -> list[list[int]]:
+        if self.runs is None:
+            self.runs = runs(sorted(self.steps))
+        return [list(r) for r in self.runs]
+
+
+def _bump(counter: Counter[int], key: int, sign: int) -> None:
+    counter[key] += sign
+    if counter[key] <= 0:
+        del counter[key]
 
 
 class Summary:
@@ -47,11 +85,9 @@ class Summary:
     def add(self, entry: dict[str, Any], sign: int = 1) -> None:
         self.shards += sign
         self.bytes += sign * entry["bytes"]
-        steps = entry.get("steps", [entry["step"]])
-        counted = entry.get("dropped_rows")
-        dropped: dict[str, Any] = counted if isinstance(counted, dict) else {}
-        listed = entry.get("provenance")
-        prov: list[Any] = listed if isinstance(listed, list) else []
+        steps = steps_of(entry)
+        dropped = entry.get("dropped_rows") or {}
+        prov = entry.get("provenance") or []
         for name, info in entry["layers"].items():
             layer = self.layers.get(name)
             if layer is None:
@@ -62,10 +98,9 @@ class Summary:
             layer.rows += sign * info["shape"][0]
             layer.dropped_rows += sign * int(dropped.get(name, 0) or 0)
             layer.provenance_shards += sign * (name in prov)
+            _bump(layer.sizes, info["shape"][0], sign)
             for s in steps:
-                layer.steps[s] += sign
-                if layer.steps[s] <= 0:
-                    del layer.steps[s]
+                layer.step(s, sign)
             if layer.shards <= 0:
                 del self.layers[name]
 
@@ -78,12 +113,13 @@ class Summary:
                                   "shards": la.shards, "rows": la.rows,
                                   "dropped_rows": la.dropped_rows,
                                   "provenance_shards": la.provenance_shards,
-                                  "steps": runs(sorted(la.steps))}
+                                  "max_shard_rows": max(la.sizes, default=0),
+                                  "steps": la.step_runs()}
                            for name, la in sorted(self.layers.items())}}
 
-    def layers_info(self) -> dict[str, dict[str, Any]]:
-        """What :meth:`ShardStore.layers` returns, from these counts."""
-        return layers_from_json(self.to_json(), "summary")
+    def summaries(self) -> dict[str, LayerSummary]:
+        """What :meth:`ShardStore.summaries` returns, from these counts."""
+        return layer_summaries(self.to_json(), "summary")
 
 
 def runs(steps: list[int]) -> list[list[int]]:
@@ -107,29 +143,41 @@ def expand(run_list: list[list[int]]) -> list[int]:
     return [s for first, last, stride in run_list for s in range(first, last + 1, stride)]
 
 
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+class _Runs(BaseModel):
+    """A layer as the summary stores it (steps as runs), checked before anything is expanded."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    feature_shape: list[StrictInt]
+    dtype: StrictStr
+    shards: StrictInt
+    rows: StrictInt
+    steps: list[Annotated[list[StrictInt], Field(min_length=3, max_length=3)]]
+    dropped_rows: StrictInt = 0
+    provenance_shards: StrictInt = 0
+    max_shard_rows: StrictInt | None = None
 
 
-def layers_from_json(doc: Any, where: str) -> dict[str, dict[str, Any]]:
-    """Per layer ``feature_shape, dtype, shards, rows, steps, dropped_rows,
-    provenance_shards``; ``ValueError`` for a wrong shape (checked, sizes included, before
-    anything is expanded)."""
-    layers = doc.get("layers") if isinstance(doc, dict) else None
-    ok = isinstance(layers, dict) and all(
-        isinstance(la, dict) and isinstance(la.get("feature_shape"), list) and
-        all(_int(d) for d in la["feature_shape"]) and isinstance(la.get("dtype"), str) and
-        _int(la.get("shards")) and _int(la.get("rows")) and isinstance(la.get("steps"), list) and
-        _int(la.get("dropped_rows", 0)) and _int(la.get("provenance_shards", 0)) and
-        all(isinstance(r, list) and len(r) == 3 and all(_int(x) for x in r) and r[2] > 0 and
-            r[1] >= r[0] for r in la["steps"])
-        for la in layers.values())
-    if not ok or layers is None:
-        raise ValueError(f"{where}: the summary is not {SHAPE}")
-    if sum((r[1] - r[0]) // r[2] + 1 for la in layers.values() for r in la["steps"]) > MAX_STEPS:
+class _Summary(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    shards: StrictInt | None = None
+    bytes: StrictInt | None = None
+    layers: dict[str, _Runs] = Field()
+
+
+def layer_summaries(doc: Any, where: str) -> dict[str, LayerSummary]:
+    """Per layer :class:`LayerSummary` from a manifest head's ``summary``; ``ValueError`` for a
+    wrong shape (checked, run sizes included, before anything is expanded)."""
+    try:
+        parsed = _Summary.model_validate(doc)
+    except ValidationError:
+        raise ValueError(f"{where}: the summary is not {SHAPE}") from None
+    layers = parsed.layers
+    if any(r[2] <= 0 or r[1] < r[0] for la in layers.values() for r in la.steps):
+        raise ValueError(f"{where}: the summary is not {SHAPE} (a step run goes backwards)")
+    if sum((r[1] - r[0]) // r[2] + 1 for la in layers.values() for r in la.steps) > MAX_STEPS:
         raise ValueError(f"{where}: the summary lists more than {MAX_STEPS} steps")
-    return {name: {"feature_shape": la["feature_shape"], "dtype": la["dtype"],
-                   "shards": la["shards"], "rows": la["rows"], "steps": expand(la["steps"]),
-                   "dropped_rows": la.get("dropped_rows", 0),
-                   "provenance_shards": la.get("provenance_shards", 0)}
+    return {name: LayerSummary.model_construct(  # (checked above, as _Runs)
+                feature_shape=la.feature_shape, dtype=la.dtype, shards=la.shards, rows=la.rows,
+                steps=expand(la.steps), dropped_rows=la.dropped_rows,
+                provenance_shards=la.provenance_shards, max_shard_rows=la.max_shard_rows)
             for name, la in layers.items()}

@@ -224,7 +224,10 @@ class ThreadTransport(Transport):
                    self.found.next_index(self.rank) if self.found else 0)
 
     def _release(self) -> None:
-        self.claim.release()
+        try:
+            self.manifest.close()     # fold the journal: manifest.json indexes every shard again
+        finally:
+            self.claim.release()
 
     def _write(self, pending: PendingShard) -> dict[str, Any]:
         try:

@@ -117,6 +117,8 @@ class ManifestOwner:
     def leave(self, member: str) -> None:
         """A rank closed its sampler; the last one out releases the claim."""
         self.members.pop(member, None)
+        if not self.members:
+            self.manifest.close()   # the journal folded into manifest.json: a full index again
         if not self.members and self.claim is not None:
             self.claim.release()
             self.claim = None

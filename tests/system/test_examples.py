@@ -156,7 +156,7 @@ def test_serve_app_smoke_with_token(tmp_path):
     assert smoke["layers"]["status"] == 200
     assert set(layers) == {"mamba_backbone.blocks.1", "popt"}
     assert layers["popt"] == {"feature_shape": [32], "dtype": "float32", "shards": 3, "rows": 24,
-                              "steps": [0, 1, 2]}
+                              "steps": [0, 1, 2], "steps_total": 3}
     assert smoke["interpret"]["status"] == 200 and smoke["interpret"]["num_samples"] == 24
     assert "sparsity" in smoke["interpret"]["result_keys"]
 
