@@ -37,7 +37,10 @@ id (see :mod:`mechray.capture.tokens`); outputs ``[B, d]`` keep one row per exam
 Memory is bounded: per layer the cache keeps the **newest** ``max_activations_per_shard`` rows.
 When more arrive, whole older chunks are dropped (counted as ``dropped_rows`` in the shard's
 metadata) and the surplus of a partly dropped chunk is trimmed when the shard is written, so at
-most one forward call's rows beyond the limit are ever held.
+most one forward call's rows beyond the limit are ever held.  ``save_activations`` logs a
+warning naming each layer that lost rows, how many of how many, and the setting to change (once
+per layer per shard, and at most once a minute per layer: the rows dropped by the shards in
+between are added to the next warning).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from mechray.storage.shard import Chunk, PendingShard, shard_name
 from mechray.storage.transport import Transport, make_transport
 
 log = logging.getLogger(__name__)
+DROP_WARN_SECONDS = 60.0   # at most one dropped-rows warning per layer per minute
 
 
 class ActivationSampler:
@@ -108,6 +112,8 @@ class ActivationSampler:
         self._unmasked: set[str] = set()               # layers warned about a mask misfit
         self.rows_captured = 0
         self.rows_dropped: dict[str, int] = {}   # per layer, over the sampler's life
+        self._drop_warned: dict[str, float] = {}      # layer -> time of its last warning
+        self._drop_pending: dict[str, list[int]] = {}  # layer -> [rows, shards] not yet warned
         self.bytes_captured = 0
         self.capture_seconds = 0.0  # spent in hooks on the training thread
 
@@ -336,8 +342,12 @@ class ActivationSampler:
         chunks = {k: list(v) for k, v in self._cache.items() if v}
         info = {k: dict(v) for k, v in self._info.items()}
         for layer, total in self._cached_rows.items():  # the surplus the writer trims
-            if total > self._cap:
-                self.rows_dropped[layer] = self.rows_dropped.get(layer, 0) + total - self._cap
+            surplus = max(0, total - self._cap)
+            if surplus:
+                self.rows_dropped[layer] = self.rows_dropped.get(layer, 0) + surplus
+            if layer in info:
+                info[layer]["shard_dropped"] = info[layer]["dropped_rows"] + surplus
+                info[layer]["shard_kept"] = min(total, self._cap)
         examples = (self._examples, self._example_steps)
         inputs = self._inputs
         self._cache.clear()
@@ -394,6 +404,11 @@ class ActivationSampler:
             _ = self.transport  # claim the store before the cache is emptied: a refusal loses nothing
         with self._lock:
             chunks, info, (examples, example_steps), inputs = self._take()
+        for layer, meta in info.items():
+            dropped = meta.pop("shard_dropped", 0)
+            kept = meta.pop("shard_kept", 0)
+            if dropped and layer in chunks:
+                self._warn_dropped(layer, dropped, kept, int(global_step))
         if not chunks:
             if self.config.verbose:
                 log.warning("mechray: nothing captured before save_activations(%d); check that "
@@ -411,6 +426,25 @@ class ActivationSampler:
                                       inputs=inputs, examples=examples,
                                       example_steps=example_steps, run_id=self.run_id))
         return name
+
+    def _warn_dropped(self, layer: str, dropped: int, kept: int, step: int) -> None:
+        """One warning for the rows ``layer`` lost in this shard (rate-limited per layer)."""
+        pending = self._drop_pending.setdefault(layer, [0, 0])
+        now = time.monotonic()
+        last = self._drop_warned.get(layer)
+        if last is not None and now - last < DROP_WARN_SECONDS:
+            pending[0] += dropped
+            pending[1] += 1
+            return
+        self._drop_warned[layer] = now
+        earlier = f" (and {pending[0]:,} rows in {pending[1]} earlier shard(s) since the last " \
+                  f"warning)" if pending[1] else ""
+        self._drop_pending[layer] = [0, 0]
+        log.warning("mechray: %s dropped %s of %s rows captured for the shard of step %d: "
+                    "max_activations_per_shard=%d keeps the newest rows per layer per shard%s; "
+                    "raise max_activations_per_shard, call save_activations more often, or set "
+                    "rows_per_step to sample rows evenly", layer, f"{dropped:,}",
+                    f"{dropped + kept:,}", step, self._cap, earlier)
 
     @property
     def stats(self):
