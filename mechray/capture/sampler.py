@@ -34,6 +34,12 @@ A hooked output ``[B, T, ..., d]`` then keeps the rows of real tokens only, and 
 carries its example (index into the shard's ``examples`` table of token ids), position and token
 id (see :mod:`mechray.capture.tokens`); outputs ``[B, d]`` keep one row per example.
 
+Special tokens: given a tokenizer (``ActivationSampler(..., tokenizer=tok)``,
+``MechIntHooks(config, tokenizer=tok)``) the rows of its ``all_special_ids`` ([CLS], [SEP],
+BOS, EOS, PAD) are left out too, so statistics and top contexts are about the text (the
+examples table keeps them: contexts still show them around a token).  ``special_token_ids``
+names the ids without a tokenizer; ``exclude_special_tokens=False`` keeps every real row.
+
 Memory is bounded: per layer the cache keeps the **newest** ``max_activations_per_shard`` rows.
 When more arrive, whole older chunks are dropped (counted as ``dropped_rows`` in the shard's
 metadata) and the surplus of a partly dropped chunk is trimmed when the shard is written, so at
@@ -67,6 +73,18 @@ log = logging.getLogger(__name__)
 DROP_WARN_SECONDS = 60.0   # at most one dropped-rows warning per layer per minute
 
 
+def special_token_ids(config: MechIntConfig, tokenizer: Any = None) -> Optional[torch.Tensor]:
+    """The token ids whose rows capture leaves out: ``config.special_token_ids``, else the
+    tokenizer's ``all_special_ids``; ``None`` when ``exclude_special_tokens`` is off or there
+    are none."""
+    if not config.exclude_special_tokens:
+        return None
+    ids = config.special_token_ids
+    if ids is None and tokenizer is not None:
+        ids = list(getattr(tokenizer, "all_special_ids", None) or [])
+    return torch.tensor(sorted(set(ids)), dtype=torch.long) if ids else None
+
+
 class ActivationSampler:
     """Captures the outputs of selected modules and writes them as shards.
 
@@ -76,7 +94,7 @@ class ActivationSampler:
 
     def __init__(self, layers: Optional[list[str]] = None, save_dir: Optional[str] = None, *,
                  config: MechIntConfig | dict | None = None, rank: int = 0, world_size: int = 1,
-                 **fields: Any):
+                 tokenizer: Any = None, **fields: Any):
         if layers is not None:
             fields["sample_layers"] = list(layers)
         if save_dir is not None:
@@ -110,6 +128,7 @@ class ActivationSampler:
         self._inputs: list[Any] = []                   # model inputs (save_inputs)
         self._input_rows = 0
         self._unmasked: set[str] = set()               # layers warned about a mask misfit
+        self.special_ids = special_token_ids(self.config, tokenizer)
         self.rows_captured = 0
         self.rows_dropped: dict[str, int] = {}   # per layer, over the sampler's life
         self._drop_warned: dict[str, float] = {}      # layer -> time of its last warning
@@ -187,7 +206,8 @@ class ActivationSampler:
             if not self.enabled:
                 return
             if cfg.mask_key and self._explicit is None:
-                self._auto = find_tokens(args, kwargs, cfg.mask_key, cfg.token_ids_key)
+                found = find_tokens(args, kwargs, cfg.mask_key, cfg.token_ids_key)
+                self._auto = found.without(self.special_ids) if found is not None else None
             if save:
                 self._add_inputs(args, kwargs)
         return hook
@@ -206,7 +226,8 @@ class ActivationSampler:
     def set_tokens(self, mask: Any = None, input_ids: Any = None) -> None:
         """The mask (``[batch, seq]``) and token ids of the next forward calls, until
         :meth:`clear_tokens` (the Lightning callback sets them from each batch)."""
-        self._explicit = TokenBatch.of(mask, input_ids)
+        batch = TokenBatch.of(mask, input_ids)
+        self._explicit = batch.without(self.special_ids) if batch is not None else None
 
     def clear_tokens(self) -> None:
         self._explicit = None
@@ -397,7 +418,8 @@ class ActivationSampler:
         if global_step is None or int(global_step) < 0:
             raise ValueError(f"global_step={global_step!r} must be an integer >= 0")
         if mask is not None or input_ids is not None:
-            self._mask_cache(TokenBatch.of(mask, input_ids))
+            batch = TokenBatch.of(mask, input_ids)
+            self._mask_cache(batch.without(self.special_ids) if batch is not None else None)
         if self._transport is not None:
             self._transport.check()  # a failed write stops us before more rows are handed off
         elif any(self._cache.values()):
