@@ -398,6 +398,9 @@ def test_saelens_loads_what_mechray_writes_and_computes_the_same(synthetic, tmp_
     cfg = json.loads((tmp_path / r["saelens_path"] / "cfg.json").read_text())
     assert cfg["architecture"] == saelens_arch and cfg["metadata"]["hook_name"] == "src"
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / r["saelens_path"]))
+    # SAELens reads it as a 6.x config and keeps the metadata: the hook name comes back
+    assert theirs.cfg.metadata.hook_name == "src"
+    assert cfg["metadata"]["sae_lens_version"].startswith("6.")
     ours = load_sae(tmp_path / r["weights_path"])
     held = x[-600:]
     with torch.no_grad():
