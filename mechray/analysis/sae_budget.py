@@ -49,7 +49,8 @@ dictionary of ``tests/analysis/test_sae.py`` the held-out FVU is flat from step 
 data's noise ceiling), so the fit stops at ~210 of 600 steps. The held-out rows then also chose
 the stopping point, a small optimistic bias in their EV (one of ~20 checkpoints);
 ``benchmarks/sae_minilm.py`` checks it against rows of new sentences. It watches rows kept in
-memory only (a streamed store is read once per epoch and gets no early stop). ``converged`` is
+memory only (a streamed store is read once per epoch and gets no early stop); a fit resumed
+from a checkpoint starts watching afresh at the resumed step. ``converged`` is
 true when the held-out FVU stopped improving (an early stop, or held-out EV gaining less than
 0.01 from the evaluation at 60% of the run to the one at 80%), or when the training loss did
 (:func:`loss_flat`): on a small store the training loss keeps falling as the SAE fits its rows,
