@@ -92,6 +92,14 @@ class MechIntConfig(BaseModel):
     token_ids_key: Optional[str] = Field(
         "input_ids", description="keyword argument / batch key of the token ids stored with "
                                  "each row (provenance, token contexts)")
+    exclude_special_tokens: bool = Field(
+        True, description="leave rows of special tokens ([CLS], [SEP], BOS, EOS, PAD) out of "
+                          "capture: the ids in special_token_ids, else the all_special_ids of "
+                          "the tokenizer given to MechIntHooks / ActivationSampler (needs the "
+                          "token ids of each forward)")
+    special_token_ids: Optional[list[int]] = Field(
+        None, description="token ids left out when exclude_special_tokens; None: the "
+                          "tokenizer's all_special_ids (no tokenizer: none)")
     steps_per_shard: Optional[int] = Field(
         None, description="sampled steps gathered into one shard by MechIntCallback (cut earlier "
                           "when max_activations_per_shard would be exceeded). None: gather by "

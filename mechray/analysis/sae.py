@@ -33,8 +33,10 @@ Result keys (held-out rows, raw activation units): ``mse`` (mean squared error p
 last ``dead_steps_threshold`` training steps; ``dead_saelens``: SAELens' count),
 ``cosine_similarity`` (mean cos(x, x_hat)), ``l2_ratio`` (shrinkage: mean ||x_hat|| / ||x||),
 ``n_latents``, ``latent_log10_frequency`` (per latent, ``null`` when never active),
-``latent_density_histogram``, ``train`` (steps, rows, loss curve, budget, ``resumed_from_step``,
-...; ``None`` for ``pretrained``), ``converged``, ``warnings``, ``trained``,
+``latent_density_histogram``, ``train_explained_variance`` (on as many training rows as are
+held out: memorisation shows as a gap), ``train`` (steps, rows, loss curve, budget,
+``max_epochs``, ``early_stop`` (held-out FVU curve, stop step and reason),
+``resumed_from_step``, ...; ``None`` for ``pretrained``), ``converged``, ``warnings``, ``trained``,
 ``pretrained``, ``top_activations``, ``splice`` (see :func:`splice_metrics`) and
 ``weights_path`` / ``config_path`` / ``saelens_path`` (relative to ``ctx.out_dir``; ``None``
 without one).  Formulas and file layout:
@@ -72,9 +74,14 @@ from mechray.analysis.intervene import (
     eval_inputs,
 )
 from mechray.analysis.sae_budget import (
+    FEW_STEPS,
+    MAX_EPOCHS,
+    EarlyStop,
     auto_lr,
     budget_rule,
     budget_steps,
+    early_stopping,
+    fvu,
     loss_flat,
     sae_warnings,
 )
@@ -119,6 +126,16 @@ class SAEParams(Params):
                                                  "epochs as that takes (None: max(1000, "
                                                  "2 * n_latents); ignored when steps or epochs "
                                                  "is set)")
+    max_epochs: Optional[int] = Field(MAX_EPOCHS, ge=1, le=100_000,
+                                      description="budget: at most this many epochs over a "
+                                                  "small store (None: no cap; ignored when "
+                                                  "steps or epochs is set)")
+    early_stop: Optional[bool] = Field(None, description="stop when the held-out loss stops "
+                                                         "improving or rises; None: on unless "
+                                                         "steps or epochs is set")
+    eval_every: Optional[int] = Field(None, ge=1, le=10_000_000,
+                                      description="early stop: steps between held-out "
+                                                  "evaluations (None: total // 20, >= 5)")
     epochs: Optional[int] = Field(None, ge=1, le=10_000,
                                   description="overrides the budget: exactly this many epochs")
     steps: Optional[int] = Field(None, ge=1, le=10_000_000, description="overrides everything")
@@ -218,7 +235,8 @@ class SAEAnalysis(Analysis):
         rows = float(min(n, p.get("max_rows") or n))
         size = p.get("batch_size") or 1024
         steps = budget_steps(SimpleNamespace(steps=p.get("steps"), epochs=p.get("epochs"),
-                                             min_steps=p.get("min_steps")),
+                                             min_steps=p.get("min_steps"),
+                                             max_epochs=p.get("max_epochs", MAX_EPOCHS)),
                              -(-int(rows) // size), int(latents))
         seen = 0.0 if p.get("pretrained") else steps * size
         seen += n / 3                           # top-activating rows: one forward pass
@@ -261,6 +279,8 @@ class SAEAnalysis(Analysis):
             losses[: len(done)] = done.to(device)
             for _ in itertools.islice(batches, trainer.n_steps):   # the batches already seen
                 pass
+        watch = early_stopping(p) and data.in_memory
+        stop: Optional[EarlyStop] = None
         t0 = time.perf_counter()
         with tqdm(total=total, initial=trainer.n_steps, desc=f"sae {layer}", unit="step",
                   leave=False, disable=not sys.stderr.isatty()) as bar:
@@ -271,12 +291,19 @@ class SAEAnalysis(Analysis):
                 losses[step] = trainer.step(batch)
                 rows_seen += len(batch)
                 bar.update(1)
+                if watch and stop is None:      # the held-out rows are split off by now
+                    stop = EarlyStop(data.eval_rows(), p.eval_every or max(5, total // 20),
+                                     start=max(warmup, total // 5, min(FEW_STEPS, total)))
+                if stop is not None and stop.check(sae, trainer.n_steps):
+                    break
                 if ckpt is not None and trainer.n_steps % p.checkpoint_every == 0 and \
                         trainer.n_steps < total:
                     ckpt.save(trainer, losses[: trainer.n_steps], rows_seen,
                               before + time.perf_counter() - t0)
         seconds = before + time.perf_counter() - t0
         losses = losses[: trainer.n_steps].cpu()
+        if stop is not None:
+            stop.restore(sae)
         sae.eval()
         if p.architecture == "batchtopk" and data.sample is not None:
             sae.calibrate_threshold(data.sample[: p.max_eval_rows])
@@ -286,6 +313,8 @@ class SAEAnalysis(Analysis):
         result.update(architecture=p.architecture, d_in=d, n_latents=n_latents,
                       k=None if p.architecture == "relu" else p.k, trained=True, pretrained=None,
                       dead_saelens=dead_saelens(trainer))
+        if data.sample is not None:     # training rows, as many as held out: memorisation
+            result["train_explained_variance"] = 1 - fvu(sae, data.sample[: len(held)])
         every = max(1, trainer.n_steps // 100)
         curve = [[i + 1, round(float(v), 6)] for i, v in enumerate(losses.tolist())
                  if (i + 1) % every == 0]
@@ -299,10 +328,12 @@ class SAEAnalysis(Analysis):
                            "in_memory": data.in_memory, "loss_curve": curve,
                            "final_loss": curve[-1][1] if curve else None,
                            "plateau_drop": drop, "resumed_from_step":
-                           None if resumed is None else len(resumed[0])}
+                           None if resumed is None else len(resumed[0]),
+                           "max_epochs": p.max_epochs,
+                           "early_stop": None if stop is None else stop.summary()}
         if p.architecture == "batchtopk":
             result["train"]["threshold"] = float(sae.threshold.max())
-        result["converged"] = flat
+        result["converged"] = flat or (stop is not None and stop.plateaued() is True)
         result["warnings"] = sae_warnings(result, p, data)
         result["top_activations"] = top_activations(sae, ctx.store, layer, result, p)
         result["splice"] = self._splice(sae, ctx, layer)

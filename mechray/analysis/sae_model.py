@@ -284,6 +284,9 @@ def load_sae(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
 
 # --- SAELens layout ---------------------------------------------------------------------------
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
+# the SAELens release whose disk layout save_saelens writes (and is tested against): SAELens 6
+# reads a cfg.json without metadata.sae_lens_version as a pre-6.0 one and drops its metadata
+SAELENS_FORMAT_VERSION = "6.54.12"
 _TO_SAELENS = {"topk": "topk", "relu": "standard", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
 
 
@@ -296,7 +299,10 @@ def save_saelens(sae: SparseAutoencoder, directory: Union[str, os.PathLike], hoo
     ``"jumprelu"`` with every latent's threshold set to the calibrated batch threshold (what
     SAELens itself saves a BatchTopK SAE as), jumprelu -> ``"jumprelu"``.  ``input_scale`` is
     folded into the weights (``normalize_activations: "none"``); ``hook_name`` goes into
-    ``metadata`` as SAELens records it.
+    ``metadata`` as SAELens records it, with ``sae_lens_version`` /
+    ``sae_lens_training_version`` (:data:`SAELENS_FORMAT_VERSION`, the layout written) so that
+    SAELens 6 reads it as a 6.x config and ``SAE.load_from_disk(d).cfg.metadata.hook_name`` is
+    the layer (without them it is ``None``).
     """
     from safetensors.torch import save_file
 
@@ -310,7 +316,9 @@ def save_saelens(sae: SparseAutoencoder, directory: Union[str, os.PathLike], hoo
         "architecture": arch, "d_in": sae.d_in, "d_sae": sae.n_latents, "dtype": "float32",
         "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": {"hook_name": hook_name, "trained_with": "mechray",
+        "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION,
+                     "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+                     "hook_name": hook_name, "trained_with": "mechray",
                      "mechray_architecture": sae.architecture, **(metadata or {})}}
     if arch == "topk":
         cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)

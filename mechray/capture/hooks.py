@@ -16,6 +16,7 @@ Usage::
 
     with MechIntHooks(config).attach(model) as hooks:   # the same, with removal guaranteed
         ...
+    MechIntHooks(config, tokenizer=tok)   # rows of tok's special tokens ([CLS], ...) left out
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ from mechray.config import MechIntConfig
 class MechIntHooks:
     """Owns an :class:`ActivationSampler` built from a config (object or dict)."""
 
-    def __init__(self, config: MechIntConfig | dict[str, Any], rank: int = 0, world_size: int = 1):
+    def __init__(self, config: MechIntConfig | dict[str, Any], rank: int = 0, world_size: int = 1,
+                 tokenizer: Any = None):
+        """``tokenizer``: its special tokens' rows are left out of capture (unless
+        ``config.exclude_special_tokens`` is off); see :class:`ActivationSampler`."""
         self.config = MechIntConfig.coerce(config)
-        self.sampler = ActivationSampler(config=self.config, rank=rank, world_size=world_size)
+        self.sampler = ActivationSampler(config=self.config, rank=rank, world_size=world_size,
+                                         tokenizer=tokenizer)
 
     def register_hooks(self, model: nn.Module) -> "MechIntHooks":
         self.sampler.register_hooks(model)

@@ -34,10 +34,19 @@ A hooked output ``[B, T, ..., d]`` then keeps the rows of real tokens only, and 
 carries its example (index into the shard's ``examples`` table of token ids), position and token
 id (see :mod:`mechray.capture.tokens`); outputs ``[B, d]`` keep one row per example.
 
+Special tokens: given a tokenizer (``ActivationSampler(..., tokenizer=tok)``,
+``MechIntHooks(config, tokenizer=tok)``) the rows of its ``all_special_ids`` ([CLS], [SEP],
+BOS, EOS, PAD) are left out too, so statistics and top contexts are about the text (the
+examples table keeps them: contexts still show them around a token).  ``special_token_ids``
+names the ids without a tokenizer; ``exclude_special_tokens=False`` keeps every real row.
+
 Memory is bounded: per layer the cache keeps the **newest** ``max_activations_per_shard`` rows.
 When more arrive, whole older chunks are dropped (counted as ``dropped_rows`` in the shard's
 metadata) and the surplus of a partly dropped chunk is trimmed when the shard is written, so at
-most one forward call's rows beyond the limit are ever held.
+most one forward call's rows beyond the limit are ever held.  ``save_activations`` logs a
+warning naming each layer that lost rows, how many of how many, and the setting to change (once
+per layer per shard, and at most once a minute per layer: the rows dropped by the shards in
+between are added to the next warning).
 """
 
 from __future__ import annotations
@@ -61,6 +70,19 @@ from mechray.storage.shard import Chunk, PendingShard, shard_name
 from mechray.storage.transport import Transport, make_transport
 
 log = logging.getLogger(__name__)
+DROP_WARN_SECONDS = 60.0   # at most one dropped-rows warning per layer per minute
+
+
+def special_token_ids(config: MechIntConfig, tokenizer: Any = None) -> Optional[torch.Tensor]:
+    """The token ids whose rows capture leaves out: ``config.special_token_ids``, else the
+    tokenizer's ``all_special_ids``; ``None`` when ``exclude_special_tokens`` is off or there
+    are none."""
+    if not config.exclude_special_tokens:
+        return None
+    ids = config.special_token_ids
+    if ids is None and tokenizer is not None:
+        ids = list(getattr(tokenizer, "all_special_ids", None) or [])
+    return torch.tensor(sorted(set(ids)), dtype=torch.long) if ids else None
 
 
 class ActivationSampler:
@@ -72,7 +94,7 @@ class ActivationSampler:
 
     def __init__(self, layers: Optional[list[str]] = None, save_dir: Optional[str] = None, *,
                  config: MechIntConfig | dict | None = None, rank: int = 0, world_size: int = 1,
-                 **fields: Any):
+                 tokenizer: Any = None, **fields: Any):
         if layers is not None:
             fields["sample_layers"] = list(layers)
         if save_dir is not None:
@@ -107,8 +129,11 @@ class ActivationSampler:
         self._inputs: list[Any] = []                   # model inputs (save_inputs)
         self._input_rows = 0
         self._unmasked: set[str] = set()               # layers warned about a mask misfit
+        self.special_ids = special_token_ids(self.config, tokenizer)
         self.rows_captured = 0
         self.rows_dropped: dict[str, int] = {}   # per layer, over the sampler's life
+        self._drop_warned: dict[str, float] = {}      # layer -> time of its last warning
+        self._drop_pending: dict[str, list[int]] = {}  # layer -> [rows, shards] not yet warned
         self.bytes_captured = 0
         self.capture_seconds = 0.0  # spent in hooks on the training thread
 
@@ -196,7 +221,8 @@ class ActivationSampler:
             if not self.enabled:
                 return
             if cfg.mask_key and self._explicit is None:
-                self._auto = find_tokens(args, kwargs, cfg.mask_key, cfg.token_ids_key)
+                found = find_tokens(args, kwargs, cfg.mask_key, cfg.token_ids_key)
+                self._auto = found.without(self.special_ids) if found is not None else None
             if save:
                 self._add_inputs(args, kwargs)
         return hook
@@ -215,7 +241,8 @@ class ActivationSampler:
     def set_tokens(self, mask: Any = None, input_ids: Any = None) -> None:
         """The mask (``[batch, seq]``) and token ids of the next forward calls, until
         :meth:`clear_tokens` (the Lightning callback sets them from each batch)."""
-        self._explicit = TokenBatch.of(mask, input_ids)
+        batch = TokenBatch.of(mask, input_ids)
+        self._explicit = batch.without(self.special_ids) if batch is not None else None
 
     def clear_tokens(self) -> None:
         self._explicit = None
@@ -352,8 +379,12 @@ class ActivationSampler:
         chunks = {k: list(v) for k, v in self._cache.items() if v}
         info = {k: dict(v) for k, v in self._info.items()}
         for layer, total in self._cached_rows.items():  # the surplus the writer trims
-            if total > self._cap:
-                self.rows_dropped[layer] = self.rows_dropped.get(layer, 0) + total - self._cap
+            surplus = max(0, total - self._cap)
+            if surplus:
+                self.rows_dropped[layer] = self.rows_dropped.get(layer, 0) + surplus
+            if layer in info:
+                info[layer]["shard_dropped"] = info[layer]["dropped_rows"] + surplus
+                info[layer]["shard_kept"] = min(total, self._cap)
         examples = (self._examples, self._example_steps)
         inputs = self._inputs
         self._cache.clear()
@@ -421,13 +452,19 @@ class ActivationSampler:
         if global_step is None or int(global_step) < 0:
             raise ValueError(f"global_step={global_step!r} must be an integer >= 0")
         if mask is not None or input_ids is not None:
-            self._mask_cache(TokenBatch.of(mask, input_ids))
+            batch = TokenBatch.of(mask, input_ids)
+            self._mask_cache(batch.without(self.special_ids) if batch is not None else None)
         if self._transport is not None:
             self._transport.check()  # a failed write stops us before more rows are handed off
         elif any(self._cache.values()):
             _ = self.transport  # claim the store before the cache is emptied: a refusal loses nothing
         with self._lock:
             chunks, info, (examples, example_steps), inputs = self._take()
+        for layer, meta in info.items():
+            dropped = meta.pop("shard_dropped", 0)
+            kept = meta.pop("shard_kept", 0)
+            if dropped and layer in chunks:
+                self._warn_dropped(layer, dropped, kept, int(global_step))
         if not chunks:
             if self.config.verbose:
                 log.warning("mechray: nothing captured before save_activations(%d); check that "
@@ -445,6 +482,25 @@ class ActivationSampler:
                                       inputs=inputs, examples=examples,
                                       example_steps=example_steps, run_id=self.run_id))
         return name
+
+    def _warn_dropped(self, layer: str, dropped: int, kept: int, step: int) -> None:
+        """One warning for the rows ``layer`` lost in this shard (rate-limited per layer)."""
+        pending = self._drop_pending.setdefault(layer, [0, 0])
+        now = time.monotonic()
+        last = self._drop_warned.get(layer)
+        if last is not None and now - last < DROP_WARN_SECONDS:
+            pending[0] += dropped
+            pending[1] += 1
+            return
+        self._drop_warned[layer] = now
+        earlier = f" (and {pending[0]:,} rows in {pending[1]} earlier shard(s) since the last " \
+                  f"warning)" if pending[1] else ""
+        self._drop_pending[layer] = [0, 0]
+        log.warning("mechray: %s dropped %s of %s rows captured for the shard of step %d: "
+                    "max_activations_per_shard=%d keeps the newest rows per layer per shard%s; "
+                    "raise max_activations_per_shard, call save_activations more often, or set "
+                    "rows_per_step to sample rows evenly", layer, f"{dropped:,}",
+                    f"{dropped + kept:,}", step, self._cap, earlier)
 
     @property
     def stats(self):

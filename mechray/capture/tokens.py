@@ -41,6 +41,20 @@ class TokenBatch:
 
     mask: torch.Tensor
     input_ids: Optional[torch.Tensor] = None
+    skip: Optional[torch.Tensor] = None    # [B, T] bool: real positions not stored (special ids)
+
+    @property
+    def stored(self) -> torch.Tensor:
+        """The positions whose rows are stored: real ones (``mask``) not in ``skip``."""
+        return self.mask if self.skip is None else self.mask & ~self.skip
+
+    def without(self, ids: Optional[torch.Tensor]) -> "TokenBatch":
+        """This batch with the positions holding any of token ``ids`` left out of the stored
+        rows (they stay in the examples table, so contexts keep their positions)."""
+        if ids is None or not len(ids) or self.input_ids is None:
+            return self
+        skip = torch.isin(self.input_ids, ids.to(self.input_ids.device)).to(self.mask.device)
+        return TokenBatch(self.mask, self.input_ids, skip)
 
     @classmethod
     def of(cls, mask: Any = None, input_ids: Any = None) -> Optional["TokenBatch"]:
@@ -83,7 +97,7 @@ class TokenBatch:
         if t.dim() >= 3 and tuple(t.shape[:2]) == (b, s):
             flat = t.reshape(b * s, *t.shape[2:]).reshape(b * s, -1) if t.dim() > 3 else \
                 t.reshape(b * s, t.shape[-1])
-            idx = self.mask.reshape(-1).cpu().nonzero().flatten()
+            idx = self.stored.reshape(-1).cpu().nonzero().flatten()
             rows = flat.index_select(0, idx.to(flat.device, non_blocking=True))
             example, position = idx // s, idx % s
             token = self.ids_table().reshape(-1)[idx] if self.input_ids is not None else \
@@ -148,7 +162,7 @@ def mask_chunk(chunk: Any, batch: TokenBatch, shape: list[int], layer: str,
         raise ValueError(f"save_activations(mask=...): {layer!r} holds more rows since the last "
                          f"save than one batch of the mask {[b, s]} (several forward calls?); "
                          f"save after each batch, or {hint}")
-    flat = batch.mask.reshape(-1).cpu()
+    flat = batch.stored.reshape(-1).cpu()
     if tokens:
         keep = flat[pos]
         pos = pos[keep]

@@ -6,6 +6,7 @@ Usage::
 
     model, tokenizer = load_minilm()          # all-MiniLM-L6-v2 (6-layer BERT, d=384), eval mode
     texts = sentences(300)                     # deterministic, 4 to ~40 words each
+    texts = varied_sentences(300)              # all different, few repeated 8-word windows
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     model(**enc).last_hidden_state             # [300, T, 384]
 
@@ -54,6 +55,73 @@ def sentences(n: int, seed: int = 0) -> list[str]:
             parts += [rng.choice(JOINERS), rng.choice(CLAUSES)]
         text = " ".join(parts)
         out.append(text[0].upper() + text[1:] + ".")
+    return out
+
+
+SUBJECTS = [
+    "the old farmer", "my younger sister", "a tired nurse", "the new manager", "our neighbour",
+    "the quiet student", "a young pilot", "the city council", "the museum guide",
+    "his grandmother", "the football coach", "a famous painter", "the night guard",
+    "the bakery owner", "two engineers", "the lost tourist", "her best friend",
+    "the village doctor", "a curious child", "the train driver", "the school principal",
+    "an angry customer", "the ship captain", "my uncle",
+]
+VERBS = [
+    "painted", "repaired", "sold", "found", "borrowed", "described", "cleaned", "ordered",
+    "carried", "photographed", "forgot", "opened", "measured", "delivered", "hid", "tested",
+    "returned", "studied", "built", "lost", "noticed", "wrapped", "stole", "admired",
+]
+OBJECTS = [
+    "a wooden chair", "the broken radio", "three letters", "an old map", "the red bicycle",
+    "a basket of apples", "the heavy suitcase", "a silver key", "the kitchen window",
+    "two paintings", "the garden fence", "a new telescope", "the school bus", "a box of candles",
+    "the blue umbrella", "a stack of books", "the copper kettle", "a pair of boots",
+    "the village clock", "a small boat", "the wedding cake", "a jar of honey", "the chess set",
+    "an expensive watch",
+]
+PLACES = [
+    "in the market", "near the harbour", "at the station", "behind the library", "on the hill",
+    "in the cellar", "by the river", "at the old factory", "inside the church",
+    "in the school yard", "across the street", "at the airport", "in a small shop",
+    "under the bridge", "on the roof", "in the forest",
+]
+TIMES = [
+    "on Monday", "before dawn", "last winter", "after lunch", "during the storm", "every Sunday",
+    "in the evening", "at midnight", "two years ago", "this morning", "after the meeting",
+    "before the holiday", "in early spring", "during the festival", "late at night",
+    "yesterday",
+]
+
+
+def _clause(rng: random.Random) -> str:
+    words = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)]
+    if rng.random() < 0.6:
+        words.append(rng.choice(PLACES))
+    if rng.random() < 0.6:
+        words.append(rng.choice(TIMES))
+    return " ".join(words)
+
+
+def varied_sentences(n: int, seed: int = 0, exclude: frozenset[str] = frozenset()
+                     ) -> list[str]:
+    """``n`` distinct English sentences of one to three clauses, each clause drawn slot by slot
+    (subject, verb, object, optional place and time: ~10^7 clauses), so top-activating contexts
+    of 8 tokens each side seldom repeat.  ``exclude``: sentences not to produce (e.g. the
+    training set, for rows of new sentences)."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    seen = set(exclude)
+    for _ in range(100 * n + 100):
+        if len(out) == n:
+            break
+        parts = [_clause(rng)]
+        for _ in range(rng.choice([0, 0, 0, 1, 1, 2])):
+            parts += [rng.choice(JOINERS), _clause(rng)]
+        text = " ".join(parts)
+        text = text[0].upper() + text[1:] + "."
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
     return out
 
 

@@ -162,6 +162,39 @@ def test_cache_is_bounded_and_keeps_newest_rows(tmp_path):
     assert meta["layers"]["lin"]["dropped_rows"] == 80 - 25
 
 
+def test_rows_cut_by_the_cap_are_warned_once_per_layer_per_shard(tmp_path, caplog,
+                                                                  monkeypatch):
+    """The cap's drop is said at the save that loses the rows (count, setting, fix), once per
+    layer per shard; within a minute the next shards' drops wait for the next warning."""
+    import mechray.capture.sampler as sampler_mod
+
+    holder = Holder(nn.Linear(2, 2))
+    with MechIntHooks({"sample_layers": ["lin"], "storage_path": str(tmp_path), "use_ray": False,
+                       "max_activations_per_shard": 25}).attach(holder) as hooks:
+        with caplog.at_level("WARNING", logger="mechray.capture.sampler"):
+            holder.lin(torch.zeros(70, 2))         # one forward past the cap: 45 rows cut
+            holder.lin(torch.zeros(10, 2))
+            hooks.save_activations(0)
+            first = [r.getMessage() for r in caplog.records]
+            caplog.clear()
+            holder.lin(torch.zeros(30, 2))         # 5 more cut, within the minute: held back
+            hooks.save_activations(1)
+            assert not caplog.records
+            holder.lin(torch.zeros(20, 2))         # under the cap: nothing to say
+            hooks.save_activations(2)
+            assert not caplog.records
+            monkeypatch.setattr(sampler_mod, "DROP_WARN_SECONDS", 0.0)
+            holder.lin(torch.zeros(27, 2))
+            hooks.save_activations(3)
+            later = [r.getMessage() for r in caplog.records]
+    assert len(first) == 1, first
+    assert "lin dropped 55 of 80 rows" in first[0] and "step 0" in first[0]
+    assert "max_activations_per_shard=25" in first[0]
+    assert "raise max_activations_per_shard" in first[0]
+    assert len(later) == 1 and "dropped 2 of 27" in later[0]
+    assert "and 5 rows in 1 earlier shard(s)" in later[0]
+
+
 def test_hooks_removed_on_exception_inside_attach(tiny_net, tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         with MechIntHooks({"sample_layers": ["popt"], "storage_path": str(tmp_path),

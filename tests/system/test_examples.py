@@ -174,6 +174,9 @@ def test_transformers_text_example_masks_padding_and_shows_token_contexts(tmp_pa
     assert summary["skipped"] == {n: {} for n in ("neuron", "feature", "sae", "causal",
                                                   "circuit")}
     assert len(summary["top_contexts"]) == 5 and all("[[" in t for t in summary["top_contexts"])
+    # distinct sentences, special tokens left out of capture: no [CLS] rows, no repeated context
+    assert len(set(summary["top_contexts"])) == 5, summary["top_contexts"]
+    assert not any("[[[CLS]]]" in t or "[[[SEP]]]" in t for t in summary["top_contexts"])
     results = json.loads((tmp_path / "out" / "results" / "mechint_results.json").read_text())
     causal = results["results"]["causal"]["encoder.layer.3"]
     circuit = results["results"]["circuit"]["encoder.layer.3"]
