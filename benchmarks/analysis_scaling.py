@@ -712,7 +712,8 @@ def run_sae(args, root: Path) -> dict[str, Any]:
     from mechray import ShardStore
     from mechray.analysis import get_analysis
     from mechray.analysis.engine import Engine
-    from mechray.analysis.sae_model import SAETrainer, SparseAutoencoder
+    from mechray.analysis.sae.model import SparseAutoencoder
+    from mechray.analysis.sae.train import SAETrainer
 
     def from_store(buffer_mb: Optional[float]) -> Callable[[], dict]:
         def go():

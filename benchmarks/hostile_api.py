@@ -94,7 +94,7 @@ def run(rounds: int = 1) -> dict:
     from test_api import capture_store
     from test_hostile_api import forge_summary
 
-    from mechray.analysis.sae_model import SparseAutoencoder, save_saelens
+    from mechray.analysis.sae.model import SparseAutoencoder, save_saelens
     from mechray.testing import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="mechray-hostile-api-"))

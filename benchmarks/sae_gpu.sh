@@ -50,7 +50,7 @@ from sae_vs_saelens import write_store  # noqa: E402  (a real store, 3,000 rows 
 with tempfile.TemporaryDirectory() as tmp:
     store = write_store(Path(tmp) / "store", train)
     from mechray.analysis import Context, get_analysis
-    from mechray.analysis.sae_model import load_sae
+    from mechray.analysis.sae.model import load_sae
 
     p = {"n_latents": n, "k": k, "steps": steps, "batch_size": batch, "lr": lr,
          "device": dev, "top_latents": 0, "buffer_mb": 16384, "checkpoint_every": 0}

@@ -91,8 +91,8 @@ def main() -> None:
 
     from mechray import ShardStore
     from mechray.analysis import Context, get_analysis
-    from mechray.analysis.sae_budget import fvu
-    from mechray.analysis.sae_model import load_sae
+    from mechray.analysis.sae.budget import fvu
+    from mechray.analysis.sae.model import load_sae
     from mechray.demo.text import load_minilm, sentences, varied_sentences
 
     layers = LAYERS[:1] if args.quick else LAYERS

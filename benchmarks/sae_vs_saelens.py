@@ -84,7 +84,7 @@ def score(encode, decode, decoder, dictionary, x) -> dict:
 
 def run_mechray(store, out: Path, k: int, dictionary, aside, params=None) -> dict:
     from mechray.analysis import Context, get_analysis
-    from mechray.analysis.sae_model import load_sae
+    from mechray.analysis.sae.model import load_sae
 
     p = {"k": k, "expansion_factor": 8, **(params or {})}
     cpu = time.process_time()
@@ -159,8 +159,8 @@ def step_speed(x, k: int, lr: float, rounds: int = 3, block: int = 8) -> dict:
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer as LensTrainer
 
-    from mechray.analysis.sae_model import SparseAutoencoder
-    from mechray.analysis.sae_train import SAETrainer
+    from mechray.analysis.sae.model import SparseAutoencoder
+    from mechray.analysis.sae.train import SAETrainer
 
     d = x.shape[1]
     g = torch.Generator().manual_seed(1)

@@ -199,7 +199,7 @@ def topk_ceiling(dictionary, train, aside, k: int, steps: int = 1000, seed: int 
     """
     import torch
 
-    from mechray.analysis.sae_model import SparseAutoencoder
+    from mechray.analysis.sae.model import SparseAutoencoder
 
     f, d = dictionary.shape
     sae = SparseAutoencoder(d, f, "topk", k)

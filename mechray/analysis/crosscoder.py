@@ -30,7 +30,7 @@ the rows (or ``min_rows`` rows) of every group are ``rare`` and not dated; ``dea
 counts latents that never fire.
 
 Budget (``steps``, ``epochs``, ``min_steps``), lr, schedule, ``converged`` and ``warnings`` are
-the ``sae`` ones (:mod:`mechray.analysis.sae_budget`), counted in rows of the training set
+the ``sae`` ones (:mod:`mechray.analysis.sae.budget`), counted in rows of the training set
 (paired: one row per input, all groups concatenated).
 """
 
@@ -48,6 +48,8 @@ import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
+from mechray._util import json_safe as _json_safe
+from mechray._util import safe_name
 from mechray.analysis.base import (
     JSON_NUMBER,
     Analysis,
@@ -61,10 +63,11 @@ from mechray.analysis.base import (
 )
 from mechray.analysis.crosscoder_model import StepCrosscoder, StepTrainer, save_crosscoder
 from mechray.analysis.lifetimes import lifetimes
-from mechray.analysis.sae import MAX_LATENTS, MAX_PARAMETERS, _device, _json_safe, safe_name
-from mechray.analysis.sae_budget import auto_lr, budget_rule, budget_steps, loss_flat, sae_warnings
-from mechray.analysis.sae_model import SparseAutoencoder, save_saelens
-from mechray.analysis.sae_train import SAETrainer
+from mechray.analysis.sae.analysis import _device
+from mechray.analysis.sae.budget import auto_lr, budget_rule, budget_steps, loss_flat, sae_warnings
+from mechray.analysis.sae.model import SparseAutoencoder, save_saelens
+from mechray.analysis.sae.params import MAX_LATENTS, MAX_PARAMETERS
+from mechray.analysis.sae.train import SAETrainer
 from mechray.analysis.step_rows import StepRows
 
 log = logging.getLogger(__name__)

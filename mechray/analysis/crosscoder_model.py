@@ -16,8 +16,8 @@ Two forms, chosen by what the store holds (:mod:`mechray.analysis.step_rows`):
 
 *paired* (the same inputs at every step group, Lindsey et al. 2024's acausal crosscoder): the
 input is the concatenation ``[x^1, ..., x^G]`` of one input's activations at the ``G`` groups, and
-the model is exactly a :class:`~mechray.analysis.sae_model.SparseAutoencoder` over ``G * d``
-features (trained by :class:`~mechray.analysis.sae_train.SAETrainer`, sparse step and AuxK
+the model is exactly a :class:`~mechray.analysis.sae.model.SparseAutoencoder` over ``G * d``
+features (trained by :class:`~mechray.analysis.sae.train.SAETrainer`, sparse step and AuxK
 included): ``z = topk(relu(sum_g (x^g - b^g) W_enc^g + b_enc), k)``, ``x_hat^g = z W_dec^g + b^g``.
 
 *unpaired* (:class:`StepCrosscoder`, rows of each step, different inputs): a row ``x`` of group
@@ -43,7 +43,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from mechray.analysis.sae_train import SAETrainer
+from mechray.analysis.sae.train import SAETrainer
 
 FORMAT = "mechray-crosscoder/1"
 

@@ -39,7 +39,7 @@ GB = 1024 ** 3
 def available_bytes(model: nn.Module) -> int:
     """Free memory where ``model`` runs: the CUDA device's free memory, or the host's available
     memory (``MemAvailable``, else free pages)."""
-    from mechray.analysis.intervene import model_device
+    from mechray.analysis.inputs import model_device
 
     device = model_device(model)
     if device.type == "cuda":
@@ -84,7 +84,7 @@ class Footprint:
     def measure(cls, model: nn.Module, probe: Any, layer_bytes: float) -> "Footprint":
         """Run ``probe`` (:class:`~mechray.analysis.inputs.ModelInputs`) once under
         ``no_grad`` with a hook on every module; ``layer_bytes``: the layer's output on it."""
-        from mechray.analysis.intervene import output_of
+        from mechray.analysis.inputs import output_of
 
         sizes: list[int] = []
 

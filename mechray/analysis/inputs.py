@@ -22,12 +22,15 @@ sequence lengths are right-padded with 0 to the longest when they carry a mask
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from mechray.capture.layers import pick_tensor
 
 MASK_KEY = "attention_mask"
 
@@ -89,8 +92,6 @@ class ModelInputs:
 
     def __call__(self, model: torch.nn.Module) -> Any:
         """Run ``model`` on these inputs (on the model's device)."""
-        from mechray.analysis.intervene import model_device
-
         x = self.to(model_device(model))
         return model(x.tensor) if x.tensor is not None else model(**x.kwargs)
 
@@ -279,3 +280,17 @@ def _joins(a: ModelInputs, b: ModelInputs) -> bool:
         return a.tensor is not None and b.tensor is not None and \
             a.tensor.shape[1:] == b.tensor.shape[1:]
     return sorted(a.kwargs) == sorted(b.kwargs) and (a.mask is not None or a.shapes == b.shapes)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` lives (its first parameter or buffer; CPU for a model with neither)."""
+    p = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def output_of(out: Any) -> torch.Tensor:
+    """The model output to compare: itself, or its first tensor."""
+    t = pick_tensor(out, None)
+    if t is None:
+        raise TypeError(f"the model returned {type(out).__name__} with no tensor to compare")
+    return t

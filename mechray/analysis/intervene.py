@@ -35,7 +35,13 @@ import torch
 from torch import nn
 
 from mechray.analysis.base import Skip
-from mechray.analysis.inputs import ModelInputs, as_inputs, stored_inputs
+from mechray.analysis.inputs import (  # noqa: F401  (model_device, output_of: also here)
+    ModelInputs,
+    as_inputs,
+    model_device,
+    output_of,
+    stored_inputs,
+)
 from mechray.analysis.readout import Readout
 from mechray.capture.layers import INPUT, module_input, pick_tensor, resolve_layers
 
@@ -140,19 +146,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags.items():
             m.training = flag
-
-
-def model_device(model: nn.Module) -> torch.device:
-    p = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def output_of(out: Any) -> torch.Tensor:
-    """The model output to compare: itself, or its first tensor."""
-    t = pick_tensor(out, None)
-    if t is None:
-        raise TypeError(f"the model returned {type(out).__name__} with no tensor to compare")
-    return t
 
 
 def run_model(model: nn.Module, x: "torch.Tensor | ModelInputs", batch_size: int = 64

@@ -81,7 +81,7 @@ def add_logit_lens(results: dict[str, dict[str, Any]], model: Optional[nn.Module
         latents = (res.get("top_activations") or {}).get("latents")
         if not path or out_dir is None or not isinstance(latents, list) or not latents:
             continue
-        from mechray.analysis.sae_model import load_sae
+        from mechray.analysis.sae.model import load_sae
 
         try:
             w_dec = load_sae(Path(out_dir) / path).W_dec.detach()

@@ -47,7 +47,7 @@ class Readout:
         """The model's unembedding when its output equals ``unembedding(h)`` on ``x`` (a
         :class:`~mechray.analysis.inputs.ModelInputs`), it runs once, ``layer`` is not in it,
         and the inputs carry no ``labels``; else ``None`` (outputs are then compared whole)."""
-        from mechray.analysis.intervene import output_of
+        from mechray.analysis.inputs import output_of
 
         get = getattr(model, "get_output_embeddings", None)
         head = get() if callable(get) else None

@@ -42,6 +42,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from mechray._util import json_safe  # noqa: F401  (the API imports it from here)
 from mechray.analysis.inputs import MASK_KEY, as_inputs, stored_inputs
 from mechray.config import MechIntConfig
 from mechray.storage.reader import ShardStore
@@ -207,26 +208,3 @@ def load_checkpoint(model: torch.nn.Module, path: Union[str, Path]) -> None:
                          "with the same architecture the checkpoint was saved from")
     model.load_state_dict(state)
     log.info("mechray: loaded %d tensors from %s", len(state), path)
-
-
-def json_safe(value: Any) -> Any:
-    """Plain JSON types only: tensors/arrays to lists, NaN/inf to ``None``."""
-    import math
-
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return json_safe(value.tolist())
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value

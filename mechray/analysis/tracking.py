@@ -13,7 +13,7 @@ Usage::
 
 The cheap alternative to ``crosscoder``: each step group's rows (grouped as in
 :mod:`mechray.analysis.step_rows`; scaled to mean norm ``sqrt(d)`` per group) train their own
-TopK SAE (:class:`~mechray.analysis.sae_model.SparseAutoencoder`, the ``sae`` budget, lr and
+TopK SAE (:class:`~mechray.analysis.sae.model.SparseAutoencoder`, the ``sae`` budget, lr and
 verdict per group).  Latents that fire on at least ``min_frequency`` and ``min_rows`` of their
 group's rows are *live*; the live latents of consecutive groups are matched one to one by the
 cosine of their decoder directions (Hungarian assignment, ``scipy.optimize.linear_sum_assignment``
@@ -45,6 +45,8 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from mechray._util import json_safe as _json_safe
+from mechray._util import safe_name
 from mechray.analysis.base import (
     JSON_NUMBER,
     Analysis,
@@ -55,11 +57,12 @@ from mechray.analysis.base import (
     register,
 )
 from mechray.analysis.crosscoder import StepDictParams, _check_sizes, birth_lines, timeline
-from mechray.analysis.sae import MAX_LATENTS, _device, _json_safe, safe_name
-from mechray.analysis.sae_budget import auto_lr, budget_rule, budget_steps, loss_flat, sae_warnings
-from mechray.analysis.sae_eval import evaluate
-from mechray.analysis.sae_model import SparseAutoencoder, save_sae
-from mechray.analysis.sae_train import SAETrainer
+from mechray.analysis.sae.analysis import _device
+from mechray.analysis.sae.budget import auto_lr, budget_rule, budget_steps, loss_flat, sae_warnings
+from mechray.analysis.sae.evaluate import evaluate
+from mechray.analysis.sae.model import SparseAutoencoder, save_sae
+from mechray.analysis.sae.params import MAX_LATENTS
+from mechray.analysis.sae.train import SAETrainer
 from mechray.analysis.step_rows import StepRows
 
 log = logging.getLogger(__name__)

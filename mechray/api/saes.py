@@ -100,7 +100,7 @@ def parse_spec(items: Optional[list[str]]) -> dict[str, str]:
 
 
 def _check(name: Any, path: Any) -> tuple[str, ServedSAE]:
-    from mechray.analysis.sae_model import load_sae, load_saelens
+    from mechray.analysis.sae.model import load_sae, load_saelens
 
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"SAE name {str(name)[:80]!r}: use 1-64 letters, digits, '_', '.' or "

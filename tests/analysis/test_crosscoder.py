@@ -22,7 +22,7 @@ from mechray.analysis.crosscoder_model import encode_raw, load_crosscoder
 from mechray.analysis.engine import Engine
 from mechray.analysis.lifetimes import lifetimes
 from mechray.analysis.report import write_report
-from mechray.analysis.sae_model import load_sae, load_saelens
+from mechray.analysis.sae.model import load_sae, load_saelens
 from mechray.analysis.tracking import track
 from mechray.api.cost import answer_bytes, estimate
 from mechray.storage.reader import ShardStore

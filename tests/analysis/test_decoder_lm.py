@@ -458,7 +458,7 @@ def test_logit_lens_of_residual_neurons_in_results_report_and_http(tmp_path):
 
 
 def test_logit_lens_of_sae_latents(tmp_path):
-    from mechray.analysis.sae_model import load_sae
+    from mechray.analysis.sae.model import load_sae
 
     model, tok, layer = gpt2(), tokenizer("right"), "transformer.h.3"
     config = MechIntConfig(sample_layers=[layer], storage_path=str(tmp_path / "c"),

@@ -18,10 +18,10 @@ from torch import nn
 from mechray.analysis import Context, Skip, get_analysis
 from mechray.analysis.base import AnalysisParamsError
 from mechray.analysis.report import write_report
-from mechray.analysis.sae import safe_name, splice_metrics
-from mechray.analysis.sae_budget import auto_lr, budget_steps, loss_flat, sae_warnings
-from mechray.analysis.sae_model import SparseAutoencoder, load_sae, save_sae
-from mechray.analysis.sae_train import SAETrainer
+from mechray.analysis.sae.analysis import safe_name, splice_metrics
+from mechray.analysis.sae.budget import auto_lr, budget_steps, loss_flat, sae_warnings
+from mechray.analysis.sae.model import SparseAutoencoder, load_sae, save_sae
+from mechray.analysis.sae.train import SAETrainer
 from mechray.capture.sampler import ActivationSampler
 from mechray.storage.reader import ShardStore
 from mechray.testing import (
@@ -448,8 +448,8 @@ def test_pretrained_saelens_sae_is_evaluated_without_training(synthetic, tmp_pat
 
 def _held_rows(store):
     """The held-out rows the sae analysis scores on (same split: seed 0, 5% per shard)."""
-    from mechray.analysis.sae import SAEParams
-    from mechray.analysis.sae_rows import LayerRows
+    from mechray.analysis.sae.analysis import SAEParams
+    from mechray.analysis.sae.rows import LayerRows
 
     data = LayerRows(store, "src", SAEParams(), torch.device("cpu"))
     return [data.eval_rows()]
@@ -520,7 +520,7 @@ def test_dead_count_follows_saelens_definition(synthetic):
 
 # --- top-activating rows per latent -------------------------------------------------------------
 def test_top_activating_rows_merge_to_the_brute_force_answer_in_any_order():
-    from mechray.analysis.sae_examples import LatentExamples
+    from mechray.analysis.sae.examples import LatentExamples
 
     torch.manual_seed(0)
     sae = SparseAutoencoder(8, 24, "relu", generator=torch.Generator().manual_seed(0)).eval()

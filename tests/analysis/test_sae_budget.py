@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mechray.analysis import Context, get_analysis
-from mechray.analysis.sae import SAEParams
-from mechray.analysis.sae_budget import budget_rule, budget_steps, sae_warnings
+from mechray.analysis.sae.analysis import SAEParams
+from mechray.analysis.sae.budget import budget_rule, budget_steps, sae_warnings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_sae import write_store  # noqa: E402

@@ -19,7 +19,7 @@ from torch import nn
 
 from mechray.analysis import Context, get_analysis
 from mechray.analysis.base import AnalysisParamsError
-from mechray.analysis.sae_model import load_sae
+from mechray.analysis.sae.model import load_sae
 from mechray.capture.sampler import ActivationSampler
 from mechray.storage.reader import ShardStore
 from mechray.testing import planted_dictionary, recovered_score

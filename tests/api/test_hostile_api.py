@@ -596,7 +596,7 @@ def test_eval_inputs_beyond_int64_are_422_naming_the_value(store, value):
 
 # --- issue 19 defect 12: a job whose result failed inside is not re-served -------------------------
 def test_a_job_whose_result_failed_inside_runs_again_once_the_cause_is_gone(store, monkeypatch):
-    from mechray.analysis.sae import SAEAnalysis
+    from mechray.analysis.sae.analysis import SAEAnalysis
 
     real, calls = SAEAnalysis.fit, []
 
@@ -635,7 +635,7 @@ def test_a_job_whose_result_failed_inside_runs_again_once_the_cause_is_gone(stor
 
 # --- issue 19 defect 4: clients name served SAEs, never server paths -------------------------------
 def test_pretrained_names_only_the_saes_the_server_was_started_with(store, tmp_path):
-    from mechray.analysis.sae_model import SparseAutoencoder, save_saelens
+    from mechray.analysis.sae.model import SparseAutoencoder, save_saelens
     from mechray.errors import ConfigError
 
     torch.manual_seed(0)

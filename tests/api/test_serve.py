@@ -386,7 +386,7 @@ def test_mechray_serve_takes_named_saes_and_refuses_a_bad_one_before_starting(mo
     """Issue 19 defect 4: ``--sae NAME=DIR`` is the only way an SAE reaches HTTP clients;
     a bad one stops the command with its name and the fix, before Ray starts."""
     from mechray import cli
-    from mechray.analysis.sae_model import SparseAutoencoder, save_saelens
+    from mechray.analysis.sae.model import SparseAutoencoder, save_saelens
     from mechray.api import serve_app as serve
     from mechray.errors import ConfigError
 

@@ -96,7 +96,7 @@ def test_the_engine_keeps_checkpoints_beside_the_store_without_a_results_dir(sto
                                                                             monkeypatch):
     """No ``out_dir`` (an API job, say): checkpoints go to ``<store>.checkpoints``, not a temp
     directory, and a second run with the same parameters resumes from them."""
-    from mechray.analysis.sae_train import SAETrainer
+    from mechray.analysis.sae.train import SAETrainer
 
     params = {**PARAMS, "steps": 120, "checkpoint_every": 50}
     real_step = SAETrainer.step
@@ -126,7 +126,7 @@ def _fit(store, out, **params):
 @pytest.fixture(scope="module")
 def checkpoint_template(store, tmp_path_factory):
     """A real checkpoint at step 50 of a 100-step fit, left by a fit that died at step 60."""
-    from mechray.analysis.sae_train import SAETrainer
+    from mechray.analysis.sae.train import SAETrainer
 
     out = tmp_path_factory.mktemp("template")
     real_step = SAETrainer.step
@@ -210,7 +210,7 @@ def test_a_hostile_checkpoint_is_set_aside_and_the_fit_starts_afresh(store, tmp_
     HOSTILE[attack](planted_checkpoint)
     spec_doc = (planted_checkpoint / "checkpoint.json").read_text()
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="mechray.analysis.sae_checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="mechray.analysis.sae.checkpoint"):
         r = _fit(store, tmp_path, steps=100, checkpoint_every=50)
     assert time.monotonic() - t0 < 60
     if attack in ("state a list",):        # not this spec's checkpoint: ignored, left alone

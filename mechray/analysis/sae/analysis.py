@@ -9,16 +9,16 @@ Usage::
                              model=model, eval_data=inputs), "popt")
     result["explained_variance"], result["l0"], result["converged"], result["warnings"]
     result["weights_path"]    # "sae/popt.safetensors"; result["saelens_path"]: "sae/saelens/popt"
-    # later: mechray.analysis.sae_model.load_sae("results/sae/popt.safetensors").encode(x)
+    # later: mechray.analysis.sae.model.load_sae("results/sae/popt.safetensors").encode(x)
     #        or sae_lens.SAE.load_from_disk("results/sae/saelens/popt")
     get_analysis("sae", {"pretrained": "path/to/saelens_dir"}).fit(ctx, "popt")  # no training
 
 Budget, lr, schedule and the verdict (``converged``, ``warnings``):
-:mod:`mechray.analysis.sae_budget`.  The training step (sparse for TopK/BatchTopK, JumpReLU's
-thresholds, SAELens' dead count ``dead_saelens``): :mod:`mechray.analysis.sae_train`.
-Resuming an interrupted fit (``checkpoint_every``): :mod:`mechray.analysis.sae_checkpoint`.
-One SAE on several Ray Train workers (``num_workers``): :mod:`mechray.analysis.sae_distributed`.
-Top-activating rows per latent (``top_activations``): :mod:`mechray.analysis.sae_examples`.
+:mod:`mechray.analysis.sae.budget`.  The training step (sparse for TopK/BatchTopK, JumpReLU's
+thresholds, SAELens' dead count ``dead_saelens``): :mod:`mechray.analysis.sae.train`.
+Resuming an interrupted fit (``checkpoint_every``): :mod:`mechray.analysis.sae.checkpoint`.
+One SAE on several Ray Train workers (``num_workers``): :mod:`mechray.analysis.sae.distributed`.
+Top-activating rows per latent (``top_activations``): :mod:`mechray.analysis.sae.examples`.
 
 Data: every shard is split once, deterministically from ``seed`` and its file name, into training
 rows and ``holdout_fraction`` held-out rows (at most ``max_eval_rows`` in all).  A layer whose
@@ -40,32 +40,29 @@ held out: memorisation shows as a gap), ``train`` (steps, rows, loss curve, budg
 ``pretrained``, ``top_activations``, ``splice`` (see :func:`splice_metrics`) and
 ``weights_path`` / ``config_path`` / ``saelens_path`` (relative to ``ctx.out_dir``; ``None``
 without one).  Formulas and file layout:
-:mod:`mechray.analysis.sae_model`.
+:mod:`mechray.analysis.sae.model`.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
-import re
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
-from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
+from mechray._util import json_safe, safe_name  # noqa: F401  (safe_name: also from here)
 from mechray.analysis.base import (
     JSON_NUMBER,
     Analysis,
     AnalysisParamsError,
     Context,
     Cost,
-    Params,
     Skip,
     Workload,
     register,
@@ -73,7 +70,7 @@ from mechray.analysis.base import (
 from mechray.analysis.intervene import (
     eval_inputs,
 )
-from mechray.analysis.sae_budget import (
+from mechray.analysis.sae.budget import (
     FEW_STEPS,
     MAX_EPOCHS,
     EarlyStop,
@@ -85,104 +82,26 @@ from mechray.analysis.sae_budget import (
     loss_flat,
     sae_warnings,
 )
-from mechray.analysis.sae_checkpoint import Checkpoint
-from mechray.analysis.sae_eval import evaluate, splice_metrics
-from mechray.analysis.sae_examples import report_examples, top_activations
-from mechray.analysis.sae_model import (
+from mechray.analysis.sae.checkpoint import Checkpoint
+from mechray.analysis.sae.evaluate import evaluate, splice_metrics
+from mechray.analysis.sae.examples import report_examples, top_activations
+from mechray.analysis.sae.model import (
     SparseAutoencoder,
     load_sae,
     load_saelens,
     save_sae,
     save_saelens,
 )
-from mechray.analysis.sae_rows import LayerRows
-from mechray.analysis.sae_train import SAETrainer, dead_saelens
+from mechray.analysis.sae.params import (
+    MAX_CODE_ELEMENTS,
+    MAX_LATENTS,
+    MAX_PARAMETERS,
+    SAEParams,
+)
+from mechray.analysis.sae.rows import LayerRows
+from mechray.analysis.sae.train import SAETrainer, dead_saelens
 
 log = logging.getLogger(__name__)
-MAX_LATENTS = 65536
-MAX_PARAMETERS = 2 ** 28        # n_latents * d_in: ~4 GiB of weights + Adam state in float32
-MAX_CODE_ELEMENTS = 2 ** 28     # batch_size * n_latents: ~1 GiB per activation tensor
-
-
-class SAEParams(Params):
-    architecture: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
-    expansion_factor: int = Field(8, ge=1, le=256, description="n_latents = expansion_factor * d")
-    n_latents: Optional[int] = Field(None, ge=1, le=MAX_LATENTS, description="overrides expansion")
-    k: int = Field(32, ge=1, le=4096, description="active latents per row (topk, batchtopk; "
-                                                   "jumprelu: the target L0)")
-    l1_coefficient: float = Field(5.0, ge=0.0, le=1e4, description="L1 weight (relu only)")
-    l0_coefficient: float = Field(0.05, ge=0.0, le=1e4,
-                                  description="jumprelu: weight of the quadratic L0 penalty "
-                                              "around k")
-    jumprelu_bandwidth: float = Field(0.05, gt=0.0, le=10.0,
-                                      description="jumprelu: straight-through kernel width")
-    checkpoint_every: int = Field(500, ge=0, le=10_000_000,
-                                  description="steps between resumable checkpoints in the "
-                                              "output dir (0: none)")
-    lr: Optional[float] = Field(None, gt=0.0, le=1.0,
-                                description="Adam lr; None: auto_lr(n_latents, steps run)")
-    min_steps: Optional[int] = Field(None, ge=1, le=10_000_000,
-                                     description="budget: at least this many steps, as many "
-                                                 "epochs as that takes (None: max(1000, "
-                                                 "2 * n_latents); ignored when steps or epochs "
-                                                 "is set)")
-    max_epochs: Optional[int] = Field(MAX_EPOCHS, ge=1, le=100_000,
-                                      description="budget: at most this many epochs over a "
-                                                  "small store (None: no cap; ignored when "
-                                                  "steps or epochs is set)")
-    early_stop: Optional[bool] = Field(None, description="stop when the held-out loss stops "
-                                                         "improving or rises; None: on unless "
-                                                         "steps or epochs is set")
-    eval_every: Optional[int] = Field(None, ge=1, le=10_000_000,
-                                      description="early stop: steps between held-out "
-                                                  "evaluations (None: total // 20, >= 5)")
-    epochs: Optional[int] = Field(None, ge=1, le=10_000,
-                                  description="overrides the budget: exactly this many epochs")
-    steps: Optional[int] = Field(None, ge=1, le=10_000_000, description="overrides everything")
-    warmup_steps: Optional[int] = Field(None, ge=0, le=1_000_000,
-                                        description="linear lr warmup; None: 5% of steps, <= 1000")
-    batch_size: int = Field(1024, ge=1, le=65536)
-    seed: int = Field(0, ge=0, le=2 ** 31 - 1)
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    aux_k: Optional[int] = Field(None, ge=0, le=MAX_LATENTS,
-                                 description="AuxK latents; None: d // 2, 0 disables")
-    aux_coefficient: float = Field(1 / 32, ge=0.0, le=100.0)
-    dead_steps_threshold: int = Field(256, ge=1, le=10_000_000)
-    holdout_fraction: float = Field(0.05, gt=0.0, le=0.5)
-    max_eval_rows: int = Field(8192, ge=16, le=1_000_000)
-    max_rows: Optional[int] = Field(None, ge=1, le=10 ** 10, description="training rows read")
-    buffer_mb: float = Field(512.0, ge=1.0, le=65536.0, description="shuffle-buffer budget")
-    normalize_input: bool = True
-    b_dec_init: Literal["mean", "geometric_median", "zeros"] = "mean"
-    splice_max_inputs: int = Field(256, ge=1, le=100_000, description="eval inputs spliced")
-    save_weights: bool = True
-    pretrained: Optional[str] = Field(None, min_length=1, max_length=4096,
-                                      description="SAELens SAE directory (or mechray "
-                                                  ".safetensors) to evaluate; no training")
-    top_latents: int = Field(16, ge=0, le=4096,
-                             description="latents (most often active on held-out rows) whose "
-                                         "top-activating rows are listed; 0: none")
-    latents: Optional[list[int]] = Field(None, max_length=4096,
-                                         description="list these latents instead")
-    k_examples: int = Field(5, ge=1, le=1000, description="top-activating rows per latent")
-    num_workers: int = Field(1, ge=1, le=1024,
-                             description="Ray Train workers training one SAE data-parallel "
-                                         "(1: this process; see sae_distributed)")
-    gpus_per_worker: float = Field(0.0, ge=0.0, le=8.0, description="num_workers > 1: GPUs "
-                                   "per worker (> 0: NCCL on CUDA, else gloo on CPU)")
-    cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0, description="num_workers > 1")
-    max_failures: int = Field(3, ge=0, le=100, description="num_workers > 1: restarts from "
-                              "the last checkpoint after a lost worker")
-
-    @model_validator(mode="after")
-    def _k_fits(self) -> "SAEParams":
-        if self.n_latents is not None and self.architecture in ("topk", "batchtopk") and \
-                self.k > self.n_latents:
-            raise ValueError(f"k={self.k} must be <= n_latents={self.n_latents}; lower k or "
-                             f"raise n_latents")
-        return self
-
-
 @register
 class SAEAnalysis(Analysis):
     """Trains one sparse autoencoder per layer (kind ``fit``) and evaluates it on held-out rows."""
@@ -252,7 +171,7 @@ class SAEAnalysis(Analysis):
         if p.pretrained is not None:
             return self._evaluate_pretrained(ctx, layer, device)
         if p.num_workers > 1:
-            from mechray.analysis.sae_distributed import fit_distributed
+            from mechray.analysis.sae.distributed import fit_distributed
 
             return fit_distributed(self, ctx, layer, device)
         data = LayerRows(ctx.store, layer, p, device)
@@ -345,7 +264,7 @@ class SAEAnalysis(Analysis):
         log.info("sae %s: explained variance %.3f, l0 %.1f, dead %.3f (%d steps, %.1fs)%s",
                  layer, result["explained_variance"], result["l0"], result["dead_fraction"],
                  trainer.n_steps, seconds, "".join(f"; WARNING {w}" for w in result["warnings"]))
-        return _json_safe(result)
+        return json_safe(result)
 
     def _save(self, sae: SparseAutoencoder, ctx: Context, layer: str,
               result: dict[str, Any]) -> None:
@@ -396,7 +315,7 @@ class SAEAnalysis(Analysis):
         log.info("sae %s: pretrained %s evaluated (no training): explained variance %.3f, l0 "
                  "%.1f%s", layer, path, result["explained_variance"], result["l0"],
                  "".join(f"; WARNING {w}" for w in warnings))
-        return _json_safe(result)
+        return json_safe(result)
 
     def _checkpoint(self, ctx: Context, layer: str, data: LayerRows) -> Optional[Checkpoint]:
         p: SAEParams = self.params
@@ -428,7 +347,7 @@ class SAEAnalysis(Analysis):
             problems.append(f"k={p.k} exceeds n_latents={n_latents}; lower k or raise "
                             f"expansion_factor")
         if n_latents > MAX_LATENTS or n_latents * d > MAX_PARAMETERS:
-            from mechray.analysis.sae_distributed import memory_per_worker
+            from mechray.analysis.sae.distributed import memory_per_worker
 
             need = memory_per_worker(d, n_latents, p.batch_size, p.num_workers) / 2 ** 30
             problems.append(f"an SAE of d={d} x n_latents={n_latents} needs ~{need:.1f} GiB per "
@@ -459,17 +378,3 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def safe_name(layer: str) -> str:
-    """A file-name-safe form of a layer name (``blocks.0/attn`` -> ``blocks.0_attn``)."""
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", layer).strip(".") or "layer"
-    return name[:200]
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from mechray.analysis.sae_checkpoint import Checkpoint
+    from mechray.analysis.sae.checkpoint import Checkpoint
 
     ckpt = Checkpoint(out_dir / "sae" / "checkpoints" / "popt", spec)   # -> popt-<spec hash>/
     done = ckpt.restore(trainer)          # None, or (losses so far, rows seen, seconds so far)
@@ -17,7 +17,7 @@ written to temporary names and renamed, the JSON last, so a fit killed while wri
 previous checkpoint intact.  The directory is named by the layer and a hash of the spec (every
 training parameter, the layer, its row and shard counts and width), so fits with other
 parameters neither resume from nor overwrite it; the spec inside is checked again on resume.
-Training data order is a function of ``seed`` and the epoch (:mod:`mechray.analysis.sae_rows`),
+Training data order is a function of ``seed`` and the epoch (:mod:`mechray.analysis.sae.rows`),
 so a resumed fit skips the batches already seen and continues on exactly the batches the
 uninterrupted fit would have used.  The checkpoint is removed when the fit finishes.
 """

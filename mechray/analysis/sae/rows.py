@@ -2,7 +2,7 @@
 
 Usage::
 
-    from mechray.analysis.sae_rows import LayerRows
+    from mechray.analysis.sae.rows import LayerRows
 
     rows = LayerRows(store, "popt", params, torch.device("cpu"))
     for batch in rows.batches(epochs=None):      # shuffled training batches, epoch after epoch
@@ -26,7 +26,7 @@ import torch
 from mechray.analysis.base import Skip
 
 if TYPE_CHECKING:
-    from mechray.analysis.sae import SAEParams
+    from mechray.analysis.sae.params import SAEParams
 
 
 class LayerRows:

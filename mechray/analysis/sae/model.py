@@ -2,8 +2,8 @@
 
 Usage::
 
-    from mechray.analysis.sae_model import SparseAutoencoder, save_sae, load_sae
-    from mechray.analysis.sae_train import SAETrainer
+    from mechray.analysis.sae.model import SparseAutoencoder, save_sae, load_sae
+    from mechray.analysis.sae.train import SAETrainer
 
     sae = SparseAutoencoder(d_in=512, n_latents=4096, architecture="topk", k=32)
     sae.init_from_data(sample_rows)                  # b_dec <- data mean, input scale
@@ -386,12 +386,3 @@ def load_saelens(directory: Union[str, os.PathLike], device: Union[str, torch.de
                          "b_dec": t["b_dec"], "threshold": threshold,
                          "input_scale": torch.tensor(1.0)})
     return sae.to(device).eval(), cfg
-
-
-def __getattr__(name: str) -> Any:
-    """``SAETrainer`` moved to :mod:`mechray.analysis.sae_train`; the old import still works."""
-    if name == "SAETrainer":
-        from mechray.analysis.sae_train import SAETrainer
-
-        return SAETrainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

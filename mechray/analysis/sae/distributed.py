@@ -11,11 +11,11 @@ Usage::
 How (``ray.train.torch.TorchTrainer``, one process group, gloo on CPU / NCCL on GPU):
 
 * **Data.** Worker ``r`` of ``W`` streams the shards ``r, r + W, r + 2W, ...`` of the layer
-  (manifest order; local disk or S3) through its own :class:`~mechray.analysis.sae_rows.LayerRows`
+  (manifest order; local disk or S3) through its own :class:`~mechray.analysis.sae.rows.LayerRows`
   shuffle buffer with ``batch_size / W`` rows per step, so a step sees ``batch_size`` rows in all,
   and the step budget, lr and warmup are the single-process ones (computed from all the rows).
 * **Model and step.** Every worker builds the same :class:`SparseAutoencoder` (same seed) and
-  runs the single-process :class:`~mechray.analysis.sae_train.SAETrainer` step; its Adam step is
+  runs the single-process :class:`~mechray.analysis.sae.train.SAETrainer` step; its Adam step is
   preceded by an all-reduce (mean) of the gradients, so the parameters stay identical.  Decoder
   normalisation is then the same on every worker.  The steps-since-fired counters (AuxK's dead
   latents, the dead fraction) are all-reduced with ``MIN`` after every step: a latent is alive
@@ -28,7 +28,7 @@ How (``ray.train.torch.TorchTrainer``, one process group, gloo on CPU / NCCL on 
   planted dictionaries of ``tests/analysis/test_sae_distributed.py`` 2 workers match 1 process
   within 0.01 explained variance and 5% L0 with the dictionary recovered (>= 0.95) by both.
 * **Checkpoints.** Every ``checkpoint_every`` steps rank 0 hands Ray Train a checkpoint
-  (:mod:`mechray.analysis.sae_checkpoint`'s files, validated on load) under
+  (:mod:`mechray.analysis.sae.checkpoint`'s files, validated on load) under
   ``<checkpoint dir>/sae/ray_train/<layer>-<spec hash>`` (the results directory, see
   :attr:`Context.checkpoint_dir`).  ``FailureConfig(max_failures)`` restarts a group that lost a
   worker from the last checkpoint, and a rerun of the same command (same spec) resumes from it
@@ -61,16 +61,17 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 
 from mechray.analysis.base import AnalysisParamsError, Context, Skip
-from mechray.analysis.sae_budget import auto_lr, budget_rule, budget_steps, loss_flat, sae_warnings
-from mechray.analysis.sae_checkpoint import Checkpoint, check
-from mechray.analysis.sae_eval import evaluate
-from mechray.analysis.sae_examples import top_activations
-from mechray.analysis.sae_model import SparseAutoencoder
-from mechray.analysis.sae_rows import LayerRows
-from mechray.analysis.sae_train import SAETrainer, dead_saelens
+from mechray.analysis.sae.budget import auto_lr, budget_rule, budget_steps, loss_flat, sae_warnings
+from mechray.analysis.sae.checkpoint import Checkpoint, check
+from mechray.analysis.sae.evaluate import evaluate
+from mechray.analysis.sae.examples import top_activations
+from mechray.analysis.sae.model import SparseAutoencoder
+from mechray.analysis.sae.rows import LayerRows
+from mechray.analysis.sae.train import SAETrainer, dead_saelens
 
 if TYPE_CHECKING:
-    from mechray.analysis.sae import SAEAnalysis, SAEParams
+    from mechray.analysis.sae.analysis import SAEAnalysis
+    from mechray.analysis.sae.params import SAEParams
 
 log = logging.getLogger(__name__)
 SAMPLE_ROWS = 65536          # rows gathered from all workers for b_dec and BatchTopK's threshold
@@ -156,7 +157,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from mechray.analysis.sae import SAEParams
+    from mechray.analysis.sae.params import SAEParams
     from mechray.analysis.tasks import open_store
 
     ctx = ray.train.get_context()
@@ -250,7 +251,7 @@ def fit_distributed(analysis: "SAEAnalysis", ctx: Context, layer: str,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mechray.analysis.sae import safe_name
+    from mechray._util import safe_name
     from mechray.analysis.tasks import StoreRef
 
     p: SAEParams = analysis.params
@@ -351,7 +352,7 @@ def _digest(spec: dict[str, Any]) -> str:
 def _result(analysis: "SAEAnalysis", ctx: Context, layer: str, data: LayerRows,
             trainer: SAETrainer, losses: torch.Tensor, run: dict[str, Any]) -> dict[str, Any]:
     """The single-process result layout (``sae.fit``), for an SAE trained on workers."""
-    from mechray.analysis.sae import _json_safe
+    from mechray._util import json_safe as _json_safe
 
     p = analysis.params
     sae = trainer.sae.eval()

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from mechray.analysis.sae_budget import budget_steps, auto_lr, loss_flat, sae_warnings
+    from mechray.analysis.sae.budget import budget_steps, auto_lr, loss_flat, sae_warnings
 
     total = budget_steps(params, steps_per_epoch)     # optimizer steps to run
     lr = params.lr or auto_lr(n_latents, total)

@@ -1,8 +1,8 @@
-"""One training step of a :class:`~mechray.analysis.sae_model.SparseAutoencoder`, and its state.
+"""One training step of a :class:`~mechray.analysis.sae.model.SparseAutoencoder`, and its state.
 
 Usage::
 
-    from mechray.analysis.sae_train import SAETrainer
+    from mechray.analysis.sae.train import SAETrainer
 
     trainer = SAETrainer(sae, lr=2e-3, aux_k=d // 2, total_steps=1000, warmup_steps=50)
     for batch in batches:
@@ -29,7 +29,7 @@ gradient comes from the straight-through estimator with a rectangle kernel of wi
 threshold starts at the first batch's batch-top-k cut-off (L0 = k there) rather than SAELens'
 fixed 0.01: Adam moves it by about ``lr`` a step, too slowly for a budget of ~1,000 steps.
 
-Loss, AuxK and the unit-norm decoder: see :mod:`mechray.analysis.sae_model`.
+Loss, AuxK and the unit-norm decoder: see :mod:`mechray.analysis.sae.model`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from mechray.analysis.sae_model import SparseAutoencoder
+from mechray.analysis.sae.model import SparseAutoencoder
 
 SAELENS_DEAD_FEATURE_WINDOW = 1000     # sae_lens LanguageModelSAERunnerConfig default
 

@@ -3,7 +3,7 @@ output with the SAE spliced in at its layer.
 
 Usage::
 
-    from mechray.analysis.sae_eval import evaluate, splice_metrics
+    from mechray.analysis.sae.evaluate import evaluate, splice_metrics
 
     metrics = evaluate(sae, held_out_rows, dead_in_training)   # mse, explained variance, l0, ...
     spliced = splice_metrics(sae, model, "popt", ...)   # the output metric with the SAE in
@@ -25,7 +25,7 @@ from mechray.analysis.intervene import (
     model_device,
     position_mask,
 )
-from mechray.analysis.sae_model import SparseAutoencoder
+from mechray.analysis.sae.model import SparseAutoencoder
 
 
 # --- metrics ----------------------------------------------------------------------------------

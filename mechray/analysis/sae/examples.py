@@ -2,7 +2,7 @@
 
 Usage::
 
-    from mechray.analysis.sae_examples import LatentExamples
+    from mechray.analysis.sae.examples import LatentExamples
 
     stat = LatentExamples(sae, latents=[3, 17, 40], k=5)
     partial = None
@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from mechray.analysis.sae_model import SparseAutoencoder
+from mechray.analysis.sae.model import SparseAutoencoder
 
 
 class LatentExamples:
