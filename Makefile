@@ -1,6 +1,6 @@
 # make demo: train the demo model with capture through a local Ray writer pool (fresh machine OK)
-# make test: ruff and mypy on mechray/, then the whole test suite (starts its own local Ray,
-#            S3 server and Lightning runs)
+# make test: ruff on mechray/ tests/ benchmarks/ examples/, mypy on mechray/, then the whole
+#            test suite (starts its own local Ray, S3 server and Lightning runs)
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/mechray demo --out demo_output
 
 lint: install
-	$(BIN)/ruff check mechray
+	$(BIN)/ruff check mechray tests benchmarks examples
 	$(BIN)/mypy
 
 test: install lint
