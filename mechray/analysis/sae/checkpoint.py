@@ -131,10 +131,14 @@ class Checkpoint:
 
     def remove(self) -> None:
         """Delete the checkpoint, and its ``sae/checkpoints`` parents when they are left empty
-        (nothing else is removed: a directory that is not empty stays)."""
+        (and the store's ``<store>.checkpoints`` sibling when that is left empty too; nothing
+        else is removed: a directory that is not empty stays)."""
         for name in (STATE, TENSORS):
             (self.directory / name).unlink(missing_ok=True)
-        for empty in (self.directory, self.directory.parent, self.directory.parent.parent):
+        up = [self.directory, self.directory.parent, self.directory.parent.parent]
+        if up[-1].parent.name.endswith(".checkpoints"):   # the store's sibling, made for these
+            up.append(up[-1].parent)
+        for empty in up:
             try:
                 empty.rmdir()
             except OSError:
