@@ -86,6 +86,9 @@ class StepDictParams(Params):
     k: int = Field(32, ge=1, le=4096, description="active latents per row (TopK)")
     lr: Optional[float] = Field(None, gt=0.0, le=1.0, description="None: auto_lr as sae")
     min_steps: Optional[int] = Field(None, ge=1, le=10_000_000, description="as sae")
+    max_epochs: Optional[int] = Field(None, ge=1, le=100_000,
+                                      description="the budget's cap in epochs (None: none; "
+                                                  "no early stop here, so uncapped by default)")
     epochs: Optional[int] = Field(None, ge=1, le=10_000, description="as sae")
     steps: Optional[int] = Field(None, ge=1, le=10_000_000, description="optimizer steps")
     warmup_steps: Optional[int] = Field(None, ge=0, le=1_000_000)
@@ -167,7 +170,8 @@ class Crosscoder(Analysis):
         groups = float(max(1, min(w.steps, p.get("step_groups") or w.steps)))
         size = p.get("batch_size") or 1024
         steps = budget_steps(SimpleNamespace(steps=p.get("steps"), epochs=p.get("epochs"),
-                                             min_steps=p.get("min_steps")),
+                                             min_steps=p.get("min_steps"),
+                                             max_epochs=p.get("max_epochs")),
                              -(-int(n / groups) // size), int(latents))
         # paired (the dearer form): every row is G groups wide; rows all held in memory
         return Cost(6 * steps * size * latents * d * groups + 2 * n * latents * d,

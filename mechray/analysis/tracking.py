@@ -119,7 +119,8 @@ class SAETracking(Analysis):
         groups = float(max(1, min(w.steps, p.get("step_groups") or w.steps)))
         size = p.get("batch_size") or 1024
         steps = budget_steps(SimpleNamespace(steps=p.get("steps"), epochs=p.get("epochs"),
-                                             min_steps=p.get("min_steps")),
+                                             min_steps=p.get("min_steps"),
+                                             max_epochs=p.get("max_epochs")),
                              -(-int(n / groups) // size), int(latents))
         return Cost(groups * 6 * steps * size * latents * d + 2 * n * latents * d +
                     groups * latents ** 3,
