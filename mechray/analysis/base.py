@@ -114,6 +114,13 @@ class Analysis:
         return JSON_NUMBER * w.d * 8 + 65536
 
     @classmethod
+    def task_cpus(cls, p: dict[str, Any], default: float) -> float:
+        """CPUs this analysis' own Ray task holds (``default``: the engine's ``num_cpus``).  A fit
+        that only coordinates workers of its own (Ray Train) holds none, so fits of several
+        layers waiting for their workers never hold the CPUs those workers need."""
+        return default
+
+    @classmethod
     def describe(cls) -> str:
         """One line for help texts: ``summary`` or the docstring's first line."""
         return cls.summary or (cls.__doc__ or cls.name).strip().splitlines()[0].strip()

@@ -186,9 +186,9 @@ class Engine:
                     jobs.append((spec.name, layer,
                                  call(finalize, spec, self.ref, layer, root, info)))
             for spec in fits:
-                jobs.append((spec.name, layer, fit_call(fit, spec, self.ref, layer, gpu_info,
-                                                        shipped.model, shipped.eval_data,
-                                                        gpu=True)))
+                jobs.append((spec.name, layer, fit_call(
+                    fit, spec, self.ref, layer, gpu_info, shipped.model, shipped.eval_data,
+                    gpu=True, cpus=spec.cls.task_cpus(spec.params, self.num_cpus))))
         self._collect(jobs, results, maps, bar)
 
     def _models(self, spec: Spec, layers: list[str], results: dict, shipped: Shipped,
@@ -234,10 +234,12 @@ class Engine:
         if not self.use_ray:
             return _Local(bar)
 
-        def submit(fn, *args, gpu: bool = False, count: bool = True):
+        def submit(fn, *args, gpu: bool = False, count: bool = True,
+                   cpus: Optional[float] = None):
             # SPREAD: a cluster's nodes share the shards; a node lost mid-run costs only its
             # tasks, which Ray retries elsewhere (max_retries=3 by default).
-            opts: dict[str, Any] = {"num_cpus": self.num_cpus, "scheduling_strategy": "SPREAD"}
+            opts: dict[str, Any] = {"num_cpus": self.num_cpus if cpus is None else cpus,
+                                    "scheduling_strategy": "SPREAD"}
             if gpu and self.num_gpus:
                 opts["num_gpus"] = self.num_gpus
             return _remote(fn).options(**opts).remote(*args)
@@ -272,7 +274,8 @@ class _Local:
     def __init__(self, bar):
         self.bar = bar
 
-    def __call__(self, fn, *args, gpu: bool = False, count: bool = True):
+    def __call__(self, fn, *args, gpu: bool = False, count: bool = True,
+                 cpus: Optional[float] = None):
         out = fn(*args)
         if count:
             self.bar.update(1)

@@ -186,13 +186,17 @@ def test_a_dictionary_that_needs_latent_sharding_is_refused_naming_its_size(tmp_
         get_analysis("sae", {"expansion_factor": 256, "k": 8}).fit(Context(store=store), "src")
 
 
-def test_an_engine_fit_task_does_not_wait_forever_for_cpus_it_holds(planted, ray2):
-    """Through the engine the fit is a Ray task holding 1 of the 2 CPUs: 2 workers could never
-    start, so the layer's result is a clear error, not a hang."""
+def test_the_engine_fit_task_holds_no_cpu_so_its_workers_start(planted, ray2, tmp_path):
+    """Through the engine the fit is a Ray task that only waits on its Ray Train workers: it
+    holds no CPU (``SAEAnalysis.task_cpus``), so 2 workers start on the 2-CPU cluster.  It held
+    1 before, and the layer ended as 'needs 2 CPUs but the cluster has 1 besides this task's'
+    (and fits of several layers, each holding a CPU, could starve each other's workers)."""
     from mechray.analysis.engine import Engine
 
-    store, _, _ = planted
-    out = Engine(store, use_ray=True, progress=False).run(
+    store, dictionary, _ = planted
+    out = Engine(store, use_ray=True, progress=False, out_dir=tmp_path).run(
         ["sae"], {"sae": {**PARAMS, "num_workers": 2}})
-    assert "needs 2 CPUs but the Ray cluster has 1 besides this task's" in \
-        out["sae"]["src"]["error"]
+    result = out["sae"]["src"]
+    assert not result.get("skipped"), result
+    assert result["train"]["workers"] == 2, result["train"]
+    assert result["explained_variance"] > 0.5

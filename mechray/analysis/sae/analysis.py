@@ -148,6 +148,13 @@ class SAEAnalysis(Analysis):
         return JSON_NUMBER * latents * 4 + 65536      # a few statistics per latent
 
     @classmethod
+    def task_cpus(cls, p: dict[str, Any], default: float) -> float:
+        """With ``num_workers > 1`` the fit task only waits on its Ray Train workers: it holds
+        no CPU (each layer's trainer reserves its workers whole, so layers queue, never
+        deadlock)."""
+        return 0.0 if (p.get("num_workers") or 1) > 1 else default
+
+    @classmethod
     def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
         n, d = float(w.rows), float(w.d)
         latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * d)
