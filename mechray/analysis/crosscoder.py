@@ -165,14 +165,7 @@ class Crosscoder(Analysis):
 
     @classmethod
     def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
-        n, d = float(w.rows), float(w.d)
-        latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * d)
-        groups = float(max(1, min(w.steps, p.get("step_groups") or w.steps)))
-        size = p.get("batch_size") or 1024
-        steps = budget_steps(SimpleNamespace(steps=p.get("steps"), epochs=p.get("epochs"),
-                                             min_steps=p.get("min_steps"),
-                                             max_epochs=p.get("max_epochs")),
-                             -(-int(n / groups) // size), int(latents))
+        n, d, latents, groups, size, steps = budget_of(p, w)
         # paired (the dearer form): every row is G groups wide; rows all held in memory
         return Cost(6 * steps * size * latents * d * groups + 2 * n * latents * d,
                     n * d * 4 * 2 + latents * d * groups * 4 * 5 + size * latents * 4 * 4)
@@ -468,6 +461,19 @@ class _UnpairedFit:
 
 
 # --- helpers --------------------------------------------------------------------------------------
+def budget_of(p: dict[str, Any], w: Workload) -> tuple[float, float, float, float, int, int]:
+    """What a fit of these (validated, complete) params would do on workload ``w``, for the
+    cost estimates of ``crosscoder`` and ``sae_tracking``: rows, width, latents, step groups,
+    batch size and optimizer steps per group."""
+    n, d = float(w.rows), float(w.d)
+    latents = float(p["n_latents"] or p["expansion_factor"] * d)
+    groups = float(max(1, min(w.steps, p["step_groups"] or w.steps)))
+    size = int(p["batch_size"])
+    steps = budget_steps(SimpleNamespace(**{k: p[k] for k in (
+        "steps", "epochs", "min_steps", "max_epochs")}), -(-int(n / groups) // size), int(latents))
+    return n, d, latents, groups, size, steps
+
+
 def _check_sizes(p: StepDictParams, d: int, groups: int, n_latents: int) -> None:
     problems = []
     if n_latents > MAX_LATENTS:

@@ -56,7 +56,13 @@ from mechray.analysis.base import (
     Workload,
     register,
 )
-from mechray.analysis.crosscoder import StepDictParams, _check_sizes, birth_lines, timeline
+from mechray.analysis.crosscoder import (
+    StepDictParams,
+    _check_sizes,
+    birth_lines,
+    budget_of,
+    timeline,
+)
 from mechray.analysis.sae.analysis import _device
 from mechray.analysis.sae.budget import auto_lr, budget_rule, budget_steps, loss_flat, sae_warnings
 from mechray.analysis.sae.evaluate import evaluate
@@ -112,16 +118,7 @@ class SAETracking(Analysis):
 
     @classmethod
     def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
-        from types import SimpleNamespace
-
-        n, d = float(w.rows), float(w.d)
-        latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * d)
-        groups = float(max(1, min(w.steps, p.get("step_groups") or w.steps)))
-        size = p.get("batch_size") or 1024
-        steps = budget_steps(SimpleNamespace(steps=p.get("steps"), epochs=p.get("epochs"),
-                                             min_steps=p.get("min_steps"),
-                                             max_epochs=p.get("max_epochs")),
-                             -(-int(n / groups) // size), int(latents))
+        n, d, latents, groups, size, steps = budget_of(p, w)
         return Cost(groups * 6 * steps * size * latents * d + 2 * n * latents * d +
                     groups * latents ** 3,
                     n * d * 4 * 2 + latents * d * 4 * 5 + size * latents * 4 * 4)
