@@ -298,14 +298,19 @@ def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
                  "started with (os.environ.update(haproxy_env()) before ray.init, or %s=1 "
                  "before `ray start`, for HAProxy)", HA_PROXY)
     watch = life.ProcessWatch() if started and blocking else None
-    stop = threading.Event()
+    stop, serving = threading.Event(), threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        stop.set()
+        if not serving.is_set():  # still starting: serve.run may wait on Serve for minutes
+            raise KeyboardInterrupt
 
     def init() -> None:
         if started and not ray.is_initialized():
             ray.init(address=ray_address, configure_logging=False)
         if blocking:              # after ray.init, which installs handlers of its own
             for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop.set())
+                signal.signal(sig, on_signal)
         if watch is not None:
             watch.refresh()
 
@@ -318,8 +323,13 @@ def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
 
     try:
         life.start(init, run, teardown, started_ray=started)
-    except BaseException:
+        serving.set()
+    except BaseException as exc:
+        serving.set()             # a second signal while stopping does not interrupt the stop
         life.stop(teardown, watch)
+        if isinstance(exc, KeyboardInterrupt) and stop.is_set():
+            log.info("mechray: stopped while starting")
+            return True           # a signal during start-up: stopped cleanly, as when serving
         raise
     log.info("mechray: serving %s on http://%s:%d/ (dashboard at /, proxy %s)", args["storage"],
              host, port, "HAProxy" if os.environ.get(HA_PROXY) == "1" else "Serve's Python proxy")

@@ -135,3 +135,43 @@ def test_mechray_serve_starts_beside_busy_loops_and_sigterm_to_its_group_leaves_
             except psutil.Error:
                 pass
         log.close()
+
+
+@pytest.mark.slow
+def test_sigterm_while_mechray_serve_is_still_starting_stops_it_cleanly(tmp_path):
+    """A signal during start-up (Serve still deploying: ``serve.run`` can wait on it for
+    minutes) stops the command with exit 0 and no Ray or HAProxy process left; the signal used
+    only to set a flag read once serving had begun, so the command hung past a minute."""
+    capture_store(tmp_path / "store")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mechray.cli", "serve", "--storage", str(tmp_path / "store"),
+         "--port", str(free_port()), "--ray-address", "local"],
+        env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and server.poll() is None and \
+                not any(_cmd(p).startswith("ray::ServeController") for p in _session(server.pid)):
+            time.sleep(0.2)                    # Ray is up, Serve's controller deploying the app
+        seen = {p.pid: p for p in _session(server.pid)}
+        assert any(_cmd(p).startswith("ray::ServeController") for p in seen.values()), \
+            (tmp_path / "serve.log").read_text()[-3000:]
+        assert "mechray: serving" not in (tmp_path / "serve.log").read_text().split("\n", 1)[-1]
+        os.killpg(server.pid, signal.SIGTERM)
+        assert server.wait(90) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        time.sleep(2)
+        left = [p for p in list(seen.values()) + _session(server.pid) if p.is_running() and
+                p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, [(p.pid, p.name()) for p in left]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def _cmd(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline()) or p.name()
+    except psutil.Error:
+        return ""
