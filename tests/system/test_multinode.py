@@ -20,8 +20,11 @@ def test_writers_spread_across_nodes(ray_three_nodes, tmp_path):
         model(torch.randn(128, 16))
         sampler.save_activations(step)
     sampler.close()
-    nodes = {ray.get(w.node_id.remote()) for w in sampler.transport.pool.writers}
-    assert len(nodes) >= 2, f"writers all on one node: {nodes}"
+    # writer i on the i-th alive node: Ray honours the soft affinity only for actors with a
+    # non-empty resource request (an empty one goes to a random node, 1 run in 3 under load)
+    alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    placed = [ray.get(w.node_id.remote()) for w in sampler.transport.pool.writers]
+    assert placed == alive, f"writers on {placed}, meant for {alive}"
     store = ShardStore(tmp_path)
     assert [e["step"] for e in store.shards()] == list(range(9))
     assert store.layers()["1"]["rows"] == 9 * 128
