@@ -43,13 +43,13 @@ def cmd_ls(args) -> int:
           f"steps {', '.join(spans[:8])}{' ...' if len(spans) > 8 else ''}")
     print(f"{'layer':32s} {'features':>12s} {'dtype':>9s} {'rows':>9s} {'shards':>7s} "
           f"{'dropped':>9s} {'tokens':>6s}")
-    layers = store.layers()
+    layers = store.summaries()       # typed, steps as runs: a forged head costs nothing here
     for name, info in layers.items():
-        tokens = "yes" if info["provenance_shards"] == info["shards"] else \
-            "some" if info["provenance_shards"] else "no"
-        print(f"{name:32s} {str(info['feature_shape']):>12s} {info['dtype']:>9s} "
-              f"{info['rows']:9d} {info['shards']:7d} {info['dropped_rows']:9d} {tokens:>6s}")
-    dropped = {n: i["dropped_rows"] for n, i in layers.items() if i["dropped_rows"]}
+        tokens = "yes" if info.provenance_shards == info.shards else \
+            "some" if info.provenance_shards else "no"
+        print(f"{name:32s} {str(info.feature_shape):>12s} {info.dtype:>9s} "
+              f"{info.rows:9d} {info.shards:7d} {info.dropped_rows:9d} {tokens:>6s}")
+    dropped = {n: i.dropped_rows for n, i in layers.items() if i.dropped_rows}
     if dropped:
         print(f"rows dropped by the cap: {dropped}; raise max_activations_per_shard (or set "
               f"rows_per_step, or save more often) to keep them")

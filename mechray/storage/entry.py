@@ -163,4 +163,6 @@ class LayerSummary(LayerInfo):
 
     def info(self) -> dict[str, Any]:
         """The plain dict ``ShardStore.layers()`` has always given (without ``max_shard_rows``)."""
-        return {k: getattr(self, k) for k in type(self).model_fields if k != "max_shard_rows"}
+        out = {k: getattr(self, k) for k in type(self).model_fields if k != "max_shard_rows"}
+        out["steps"] = list(self.steps)   # (a head's steps are runs until listed here)
+        return out

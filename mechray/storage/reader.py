@@ -25,6 +25,7 @@ Nothing here unpickles code: shards load with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import tempfile
@@ -272,7 +273,7 @@ class ShardStore:
             if self._head is not None and self._doc is None else []
         if head and all(r == head[0] for r in head):
             return head[0]
-        return runs(self.steps())
+        return runs(heapq.merge(*(info.steps for info in self.summaries().values())))
 
     def steps(self) -> list[int]:
         return sorted({s for info in self.summaries().values() for s in info.steps})

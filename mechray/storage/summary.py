@@ -11,19 +11,23 @@ Usage::
     layers = layer_summaries(head["summary"], "manifest.json")   # {name: LayerSummary}
 
 Steps are stored as runs ``[first, last, stride]``: a capture every ``n`` steps is one run, so
-the summary of a million shards is a few hundred bytes per layer.
+the summary of a million shards is a few hundred bytes per layer; read back, they stay runs
+(:class:`Steps`), so a forged head claiming 10^7 steps costs nothing to hold or to page.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter
-from typing import Annotated, Any, Optional
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import accumulate, chain, islice
+from typing import Annotated, Any, Optional, overload
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from mechray.storage.entry import LayerSummary, steps_of
 
-MAX_STEPS = 50_000_000  # a hostile summary cannot make a reader expand unbounded ranges
+MAX_STEPS = 50_000_000  # held as runs (:class:`Steps`), but `layers()` lists them: bounded
 SHAPE = "summary: {'shards': int, 'bytes': int, 'layers': {name: {'feature_shape', 'dtype', " \
         "'shards', 'rows', 'steps': [[first, last, stride], ...]}}}"
 
@@ -122,25 +126,83 @@ class Summary:
         return layer_summaries(self.to_json(), "summary")
 
 
-def runs(steps: list[int]) -> list[list[int]]:
-    """Sorted distinct steps as ``[first, last, stride]`` runs (``[s, s, 1]`` for a lone step)."""
+def runs(steps: Iterable[int]) -> list[list[int]]:
+    """Sorted steps (repeats skipped) as ``[first, last, stride]`` runs (``[s, s, 1]`` for a lone
+    step), in one pass: an iterator of 10^7 steps is never listed."""
     out: list[list[int]] = []
-    i = 0
-    while i < len(steps):
-        first = steps[i]
-        if i + 1 == len(steps):
-            out.append([first, first, 1])
-            break
-        stride, j = steps[i + 1] - first, i + 1
-        while j + 1 < len(steps) and steps[j + 1] - steps[j] == stride:
-            j += 1
-        out.append([first, steps[j], stride])
-        i = j + 1
+    for s in steps:
+        if not out:
+            out.append([s, s, 1])
+            continue
+        last = out[-1]
+        if s == last[1]:
+            continue
+        if last[0] == last[1]:                        # a lone step: it and s make a run
+            last[1], last[2] = s, s - last[0]
+        elif s - last[1] == last[2]:
+            last[1] = s
+        else:
+            out.append([s, s, 1])
     return out
 
 
-def expand(run_list: list[list[int]]) -> list[int]:
-    return [s for first, last, stride in run_list for s in range(first, last + 1, stride)]
+class Steps(Sequence[int]):
+    """Sorted steps held as their runs: ``len``, indexing, slicing and iteration without
+    listing them, so a summary claiming 10^7 steps costs its runs, not 10^7 integers.
+
+    Usage::
+
+        steps = Steps([[0, 990, 10], [1000, 1000, 1]])
+        len(steps), steps[-1], steps[:3], list(steps) == [0, 10, ..., 1000]
+    """
+
+    __slots__ = ("_runs", "_ends")
+
+    def __init__(self, run_list: list[list[int]]) -> None:
+        self._runs = [range(first, last + 1, stride) for first, last, stride in run_list]
+        self._ends = list(accumulate(len(r) for r in self._runs))
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[int]: ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            return list(islice(self, start, max(start, stop)))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"step index {i} out of range for {n} steps")
+        i %= n
+        k = bisect_right(self._ends, i)
+        return self._runs[k][i - (self._ends[k - 1] if k else 0)]
+
+    def __iter__(self) -> Iterator[int]:
+        return chain.from_iterable(self._runs)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Steps):
+            return self._runs == other._runs or (len(self) == len(other) and
+                                                 all(a == b for a, b in zip(self, other)))
+        if isinstance(other, (list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # (compares equal to lists)
+
+    def __repr__(self) -> str:
+        head = ", ".join(map(str, self[:8]))
+        return f"Steps([{head}{', ...' if len(self) > 8 else ''}] ({len(self)} steps))"
+
+
+def expand(run_list: list[list[int]]) -> Steps:
+    return Steps(run_list)
 
 
 class _Runs(BaseModel):
@@ -174,6 +236,8 @@ def layer_summaries(doc: Any, where: str) -> dict[str, LayerSummary]:
     layers = parsed.layers
     if any(r[2] <= 0 or r[1] < r[0] for la in layers.values() for r in la.steps):
         raise ValueError(f"{where}: the summary is not {SHAPE} (a step run goes backwards)")
+    if any(r0[1] >= r1[0] for la in layers.values() for r0, r1 in zip(la.steps, la.steps[1:])):
+        raise ValueError(f"{where}: the summary is not {SHAPE} (step runs out of order)")
     if sum((r[1] - r[0]) // r[2] + 1 for la in layers.values() for r in la.steps) > MAX_STEPS:
         raise ValueError(f"{where}: the summary lists more than {MAX_STEPS} steps")
     return {name: LayerSummary.model_construct(  # (checked above, as _Runs)

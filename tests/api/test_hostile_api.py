@@ -736,3 +736,32 @@ def test_a_forged_summary_is_checked_against_the_entries(tmp_path):
             assert beyond["next_offset"] is None and beyond["total"] == 4
     finally:
         mixin.close()
+
+
+def test_a_journal_head_claiming_ten_million_steps_costs_its_runs_not_a_list(tmp_path):
+    """Defect 11's memory: a head taken at its word (the journal's last commit, forged with
+    10^7 steps in one run) was expanded into a 10^7-item list for every `/interpret/layers`
+    (+716 MB); its steps stay runs now and the answer pages the first 10,000."""
+    import tracemalloc
+
+    capture_store(tmp_path / "s")
+    journal = tmp_path / "s" / "manifest.journal"
+    last = [ln for ln in journal.read_text().splitlines() if ln.startswith('{"commit"')][-1]
+    commit = json.loads(last)
+    commit["commit"]["summary"]["layers"]["popt"]["steps"] = [[0, 10 ** 7 - 1, 1]]
+    with journal.open("a") as fh:
+        fh.write(json.dumps(commit, separators=(",", ":")) + "\n")
+    assert len(ShardStore(tmp_path / "s").summaries()["popt"].steps) == 10 ** 7  # taken as is
+    mixin, app = serve_mixin(tmp_path / "s")
+    try:
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            tracemalloc.start()
+            r = client.get("/interpret/layers")
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert r.status_code == 200 and len(r.content) < 200_000, len(r.content)
+            popt = r.json()["layers"]["popt"]
+            assert popt["steps_total"] == 10 ** 7 and popt["steps"] == list(range(10_000))
+            assert peak < 50e6, f"{peak / 1e6:.0f} MB traced while answering"
+    finally:
+        mixin.close()

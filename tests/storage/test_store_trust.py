@@ -345,6 +345,32 @@ def test_hostile_summary_cannot_blow_up_a_reader(store_dir):
         layer_summaries(bomb, "manifest.json")
     with pytest.raises(ValueError, match="summary is not"):
         layer_summaries({"layers": {"popt": {"steps": "x"}}}, "manifest.json")
+    backwards = dict(bomb, layers={"popt": dict(bomb["layers"]["popt"],
+                                                 steps=[[0, 9, 1], [5, 20, 5]])})
+    with pytest.raises(ValueError, match="out of order"):
+        layer_summaries(backwards, "manifest.json")
+
+
+def test_summary_steps_stay_runs_and_behave_as_the_sorted_list():
+    import random
+
+    from mechray.storage.summary import Steps, runs
+
+    rng = random.Random(0)
+    for _ in range(300):
+        listed = sorted(rng.sample(range(80), rng.randint(0, 40)))
+        steps = Steps(runs(listed))
+        assert steps == listed and list(steps) == listed and len(steps) == len(listed)
+        assert [steps[i] for i in range(len(listed))] == listed
+        assert [steps[i] for i in range(-len(listed), 0)] == listed
+        for a, b, c in ((None, 5, None), (2, -1, None), (-3, None, None), (None, None, 2),
+                        (None, None, -1), (7, 3, None)):
+            assert steps[a:b:c] == listed[a:b:c], (listed, a, b, c)
+    huge = Steps([[0, 10 ** 7 - 1, 1], [10 ** 7 + 4, 10 ** 8, 4]])
+    assert len(huge) == 10 ** 7 + (10 ** 8 - 10 ** 7 - 4) // 4 + 1
+    assert huge[-1] == 10 ** 8 and huge[10 ** 7] == 10 ** 7 + 4 and huge[:3] == [0, 1, 2]
+    with pytest.raises(IndexError, match="out of range"):
+        huge[len(huge)]
 
 
 def test_version_moves_with_the_manifest(tiny_net, tmp_path):
