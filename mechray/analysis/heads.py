@@ -73,9 +73,12 @@ def attention_patterns(model: nn.Module, layer: str, inputs: Any) -> torch.Tenso
 
 @contextmanager
 def _eager(model: nn.Module, layer: str) -> Iterator[None]:
-    """The model under eager attention (its attention implementation restored after)."""
-    config = getattr(model, "config", None)
-    setter = getattr(model, "set_attn_implementation", None)
+    """The model (the outermost HF model in it, e.g. inside a LightningModule) under eager
+    attention; its attention implementation is restored after."""
+    hf = next((m for m in model.modules() if callable(getattr(m, "set_attn_implementation", None))
+               and getattr(m, "config", None) is not None), None)
+    config = getattr(hf, "config", None)
+    setter = getattr(hf, "set_attn_implementation", None)
     old = getattr(config, "_attn_implementation", None)
     if config is None or not callable(setter):
         raise ValueError(f"layer {layer!r} returned no attention weights and the model cannot be "

@@ -70,6 +70,13 @@ def test_per_head_outputs_are_capture_points_gpt2_and_bert(tmp_path):
         rows = [store.read_layer(la, 10_000).float() for la in layers]
         assert len(rows[0]) == int(x["attention_mask"].sum())    # real tokens only
         assert torch.equal(rows[0], rows[1])                  # the projection's input, by head
+    from mechray.analysis.base import Context, get_analysis
+
+    ctx = Context(store=None, model=bert, eval_data=cases[1][1])     # BERT: both head points
+    got = [{e["head"]: e["effect"] for e in get_analysis("causal", {}).run(ctx, la)["ranked"]}
+           for la in cases[1][2]]
+    assert got[0] == pytest.approx(got[1], rel=1e-4) and len(got[0]) == 4
+    assert min(got[0].values()) > 0
     point = head_point(model.transformer.h[1].attn, LAYER)
     assert (point.n_head, point.d_head, point.reads_input) == (4, 16, True)
     assert split_heads(rows[0], 4).shape == (len(rows[0]), 4, 8)     # BERT: d_head 8
@@ -163,3 +170,17 @@ def test_head_patching_on_prompt_pairs_finds_the_planted_head(tmp_path):
     table = head_table(out)
     assert (table[0]["layer"], table[0]["head"]) == (LAYER, HEAD)
     assert len(table) == 8 and top_effects(res).startswith("head 2: ")     # the report's column
+
+    from mechray.analysis.base import Context, get_analysis
+    ctx = Context(store=None, model=model, eval_data=PromptPairs(clean, corrupt))
+    res = get_analysis("circuit", {"metric": "lm_loss", "method": "exact", "paths": False,
+                                   "positions": False}).run(ctx, LAYER)
+    assert res["ranked"][0]["head"] == HEAD
+
+    def ce(x):          # next-token loss on the clean tokens, real -> real positions only
+        with torch.no_grad():
+            logp = model(**x).logits.log_softmax(-1)[:, :-1]
+        m = clean["attention_mask"].bool()
+        keep = m[:, :-1] & m[:, 1:]
+        return float(-logp.gather(-1, clean["input_ids"][:, 1:, None])[..., 0][keep].mean())
+    assert res["corrupt_metric"] == pytest.approx(abs(ce(corrupt) - ce(clean)), rel=1e-4)
