@@ -116,6 +116,7 @@ def test_head_ablation_ranks_the_planted_head_first_with_the_lm_loss():
     ctx = Context(store=None, model=model, eval_data=enc)
     res = get_analysis("causal", {"metric": "lm_loss"}).run(ctx, LAYER)
     assert (res["n_heads"], res["d_head"], res["n_neurons"]) == (4, 16, 64)
+    assert res["unembedding"] == "read out lazily"              # no [B, T, vocab] per ablation
     ranking = [e["head"] for e in res["ranked"]]
     effects = {e["head"]: e["effect"] for e in res["ranked"]}
     assert ranking[0] == HEAD and effects[HEAD] > 1e-3
@@ -153,7 +154,7 @@ def test_head_patching_on_prompt_pairs_finds_the_planted_head(tmp_path):
                            use_ray=False, verbose=False, analyses_to_run=["circuit"],
                            analysis_params={"circuit": {"metric": "logit_diff",
                                                         "answer_tokens": [3, 4],
-                                                        "method": "exact",
+                                                        "method": "exact", "paths": False,
                                                         "positions": False}})
     with MechIntHooks(config).attach(model) as hooks, torch.no_grad():
         model(**clean)
