@@ -13,9 +13,10 @@ Usage::
 
 Patterns are read from the attention module's output, which HF attention returns as
 ``(attn_output, attn_weights)``; the weights exist only under eager attention, so the call
-switches the model to ``attn_implementation="eager"`` for its one forward pass (and back) when
-the module returned none.  Rows (queries) and columns (keys) at padded positions are zeroed, so
-left and right padding give the same pattern for each example's real tokens; indices are the
+switches the model to ``attn_implementation="eager"`` (and ``output_attentions``) for its one
+forward pass, and back, when the module returned none.  Rows (queries) and columns (keys) at
+padded positions are zeroed, so left and right padding give the same pattern for each example's
+real tokens; indices are the
 batch's padded positions (``enc["attention_mask"]`` says which are real).  The per-head outputs
 themselves are the capture point ``name:heads`` (:mod:`mechray.capture.heads`); ``causal`` and
 ``circuit`` on such a layer rank heads, and :func:`head_table` merges those rankings over layers.
@@ -43,9 +44,11 @@ def attention_patterns(model: nn.Module, layer: str, inputs: Any) -> torch.Tenso
     got: list[torch.Tensor] = []
 
     def keep(m: nn.Module, args: Any, out: Any) -> None:
-        w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-        if isinstance(w, torch.Tensor) and w.dim() == 4:
-            got.append(w.detach().float())
+        for w in out[1:] if isinstance(out, tuple) else ():    # (output, [cache,] weights)
+            if isinstance(w, torch.Tensor) and w.dim() == 4 and w.shape[0] == len(x) and \
+                    w.shape[-1] == w.shape[-2]:
+                got.append(w.detach().float())
+                return
 
     def run() -> None:
         handle = module.register_forward_hook(keep)
@@ -84,11 +87,14 @@ def _eager(model: nn.Module, layer: str) -> Iterator[None]:
         raise ValueError(f"layer {layer!r} returned no attention weights and the model cannot be "
                          f"switched to eager attention; load it with "
                          f"attn_implementation='eager'")
+    asked = getattr(config, "output_attentions", None)
     setter("eager")
+    config.output_attentions = True       # older transformers return weights only when asked
     try:
         yield
     finally:
         setter(old)
+        config.output_attentions = asked
 
 
 def head_table(per_layer: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

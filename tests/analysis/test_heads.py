@@ -91,9 +91,9 @@ def test_attention_patterns_are_per_head_masked_and_padding_free():
     from mechray.analysis.heads import attention_patterns
 
     model, enc = gpt2(), left_padded()
-    before = model.config._attn_implementation
+    before = model.config._attn_implementation, model.config.output_attentions
     pattern = attention_patterns(model, "transformer.h.1.attn", enc)
-    assert model.config._attn_implementation == before          # switched back
+    assert (model.config._attn_implementation, model.config.output_attentions) == before
     assert pattern.shape == (4, 4, 7, 7)
     m = enc["attention_mask"].bool()
     sums = pattern.sum(-1)                                      # [B, H, T]
@@ -105,6 +105,12 @@ def test_attention_patterns_are_per_head_masked_and_padding_free():
         got = pattern[i][:, real][:, :, real]
         assert torch.allclose(got, own, atol=1e-5)
         assert torch.equal(got.triu(1), torch.zeros_like(got))  # causal
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=32)).eval()
+    both = attention_patterns(bert, "encoder.layer.0.attention.self",
+                              {k: enc[k] for k in ("input_ids", "attention_mask")})
+    assert both.shape == (4, 4, 7, 7) and torch.allclose(both.sum(-1), sums, atol=1e-5)
 
 
 def test_head_ablation_ranks_the_planted_head_first_with_the_lm_loss():
