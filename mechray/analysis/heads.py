@@ -16,10 +16,10 @@ Patterns are read from the attention module's output, which HF attention returns
 switches the model to ``attn_implementation="eager"`` (and ``output_attentions``) for its one
 forward pass, and back, when the module returned none.  Rows (queries) and columns (keys) at
 padded positions are zeroed, so left and right padding give the same pattern for each example's
-real tokens; indices are the
-batch's padded positions (``enc["attention_mask"]`` says which are real).  The per-head outputs
-themselves are the capture point ``name:heads`` (:mod:`mechray.capture.heads`); ``causal`` and
-``circuit`` on such a layer rank heads, and :func:`head_table` merges those rankings over layers.
+real tokens; indices are the batch's padded positions (``enc["attention_mask"]`` says which
+are real).  The per-head outputs themselves are the capture point ``name:heads``
+(:mod:`mechray.capture.heads`); ``causal`` and ``circuit`` on such a layer rank heads, and
+:func:`head_table` merges those rankings over layers.
 """
 
 from __future__ import annotations
