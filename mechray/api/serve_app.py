@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from mechray.api.errors import ApiError
+from mechray.api.request import Request
 from mechray.api.service import Answer
 from mechray.config import MechIntConfig
 
@@ -156,12 +157,12 @@ class JobsDeployment:
         self.board = JobBoard(self._run, workers=cfg.api_job_workers,
                               max_pending=cfg.api_max_pending_jobs, ttl_s=cfg.api_job_ttl_s)
 
-    def _run(self, request: dict) -> tuple[bytes, bool]:    # on a board thread, not the loop
+    def _run(self, request: Request) -> tuple[bytes, bool]:  # on a board thread, not the loop
         return _unwrap(self.analysis.call.remote("compute_job", request).result())
 
-    async def submit(self, key: str, request: dict) -> tuple:
-        return _wrap(lambda: self.board.submit(key, request, analysis=request["analysis_type"],
-                                               layer=request.get("layer_name")))
+    async def submit(self, key: str, request: Request) -> tuple:
+        return _wrap(lambda: self.board.submit(key, request, analysis=request.analysis,
+                                               layer=request.layer))
 
     async def status(self, job_id: str) -> tuple:
         return _wrap(self.board.status, job_id)
@@ -189,8 +190,8 @@ class ServeBackend:
         return {**_unwrap(await self.analysis.call.remote("health")),
                 "jobs_pending": await self.jobs.pending.remote()}
 
-    async def interpret(self, request: dict) -> Answer:
-        if request.get("eval_inputs") is not None:   # checked where the model and tokenizer are
+    async def interpret(self, request: Request) -> Answer:
+        if request.eval_inputs is not None:   # checked where the model and tokenizer are
             return _unwrap(await self.analysis.call.remote("interpret", request))
         plan, hit = await asyncio.to_thread(self.service.lookup, request)
         if hit is not None:
@@ -200,7 +201,7 @@ class ServeBackend:
             self.service.remember(plan, answer.result)
         return answer
 
-    async def submit(self, key: str, request: dict) -> dict[str, Any]:
+    async def submit(self, key: str, request: Request) -> dict[str, Any]:
         return _unwrap(await self.jobs.submit.remote(key, request))
 
     async def job(self, job_id: str) -> bytes:
