@@ -124,7 +124,8 @@ def _unwrap(out: tuple) -> Any:
 class AnalysisDeployment:
     """Holds the store, the model and a result cache; runs the analyses."""
 
-    METHODS = ("layers_json", "shards_json", "health", "interpret", "compute", "compute_job")
+    METHODS = ("layers_json", "shards_json", "health", "interpret", "compute", "compute_job",
+               "compute_plan")
 
     def __init__(self, args: dict[str, Any]):
         from mechray.api.service import Interpreter
@@ -172,10 +173,12 @@ class JobsDeployment:
 
 
 class ServeBackend:
-    """The routes' backend in the ingress.  It validates requests and answers the store's
-    layers, shards and cached results from its own read-only view of the store (an
-    :class:`~mechray.api.service.Interpreter` without a model: manifest reads only); everything
-    that needs computing goes to the analysis deployment, jobs to the job board."""
+    """The routes' backend in the ingress.  It plans requests (validation, cost, cache key:
+    once, here) and answers the store's layers, shards and cached results from its own
+    read-only view of the store (an :class:`~mechray.api.service.Interpreter` without a model:
+    manifest reads only); a plan that needs computing goes to the analysis deployment as it
+    is, jobs to the job board (a job is planned when it runs).  Requests with eval inputs are
+    planned in the analysis replica, where the model and tokenizer are."""
 
     def __init__(self, analysis, jobs, service):
         self.analysis, self.jobs, self.service = analysis, jobs, service
@@ -196,7 +199,10 @@ class ServeBackend:
         plan, hit = await asyncio.to_thread(self.service.lookup, request)
         if hit is not None:
             return Answer(hit, cached=True)
-        answer = _unwrap(await self.analysis.call.remote("interpret", request))
+        if self.service.is_job(plan):                  # the replicas' config is the same
+            return Answer(job_key=plan.key)
+        # the replica runs this plan (planned once, here) unless its store moved on meanwhile
+        answer = _unwrap(await self.analysis.call.remote("compute_plan", plan, request))
         if answer.result is not None:
             self.service.remember(plan, answer.result)
         return answer

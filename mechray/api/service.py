@@ -133,10 +133,23 @@ class Interpreter:
         plan, hit = self.lookup(request)
         if hit is not None:
             return Answer(hit, cached=True)
-        if plan.analysis in self.config.api_job_analyses or \
-                plan.cost.ops > self.config.api_job_cost:
+        if self.is_job(plan):
             return Answer(job_key=plan.key)
         return self._compute(plan)
+
+    def is_job(self, plan: Plan) -> bool:
+        """Whether ``plan`` runs as a job (``api_job_analyses``, or over ``api_job_cost``)."""
+        return plan.analysis in self.config.api_job_analyses or \
+            plan.cost.ops > self.config.api_job_cost
+
+    def compute_plan(self, plan: Plan, request: Request) -> Answer:
+        """The answer to a request planned elsewhere (a Serve ingress, on the same config): its
+        plan is used as it is, not planned again, unless this store is at another manifest
+        version than the plan's (then ``request`` is planned here, and may become a job)."""
+        if plan.upload is None and plan.source != self.view.snapshot().version:
+            return self.interpret(request)
+        hit = self.cache.get(plan.key)
+        return Answer(hit, cached=True) if hit is not None else self._compute(plan)
 
     def compute(self, request: Request | dict[str, Any]) -> bytes:
         """The response bytes for ``request`` (validated again), computed or from the cache."""

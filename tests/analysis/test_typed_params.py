@@ -4,6 +4,7 @@ merge and finalize of an engine run, and through one HTTP request from the plann
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import threading
 
@@ -31,6 +32,7 @@ from mechray.analysis.neuron import NeuronParams
 from mechray.api.cost import answer_bytes, estimate
 from mechray.api.planner import Planner
 from mechray.api.request import Request
+from mechray.api.service import Interpreter
 from mechray.api.store_view import StoreView
 from mechray.storage.reader import ShardStore
 from mechray.testing import serve_in_thread
@@ -184,3 +186,25 @@ def test_one_http_request_is_planned_and_validated_once(store):
     assert len(Counted.costed) == 1 and VALIDATIONS["n"] == 1
     assert {ident for _, ident in Counted.seen} == {id(Counted.costed[0])}
     assert bad.status_code == 422 and bad.json()["error"] == "bad_params" and "width" in bad.text
+
+
+def test_a_plan_made_elsewhere_runs_as_it_is_unless_the_store_moved_on(store):
+    """What a Serve ingress and an analysis replica do: one plans, the other computes that plan
+    (no second validation); a plan of another manifest version is planned again."""
+    net, path = store
+    cfg = MechIntConfig(sample_layers=LAYERS, storage_path=str(path), verbose=False,
+                        use_ray=False)
+    ingress, replica = Interpreter(None, cfg), Interpreter(net, cfg)
+    request = Request("counted_test", "popt", {"scale": 4.0})
+    plan, hit = ingress.lookup(request)
+    assert hit is None and not ingress.is_job(plan) and VALIDATIONS["n"] == 1
+    answer = replica.compute_plan(plan, request)
+    assert VALIDATIONS["n"] == 1 and len(Counted.costed) == 1      # not planned again
+    assert {ident for _, ident in Counted.seen} == {id(plan.params)}
+    assert answer.result is not None and answer.result.head["manifest_version"] == plan.source
+    assert replica.compute_plan(plan, request).cached
+
+    stale = dataclasses.replace(plan, source="an older manifest", key="k" * 64)
+    again = replica.compute_plan(stale, request)
+    assert VALIDATIONS["n"] == 2 and again.cached        # planned here: the current version's key
+    assert again.body() == replica.compute_plan(plan, request).body()
