@@ -124,9 +124,9 @@ class CausalParams(InterventionParams):
                           description="stored rows read for means, variances and resampling")
 
 
-def intervention_bytes(p: dict[str, Any], w: Workload) -> float:
+def intervention_bytes(p: InterventionParams, w: Workload) -> float:
     """Peak bytes of an intervention analysis: the model (with gradients) plus batched edits."""
-    acts = p.get("batch_size", 64) * p.get("neuron_batch", 16) * w.d * 4 * 8
+    acts = p.batch_size * p.neuron_batch * w.d * 4 * 8
     return float(w.model_params) * 4 * 4 + acts + float(w.shard_rows) * w.d * 8 * 3
 
 
@@ -196,9 +196,9 @@ class Causal(Analysis):
     plot = staticmethod(plot_ranked)
 
     @classmethod
-    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
-        forward = 2.0 * max(w.model_params, 1) * min(p.get("n_inputs", 256), w.inputs)
-        passes = min(p.get("top_n", 64), w.d) + 2
+    def cost(cls, p: CausalParams, w: Workload) -> Cost:
+        forward = 2.0 * max(w.model_params, 1) * min(p.n_inputs, w.inputs)
+        passes = min(p.top_n, w.d) + 2
         return Cost(forward * passes, intervention_bytes(p, w))
 
     def run(self, ctx: Context, layer: str) -> dict[str, Any]:

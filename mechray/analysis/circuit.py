@@ -101,10 +101,10 @@ class Circuit(Analysis):
     plot = staticmethod(plot_ranked)
 
     @classmethod
-    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
-        forward = 2.0 * max(w.model_params, 1) * min(p.get("n_inputs", 256), w.inputs)
-        passes = (w.d if p.get("method") == "exact" else p.get("check_neurons", 16)) + 4 + \
-            (w.layers if p.get("paths", True) else 0)
+    def cost(cls, p: CircuitParams, w: Workload) -> Cost:
+        forward = 2.0 * max(w.model_params, 1) * min(p.n_inputs, w.inputs)
+        passes = (w.d if p.method == "exact" else p.check_neurons) + 4 + \
+            (w.layers if p.paths else 0)
         return Cost(forward * passes, intervention_bytes(p, w))
 
     def run(self, ctx: Context, layer: str) -> dict[str, Any]:

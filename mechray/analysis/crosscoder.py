@@ -158,13 +158,13 @@ class Crosscoder(Analysis):
         return birth_lines(rows)
 
     @classmethod
-    def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
-        latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * w.d)
-        groups = float(min(w.steps, p.get("step_groups") or w.steps))
+    def answer_bytes(cls, p: CrosscoderParams, w: Workload) -> float:
+        latents = float(p.n_latents or p.expansion_factor * w.d)
+        groups = float(min(w.steps, p.step_groups or w.steps))
         return JSON_NUMBER * latents * (5 * groups + 6) + 65536
 
     @classmethod
-    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+    def cost(cls, p: CrosscoderParams, w: Workload) -> Cost:
         n, d, latents, groups, size, steps = budget_of(p, w)
         # paired (the dearer form): every row is G groups wide; rows all held in memory
         return Cost(6 * steps * size * latents * d * groups + 2 * n * latents * d,
@@ -461,16 +461,15 @@ class _UnpairedFit:
 
 
 # --- helpers --------------------------------------------------------------------------------------
-def budget_of(p: dict[str, Any], w: Workload) -> tuple[float, float, float, float, int, int]:
+def budget_of(p: StepDictParams, w: Workload) -> tuple[float, float, float, float, int, int]:
     """What a fit of these (validated, complete) params would do on workload ``w``, for the
     cost estimates of ``crosscoder`` and ``sae_tracking``: rows, width, latents, step groups,
     batch size and optimizer steps per group."""
     n, d = float(w.rows), float(w.d)
-    latents = float(p["n_latents"] or p["expansion_factor"] * d)
-    groups = float(max(1, min(w.steps, p["step_groups"] or w.steps)))
-    size = int(p["batch_size"])
-    steps = budget_steps(SimpleNamespace(**{k: p[k] for k in (
-        "steps", "epochs", "min_steps", "max_epochs")}), -(-int(n / groups) // size), int(latents))
+    latents = float(p.n_latents or p.expansion_factor * d)
+    groups = float(max(1, min(w.steps, p.step_groups or w.steps)))
+    size = int(p.batch_size)
+    steps = budget_steps(p, -(-int(n / groups) // size), int(latents))
     return n, d, latents, groups, size, steps
 
 

@@ -50,7 +50,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -72,7 +71,6 @@ from mechray.analysis.intervene import (
 )
 from mechray.analysis.sae.budget import (
     FEW_STEPS,
-    MAX_EPOCHS,
     EarlyStop,
     auto_lr,
     budget_rule,
@@ -143,31 +141,28 @@ class SAEAnalysis(Analysis):
         return report_examples(rows)
 
     @classmethod
-    def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
-        latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * w.d)
+    def answer_bytes(cls, p: SAEParams, w: Workload) -> float:
+        latents = float(p.n_latents or p.expansion_factor * w.d)
         return JSON_NUMBER * latents * 4 + 65536      # a few statistics per latent
 
     @classmethod
-    def task_cpus(cls, p: dict[str, Any], default: float) -> float:
+    def task_cpus(cls, p: SAEParams, default: float) -> float:
         """With ``num_workers > 1`` the fit task only waits on its Ray Train workers: it holds
         no CPU (each layer's trainer reserves its workers whole, so layers queue, never
         deadlock)."""
-        return 0.0 if (p.get("num_workers") or 1) > 1 else default
+        return 0.0 if p.num_workers > 1 else default
 
     @classmethod
-    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+    def cost(cls, p: SAEParams, w: Workload) -> Cost:
         n, d = float(w.rows), float(w.d)
-        latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * d)
-        rows = float(min(n, p.get("max_rows") or n))
-        size = p.get("batch_size") or 1024
-        steps = budget_steps(SimpleNamespace(steps=p.get("steps"), epochs=p.get("epochs"),
-                                             min_steps=p.get("min_steps"),
-                                             max_epochs=p.get("max_epochs", MAX_EPOCHS)),
-                             -(-int(rows) // size), int(latents))
-        seen = 0.0 if p.get("pretrained") else steps * size
+        latents = float(p.n_latents or p.expansion_factor * d)
+        rows = float(min(n, p.max_rows or n))
+        size = p.batch_size
+        steps = budget_steps(p, -(-int(rows) // size), int(latents))
+        seen = 0.0 if p.pretrained else steps * size
         seen += n / 3                           # top-activating rows: one forward pass
         batch = float(min(size, max(rows, 1)))
-        buffer = min(rows * d * 4, p.get("buffer_mb", 512) * 2 ** 20)
+        buffer = min(rows * d * 4, p.buffer_mb * 2 ** 20)
         return Cost(6 * seen * latents * d, latents * d * 4 * 5 + batch * latents * 4 * 4 + buffer)
 
     def fit(self, ctx: Context, layer: str) -> dict[str, Any]:
