@@ -16,6 +16,7 @@ size are under ``config.api_max_cost``, ``api_max_memory_mb`` and ``api_max_answ
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -60,6 +61,7 @@ class Plan:
     eval_data: Any = None               # the request's eval inputs (keyword tensors), if any
     run_params: Optional[dict[str, Any]] = None   # params as the engine gets them: a served
     #                                     SAE's name (params.pretrained) turned into its path
+    work: tuple[Workload, ...] = ()     # what it was costed on, per layer
 
     @property
     def engine_params(self) -> dict[str, Any]:
@@ -89,26 +91,49 @@ class Planner:
                              len(upload.tensors[la])) for la in layers]
         else:
             info, source, n_layers = self._store_layer(layer)
-            facts = self.view.facts(str(layer))     # the entries, not the summary's word
+            facts = self.view.facts(str(layer))     # the summary; checked on the entries
+            #                                         before the run (check_entries)
             work = [Workload(facts.rows, info.features, facts.largest, max(facts.steps, 1),
                              self.model_params, n_layers,
                              inputs or self.config.eval_max_samples)]
             layers = [check_layer_name(layer)]
-        costs = [estimate(analysis, spec, w) for w in work]
-        run_params, weights, ops = None, 0, 0.0
+        run_params = None
         if served is not None:               # its own size, not the params' expansion_factor
             paths = {self.saes.resolve(served, la, w.d) for la, w in zip(layers, work)}
             run_params = {**spec, "pretrained": paths.pop()}
-            sae = self.saes.info(served)
-            weights = sae.weight_bytes
-            ops = sum(4.0 * w.rows * w.d * sae.n_latents for w in work)  # encode, decode, top
-        cost = Estimate(sum(c.ops for c in costs) + ops, max(c.bytes for c in costs) + weights,
-                        sum(answer_bytes(analysis, spec, w) for w in work))
+        cost = self._estimate(analysis, spec, work, served)
         self._check_cost(analysis, cost)
         key = hashlib.sha256(json.dumps([analysis, layers, spec, source],
                                         sort_keys=True).encode()).hexdigest()
         return Plan(analysis, spec, layers, layer, upload, source, cost, key,
-                    run_params=run_params)
+                    run_params=run_params, work=tuple(work))
+
+    def check_entries(self, plan: Plan) -> None:
+        """Before a plan on the store runs: its layer as the manifest's entries have it (a
+        404 when none holds it), and its cost again on the entries' figures when they differ
+        from what it was planned on (a manifest head's word): 422 when over the limits, so a
+        head that lies can mis-size a plan but never run one the limits refuse.  The entries
+        are the ones the run reads anyway (parsed once per manifest version)."""
+        if plan.upload is None and plan.layer is not None and len(plan.work) == 1:
+            facts = self.view.entry_facts(plan.layer)
+            planned = plan.work[0]
+            work = dataclasses.replace(planned, rows=facts.rows, shard_rows=facts.largest,
+                                       steps=max(facts.steps, 1))
+            if work != planned:
+                served = plan.params.get("pretrained") if plan.analysis == "sae" else None
+                self._check_cost(plan.analysis,
+                                 self._estimate(plan.analysis, plan.params, [work], served))
+
+    def _estimate(self, analysis: str, spec: dict[str, Any], work: list[Workload],
+                  served: Optional[str]) -> Estimate:
+        costs = [estimate(analysis, spec, w) for w in work]
+        weights, ops = 0, 0.0
+        if served is not None:
+            sae = self.saes.info(served)
+            weights = sae.weight_bytes
+            ops = sum(4.0 * w.rows * w.d * sae.n_latents for w in work)  # encode, decode, top
+        return Estimate(sum(c.ops for c in costs) + ops, max(c.bytes for c in costs) + weights,
+                        sum(answer_bytes(analysis, spec, w) for w in work))
 
     def params(self, analysis: str, params: Any) -> dict[str, Any]:
         """The analysis's full validated params (422 naming the problem)."""
