@@ -360,7 +360,7 @@ def hostile_rebuild(work: Path, cases: tuple = REBUILD_CASES, timeout_s: float =
             s.save_activations(step)
     entries = mf.load(good)["shards"]
     files = [e["file"] for e in entries]
-    digest = {f: (good / f).read_bytes() for f in files}
+    original = {f: (good / f).read_bytes() for f in files}
     template = torch.load(good / files[0], weights_only=True)
 
     def orphan(store: Path, payload: dict, index: int) -> Path:
@@ -410,7 +410,7 @@ def hostile_rebuild(work: Path, cases: tuple = REBUILD_CASES, timeout_s: float =
             os.mkfifo(store / files[2])
             return {files[2]}
         elif case == "symlink_shard":          # a listed shard and an orphan, links outside
-            (outside / files[3]).write_bytes(digest[files[3]])
+            (outside / files[3]).write_bytes(original[files[3]])
             (store / files[3]).unlink()
             os.symlink(outside / files[3], store / files[3])
             stray = orphan(outside, dict(template), 11)
@@ -503,7 +503,7 @@ def hostile_rebuild(work: Path, cases: tuple = REBUILD_CASES, timeout_s: float =
             # (a manifest the case itself destroyed lists nothing until a rebuild: counted apart)
             lost = [f for f in intact if (now is not None and f not in now) or
                     (store / f).is_symlink() or not (store / f).is_file() or
-                    (store / f).read_bytes() != digest[f]]
+                    (store / f).read_bytes() != original[f]]
             links = [f for f in now or () if (store / f).is_symlink()]
             figures["rebuild_no_manifest_after"] += now is None
             figures["rebuild_links_listed"] += len(links)
