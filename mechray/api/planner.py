@@ -22,6 +22,7 @@ receives and what the engine runs (it is dumped to JSON only for the cache key a
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -85,6 +86,8 @@ class Plan:
     eval_data: Any = None               # the request's eval inputs (keyword tensors), if any
     run_params: Optional[BaseModel] = None   # params as the engine gets them: a served
     #                                     SAE's name (params.pretrained) turned into its path
+    work: tuple[Workload, ...] = ()     # what it was costed on, per layer
+    served: Optional[str] = None        # the served SAE's name (params.pretrained), if any
 
     @property
     def engine_params(self) -> BaseModel:
@@ -117,7 +120,8 @@ class Planner:
                              len(upload.tensors[la])) for la in layers]
         else:
             info, source, n_layers = self._store_layer(layer)
-            facts = self.view.facts(str(layer))     # the entries, not the summary's word
+            facts = self.view.facts(str(layer))     # the summary; checked on the entries
+            #                                         before the run (check_entries)
             work = [Workload(facts.rows, info.features, facts.largest, max(facts.steps, 1),
                              self.model_params, n_layers, self.config.eval_max_samples)]
             layers = [check_layer_name(layer)]
@@ -129,21 +133,42 @@ class Planner:
         t, spec, served = target, target.params, target.served
         work = t.work if not inputs or t.upload is not None else \
             [replace(w, inputs=inputs) for w in t.work]
-        costs = [t.cls.cost(spec, w) for w in work]
-        run_params, weights, ops = None, 0, 0.0
+        run_params = None
         if served is not None:               # its own size, not the params' expansion_factor
             paths = {self.saes.resolve(served, la, w.d) for la, w in zip(t.layers, work)}
             run_params = spec.model_copy(update={"pretrained": paths.pop()})
-            sae = self.saes.info(served)
-            weights = sae.weight_bytes
-            ops = sum(4.0 * w.rows * w.d * sae.n_latents for w in work)  # encode, decode, top
-        cost = Estimate(sum(c.ops for c in costs) + ops, max(c.bytes for c in costs) + weights,
-                        sum(float(t.cls.answer_bytes(spec, w)) for w in work))
+        cost = self._estimate(t.cls, spec, work, served)
         self._check_cost(t.analysis, cost)
         key = hashlib.sha256(json.dumps([t.analysis, t.layers, spec.model_dump(mode="json"),
                                          t.source], sort_keys=True).encode()).hexdigest()
         return Plan(t.analysis, spec, t.layers, t.layer, t.upload, t.source, cost, key,
-                    run_params=run_params)
+                    run_params=run_params, work=tuple(work), served=served)
+
+    def check_entries(self, plan: Plan) -> None:
+        """Before a plan on the store runs: its layer as the manifest's entries have it (a
+        404 when none holds it), and its cost again on the entries' figures when they differ
+        from what it was planned on (a manifest head's word): 422 when over the limits, so a
+        head that lies can mis-size a plan but never run one the limits refuse.  The entries
+        are the ones the run reads anyway (parsed once per manifest version)."""
+        if plan.upload is None and plan.layer is not None and len(plan.work) == 1:
+            facts = self.view.entry_facts(plan.layer)
+            planned = plan.work[0]
+            work = dataclasses.replace(planned, rows=facts.rows, shard_rows=facts.largest,
+                                       steps=max(facts.steps, 1))
+            if work != planned:
+                self._check_cost(plan.analysis, self._estimate(
+                    analysis_class(plan.analysis), plan.params, [work], plan.served))
+
+    def _estimate(self, cls: type[Analysis], spec: BaseModel, work: list[Workload],
+                  served: Optional[str]) -> Estimate:
+        costs = [cls.cost(spec, w) for w in work]
+        weights, ops = 0, 0.0
+        if served is not None:
+            sae = self.saes.info(served)
+            weights = sae.weight_bytes
+            ops = sum(4.0 * w.rows * w.d * sae.n_latents for w in work)  # encode, decode, top
+        return Estimate(sum(c.ops for c in costs) + ops, max(c.bytes for c in costs) + weights,
+                        sum(float(cls.answer_bytes(spec, w)) for w in work))
 
     def params(self, analysis: str, params: Any) -> tuple[type[Analysis], BaseModel]:
         """The analysis's class and its validated ``Params`` (422 naming the problem)."""

@@ -191,6 +191,8 @@ class Interpreter:
             model_lock = self._model_lock if analysis_class(name).kind == "model" else \
                 contextlib.nullcontext()
             try:
+                if upload is None:            # planned on the summary: checked on the entries
+                    self.planner.check_entries(plan)
                 engine = Engine(store, use_ray=use_ray, progress=False,
                                 num_cpus=self.config.analysis_num_cpus,
                                 seed=self.config.sample_seed)
