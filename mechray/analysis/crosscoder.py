@@ -70,6 +70,7 @@ from mechray.analysis.sae.model import SparseAutoencoder, save_saelens
 from mechray.analysis.sae.params import MAX_LATENTS, MAX_PARAMETERS
 from mechray.analysis.sae.train import SAETrainer
 from mechray.analysis.step_rows import StepRows
+from mechray.analysis.timeline import birth_lines, timeline
 
 log = logging.getLogger(__name__)
 
@@ -547,47 +548,3 @@ def _write(ctx: Context, layer: str, tensors: dict[str, torch.Tensor], mode: str
         "decode": "x_hat_g = z @ W_dec[:, g] + b_dec[g]"})
     result["weights_path"] = rel
     result["config_path"] = rel[: -len(".safetensors")] + ".json"
-
-
-# --- showing it -----------------------------------------------------------------------------------
-def timeline(per: dict[str, dict[str, Any]], plt: Any, key: str, title: str) -> Any:
-    """Latents x step groups per layer, coloured by ``result[key]`` (live latents only, ordered
-    by birth then peak)."""
-    shown = {la: r for la, r in per.items() if r.get(key) and r.get("kind")}
-    if not shown:
-        return None
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 5), squeeze=False)
-    for ax, (layer, r) in zip(axes[0], shown.items()):
-        m = np.asarray(r[key], dtype=float)
-        steps = r["steps"]
-        live = [i for i, k in enumerate(r["kind"]) if k != "rare"]
-        first = {s: j for j, s in enumerate(steps)}
-        live.sort(key=lambda i: (first.get(r["birth_step"][i], 0),
-                                 first.get(r["death_step"][i], len(steps)), i))
-        if not live:
-            ax.set_axis_off()
-            continue
-        im = ax.imshow(m[live], aspect="auto", interpolation="nearest", cmap="viridis",
-                       vmin=0, vmax=1)
-        ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int)
-        ax.set_xticks(ticks, [str(steps[t]) for t in ticks], rotation=45, fontsize=7)
-        ax.set(xlabel="saved step", ylabel=f"live latents ({len(live)})", title=layer)
-        fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.suptitle(title)
-    return fig
-
-
-def birth_lines(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    """Markdown: births and deaths per step, and the latents born late with their steps."""
-    out: list[str] = []
-    for layer, r in rows:
-        births = {s: c for s, c in (r.get("births_per_step") or {}).items() if c}
-        deaths = {s: c for s, c in (r.get("deaths_per_step") or {}).items() if c}
-        out += ["", f"`{layer}`: births per step {births or 'none'}; deaths per step "
-                    f"{deaths or 'none'}."]
-        late = (r.get("born_late") or [])[:8]
-        if late:
-            out.append("Born late (latent: birth, peak, death step): " + "; ".join(
-                f"{i}: {r['birth_step'][i]}, {r['peak_step'][i]}, {r['death_step'][i]}"
-                for i in late))
-    return out
