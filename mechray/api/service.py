@@ -164,6 +164,7 @@ class Interpreter:
     def _run(self, plan: Plan) -> Result:
         from mechray.analysis.engine import Engine
         from mechray.analysis.runner import json_safe
+        from mechray.analysis.special import analysis_token_ids
 
         name, upload = plan.analysis, plan.upload
         use_ray: Optional[bool]
@@ -178,7 +179,8 @@ class Interpreter:
             try:
                 engine = Engine(store, use_ray=use_ray, progress=False,
                                 num_cpus=self.config.analysis_num_cpus,
-                                seed=self.config.sample_seed)
+                                seed=self.config.sample_seed, skip_token_ids=() if upload
+                                is not None else analysis_token_ids(self.config, self.tokenizer))
                 with model_lock:
                     results = engine.run([name], {name: plan.engine_params}, layers=plan.layers,
                                          model=self.model, eval_data=plan.eval_data)
