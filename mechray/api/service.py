@@ -45,6 +45,7 @@ from mechray.api.errors import ApiError
 from mechray.api.planner import CODE_PARAMS, Plan, Planner
 from mechray.api.result_cache import Result, ResultCache
 from mechray.api.saes import ServedSAEs
+from mechray.api.skips import ServerCan, for_http
 from mechray.api.store_view import StoreView
 from mechray.api.upload_store import UploadStores
 from mechray.config import MechIntConfig
@@ -98,7 +99,9 @@ class Interpreter:
         return self.view.shards_json(offset, limit)
 
     def health(self) -> dict[str, Any]:
-        return {"store_ready": self.view.ready(), "ray": self._use_ray()}
+        can = ServerCan.of(self.model, self.tokenizer)
+        return {"store_ready": self.view.ready(), "ray": self._use_ray(), "model": can.model,
+                "texts": can.texts}
 
     # --- requests --------------------------------------------------------------------------------
     def plan(self, request: dict) -> Plan:
@@ -197,6 +200,9 @@ class Interpreter:
                 raise store_error(exc) from None
             seconds = round(time.perf_counter() - t0, 4)
         per_layer = json_safe(results[name])
+        can = ServerCan.of(self.model, self.tokenizer)
+        for value in per_layer.values():           # skip reasons that say what to send
+            for_http(name, value, can)
         if plan.run_params is not None:      # a served SAE: answered by name, never its path
             for value in per_layer.values():
                 if isinstance(value, dict) and isinstance(value.get("pretrained"), dict):
