@@ -94,9 +94,10 @@ class MechIntConfig(BaseModel):
                                  "each row (provenance, token contexts)")
     exclude_special_tokens: bool = Field(
         True, description="leave rows of special tokens ([CLS], [SEP], BOS, EOS, PAD) out of "
-                          "capture: the ids in special_token_ids, else the all_special_ids of "
-                          "the tokenizer given to MechIntHooks / ActivationSampler (needs the "
-                          "token ids of each forward)")
+                          "capture and analysis: the ids in special_token_ids, else the "
+                          "all_special_ids of the tokenizer given to MechIntHooks / "
+                          "ActivationSampler / MechIntCallback / EvalMechIntRunner (needs "
+                          "each row's token id)")
     special_token_ids: Optional[list[int]] = Field(
         None, description="token ids left out when exclude_special_tokens; None: the "
                           "tokenizer's all_special_ids (no tokenizer: none)")

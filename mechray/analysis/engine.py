@@ -30,7 +30,10 @@ The plan, identical with and without Ray (Ray is used when ``ray.is_initialized(
 Tasks get the store's location string and reopen it (cached per worker process), so nothing but
 paths and small manifests travel; S3 shards are read straight into the task's memory.
 ``map`` receives the manifest entry plus this layer's
-``row_steps`` / ``row_positions`` (int64 tensors from the shard's metadata).  Files an analysis
+``row_steps`` / ``row_positions`` (int64 tensors from the shard's metadata).
+``skip_token_ids`` (from :func:`mechray.analysis.special.analysis_token_ids`) leaves the rows of
+those tokens ([CLS], [SEP], BOS, EOS, PAD) out of every analysis; ``map`` then also gets the kept
+rows' shard indices as ``row_index``.  Files an analysis
 writes into ``ctx.out_dir`` are written by the task into a private directory and shipped back to
 the driver's ``out_dir`` (same relative paths), so a multi-node cluster needs no shared disk.
 Resumable fit checkpoints (``sae``) are written straight to ``checkpoint_dir`` (default: ``out_dir``,
@@ -44,10 +47,11 @@ or corrupt shard raises :class:`~mechray.storage.reader.ShardError` naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -84,12 +88,14 @@ class Engine:
                  use_ray: Optional[bool] = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  progress: bool = True, seed: int = 0, device: str = "cpu", strict: bool = False,
                  shards_per_task: Optional[int] = None,
-                 checkpoint_dir: Optional[str | os.PathLike] = None):
+                 checkpoint_dir: Optional[str | os.PathLike] = None,
+                 skip_token_ids: Sequence[int] = ()):
+        skip = tuple(sorted({int(i) for i in skip_token_ids}))   # analysis/special.py
         if isinstance(store, ShardStore):
-            self.ref = StoreRef.of(store)
+            self.ref = dataclasses.replace(StoreRef.of(store), skip_tokens=skip)
             STORES[self.ref] = store
         else:
-            self.ref = StoreRef(str(store), endpoint_url, region)
+            self.ref = StoreRef(str(store), endpoint_url, region, skip_tokens=skip)
         self.store = open_store(self.ref)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         # resumable fit checkpoints: where a rerun of the same command finds them

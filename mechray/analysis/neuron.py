@@ -161,6 +161,8 @@ class NeuronStats(Analysis):
         steps = entry.get("row_steps")
         steps = (np.asarray(steps, dtype=np.int64)[rows_idx] if steps is not None and
                  len(steps) == total else np.full(rows_idx.shape, int(entry.get("step", -1))))
+        if entry.get("row_index") is not None:   # special-token rows left out (special.py)
+            rows_idx = np.asarray(entry["row_index"], dtype=np.int64)[rows_idx]
         return NeuronPartial(
             n=total, moments=moments, min=lo.astype(np.float64),
             max=hi.astype(np.float64), small=small, pos=pos, hist=hist,

@@ -75,6 +75,7 @@ class EvalMechIntRunner:
         ``corrupt_data`` (inputs or texts like ``eval_data``, one per clean input) makes prompt
         pairs for ``circuit`` (and ``causal`` with ``method='corrupt'``)."""
         from mechray.analysis.engine import Engine
+        from mechray.analysis.special import analysis_token_ids
         from mechray.analysis.tasks import checkpoint_beside
 
         cfg = self.config
@@ -96,7 +97,8 @@ class EvalMechIntRunner:
         engine = Engine(store, out_dir=self.out_dir, use_ray=cfg.use_ray,
                         checkpoint_dir=None if out_dir else checkpoint_beside(store),
                         num_cpus=cfg.analysis_num_cpus, num_gpus=cfg.analysis_num_gpus,
-                        progress=cfg.verbose, seed=cfg.sample_seed)
+                        progress=cfg.verbose, seed=cfg.sample_seed,
+                        skip_token_ids=analysis_token_ids(cfg, self.tokenizer))
         self.results = engine.run(cfg.analyses_to_run, cfg.analysis_params,
                                   layers=layers or cfg.analysis_layers, model=self.model,
                                   eval_data=inputs)

@@ -33,6 +33,7 @@ import torch
 from pydantic import BaseModel
 
 from mechray.analysis.base import Analysis, Context, Skip
+from mechray.analysis.special import filtered
 from mechray.storage.reader import ShardError, ShardStore
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class StoreRef:
     endpoint_url: Optional[str] = None
     region: Optional[str] = None
     cache_dir: Optional[str] = None
+    skip_tokens: tuple[int, ...] = ()   # rows of these token ids left out (analysis/special.py)
 
     @classmethod
     def of(cls, store: ShardStore) -> "StoreRef":
@@ -129,7 +131,7 @@ def shard_groups(entries: list[dict], per_task: Optional[int] = None) -> list[li
 def map_shards(ref: StoreRef, entries: list[dict], layer: str,
                 specs: list[Spec]) -> dict[str, Outcome]:
     """``map`` of every spec over consecutive shards (the next read ahead), merged in order."""
-    store = open_store(ref)
+    store = rows_store(ref)
     out: Optional[dict[str, Outcome]] = None
     built = _built(specs)
     reading = store.payloads(entries)
@@ -164,7 +166,8 @@ def _map_payload(entry: dict, payload: dict, layer: str, specs: list[Spec],
                                 "re-capture it") for s in specs}
     meta = payload.get("metadata", {})
     entry = dict(entry, row_steps=meta.get("row_steps", {}).get(layer),
-                 row_positions=meta.get("row_positions", {}).get(layer))
+                 row_positions=meta.get("row_positions", {}).get(layer),
+                 row_index=(meta.get("row_index") or {}).get(layer))
     out = {}
     for spec in specs:
         out[spec.name] = _guarded(lambda: built[spec.name].map(rows, entry, layer), spec, layer,
@@ -235,7 +238,7 @@ def _with_ctx(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_dat
     if device.startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"
     where = info.get("checkpoint_dir")
-    ctx = Context(store=store, model=model, eval_data=eval_data, out_dir=tmp,
+    ctx = Context(store=filtered(store, ref.skip_tokens), model=model, eval_data=eval_data, out_dir=tmp,
                   results=info["results"], device=device, seed=info["seed"],
                   progress=info.get("progress", False),
                   checkpoint_dir=Path(where) if where else None)
@@ -323,6 +326,12 @@ def open_store(ref: StoreRef) -> ShardStore:
         STORES[ref] = ShardStore(ref.location, endpoint_url=ref.endpoint_url, region=ref.region,
                                   cache_dir=ref.cache_dir)
     return STORES[ref]
+
+
+def rows_store(ref: StoreRef) -> Any:
+    """:func:`open_store`, its special-token rows left out when ``ref.skip_tokens`` names any
+    (see :mod:`mechray.analysis.special`)."""
+    return filtered(open_store(ref), ref.skip_tokens)
 
 
 def reads_store(spec: Spec) -> bool:

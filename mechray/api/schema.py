@@ -140,6 +140,10 @@ class HealthResponse(BaseModel):
     store_ready: bool = Field(description="the store has a manifest (checked without parsing "
                                           "it: a damaged one answers 503 on the other routes)")
     ray: bool = Field(description="analyses fan out over Ray")
+    model: bool = Field(False, description="the server has a model: causal, circuit and SAE "
+                                           "splicing can run (mechray serve --model)")
+    texts: bool = Field(False, description="the server has a tokenizer that encodes: "
+                                           "eval_inputs.texts are accepted (--tokenizer)")
     jobs_pending: int
 
 

