@@ -17,7 +17,8 @@ Usage (the seed's Pattern 4)::
     #      -F "analysis_type=feature"
 
 Routes: ``GET /interpret/layers``, ``GET /interpret/shards?offset=0&limit=1000`` (paged),
-``POST /interpret``, ``POST /interpret/upload``, ``GET /interpret/jobs/{job_id}``, ``GET /health``
+``POST /interpret``, ``POST /interpret/upload``, ``GET /interpret/jobs/{job_id}`` (``?wait=S``
+answers when the job ends or after ``S`` ≤ 30 seconds), ``GET /health``
 (never parses the manifest) and the dashboard
 (``GET /interpret/dashboard``, and ``GET /`` when the app has no root route).  Long analyses
 (``config.api_job_analyses``, or estimated over ``api_job_cost``) answer ``202`` with a job id.
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 import threading
@@ -75,6 +77,7 @@ from mechray.config import MechIntConfig
 if TYPE_CHECKING:
     from mechray.api.service import Answer
 
+MAX_JOB_WAIT_S = 30.0    # the longest ?wait= a job poll may hold its request
 log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD = 64 * 1024
 SHARDS_PAGE, MAX_SHARDS_PAGE = 1000, 10_000
@@ -192,8 +195,17 @@ def add_routes(app: FastAPI, backend: Any, config: MechIntConfig, *, dashboard: 
 
     @router.get("/interpret/jobs/{job_id}", response_model=JobStatus, responses=_ERRORS,
                 dependencies=bearer, name="mechray_job", summary="A job's status and result")
-    async def interpret_job(job_id: str = Path(..., pattern=r"^[0-9a-f]{32}$")) -> Response:
-        return Response(await backend.job(job_id), media_type=_JSON)
+    async def interpret_job(job_id: str = Path(..., pattern=r"^[0-9a-f]{32}$"),
+                            wait: float = Query(0.0, ge=0.0, le=MAX_JOB_WAIT_S)) -> Response:
+        # ``?wait=S``: answer once the job is done or failed, or after S seconds (long polling:
+        # one request per job instead of one per poll interval)
+        deadline = time.monotonic() + wait
+        while True:
+            body = await backend.job(job_id)
+            if time.monotonic() >= deadline or len(body) > 4096 or \
+                    json.loads(body).get("status") not in ("queued", "running"):
+                return Response(body, media_type=_JSON)
+            await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     taken = {(r.path, m) for r in app.routes if isinstance(r, APIRoute) for m in r.methods or ()}
     if ("/health", "GET") not in taken:

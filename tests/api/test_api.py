@@ -137,6 +137,26 @@ def test_every_analysis_runs_over_http(api, analysis, key):
     assert key in result
 
 
+def test_a_job_poll_with_wait_answers_when_the_job_ends_or_when_the_wait_is_over(api):
+    """``GET /interpret/jobs/{id}?wait=S`` holds the request until the job ends or S seconds
+    pass (long polling: the dashboard's headless test no longer races its virtual clock)."""
+    r = api.post("/interpret", json={"analysis_type": "sae", "layer_name": "popt",
+                                     "params": {**SMALL_SAE, "seed": 7}})
+    assert r.status_code == 202, r.text
+    job = r.json()["job_id"]
+    for _ in range(60):
+        t0 = time.monotonic()
+        body = api.get(f"/interpret/jobs/{job}", params={"wait": 2}).json()
+        if body["status"] in ("done", "failed"):
+            break
+        assert time.monotonic() - t0 >= 1.9, body     # a running job is never answered early
+    assert body["status"] == "done", body
+    assert body["result"]["result"]["n_latents"] == 16
+    for bad in ("31", "-1", "soon"):
+        assert_error(api.get(f"/interpret/jobs/{job}", params={"wait": bad}), 422,
+                     "invalid_request", "wait")
+
+
 def test_sae_runs_as_a_job_polled_to_completion(api):
     request = {"analysis_type": "sae", "layer_name": "popt", "params": SMALL_SAE}
     r = api.post("/interpret", json=request)
