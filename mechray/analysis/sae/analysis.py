@@ -171,14 +171,14 @@ class SAEAnalysis(Analysis):
         device = _device(p.device)
         if p.pretrained is not None:
             return self._evaluate_pretrained(ctx, layer, device)
-        if p.num_workers > 1:
-            from mechray.analysis.sae.distributed import fit_distributed
-
-            return fit_distributed(self, ctx, layer, device)
         if p.sweep:
             from mechray.analysis.sae.sweep import fit_sweep
 
             return fit_sweep(self, ctx, layer, device)
+        if p.num_workers > 1:
+            from mechray.analysis.sae.distributed import fit_distributed
+
+            return fit_distributed(self, ctx, layer, device)
         data = LayerRows(ctx.store, layer, p, device)
         run = SAEFit(self, ctx, layer, data, device)
         train_together([run], data, layer)

@@ -28,12 +28,18 @@ How (``ray.train.torch.TorchTrainer``, one process group, gloo on CPU / NCCL on 
   planted dictionaries of ``tests/analysis/test_sae_distributed.py`` 2 workers match 1 process
   within 0.01 explained variance and 5% L0 with the dictionary recovered (>= 0.95) by both.
 * **Checkpoints.** Every ``checkpoint_every`` steps rank 0 hands Ray Train a checkpoint
-  (:mod:`mechray.analysis.sae.checkpoint`'s files, validated on load) under
-  ``<checkpoint dir>/sae/ray_train/<layer>-<spec hash>`` (the results directory, see
-  :attr:`Context.checkpoint_dir`).  ``FailureConfig(max_failures)`` restarts a group that lost a
-  worker from the last checkpoint, and a rerun of the same command (same spec) resumes from it
-  (``train.resumed_from_step``).  On a multi-node cluster that directory must be on a shared
-  filesystem.  It is removed when the fit finishes.
+  (:mod:`mechray.analysis.sae.checkpoint`'s files, validated on load; one ``sae_<i>``
+  directory per SAE) under ``<checkpoint root>/sae/ray_train/<layer>-<spec hash>``
+  (:func:`~mechray.analysis.sae.checkpoint.checkpoint_root`: the results directory, or for a
+  store on S3 its ``s3://<bucket>/<prefix>.checkpoints`` prefix through pyarrow's S3 filesystem
+  on the store's endpoint, :class:`RayTrainStorage`).  ``FailureConfig(max_failures)`` restarts
+  a group that lost a worker from the last checkpoint, and a rerun of the same command (same
+  spec) resumes from it (``train.resumed_from_step``).  On a multi-node cluster a local
+  directory must be on a shared filesystem (S3 need not).  It is removed when the fit finishes.
+* **Sweeps** (``sweep``, :mod:`mechray.analysis.sae.sweep`): one Ray Train run trains every
+  SAE of the sweep; each worker reads and shuffles its batch once and steps every SAE whose
+  next step it is (each SAE's gradients all-reduced on their own), so each SAE is the one its
+  setting alone trains on the same workers.
 * **Memory per worker** (float32, :func:`memory_per_worker`): ``40 * n_latents * d`` bytes
   (both weight matrices, their gradients, Adam's two moments and the flat gradient buffer of the
   all-reduce) plus ``8 * batch_size / W * n_latents`` (one step's pre-activations and codes)
