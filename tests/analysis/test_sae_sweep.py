@@ -151,3 +151,20 @@ def test_a_sweep_resumes_each_sae_from_its_own_checkpoint(store, tmp_path, monke
 def test_a_bad_sweep_is_refused_naming_the_value_and_the_fix(sweep, match):
     with pytest.raises(AnalysisParamsError, match=match):
         get_analysis("sae", {**PARAMS, "sweep": sweep})
+
+
+def test_a_sweep_costs_and_answers_as_much_as_its_saes():
+    """The API's limits see every SAE of a sweep (before: the cost of one, so a sweep of 16
+    passed a limit set for one fit)."""
+    from mechray.analysis.base import Workload, analysis_class
+    from mechray.analysis.sae import SAEParams
+
+    sae, w = analysis_class("sae"), Workload(rows=100_000, d=64, shard_rows=1000)
+    one = [sae.cost(SAEParams(k=k).model_dump(), w) for k in (8, 16, 32)]
+    swept = sae.cost(SAEParams(sweep={"k": [8, 16, 32]}).model_dump(), w)
+    assert swept.ops == pytest.approx(sum(c.ops for c in one))
+    assert swept.bytes == pytest.approx(sum(c.bytes for c in one))
+    wide = SAEParams(sweep={"expansion_factor": [2, 4]}).model_dump()
+    assert sae.answer_bytes(wide, w) == pytest.approx(
+        sae.answer_bytes(SAEParams(expansion_factor=2).model_dump(), w) +
+        sae.answer_bytes(SAEParams(expansion_factor=4).model_dump(), w))

@@ -47,6 +47,7 @@ without one).  Formulas and file layout:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -138,6 +139,8 @@ class SAEAnalysis(Analysis):
 
     @classmethod
     def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
+        if p.get("sweep"):                              # a result per setting
+            return sum(cls.answer_bytes(q, w) for q in _sweep_params(p))
         latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * w.d)
         return JSON_NUMBER * latents * 4 + 65536      # a few statistics per latent
 
@@ -150,6 +153,9 @@ class SAEAnalysis(Analysis):
 
     @classmethod
     def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+        if p.get("sweep"):      # every SAE's work and memory (an upper bound: one read shared)
+            costs = [cls.cost(q, w) for q in _sweep_params(p)]
+            return Cost(sum(c.ops for c in costs), sum(c.bytes for c in costs))
         n, d = float(w.rows), float(w.d)
         latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * d)
         rows = float(min(n, p.get("max_rows") or n))
@@ -300,6 +306,13 @@ class SAEAnalysis(Analysis):
 
 
 # --- helpers ----------------------------------------------------------------------------------
+def _sweep_params(p: dict[str, Any]) -> list[dict[str, Any]]:
+    """The validated params ``p`` of a sweep as one dict per setting (``sweep`` removed)."""
+    grid = p["sweep"]
+    return [{**p, **dict(zip(grid, values)), "sweep": None}
+            for values in itertools.product(*grid.values())]
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
