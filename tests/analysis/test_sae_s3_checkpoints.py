@@ -87,6 +87,32 @@ def test_a_killed_fit_resumes_from_its_checkpoint_on_s3(s3_bucket, tmp_path, mon
     assert keys(endpoint, bucket, prefix) == []
 
 
+def test_an_oversized_checkpoint_on_s3_is_not_downloaded(s3_bucket, tmp_path, monkeypatch,
+                                                          caplog):
+    """A checkpoint object bigger than this SAE's tensors could be (a planted 8 MB one) is
+    refused before it is fetched: the fit starts afresh, with a warning naming the size."""
+    endpoint, bucket = s3_bucket
+    store = s3_store(tmp_path, endpoint, bucket)
+    real = SAETrainer.step
+
+    def dying(self, x):
+        if self.n_steps == 30:
+            raise RuntimeError("killed")
+        return real(self, x)
+
+    monkeypatch.setattr(SAETrainer, "step", dying)
+    with pytest.raises(RuntimeError, match="killed"):
+        Engine(store, use_ray=False, progress=False, strict=True).run(["sae"], {"sae": PARAMS})
+    monkeypatch.setattr(SAETrainer, "step", real)
+    [tensors] = [k for k in keys(endpoint, bucket, "run.checkpoints/") if k.endswith("tensors")]
+    boto3.client("s3", endpoint_url=endpoint).put_object(Bucket=bucket, Key=tensors,
+                                                         Body=b"\0" * (8 << 20))
+    with caplog.at_level("WARNING"):
+        r = Engine(store, use_ray=False, progress=False).run(["sae"], {"sae": PARAMS})["sae"]
+    assert r["src"]["train"]["resumed_from_step"] is None and r["src"]["train"]["steps"] == 60
+    assert "8388608 bytes, more than the" in caplog.text
+
+
 @pytest.fixture
 def ray2():
     import ray

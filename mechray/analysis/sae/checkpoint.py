@@ -124,8 +124,11 @@ class Checkpoint:
         from safetensors.torch import load_file
 
         state_path, tensor_path = self.directory / STATE, self.directory / TENSORS
-        if self.remote is not None and not self.remote.download(self.directory):
-            return None
+        if self.remote is not None:     # nothing bigger than this trainer's tensors is fetched
+            most = sum(math.prod(shape) * _ITEMSIZE.get(dtype, 8) for dtype, shape in
+                       expected(trainer, max(1, total_steps or 1)).values()) + (1 << 20)
+            if not self.remote.download(self.directory, most):
+                return None
         if not _regular(state_path) or not _regular(tensor_path):
             return None
         try:
@@ -211,14 +214,15 @@ class _Remote:
             except Exception as exc:
                 raise OSError(f"upload to {self.uri}/{name} failed: {exc}") from exc
 
-    def download(self, directory: Path) -> bool:
-        """Both objects into ``directory``; False when there is no checkpoint (or it is
-        unreadable: logged)."""
+    def download(self, directory: Path, most: int) -> bool:
+        """Both objects into ``directory`` (the tensors only up to ``most`` bytes); False when
+        there is no checkpoint (or it is unreadable or too big: logged)."""
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self.key(STATE))
-            if int(head["ContentLength"]) > MAX_STATE_BYTES:
-                raise OSError(f"{STATE} is {head['ContentLength']} bytes (at most "
-                              f"{MAX_STATE_BYTES})")
+            for name, limit in ((STATE, MAX_STATE_BYTES), (TENSORS, most)):
+                head = self.client.head_object(Bucket=self.bucket, Key=self.key(name))
+                if int(head["ContentLength"]) > limit:
+                    raise OSError(f"{name} is {head['ContentLength']} bytes, more than the "
+                                  f"{limit} this SAE's checkpoint can take")
             for name in (STATE, TENSORS):
                 self.client.download_file(self.bucket, self.key(name), str(directory / name))
         except Exception as exc:
