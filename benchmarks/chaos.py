@@ -12,7 +12,13 @@ malicious manifests (paths out of the store, links, wrong shapes, truncation, a 
 ``s3_uri`` naming another object) against every reader (``ShardStore``, ``ls``, ``inspect``,
 ``repair``, ``sync``, the S3 cache), counting files written or changed outside the store and
 unclean errors; and two runs on one store (Ray pool, writer threads, one after the other), counting
-refusals and shards silently lost.  ``--store-phases-only`` runs just those two phases.  Prints
+refusals and shards silently lost; then hostile files against ``repair`` and ``repair --rebuild``
+(:func:`hostile_rebuild`: a sparse 4 GB file named like a shard, a deflated shard inflating far
+past its size, metadata of the wrong type, ``manifest.json`` as a FIFO and as a link to
+``/dev/zero``, a ``.quarantine`` linked outside the store, a listed shard turned FIFO, shard
+links out of the store), each command in a child process under a time and an address-space
+limit, counting hangs, unclean errors, files changed outside the store, shards lost and the
+child's peak RSS.  ``--store-phases-only`` runs just those three phases.  Prints
 the figures and writes them to ``benchmarks/out/chaos.json``.  ``run()`` is also the short
 version the tests use.
 
@@ -35,14 +41,16 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 log = logging.getLogger("benchmarks.chaos")
 
 
 def run(steps: int = 300, out_dir: str | None = None, kill_every_s: float = 1.0,
         outage_every_s: float = 3.0, outage_s: float = 0.8, seed: int = 0,
-        progress: bool = True) -> dict:
-    """Run the chaos capture; returns the figures (expected/landed/lost/duplicated/corrupt...)."""
+        progress: bool = True, rebuild_cases: Optional[tuple] = None) -> dict:
+    """Run the chaos capture; returns the figures (expected/landed/lost/duplicated/corrupt...).
+    ``rebuild_cases``: the hostile ``repair --rebuild`` cases (default all; ``()`` none)."""
     import ray
     import torch
     from torch import nn
@@ -124,6 +132,8 @@ def run(steps: int = 300, out_dir: str | None = None, kill_every_s: float = 1.0,
     bad_inputs, server_errors = hostile_requests(root / "cache", rng)
     hostile_stores = malicious_manifests(root / "cache", root / "hostile", s3, bucket)
     writers = two_writers(root / "two-writers", model)
+    cases = REBUILD_CASES if rebuild_cases is None else rebuild_cases
+    rebuild = hostile_rebuild(root / "rebuild", cases) if cases else {}
     figures = {
         "steps": steps, "seconds": round(elapsed, 1),
         "faults_injected": sum(faults.values()), **faults,
@@ -135,7 +145,7 @@ def run(steps: int = 300, out_dir: str | None = None, kill_every_s: float = 1.0,
         "shards_missing_in_s3": sum(1 for n in expected if n not in in_s3),
         "uploads_deferred_then_synced": deferred - left, "uploads_still_pending": left,
         "bad_inputs_tried": bad_inputs, "responses_5xx": server_errors,
-        **hostile_stores, **writers,
+        **hostile_stores, **writers, **rebuild,
         "store": str(root / "cache"),
     }
     s3.stop()
@@ -309,8 +319,218 @@ def two_writers(root: Path, model) -> dict:
             "staggered_shards_listed": staggered, "silent_losses": lost}
 
 
+REBUILD_CASES = ("sparse_giant", "deflate_bomb", "wrong_type", "fifo_manifest",
+                 "dev_zero_manifest", "symlinked_quarantine", "fifo_shard", "symlink_shard")
+CLEAN_EXITS = (0, 1, 2, 3, 4)   # `mechray`'s documented statuses (mechray.errors exit_code)
+
+
+def hostile_rebuild(work: Path, cases: tuple = REBUILD_CASES, timeout_s: float = 120.0,
+                    memory_gb: int = 4) -> dict:
+    """Hostile files against ``mechray repair`` and ``repair --rebuild`` (issue 19, defects 7
+    and 8).  Each case is built on a fresh copy of a good local store (4 shards) and each
+    command runs in a child process under a time limit and an address-space limit; counted:
+    hung commands (timeouts), unclean errors (a traceback, or an exit status other than
+    :data:`CLEAN_EXITS`), files created or changed outside the store, intact shards no longer
+    listed or changed (lost), and the child's peak RSS (its VmHWM at exit; none if killed).
+    ``cases`` picks some of :data:`REBUILD_CASES`."""
+    import shutil
+    import stat
+    import subprocess
+    import sys
+    import zipfile
+
+    import torch
+    from torch import nn
+
+    import mechray
+    from mechray import ActivationSampler
+    from mechray.storage import manifest as mf
+
+    unknown = set(cases) - set(REBUILD_CASES)
+    if unknown:
+        raise ValueError(f"unknown hostile rebuild cases {sorted(unknown)}; pick from "
+                         f"{REBUILD_CASES}")
+    work.mkdir(parents=True, exist_ok=True)
+    good = work / "good"
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8))
+    with ActivationSampler(layers=["1"], save_dir=str(good), use_ray=False,
+                           verbose=False).attach(model) as s:
+        for step in range(4):
+            model(torch.randn(16, 32))
+            s.save_activations(step)
+    entries = mf.load(good)["shards"]
+    files = [e["file"] for e in entries]
+    original = {f: (good / f).read_bytes() for f in files}
+    template = torch.load(good / files[0], weights_only=True)
+
+    def orphan(store: Path, payload: dict, index: int) -> Path:
+        name = f"activations_shard_{index:06d}_step_{index * 10}.pt"
+        payload = {**payload, "metadata": {**payload["metadata"], "file": name}}
+        torch.save(payload, store / name)
+        return store / name
+
+    assets = work / "assets"
+    assets.mkdir(exist_ok=True)
+    bomb = assets / "activations_shard_000008_step_80.pt"
+    if "deflate_bomb" in cases:     # built once: a ~130 KB shard inflating to 128 MB
+        orphan(assets, {**template, "activations": {"1": torch.zeros(4_000_000, 8)}}, 8)
+        packed = bomb.with_name(bomb.name + ".zip")
+        with zipfile.ZipFile(bomb) as zin, \
+                zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as z:
+            for info in zin.infolist():
+                z.writestr(info.filename, zin.read(info))
+        os.replace(packed, bomb)
+
+    def build(case: str, store: Path, outside: Path) -> set:
+        """Make ``store`` hostile; returns the listed shards the case damages on purpose."""
+        if case == "sparse_giant":
+            with open(store / "activations_shard_000009_step_90.pt", "wb") as fh:
+                fh.truncate(4 << 30)                  # sparse: no disk, reads as 4 GB of zeros
+        elif case == "deflate_bomb":
+            shutil.copy(bomb, store / bomb.name)
+        elif case == "wrong_type":
+            meta = {**template["metadata"], "shard_index": "abc"}
+            orphan(store, {**template, "metadata": meta}, 7)
+        elif case in ("fifo_manifest", "dev_zero_manifest"):
+            (store / "manifest.json").unlink()
+            (store / "manifest.journal").unlink(missing_ok=True)
+            if case == "fifo_manifest":
+                os.mkfifo(store / "manifest.json")
+            else:
+                os.symlink("/dev/zero", store / "manifest.json")
+        elif case == "symlinked_quarantine":   # a damaged shard would move through the link
+            (outside / files[1]).write_bytes(b"keep me")
+            os.symlink(outside, store / ".quarantine")
+            data = bytearray((store / files[1]).read_bytes())
+            data[len(data) // 2] ^= 1
+            (store / files[1]).write_bytes(bytes(data))
+            return {files[1]}
+        elif case == "fifo_shard":
+            (store / files[2]).unlink()
+            os.mkfifo(store / files[2])
+            return {files[2]}
+        elif case == "symlink_shard":          # a listed shard and an orphan, links outside
+            (outside / files[3]).write_bytes(original[files[3]])
+            (store / files[3]).unlink()
+            os.symlink(outside / files[3], store / files[3])
+            stray = orphan(outside, dict(template), 11)
+            os.symlink(stray, store / stray.name)
+            return {files[3]}
+        return set()
+
+    def snapshot(case_dir: Path, store: Path) -> set:
+        """(path, kind, size, mtime) of everything under ``case_dir`` but the store (lstat:
+        no link is followed, no file read)."""
+        out = set()
+        for d, dirs, names in os.walk(case_dir, followlinks=False):
+            if Path(d) == store or store in Path(d).parents:
+                continue
+            for n in dirs + names:
+                p = Path(d) / n
+                if p == store:
+                    continue
+                st = os.lstat(p)
+                out.add((str(p.relative_to(case_dir)), stat.S_IFMT(st.st_mode),
+                         st.st_size if stat.S_ISREG(st.st_mode) else 0, st.st_mtime_ns))
+        return out
+
+    def listed(store: Path) -> Optional[set]:
+        """The files the manifest lists, or ``None`` when it is no readable regular file."""
+        try:
+            if not stat.S_ISREG(os.lstat(store / "manifest.json").st_mode):
+                return None
+            return {e["file"] for e in mf.load(store)["shards"]}
+        except Exception:  # noqa: BLE001  (an unreadable manifest lists nothing)
+            return None
+
+    def child(argv: list, cwd: Path) -> tuple:
+        """``(status or None if it timed out, stderr, peak RSS MB or None, seconds)``; the
+        peak is the child's own VmHWM, printed at its exit (``ru_maxrss`` would count the
+        parent's pages from before ``exec``)."""
+        def limit() -> None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (memory_gb << 30, memory_gb << 30))
+        code = ("import atexit, sys\n"
+                "def _peak():\n"
+                "    hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')]\n"
+                "    sys.__stdout__.write('VMHWM ' + hwm[0].split()[1] + '\\n')\n"
+                "atexit.register(_peak)\n"
+                f"from mechray.cli import main; sys.exit(main({argv!r}))\n")
+        env = {**os.environ, "PYTHONPATH": str(Path(mechray.__file__).resolve().parents[1])}
+        err, out = cwd / "stderr.txt", cwd / "stdout.txt"
+        t0 = time.monotonic()
+        with open(err, "w") as fe, open(out, "w") as fo:
+            proc = subprocess.Popen([sys.executable, "-c", code], stdout=fo, stderr=fe,
+                                    stdin=subprocess.DEVNULL, cwd=str(cwd), env=env,
+                                    preexec_fn=limit)
+            try:
+                status: Optional[int] = proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                status = None
+        seconds = time.monotonic() - t0
+        text = err.read_text(errors="replace")
+        peak = [ln.split()[1] for ln in out.read_text(errors="replace").splitlines()
+                if ln.startswith("VMHWM ")]
+        err.unlink()
+        out.unlink()
+        return status, text, int(peak[-1]) / 1024 if peak else None, seconds
+
+    figures = Counter(rebuild_cases=0, rebuild_commands=0, rebuild_hung=0, rebuild_unclean=0,
+                      rebuild_outside_changes=0, rebuild_shards_lost=0, rebuild_links_listed=0,
+                      rebuild_no_manifest_after=0)
+    peak_mb, slowest, detail = 0.0, 0.0, {}
+    for case in cases:
+        figures["rebuild_cases"] += 1
+        for rebuild in (False, True):
+            command = ["repair", "--rebuild"] if rebuild else ["repair"]
+            case_dir = work / f"{case}{'-rebuild' if rebuild else ''}"
+            store, outside = case_dir / "store", case_dir / "outside"
+            shutil.copytree(good, store, symlinks=True)
+            outside.mkdir()
+            damaged = build(case, store, outside)
+            before = snapshot(case_dir, store)
+            status, err, rss, seconds = child([*command, str(store)], case_dir)
+            figures["rebuild_commands"] += 1
+            hung = status is None
+            unclean = not hung and ("Traceback" in err or status not in CLEAN_EXITS)
+            changed = before ^ snapshot(case_dir, store)
+            now = listed(store)
+            intact = [f for f in files if f not in damaged]
+            # lost: an intact shard's bytes gone or changed, or a readable manifest without it
+            # (a manifest the case itself destroyed lists nothing until a rebuild: counted apart)
+            lost = [f for f in intact if (now is not None and f not in now) or
+                    (store / f).is_symlink() or not (store / f).is_file() or
+                    (store / f).read_bytes() != original[f]]
+            links = [f for f in now or () if (store / f).is_symlink()]
+            figures["rebuild_no_manifest_after"] += now is None
+            figures["rebuild_links_listed"] += len(links)
+            figures["rebuild_hung"] += hung
+            figures["rebuild_unclean"] += unclean
+            figures["rebuild_outside_changes"] += len(changed)
+            figures["rebuild_shards_lost"] += len(lost)
+            peak_mb, slowest = max(peak_mb, rss or 0.0), max(slowest, seconds)
+            detail[f"{case} {' '.join(command)}"] = {
+                "exit": status, "seconds": round(seconds, 1),
+                "peak_rss_mb": None if rss is None else round(rss),
+                "listed": None if now is None else len(now), "intact": len(intact), "lost": len(lost),
+                "outside_changed": len(changed)}
+            if hung or unclean or changed or lost:
+                log.warning("hostile rebuild %s, %s: exit %s, %d changed outside, %d lost: %s",
+                            case, " ".join(command), status, len(changed), len(lost),
+                            err.strip().splitlines()[-1:] if err.strip() else "")
+            shutil.rmtree(case_dir, ignore_errors=True)
+    shutil.rmtree(assets, ignore_errors=True)
+    return {**figures, "rebuild_peak_rss_mb": round(peak_mb), "rebuild_slowest_s":
+            round(slowest, 1), "rebuild_limit_s": timeout_s, "rebuild_limit_gb": memory_gb,
+            "rebuild_detail": detail}
+
+
 def store_phases(out_dir: str | None = None) -> dict:
-    """The hostile-store phases alone, with a local Ray (for the writer pool) and S3."""
+    """The hostile-store phases alone (hostile manifests, two writers, hostile files in
+    ``repair --rebuild``), with a local Ray (for the writer pool) and S3."""
     import ray
     import torch
     from torch import nn
@@ -332,7 +552,8 @@ def store_phases(out_dir: str | None = None) -> dict:
                 s.save_activations(step)
         t0 = time.perf_counter()
         figures = {**malicious_manifests(root / "cache", root / "hostile", s3, bucket),
-                   **two_writers(root / "two-writers", model)}
+                   **two_writers(root / "two-writers", model),
+                   **hostile_rebuild(root / "rebuild")}
         figures["seconds"] = round(time.perf_counter() - t0, 1)
         return figures
     finally:
@@ -559,8 +780,9 @@ def main() -> None:
     parser.add_argument("--s3-retry-seconds", type=float, default=2.0,
                         help="the S3 history phases' outage budget")
     parser.add_argument("--store-phases-only", action="store_true",
-                        help="only the malicious-manifest and two-writer phases (no writer "
-                             "kills), on a small store of their own")
+                        help="only the malicious-manifest, two-writer and hostile "
+                             "repair --rebuild phases (no writer kills), on small stores of "
+                             "their own")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.s3_history_only:
@@ -575,6 +797,10 @@ def main() -> None:
     (out / name).write_text(json.dumps(figures, indent=1))
     width = max(map(len, figures))
     for key, value in figures.items():
+        if isinstance(value, dict):           # per-case detail: one line each
+            for case, row in value.items():
+                print(f"{key + ' ' + case:{width}s}  {row}")
+            continue
         print(f"{key:{width}s}  {value}")
 
 

@@ -18,7 +18,9 @@ book to mary" mixed with :func:`mechray.demo.text.sentences`), the model is
    second name swapped) with the logit difference of the right name over the wrong one at the
    last real token, including the per-position patching grid;
 3. read: token contexts of the top neurons, the logit lens of residual-stream neurons and SAE
-   latents, in ``{out}/results/mechint_report.md`` and ``{out}/summary.json``.
+   latents, in ``{out}/results/mechint_report.md`` and ``{out}/summary.json``;
+4. heads: every head of every block patched exactly on the prompt pairs (``attn:heads``), merged
+   into the "which heads matter" table, and the top head's attention pattern from the last token.
 """
 
 from __future__ import annotations
@@ -66,6 +68,27 @@ def left_padded(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
     enc.pop("token_type_ids", None)
     enc["position_ids"] = (enc["attention_mask"].cumsum(1) - 1).clamp(min=0)
     return enc
+
+
+def heads(lm, eval_data, answers: list[int], n_layer: int) -> dict:
+    """Patch each attention head clean -> corrupted (logit difference), rank them over layers,
+    and read the top head's attention from each prompt's last token."""
+    from mechray.analysis.base import Context, get_analysis
+    from mechray.analysis.heads import attention_patterns, head_table
+
+    params = {"metric": "logit_diff", "answer_tokens": answers, "method": "exact",
+              "paths": False, "positions": False}
+    ctx = Context(store=None, model=lm, eval_data=eval_data)
+    per_layer = {f"model.transformer.h.{i}.attn:heads":
+                 get_analysis("circuit", params).run(ctx, f"model.transformer.h.{i}.attn:heads")
+                 for i in range(n_layer)}
+    table = head_table(per_layer)
+    top = table[0]
+    pattern = attention_patterns(lm, top["layer"], eval_data.clean)     # [B, n_head, T, T]
+    return {"heads_top": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                          for r in table[:5]],
+            "top_head_attention_last_token": [round(float(v), 3)
+                                              for v in pattern[0, top["head"], -1]]}
 
 
 def main() -> None:
@@ -160,6 +183,7 @@ def main() -> None:
                     for n, per in results.items()},
         "report": str(report),
     }
+    summary.update(heads(lm, eval_data, answers, n_layer=2 if args.fast else 4))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 

@@ -5,13 +5,18 @@ Usage::
     from mechray.analysis.base import get_analysis, Context
 
     analysis = get_analysis("neuron", {"eps": 1e-6})      # params validated, unknown name listed
+    p = analysis_class("neuron").validate_params({"top_k": 8})   # the typed Params, once
+    get_analysis("neuron", p)                              # an instance is taken as it is
     # kind == "stat":  partial = analysis.map(rows, entry, layer); analysis.merge(p, q);
     #                  analysis.finalize(partial, ctx, layer) -> JSON-safe dict
     # kind == "fit":   analysis.fit(ctx, layer) -> dict  (walks ctx.store.iter_layer(layer))
     # kind == "model": analysis.run(ctx, layer) -> dict  (needs ctx.model and eval inputs)
 
 Every analysis declares ``Params``, a pydantic model with bounds (``extra='forbid'``), so a bad
-parameter fails with the field, the value and the allowed range.  Results are JSON-safe dicts;
+parameter fails with the field, the value and the allowed range.  Parameters are validated once,
+where they enter (the engine, the API's planner); from there the ``Params`` instance itself travels
+(to ``cost``, ``answer_bytes``, ``task_cpus``, ``reads_store`` and every task), never a dict that
+restates its defaults.  Results are JSON-safe dicts;
 big arrays go to files under ``ctx.out_dir`` and the result holds their relative path.  An
 analysis that cannot run raises :class:`Skip` with the reason; the engine records it.
 """
@@ -103,19 +108,44 @@ class Analysis:
         return None
 
     @classmethod
-    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+    def validate_params(cls, params: "Optional[dict[str, Any] | BaseModel]" = None) -> Any:
+        """``params`` as this analysis's validated ``Params`` instance: a dict (or ``None``) is
+        validated here, once; an instance of ``Params`` is already valid and returned as it is.
+        A bad value raises :class:`AnalysisParamsError` naming the field, the value and the valid
+        fields."""
+        if isinstance(params, cls.Params):
+            return params
+        if isinstance(params, BaseModel):
+            raise AnalysisParamsError(
+                f"parameters for analysis {cls.name!r} are a {type(params).__name__}; pass a dict "
+                f"or {cls.Params.__name__}(...)")
+        try:
+            return cls.Params(**(params or {}))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'params'}={e.get('input')!r}: "
+                f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+            fields = list(cls.Params.model_fields)
+            raise AnalysisParamsError(f"bad parameters for analysis {cls.name!r}: {problems}. "
+                                      f"Valid parameters: {fields}") from None
+
+    # The class methods below receive ``p``, the analysis's validated ``Params`` instance (typed
+    # ``Any`` here so that each analysis annotates its own model: ``p: SAEParams``); its fields
+    # hold the defaults, so read ``p.top_k``, never restate a default.
+    @classmethod
+    def cost(cls, p: Any, w: Workload) -> Cost:
         """Operations and peak bytes on one layer with validated params ``p`` (default: a
         full pass over the rows with one shard in memory as float64)."""
         return Cost(float(w.rows) * w.d * 10, float(w.shard_rows) * w.d * 8 * 3)
 
     @classmethod
-    def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
+    def answer_bytes(cls, p: Any, w: Workload) -> float:
         """Bytes of one layer's JSON result (the API refuses answers over its limit before
         running): default about 8 numbers per feature."""
         return JSON_NUMBER * w.d * 8 + 65536
 
     @classmethod
-    def task_cpus(cls, p: dict[str, Any], default: float) -> float:
+    def task_cpus(cls, p: Any, default: float) -> float:
         """CPUs this analysis' own Ray task holds (``default``: the engine's ``num_cpus``).  A fit
         that only coordinates workers of its own (Ray Train) holds none, so fits of several
         layers waiting for their workers never hold the CPUs those workers need."""
@@ -130,16 +160,8 @@ class Analysis:
     #: reads its own fields; annotate ``p: MyParams = self.params`` for a checked view)
     params: Any
 
-    def __init__(self, params: Optional[dict[str, Any]] = None):
-        try:
-            self.params = self.Params(**(params or {}))
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'params'}={e.get('input')!r}: "
-                f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
-            fields = list(self.Params.model_fields)
-            raise AnalysisParamsError(f"bad parameters for analysis {self.name!r}: {problems}. "
-                                      f"Valid parameters: {fields}") from None
+    def __init__(self, params: "Optional[dict[str, Any] | BaseModel]" = None):
+        self.params = self.validate_params(params)     # an instance is kept, not re-validated
 
     # kind == "stat"
     def map(self, rows: torch.Tensor, entry: dict[str, Any], layer: str) -> Any:
@@ -210,6 +232,7 @@ def analysis_class(name: str) -> type[Analysis]:
     return REGISTRY[name]
 
 
-def get_analysis(name: str, params: Optional[dict[str, Any]] = None) -> Analysis:
-    """Instantiate a registered analysis; an unknown name lists the valid ones."""
+def get_analysis(name: str, params: "Optional[dict[str, Any] | BaseModel]" = None) -> Analysis:
+    """Instantiate a registered analysis with a dict of params (validated) or its ``Params``
+    instance (taken as it is); an unknown name lists the valid ones."""
     return analysis_class(name)(params)

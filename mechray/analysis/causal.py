@@ -29,6 +29,10 @@ unembedding of a hidden state, logits are never materialised for the sweep
 ``batch_size``/``neuron_batch`` shrink to ``memory_budget_gb`` (:mod:`mechray.analysis.footprint`,
 ``result["memory"]``).  ``method='corrupt'`` sets each neuron to its value in the paired
 corrupted prompt (prompt pairs, see :class:`mechray.analysis.inputs.PromptPairs`).
+``metric='lm_loss'``: ``|change|`` of the LM's next-token cross-entropy on the inputs' tokens.
+Attention heads: on a ``transformer.h.1.attn:heads`` layer (:mod:`mechray.capture.heads`) each
+unit is a head (its ``d_head`` features ablated together) and ``ranked`` holds
+``{"head": h, "effect": x}``; :func:`mechray.analysis.heads.head_table` merges layers.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from mechray.analysis.intervene import (
     clean_runs,
     eval_inputs,
     eval_mode,
+    find_module,
     model_of,
     record_outputs,
     resolve_loss_fn,
@@ -60,6 +65,7 @@ from mechray.analysis.intervene import (
 )
 from mechray.analysis.readout import Readout
 from mechray.analysis.render import plot_ranked, top_effects
+from mechray.capture.heads import HEADS, head_point
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +73,9 @@ log = logging.getLogger(__name__)
 class InterventionParams(Params):
     """Parameters shared by ``causal`` and ``circuit``."""
 
-    metric: Literal["mse", "kl", "loss", "logit_diff", "prob"] = Field(
-        "mse", description="mse/kl of the outputs; loss: |change| of loss_fn; logit_diff: "
+    metric: Literal["mse", "kl", "loss", "lm_loss", "logit_diff", "prob"] = Field(
+        "mse", description="mse/kl of the outputs; loss: |change| of loss_fn; lm_loss: |change| "
+        "of the LM's next-token cross-entropy on the inputs' real tokens; logit_diff: "
         "logit of answer_tokens[0] minus answer_tokens[1] at each example's last real token; "
         "prob: probability of target_token there")
     answer_tokens: Optional[list[int]] = Field(None, min_length=2, max_length=2,
@@ -117,9 +124,9 @@ class CausalParams(InterventionParams):
                           description="stored rows read for means, variances and resampling")
 
 
-def intervention_bytes(p: dict[str, Any], w: Workload) -> float:
+def intervention_bytes(p: InterventionParams, w: Workload) -> float:
     """Peak bytes of an intervention analysis: the model (with gradients) plus batched edits."""
-    acts = p.get("batch_size", 64) * p.get("neuron_batch", 16) * w.d * 4 * 8
+    acts = p.batch_size * p.neuron_batch * w.d * 4 * 8
     return float(w.model_params) * 4 * 4 + acts + float(w.shard_rows) * w.d * 8 * 3
 
 
@@ -130,6 +137,7 @@ class Prepared:
     metric: Metric
     batches: list[ModelInputs]      # eval batches (``pair``'s follow when given)
     width: int                      # the layer's feature count
+    unit: int                       # features per ranked unit: 1, or d_head on a :heads layer
     readout: Optional[Readout]      # the model's unembedding, read out lazily (or None)
     plan: Plan                      # batch sizes within the memory budget
 
@@ -163,14 +171,16 @@ def prepare(ctx: Context, layer: str, x: ModelInputs, params: InterventionParams
     plan = foot.fit(n, params.batch_size, params.neuron_batch, budget,
                     f"{type(params).__name__.removesuffix('Params').lower()} {layer!r}",
                     grad=grad)
-    return Prepared(metric, x.batches(plan.batch_size, pair), d, readout, plan)
+    unit = head_point(find_module(model, layer), layer).d_head if layer.endswith(HEADS) else 1
+    return Prepared(metric, x.batches(plan.batch_size, pair), d, unit, readout, plan)
 
 
-def ranked(neurons: torch.Tensor, effects: torch.Tensor, **extra: torch.Tensor
-           ) -> list[dict[str, Any]]:
-    """``[{"neuron": i, "effect": x, ...}]`` largest effect first (ties by neuron index)."""
+def ranked(neurons: torch.Tensor, effects: torch.Tensor, key: str = "neuron",
+           **extra: torch.Tensor) -> list[dict[str, Any]]:
+    """``[{"neuron": i, "effect": x, ...}]`` largest effect first (ties by index); ``key``
+    names the unit (``"head"`` on a ``:heads`` layer)."""
     order = sorted(range(len(neurons)), key=lambda j: (-float(effects[j]), int(neurons[j])))
-    return [{"neuron": int(neurons[j]), "effect": float(effects[j]) + 0.0,       # no -0.0
+    return [{key: int(neurons[j]), "effect": float(effects[j]) + 0.0,       # no -0.0
              **{k: float(v[j]) + 0.0 for k, v in extra.items()}} for j in order]
 
 
@@ -186,9 +196,9 @@ class Causal(Analysis):
     plot = staticmethod(plot_ranked)
 
     @classmethod
-    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
-        forward = 2.0 * max(w.model_params, 1) * min(p.get("n_inputs", 256), w.inputs)
-        passes = min(p.get("top_n", 64), w.d) + 2
+    def cost(cls, p: CausalParams, w: Workload) -> Cost:
+        forward = 2.0 * max(w.model_params, 1) * min(p.n_inputs, w.inputs)
+        passes = min(p.top_n, w.d) + 2
         return Cost(forward * passes, intervention_bytes(p, w))
 
     def run(self, ctx: Context, layer: str) -> dict[str, Any]:
@@ -203,6 +213,7 @@ class Causal(Analysis):
         with eval_mode(model):
             prep = prepare(ctx, layer, x, p, x.corrupt if p.method == "corrupt" else None)
             metric, xs, d = prep.metric, prep.batches, prep.width
+            unit, units = prep.unit, d // prep.unit      # heads: d_head features each
             if p.method == "corrupt":
                 xs, fill, var, mean = self._corrupt(model, layer, prep, d)
                 source = "prompt pairs"
@@ -210,7 +221,7 @@ class Causal(Analysis):
                 mean, var, source = self._neuron_stats(ctx, layer, d)
                 rows = None                 # stored rows: read only for what the results lack
                 if p.method == "resample" or (source == "none" and
-                                              (p.method == "mean" or d > p.top_n)):
+                                              (p.method == "mean" or units > p.top_n)):
                     rows = self._rows(ctx, layer, p, d)
                 if source == "none" and rows is not None:
                     mean, var, source = rows.mean(0), rows.var(0, unbiased=False), "stored rows"
@@ -218,23 +229,25 @@ class Causal(Analysis):
             with prep.swapped():
                 stack = prep.plan.neuron_batch if can_stack(model, layer, xs[0]) else 1
                 batches, skip = clean_runs(model, layer, xs, min(stack, 2), p.reuse_prefix)
-                metric.reference([ref for _, ref in batches])
-                neurons = torch.arange(d) if d <= p.top_n else \
-                    torch.sort(torch.topk(var, p.top_n).indices).values
+                metric.reference([ref for _, ref in batches], [x.mask for x, _ in batches],
+                                 [x.targets for x, _ in batches])
+                neurons = torch.arange(units) if units <= p.top_n else torch.sort(torch.topk(
+                    var.reshape(units, unit).sum(1), p.top_n).indices).values
                 label = f"causal {layer}" if ctx.progress else None
                 effects = sweep(model, layer, batches, fill, metric, neurons, stack, label,
-                                skip=skip)
+                                skip=skip, unit=unit)
                 layer_effect = float(sweep(model, layer, batches, fill, metric, None,
                                            skip=skip)[0])
         log.info("mechray: causal %s: %d neurons, %s/%s, %.2fs", layer, len(neurons), p.method,
                  p.metric, time.perf_counter() - t0)
         return {
-            "ranked": ranked(neurons, effects),
+            "ranked": ranked(neurons, effects, "head" if unit > 1 else "neuron"),
             "method": p.method, "metric": p.metric, "layer_effect": layer_effect,
             "n_evaluated": len(neurons), "n_neurons": d, "n_inputs": len(x),
+            **({"n_heads": units, "d_head": unit} if unit > 1 else {}),
             "masked": x.mask is not None, "neurons_per_pass": stack,
             "prefix_reused": skip[0] is not None if skip else False,
-            "selection": "all" if d <= p.top_n else f"top {p.top_n} by variance",
+            "selection": "all" if units <= p.top_n else f"top {p.top_n} by variance",
             "stats_source": source, "seconds": round(time.perf_counter() - t0, 3),
             "unembedding": "read out lazily" if prep.readout is not None else None,
             "memory": prep.plan.describe(),

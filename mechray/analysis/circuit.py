@@ -32,6 +32,11 @@ Path patching (``paths=True``): for each other captured layer R that runs after 
 effect of this layer on the output mediated only by R: record R in a corrupt run with this layer
 patched clean, then run corrupt with only R set to that recording.  It is exact (no linear
 approximation) and a layer R that does not depend on this one gets 0.
+
+Heads: on an attention module's ``:heads`` layer (``transformer.h.1.attn:heads``) the units are
+heads -- one head's ``d_head`` outputs patched together, attribution summed over them -- and
+``ranked`` holds ``{"head": h, ...}`` (``method='exact'`` patches every head, cheap for a few).
+``metric='lm_loss'`` scores the corrupted runs on the clean prompts' next tokens.
 """
 
 from __future__ import annotations
@@ -96,10 +101,10 @@ class Circuit(Analysis):
     plot = staticmethod(plot_ranked)
 
     @classmethod
-    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
-        forward = 2.0 * max(w.model_params, 1) * min(p.get("n_inputs", 256), w.inputs)
-        passes = (w.d if p.get("method") == "exact" else p.get("check_neurons", 16)) + 4 + \
-            (w.layers if p.get("paths", True) else 0)
+    def cost(cls, p: CircuitParams, w: Workload) -> Cost:
+        forward = 2.0 * max(w.model_params, 1) * min(p.n_inputs, w.inputs)
+        passes = (w.d if p.method == "exact" else p.check_neurons) + 4 + \
+            (w.layers if p.paths else 0)
         return Cost(forward * passes, intervention_bytes(p, w))
 
     def run(self, ctx: Context, layer: str) -> dict[str, Any]:
@@ -116,12 +121,13 @@ class Circuit(Analysis):
                 xs, xr = both[: len(both) // 2], both[len(both) // 2:]
                 acts_c, refs = _record(model, layer, xs)
                 acts_r, outs_r = _record(model, layer, xr)
-                metric.reference(refs)
                 masks = [x.mask for x in xs]     # real positions of the clean inputs are compared
-                xr = [_with_mask(r, m) for r, m in zip(xr, masks)]
-                count = sum(metric.count(r, m) for r, m in zip(refs, masks))
-                mean_r = float(sum(metric.sums(o[None], r, m)[0]
-                                   for o, r, m in zip(outs_r, refs, masks)) / count)
+                ids = [x.targets for x in xs]    # lm_loss: the clean tokens are predicted
+                metric.reference(refs, masks, ids)
+                xr = [_with_mask(r, m, i) for r, m, i in zip(xr, masks, ids)]
+                count = sum(metric.count(r, m, i) for r, m, i in zip(refs, masks, ids))
+                mean_r = float(sum(metric.sums(o[None], r, m, i)[0]
+                                   for o, r, m, i in zip(outs_r, refs, masks, ids)) / count)
                 m_r = float(metric.finish(torch.tensor(mean_r)))
                 if metric.negligible(m_r, refs):
                     raise Skip(f"corruption={p.corruption!r} does not change the {p.metric} metric "
@@ -133,24 +139,26 @@ class Circuit(Analysis):
                 layer_m = float(sweep(model, layer, batches, patch, metric, None, skip=skip)[0])
                 label = f"circuit {layer}" if ctx.progress else None
                 attr = _attribution(model, layer, batches, acts_c, acts_r, metric, mean_r, count, d)
-                attr_effect = -attr / m_r
+                unit, units = prep.unit, d // prep.unit      # heads: d_head features each
+                attr_effect = -attr.reshape(units, unit).sum(1) / m_r   # a head: its block's sum
                 stack = prep.plan.neuron_batch if can_stack(model, layer, xr[0]) else 1
-                sample = _sample(attr_effect, d, p.check_neurons if p.method == "attribution" else d,
-                                 seed)
-                exact = torch.full((d,), float("nan"))
+                sample = _sample(attr_effect, units,
+                                 p.check_neurons if p.method == "attribution" else units, seed)
+                exact = torch.full((units,), float("nan"))
                 if len(sample):
                     exact[sample] = 1 - sweep(model, layer, batches, patch, metric, sample, stack,
-                                              label, skip=skip) / m_r
+                                              label, skip=skip, unit=unit) / m_r
                 paths = _paths(ctx, model, layer, batches, acts_c, metric, m_r) if p.paths else {}
                 grid = _positions(model, layer, batches, acts_c, metric, m_r, clean) \
                     if p.positions and corrupt is clean.corrupt and \
                     max(r.shape[1] if r.dim() >= 3 else 0 for r in refs) <= p.max_positions \
                     else None
         effect = exact if p.method == "exact" else attr_effect
-        entries = ranked(torch.arange(d), effect, attribution=attr_effect)
+        key = "head" if unit > 1 else "neuron"
+        entries = ranked(torch.arange(units), effect, key, attribution=attr_effect)
         for e in entries:
-            if not torch.isnan(exact[e["neuron"]]):
-                e["exact"] = float(exact[e["neuron"]])
+            if not torch.isnan(exact[e[key]]):
+                e["exact"] = float(exact[e[key]])
         check = _check(attr_effect[sample], exact[sample], sample)
         warnings = _disagreement(check, p.agreement, p.method)
         log.info("mechray: circuit %s: layer effect %.3f, %.2fs", layer, 1 - layer_m / m_r,
@@ -163,6 +171,7 @@ class Circuit(Analysis):
             "corrupt_metric": m_r, "patched_metric": layer_m,
             "attribution_check": check, "warnings": warnings, "positions": grid,
             "paths": paths, "n_neurons": d, "n_inputs": len(clean),
+            **({"n_heads": units, "d_head": unit} if unit > 1 else {}),
             "masked": clean.mask is not None,
             "unembedding": "read out lazily" if prep.readout is not None else None,
             "memory": prep.plan.describe(),
@@ -204,9 +213,10 @@ def corrupt_inputs(ctx: Context, clean: ModelInputs, p: CircuitParams, seed: int
     return ModelInputs(x + p.noise_scale * x.float().std().to(x.dtype) * noise)
 
 
-def _with_mask(x: ModelInputs, mask) -> ModelInputs:
-    """``x`` run as is, but edited and compared at the clean batch's real positions."""
-    return ModelInputs(x.tensor, x.kwargs, x.mask_key, positions=mask) if mask is not None else x
+def _with_mask(x: ModelInputs, mask, ids=None) -> ModelInputs:
+    """``x`` run as is, but edited and compared at the clean batch's real positions (and, for
+    ``lm_loss``, scored on the clean batch's tokens ``ids``)."""
+    return ModelInputs(x.tensor, x.kwargs, x.mask_key, positions=mask, ids=ids)
 
 
 def _record(model, layer: str, xs: list[ModelInputs]):
@@ -240,7 +250,7 @@ def _attribution(model, layer, batches, acts_c, acts_r, metric, mean_r, count, d
 
         with torch.enable_grad(), edit_output(model, layer, leaf):
             y = output_of(x(model))
-            m = metric.sums(y[None], ref.to(y.device), x.mask)[0] * scale
+            m = metric.sums(y[None], ref.to(y.device), x.mask, x.targets)[0] * scale
             grads = torch.autograd.grad(m, leaves, allow_unused=True)
         for call, (g, a_r) in enumerate(zip(grads, acts_r[b])):
             if g is not None:
@@ -306,8 +316,8 @@ def _positions(model, layer: str, batches, acts_c, metric, m_r: float,
                     return new
                 with edit_output(model, layer, patch):
                     y = output_of(x(model))
-                total += float(metric.sums(y[None], ref.to(y.device), x.mask)[0])
-                count += metric.count(ref, x.mask)
+                total += float(metric.sums(y[None], ref.to(y.device), x.mask, x.targets)[0])
+                count += metric.count(ref, x.mask, x.targets)
             value = float(metric.finish(torch.tensor(total / max(count, 1))))
             real = mask is None or (pos < mask.shape[1] and bool(mask[0, pos]))
             out.append({"position": pos, "effect": 1 - value / m_r,

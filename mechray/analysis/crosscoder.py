@@ -23,8 +23,9 @@ group (a probe batch: ``MechIntCallback(config, probe_inputs=x)``), *unpaired* o
 Per latent ``i`` and group ``g``: ``decoder_norm`` ``||W_dec^g_i||``, ``frequency`` (fraction
 of the group's rows where it fires), ``mean_activation`` and ``strength = mean_activation *
 decoder_norm`` (the mean norm it adds to a row of that group; paired: one code per input, so
-strength is proportional to the decoder norm, Lindsey et al.'s quantity).  Birth, peak and death
-come from ``strength`` (:mod:`mechray.analysis.lifetimes`): alive where it is at least
+strength is proportional to the decoder norm, Lindsey et al.'s quantity), times the slice's
+alignment with the latent's peak direction (:func:`aligned`, ``same_direction``).  Birth, peak
+and death come from ``strength`` (:mod:`mechray.analysis.lifetimes`): alive where it is at least
 ``alive_fraction`` of the latent's own peak; latents firing on fewer than ``min_frequency`` of
 the rows (or ``min_rows`` rows) of every group are ``rare`` and not dated; ``dead_fraction``
 counts latents that never fire.
@@ -69,6 +70,7 @@ from mechray.analysis.sae.model import SparseAutoencoder, save_saelens
 from mechray.analysis.sae.params import MAX_LATENTS, MAX_PARAMETERS
 from mechray.analysis.sae.train import SAETrainer
 from mechray.analysis.step_rows import StepRows
+from mechray.analysis.timeline import birth_lines, timeline
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,10 @@ class CrosscoderParams(StepDictParams):
     absent_fraction: float = Field(0.1, ge=0.0, lt=1.0,
                                    description="absent in a group: strength < this x its peak; "
                                                "a birth needs every earlier group absent")
+    same_direction: float = Field(0.5, ge=0.0, lt=1.0,
+                                  description="a group's slice counts toward the latent's "
+                                              "strength only when its cosine with the slice "
+                                              "at the latent's peak is at least this")
     top_latents: int = Field(8, ge=0, le=1024,
                              description="latents born late whose top rows are listed")
     k_examples: int = Field(5, ge=1, le=1000)
@@ -158,13 +164,13 @@ class Crosscoder(Analysis):
         return birth_lines(rows)
 
     @classmethod
-    def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
-        latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * w.d)
-        groups = float(min(w.steps, p.get("step_groups") or w.steps))
+    def answer_bytes(cls, p: CrosscoderParams, w: Workload) -> float:
+        latents = float(p.n_latents or p.expansion_factor * w.d)
+        groups = float(min(w.steps, p.step_groups or w.steps))
         return JSON_NUMBER * latents * (5 * groups + 6) + 65536
 
     @classmethod
-    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+    def cost(cls, p: CrosscoderParams, w: Workload) -> Cost:
         n, d, latents, groups, size, steps = budget_of(p, w)
         # paired (the dearer form): every row is G groups wide; rows all held in memory
         return Cost(6 * steps * size * latents * d * groups + 2 * n * latents * d,
@@ -200,8 +206,8 @@ class Crosscoder(Analysis):
         seconds = time.perf_counter() - t0
         result = fit.evaluate(trainer)
         norms = np.asarray(result["decoder_norm"])
-        strength = np.asarray(result["mean_activation"]) * norms * fit.alignment(strength_of=
-                                                                               result)
+        strength = np.asarray(result["mean_activation"]) * norms * aligned(
+            fit.slices(), result["mean_activation"], scales, p.same_direction)
         freq = np.asarray(result["frequency"])
         fired = freq * np.asarray([len(x) for x in data.x])[None, :]
         live = (freq.max(1) >= max(p.min_frequency, 1e-12)) & (fired.max(1) >= p.min_rows)
@@ -277,9 +283,9 @@ class _PairedFit:
     def step(self, trainer: Any, batch: Any) -> torch.Tensor:
         return trainer.step(batch)
 
-    def alignment(self, strength_of: dict[str, Any]) -> np.ndarray:
-        """1: every input has a code at every group, the decoder norm alone is the size."""
-        return np.ones((self.sae.n_latents, self.G))
+    def slices(self) -> torch.Tensor:
+        """Decoder slices [n, G, d] in the scaled units of each group."""
+        return (self.sae.W_dec / float(self.sae.input_scale)).view(-1, self.G, self.d).detach()
 
     @torch.no_grad()
     def evaluate(self, trainer: Any) -> dict[str, Any]:
@@ -382,17 +388,9 @@ class _UnpairedFit:
     def step(self, trainer: Any, batch: Any) -> torch.Tensor:
         return trainer.step_rows(*batch)
 
-    @torch.no_grad()
-    def alignment(self, strength_of: dict[str, Any]) -> np.ndarray:
-        """``max(0, cos(W_dec^g_i, W_dec^peak_i))``: rows of each group train only their own
-        slice, so after its feature is gone a latent may fire on another feature and its slice
-        turn to that one; only the part along its peak direction counts as the same feature."""
-        w = self.model.slices()
-        raw = torch.as_tensor(np.asarray(strength_of["mean_activation"]), device=w.device) * \
-            w.norm(dim=-1)
-        peak = w[torch.arange(len(w), device=w.device), raw.argmax(1)]
-        cos = torch.nn.functional.cosine_similarity(w, peak[:, None, :], dim=-1)
-        return cos.clamp_min(0).cpu().numpy()
+    def slices(self) -> torch.Tensor:
+        """Decoder slices [n, G, d] in the scaled units of each group."""
+        return self.model.slices().detach()
 
     @torch.no_grad()
     def evaluate(self, trainer: Any) -> dict[str, Any]:
@@ -461,16 +459,41 @@ class _UnpairedFit:
 
 
 # --- helpers --------------------------------------------------------------------------------------
-def budget_of(p: dict[str, Any], w: Workload) -> tuple[float, float, float, float, int, int]:
+@torch.no_grad()
+def aligned(w: torch.Tensor, mean_activation: Any, scales: list[float],
+            same_direction: float) -> np.ndarray:
+    """How much of each group's slice is the latent's feature: ``cos(W_dec^g_i, W_dec^ref_i)``
+    where it is at least ``same_direction``, else 0.
+
+    ``w`` [n, G, d] are the slices in each group's scaled units (``scales``), the reference
+    ``ref`` the group of the largest ``mean_activation * ||W_dec^g_i|| / scale_g``: the peak in
+    the activations' own units, common to all steps.  Why: a paired latent is one input's code
+    at every group, so before its feature forms its slice reconstructs whatever that input's
+    row was then (an untrained token's initial vector), pointing elsewhere; an unpaired latent
+    trains each group's slice on that group's rows only and may turn to another feature once
+    its own is gone.  Why the peak in raw units: each group is scaled to the same mean norm,
+    which blows a checkpoint near initialisation (activations small, every input a random
+    vector of the same size) up to full size, so there an untrained vector can be a latent's
+    largest slice in scaled units and would become the direction every later step is judged
+    against."""
+    sc = torch.as_tensor(scales, dtype=w.dtype, device=w.device)
+    norms = w.norm(dim=-1)
+    raw = torch.as_tensor(np.asarray(mean_activation), dtype=w.dtype, device=w.device) * \
+        norms / sc[None, :]
+    ref = w[torch.arange(len(w), device=w.device), raw.argmax(1)]
+    cos = torch.nn.functional.cosine_similarity(w, ref[:, None, :], dim=-1)
+    return torch.where(cos >= same_direction, cos, torch.zeros(())).cpu().numpy()
+
+
+def budget_of(p: StepDictParams, w: Workload) -> tuple[float, float, float, float, int, int]:
     """What a fit of these (validated, complete) params would do on workload ``w``, for the
     cost estimates of ``crosscoder`` and ``sae_tracking``: rows, width, latents, step groups,
     batch size and optimizer steps per group."""
     n, d = float(w.rows), float(w.d)
-    latents = float(p["n_latents"] or p["expansion_factor"] * d)
-    groups = float(max(1, min(w.steps, p["step_groups"] or w.steps)))
-    size = int(p["batch_size"])
-    steps = budget_steps(SimpleNamespace(**{k: p[k] for k in (
-        "steps", "epochs", "min_steps", "max_epochs")}), -(-int(n / groups) // size), int(latents))
+    latents = float(p.n_latents or p.expansion_factor * d)
+    groups = float(max(1, min(w.steps, p.step_groups or w.steps)))
+    size = int(p.batch_size)
+    steps = budget_steps(p, -(-int(n / groups) // size), int(latents))
     return n, d, latents, groups, size, steps
 
 
@@ -524,47 +547,3 @@ def _write(ctx: Context, layer: str, tensors: dict[str, torch.Tensor], mode: str
         "decode": "x_hat_g = z @ W_dec[:, g] + b_dec[g]"})
     result["weights_path"] = rel
     result["config_path"] = rel[: -len(".safetensors")] + ".json"
-
-
-# --- showing it -----------------------------------------------------------------------------------
-def timeline(per: dict[str, dict[str, Any]], plt: Any, key: str, title: str) -> Any:
-    """Latents x step groups per layer, coloured by ``result[key]`` (live latents only, ordered
-    by birth then peak)."""
-    shown = {la: r for la, r in per.items() if r.get(key) and r.get("kind")}
-    if not shown:
-        return None
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 5), squeeze=False)
-    for ax, (layer, r) in zip(axes[0], shown.items()):
-        m = np.asarray(r[key], dtype=float)
-        steps = r["steps"]
-        live = [i for i, k in enumerate(r["kind"]) if k != "rare"]
-        first = {s: j for j, s in enumerate(steps)}
-        live.sort(key=lambda i: (first.get(r["birth_step"][i], 0),
-                                 first.get(r["death_step"][i], len(steps)), i))
-        if not live:
-            ax.set_axis_off()
-            continue
-        im = ax.imshow(m[live], aspect="auto", interpolation="nearest", cmap="viridis",
-                       vmin=0, vmax=1)
-        ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int)
-        ax.set_xticks(ticks, [str(steps[t]) for t in ticks], rotation=45, fontsize=7)
-        ax.set(xlabel="saved step", ylabel=f"live latents ({len(live)})", title=layer)
-        fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.suptitle(title)
-    return fig
-
-
-def birth_lines(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    """Markdown: births and deaths per step, and the latents born late with their steps."""
-    out: list[str] = []
-    for layer, r in rows:
-        births = {s: c for s, c in (r.get("births_per_step") or {}).items() if c}
-        deaths = {s: c for s, c in (r.get("deaths_per_step") or {}).items() if c}
-        out += ["", f"`{layer}`: births per step {births or 'none'}; deaths per step "
-                    f"{deaths or 'none'}."]
-        late = (r.get("born_late") or [])[:8]
-        if late:
-            out.append("Born late (latent: birth, peak, death step): " + "; ".join(
-                f"{i}: {r['birth_step'][i]}, {r['peak_step'][i]}, {r['death_step'][i]}"
-                for i in late))
-    return out

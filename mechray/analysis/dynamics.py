@@ -101,7 +101,7 @@ class Dynamics(Analysis):
         return fig
 
     @classmethod
-    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+    def cost(cls, p: DynamicsParams, w: Workload) -> Cost:
         n, d = float(w.rows), float(w.d)
         return Cost(n * d * d + w.steps * d ** 3, w.shard_rows * d * 8 * 3 + (w.steps + 2) * d * d * 8)
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -118,10 +118,13 @@ class Engine:
                                  f"{have} GPU(s); set analysis_num_gpus=0 or add GPU nodes")
 
     # ------------------------------------------------------------------------------------------
-    def run(self, names: list[str], params: Optional[dict[str, dict]] = None, *,
+    def run(self, names: list[str], params: Optional[Mapping[str, Any]] = None, *,
             layers: Optional[list[str]] = None, model: Optional[torch.nn.Module] = None,
             eval_data: Any = None) -> dict[str, dict[str, dict[str, Any]]]:
-        """Run ``names`` on ``layers`` (default: every captured layer); see the module docstring."""
+        """Run ``names`` on ``layers`` (default: every captured layer); see the module docstring.
+
+        ``params[name]`` is a dict, validated here once, or the analysis's ``Params`` instance
+        (taken as it is); every task receives that one validated object."""
         params = params or {}
         self.store.refresh()
         known = self.store.layers()
@@ -133,8 +136,8 @@ class Engine:
         for name in results:
             try:
                 cls = analysis_class(name)
-                cls(params.get(name))  # validates the parameters before any task starts
-                specs.append(Spec(name, cls.kind, dict(params.get(name) or {}), cls, self.strict))
+                valid = cls.validate_params(params.get(name))  # once, before any task starts
+                specs.append(Spec(name, cls.kind, valid, cls, self.strict))
             except AnalysisParamsError:
                 raise
             except KeyError as exc:  # not registered in this install

@@ -100,20 +100,20 @@ class FeatureAnalysis(Analysis):
         return fig
 
     @classmethod
-    def reads_store(cls, params: dict[str, Any]) -> bool:
-        return params.get("n_clusters", 8) > 0   # k-means streams the shards; PCA does not
+    def reads_store(cls, p: FeatureParams) -> bool:
+        return p.n_clusters > 0   # k-means streams the shards; PCA does not
 
     @classmethod
-    def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
-        return JSON_NUMBER * (p.get("n_components", 10) * (w.d + 3) + p.get("n_clusters", 8)) \
+    def answer_bytes(cls, p: FeatureParams, w: Workload) -> float:
+        return JSON_NUMBER * (p.n_components * (w.d + 3) + p.n_clusters) \
             + 4096                                   # components [k, d], per-component stats
 
     @classmethod
-    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+    def cost(cls, p: FeatureParams, w: Workload) -> Cost:
         n, d = float(w.rows), float(w.d)
-        km = n * d * p.get("n_clusters", 8) * (p.get("kmeans_epochs", 1) + 1)
+        km = n * d * p.n_clusters * (p.kmeans_epochs + 1)
         return Cost(n * d * d + km + d ** 3, w.shard_rows * d * 8 * 3 + d * d * 8 * 3 +
-                    p.get("sample_size", 2000) * d * 4 * 2)
+                    p.sample_size * d * 4 * 2)
 
     def map(self, rows: torch.Tensor, entry: dict[str, Any], layer: str) -> "FeaturePartial":
         x = rows.reshape(len(rows), -1)

@@ -45,6 +45,7 @@ class ModelInputs:
     mask_key: str = MASK_KEY
     positions: Optional[torch.Tensor] = None   # [B, T] edited/compared, when not the own mask
     corrupt: Optional["ModelInputs"] = None    # prompt pairs: example i's corrupted twin
+    ids: Optional[torch.Tensor] = None         # [B, T] tokens a loss reads, when not input_ids
 
     def __post_init__(self) -> None:
         if (self.tensor is None) == (not self.kwargs):
@@ -64,6 +65,16 @@ class ModelInputs:
             return self.positions
         m = self.kwargs.get(self.mask_key)
         return m.bool() if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+
+    @property
+    def targets(self) -> Optional[torch.Tensor]:
+        """``[B, T]`` token ids the model's next-token loss is measured on (``metric='lm_loss'``):
+        ``ids`` when set (a corrupted run scored on its clean twin's tokens), else the
+        ``input_ids`` among the keyword inputs, else ``None``."""
+        if self.ids is not None:
+            return self.ids
+        v = self.kwargs.get("input_ids")
+        return v if isinstance(v, torch.Tensor) and v.dim() == 2 else None
 
     @property
     def shapes(self) -> dict[str, list[int]]:

@@ -19,7 +19,12 @@ several times per forward sees the call index, so call ``i`` can be patched with
 A user loss (``metric='loss'``) comes from the analysis parameter ``loss_fn="package.module:fn"``
 (an importable callable, never unpickled), or else from an attribute ``ctx.loss_fn`` set in
 Python.  It gets the model's outputs for a batch and returns a scalar; the change is
-``|loss(intervened) - loss(clean)|`` averaged over batches.
+``|loss(intervened) - loss(clean)|`` averaged over batches.  ``metric='lm_loss'`` needs no
+callable: the model's next-token cross-entropy on the inputs' ``input_ids`` (or
+``ModelInputs.ids``), over positions whose next token is real.
+
+A layer ending ``:heads`` edits an attention module's per-head outputs (the output projection's
+input, :mod:`mechray.capture.heads`); :func:`sweep` with ``unit=d_head`` edits one head per unit.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ from mechray.analysis.inputs import (  # noqa: F401  (model_device, output_of: a
     stored_inputs,
 )
 from mechray.analysis.readout import Readout
-from mechray.capture.layers import INPUT, module_input, pick_tensor, resolve_layers
+from mechray.capture.heads import head_point
+from mechray.capture.layers import HEADS, INPUT, module_input, pick_tensor, resolve_layers
 
 log = logging.getLogger(__name__)
 LOSS_FN_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
@@ -92,7 +98,11 @@ def edit_output(model: nn.Module, layer: str,
     replaced by ``fn(tensor, call_index)`` (``None`` keeps it); the hook is always removed."""
     module = find_module(model, layer)
     calls = itertools.count()
-    if layer.endswith(INPUT):            # the module's input (``name:input``) is edited
+    reads_input = layer.endswith(INPUT)
+    if layer.endswith(HEADS):            # per-head outputs: the projection's input (or output)
+        point = head_point(module, layer)
+        module, reads_input = point.module, point.reads_input
+    if reads_input:                      # the module's input (``name:input``) is edited
         def pre(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
             tensor = module_input(args, kwargs)
             if tensor is None:
@@ -214,9 +224,10 @@ def resolve_loss_fn(spec: Optional[str], ctx: Any) -> Optional[Callable]:
     return getattr(ctx, "loss_fn", None)
 
 
-METRICS = ("mse", "kl", "loss", "logit_diff", "prob")
+METRICS = ("mse", "kl", "loss", "lm_loss", "logit_diff", "prob")
 POSITION = ("logit_diff", "prob")         # read at each example's last real token
-READ_OUT = ("mse", "kl", "logit_diff", "prob")   # computable through a lazy unembedding
+READ_OUT = ("mse", "kl", "lm_loss", "logit_diff", "prob")   # computable through a lazy unembedding
+LOSSES = ("loss", "lm_loss")              # |loss(intervened) - loss(clean)|
 
 
 class Metric:
@@ -252,17 +263,26 @@ class Metric:
         self._gram = readout.gram() if readout is not None and self.name == "mse" else None
         return self
 
-    def reference(self, refs: list[torch.Tensor]) -> "Metric":
-        """Set the clean loss (``metric='loss'``) from the clean outputs of every batch."""
-        if self.name == "loss":
+    def reference(self, refs: list[torch.Tensor], masks: Optional[list] = None,
+                  ids: Optional[list] = None) -> "Metric":
+        """Set the clean loss (``metric='loss'``/``'lm_loss'``) from the clean outputs of every
+        batch (with each batch's mask and token ids for ``lm_loss``)."""
+        if self.name in LOSSES:
+            masks = masks or [None] * len(refs)
+            ids = ids or [None] * len(refs)
             with torch.no_grad():
-                total = sum(float(self.sums(r[None], r)[0]) for r in refs)
-            self.ref_loss = total / sum(len(r) for r in refs)
+                total = sum(float(self.sums(r[None], r, m, i)[0])
+                            for r, m, i in zip(refs, masks, ids))
+            self.ref_loss = total / max(sum(self.count(r, m, i)
+                                            for r, m, i in zip(refs, masks, ids)), 1)
         return self
 
-    def count(self, ref: torch.Tensor, mask: Optional[torch.Tensor] = None) -> int:
+    def count(self, ref: torch.Tensor, mask: Optional[torch.Tensor] = None,
+              ids: Optional[torch.Tensor] = None) -> int:
         """How many values ``sums`` adds up for ``ref`` (only real positions under ``mask``)."""
         m = position_mask(ref, mask)
+        if self.name == "lm_loss":
+            return int(_next_token_pairs(ref, mask).sum())
         if self.name in POSITION:
             return len(ref)
         if self.name == "mse" and self.readout is not None:
@@ -277,11 +297,15 @@ class Metric:
         return len(ref)
 
     def sums(self, out: torch.Tensor, ref: torch.Tensor,
-             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+             mask: Optional[torch.Tensor] = None, ids: Optional[torch.Tensor] = None
+             ) -> torch.Tensor:
         """``[K]`` sums for ``out`` ``[K, B, ...]`` against ``ref`` ``[B, ...]``; with a mask
-        ``[B, T]`` (the batch's ``attention_mask``) padded positions are not counted."""
+        ``[B, T]`` (the batch's ``attention_mask``) padded positions are not counted.  ``ids``
+        (``[B, T]`` token ids): what ``lm_loss`` predicts (the next real token)."""
         out, ref = out.float(), ref.float()
         m = position_mask(ref, mask)
+        if self.name == "lm_loss":
+            return self._next_token_loss(out, mask, ids)
         if self.name in POSITION:
             return (self.score(out, mask) - self.score(ref[None], mask)).sum(1)
         if self.readout is not None:
@@ -329,6 +353,31 @@ class Metric:
             total = total + (logp_ref.exp() * (logp_ref - logp)).sum((-1, -2))
         return total
 
+    def _next_token_loss(self, out: torch.Tensor, mask: Optional[torch.Tensor],
+                         ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """``[K]`` sums of the next-token cross-entropy of outputs ``[K, B, T, vocab or d]``
+        over positions whose next position is real too, in chunks (~64 MB of logits)."""
+        if ids is None:
+            raise ValueError("metric='lm_loss' needs token ids: eval inputs with input_ids (a "
+                             "tokenizer's encoding, or texts with a tokenizer)")
+        if out.dim() != 4 or tuple(ids.shape) != tuple(out.shape[1:3]):
+            raise ValueError(f"metric='lm_loss' needs [batch, seq, vocab] outputs matching the "
+                             f"token ids {list(ids.shape)}, got {list(out.shape[1:])}; use a "
+                             f"causal LM (logits as its first output) or another metric")
+        k = out.shape[0]
+        keep = _next_token_pairs(out[0], mask).to(out.device)             # [B, T - 1]
+        rows = out[:, :, :-1][:, keep]                                    # [K, N, vocab or d]
+        target = ids.to(out.device)[:, 1:][keep]                          # [N]
+        width = self.readout.vocab if self.readout is not None else out.shape[-1]
+        chunk = max(1, (1 << 24) // (width * k))
+        total = torch.zeros(k, device=out.device)
+        for i in range(0, len(target), chunk):
+            part = rows[:, i:i + chunk]
+            logits = self.readout.logits(part) if self.readout is not None else part.float()
+            picked = logits.gather(-1, target[i:i + chunk].expand(k, -1)[..., None])[..., 0]
+            total = total + (logits.logsumexp(-1) - picked).sum(-1)
+        return total
+
     def score(self, out: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """``[K, B]`` position metric of outputs ``[K, B, T, ...]`` at each example's last real
         token (``mask`` ``[B, T]``; left or right padding): the logit difference of
@@ -349,13 +398,13 @@ class Metric:
     def finish(self, mean: torch.Tensor) -> torch.Tensor:
         if self.name in POSITION:
             return mean.abs()
-        return (mean - self.ref_loss).abs() if self.name == "loss" else mean
+        return (mean - self.ref_loss).abs() if self.name in LOSSES else mean
 
     def finish_grad(self, mean: float) -> float:
         """d finish / d mean, for attribution (the loss metric is ``|mean - ref|``)."""
         if self.name in POSITION:
             return 1.0 if mean >= 0 else -1.0
-        return (1.0 if mean >= self.ref_loss else -1.0) if self.name == "loss" else 1.0
+        return (1.0 if mean >= self.ref_loss else -1.0) if self.name in LOSSES else 1.0
 
     def negligible(self, value: float, refs: list[torch.Tensor]) -> bool:
         """Whether ``value`` is within float rounding of 0 for outputs like ``refs``."""
@@ -363,7 +412,7 @@ class Metric:
             return value <= 1e-9
         if self.name in POSITION:
             return value <= 1e-7
-        if self.name == "loss":
+        if self.name in LOSSES:
             return value <= 1e-6 * max(abs(self.ref_loss), 1e-6)
         if self.readout is not None and self._gram is not None:
             power = sum(float(((r.double() @ self._gram) * r.double()).sum()) for r in refs) / \
@@ -379,6 +428,15 @@ class Metric:
         return float(self.finish(self.sums(out[None], ref, mask)[0] / self.count(ref, mask)))
 
 
+def _next_token_pairs(ref: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[B, T - 1]`` bool: position ``t`` predicts a real token ``t + 1`` from a real one."""
+    b, t = ref.shape[:2]
+    if mask is None:
+        return torch.ones(b, max(t - 1, 0), dtype=torch.bool)
+    m = mask.bool().cpu()
+    return m[:, :-1] & m[:, 1:]
+
+
 def make_metric(name: str, loss_fn: Optional[Callable] = None,
                 tokens: Optional[list[int]] = None) -> Metric:
     return Metric(name, loss_fn, tokens)
@@ -388,10 +446,12 @@ Fill = Callable[[int, int, int], torch.Tensor]   # (batch index, call index, pos
 
 
 def edit_neurons(t: torch.Tensor, neurons: Optional[torch.Tensor], values: torch.Tensor,
-                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 mask: Optional[torch.Tensor] = None, unit: int = 1) -> torch.Tensor:
     """A copy of ``t`` (``[K * B, ..., d]``) where stacked copy ``k`` has neuron ``neurons[k]``
     set from ``values`` (``[P, d]`` per copy); ``neurons=None`` sets every neuron (K = 1).  With
-    ``mask`` (the batch's ``[B, T]``), padded positions keep their values."""
+    ``mask`` (the batch's ``[B, T]``), padded positions keep their values.  ``unit > 1`` edits
+    blocks of ``unit`` features (attention heads): index ``j`` sets features
+    ``j * unit .. (j + 1) * unit``."""
     d = t.shape[-1]
     k = 1 if neurons is None else len(neurons)
     flat = t.reshape(k, -1, d).clone()
@@ -399,8 +459,10 @@ def edit_neurons(t: torch.Tensor, neurons: Optional[torch.Tensor], values: torch
     if neurons is None:
         flat[0] = values
     else:
-        idx = neurons.to(t.device)
-        flat[torch.arange(k, device=t.device), :, idx] = values[:, idx].T
+        cols = (neurons.to(t.device)[:, None] * unit +
+                torch.arange(unit, device=t.device)[None])                  # [K, unit]
+        rows = torch.arange(k, device=t.device)[:, None].expand_as(cols)
+        flat[rows, :, cols] = values[:, cols].permute(1, 2, 0)             # [K, unit, P]
     out = flat.reshape(t.shape)
     m = position_mask(t, mask)
     if m is not None:
@@ -467,7 +529,7 @@ class Prefix:
             return cls([], len(x)), y
         begin = events.index(("s", tname))
         ended = {n for kind, n in events[:begin] if kind == "e"}
-        if calls.get(tname) == 1 and not layer.endswith(INPUT):
+        if calls.get(tname) == 1 and not layer.endswith((INPUT, HEADS)):
             ended.add(tname)                 # the layer itself: its clean output, then the edit
         ok = {n for n in ended if calls.get(n) == 1 and outs.get(n) is not None
               and outs[n][1] in (None, _versions(outs[n][0]))   # not changed in place later
@@ -573,7 +635,7 @@ def _replays(model: nn.Module, layer: str, prefix: Prefix, x: ModelInputs, y: to
 def sweep(model: nn.Module, layer: str, batches: list[Batch], fill: Fill, metric: Metric,
           neurons: Optional[torch.Tensor] = None, stack: int = 1,
           progress: Optional[str] = None, reuse: bool = True,
-          skip: Optional[list[Optional[Prefix]]] = None) -> torch.Tensor:
+          skip: Optional[list[Optional[Prefix]]] = None, unit: int = 1) -> torch.Tensor:
     """The metric for each neuron edited alone (``[len(neurons)]``), or for the whole layer
     edited (``neurons=None``, a 1-element tensor).
 
@@ -583,7 +645,8 @@ def sweep(model: nn.Module, layer: str, batches: list[Batch], fill: Fill, metric
     one forward pass by stacking copies of the batch (only where :func:`can_stack`).  With
     ``reuse`` the modules that finish before ``layer`` are not re-run (see :class:`Prefix`;
     ``skip``, from :func:`prefixes`, saves recording them again for the same batches).
-    ``progress`` (a label) shows a bar over the forward passes.
+    ``progress`` (a label) shows a bar over the forward passes.  ``unit``: features per
+    edited unit (an attention head's ``d_head`` on a ``:heads`` layer; see :func:`edit_neurons`).
     """
     from tqdm.auto import tqdm
 
@@ -603,14 +666,16 @@ def sweep(model: nn.Module, layer: str, batches: list[Batch], fill: Fill, metric
 
                 def fn(t: torch.Tensor, call: int, b=b, group=group, mask=mask) -> torch.Tensor:
                     positions = t.numel() // (t.shape[-1] * k)
-                    return edit_neurons(t, group, fill(b, call, positions), mask)
+                    return edit_neurons(t, group, fill(b, call, positions), mask, unit)
 
                 pre = skip[b]
                 with edit_output(model, layer, fn), \
                         pre.reused(k) if pre is not None else nullcontext():
                     y = output_of(x.repeat(k)(model))
-                total += metric.sums(y.reshape(k, *ref.shape), ref.to(y.device), mask).cpu()
-                count += metric.count(ref, mask)
+                ids = x.targets
+                total += metric.sums(y.reshape(k, *ref.shape), ref.to(y.device), mask,
+                                     ids).cpu()
+                count += metric.count(ref, mask, ids)
                 bar.update(1)
             out.append(metric.finish(total / max(count, 1)))
     return torch.cat(out)

@@ -104,17 +104,17 @@ class NeuronStats(Analysis):
         return fig
 
     @classmethod
-    def reads_store(cls, params: dict[str, Any]) -> bool:
+    def reads_store(cls, p: NeuronParams) -> bool:
         return False                     # finalize needs only the merged partial
 
     @classmethod
-    def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
-        return JSON_NUMBER * w.d * (8 + 4 * p.get("top_k", 5)) + 4096  # 6 stats, 4 top-k lists
+    def answer_bytes(cls, p: NeuronParams, w: Workload) -> float:
+        return JSON_NUMBER * w.d * (8 + 4 * p.top_k) + 4096  # 6 stats, 4 top-k lists
 
     @classmethod
-    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+    def cost(cls, p: NeuronParams, w: Workload) -> Cost:
         return Cost(float(w.rows) * w.d * 12,
-                    float(w.shard_rows) * w.d * 8 * 3 + p.get("top_k", 5) * w.d * 40)
+                    float(w.shard_rows) * w.d * 8 * 3 + p.top_k * w.d * 40)
 
     def map(self, rows: torch.Tensor, entry: dict[str, Any], layer: str) -> "NeuronPartial":
         """Statistics of one shard's rows: top-k over the whole shard through group maxima, the

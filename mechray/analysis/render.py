@@ -29,8 +29,13 @@ def mean_of(key: str) -> Callable[[dict], Any]:
 
 
 def top_effects(r: dict) -> str:
-    """A column: the five largest ranked effects, ``neuron: effect``."""
-    return ", ".join(f"{e['neuron']}: {e['effect']:.3g}" for e in r.get("ranked", [])[:5])
+    """A column: the five largest ranked effects, ``neuron: effect`` (``head h: effect``)."""
+    return ", ".join(f"{unit_label(e)}: {e['effect']:.3g}" for e in r.get("ranked", [])[:5])
+
+
+def unit_label(entry: dict) -> str:
+    """``"7"`` for a ranked neuron, ``"head 3"`` for a ranked attention head."""
+    return f"head {entry['head']}" if "head" in entry else str(entry.get("neuron"))
 
 
 def series(values: list) -> str:
@@ -65,8 +70,8 @@ def plot_ranked(per_layer: dict[str, dict[str, Any]], plt: Any) -> Any:
     for (layer, r), (ax,) in zip(per.items(), axes):
         top = r["ranked"][:TOP_BARS]
         ax.bar(np.arange(len(top)), [e["effect"] for e in top])
-        ax.set_xticks(np.arange(len(top)), [str(e["neuron"]) for e in top])
+        ax.set_xticks(np.arange(len(top)), [unit_label(e) for e in top])
         ax.set(title=f"{layer} (layer effect {r.get('layer_effect', float('nan')):.3g})",
-               xlabel="neuron", ylabel="effect")
+               xlabel="head" if "head" in top[0] else "neuron", ylabel="effect")
     fig.tight_layout()
     return fig

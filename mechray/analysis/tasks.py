@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
+from pydantic import BaseModel
 
 from mechray.analysis.base import Analysis, Context, Skip
 from mechray.storage.reader import ShardError, ShardStore
@@ -40,15 +41,19 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Spec:
     """One requested analysis. The class travels with it, so Ray workers need no registry
-    (an analysis registered in a notebook or a test module runs in tasks too)."""
+    (an analysis registered in a notebook or a test module runs in tasks too), and so do its
+    parameters, validated once by the engine: ``params`` is the class's ``Params`` instance,
+    which tasks hand to the analysis as it is (never validated again per shard, merge or
+    finalize; unpickling a pydantic model does not validate either)."""
 
     name: str
     kind: str
-    params: dict
+    params: BaseModel
     cls: type[Analysis]
     strict: bool = False    # a failure raises (Engine(strict=True)) instead of skipping the layer
 
     def build(self) -> Analysis:
+        """The analysis over the validated ``params`` (built once per task)."""
         return self.cls(self.params)
 
 
@@ -126,6 +131,7 @@ def map_shards(ref: StoreRef, entries: list[dict], layer: str,
     """``map`` of every spec over consecutive shards (the next read ahead), merged in order."""
     store = open_store(ref)
     out: Optional[dict[str, Outcome]] = None
+    built = _built(specs)
     reading = store.payloads(entries)
     try:
         for _ in entries:
@@ -133,8 +139,8 @@ def map_shards(ref: StoreRef, entries: list[dict], layer: str,
                 got, payload = next(reading)
             except ShardError as exc:
                 return {s.name: Outcome(Status.FATAL, str(exc)) for s in specs}
-            part = _map_payload(got, payload, layer, specs)
-            out = part if out is None else merge_all(specs, out, part)
+            part = _map_payload(got, payload, layer, specs, built)
+            out = part if out is None else merge_all(specs, out, part, built)
             if any(o.status is Status.FATAL for o in out.values()):
                 break
     finally:
@@ -143,7 +149,13 @@ def map_shards(ref: StoreRef, entries: list[dict], layer: str,
     return out
 
 
-def _map_payload(entry: dict, payload: dict, layer: str, specs: list[Spec]) -> dict[str, Outcome]:
+def _built(specs: list[Spec]) -> dict[str, Analysis]:
+    """Each spec's analysis, built once for a task's shards or merges."""
+    return {spec.name: spec.build() for spec in specs}
+
+
+def _map_payload(entry: dict, payload: dict, layer: str, specs: list[Spec],
+                 built: dict[str, Analysis]) -> dict[str, Outcome]:
     try:
         rows = payload["activations"][layer]
     except KeyError:
@@ -155,12 +167,14 @@ def _map_payload(entry: dict, payload: dict, layer: str, specs: list[Spec]) -> d
                  row_positions=meta.get("row_positions", {}).get(layer))
     out = {}
     for spec in specs:
-        out[spec.name] = _guarded(lambda: spec.build().map(rows, entry, layer), spec, layer, {})
+        out[spec.name] = _guarded(lambda: built[spec.name].map(rows, entry, layer), spec, layer,
+                                  {})
     return out
 
 
-def merge_all(specs: list[Spec], a: dict[str, Outcome],
-               b: dict[str, Outcome]) -> dict[str, Outcome]:
+def merge_all(specs: list[Spec], a: dict[str, Outcome], b: dict[str, Outcome],
+              built: Optional[dict[str, Analysis]] = None) -> dict[str, Outcome]:
+    built = _built(specs) if built is None else built
     out = {}
     for spec in specs:
         pa, pb = a[spec.name], b[spec.name]
@@ -169,15 +183,16 @@ def merge_all(specs: list[Spec], a: dict[str, Outcome],
                 pb.status is not Status.FATAL and not pa.ok) else pb
             out[spec.name] = first_bad
             continue
-        out[spec.name] = _guarded(lambda: spec.build().merge(pa.value, pb.value), spec, "", {})
+        out[spec.name] = _guarded(lambda: built[spec.name].merge(pa.value, pb.value), spec, "",
+                                  {})
     return out
 
 
 def merge_many(specs: list[Spec], *parts: dict[str, Outcome]) -> dict[str, Outcome]:
     """Fold neighbouring partials left to right (one task where Ray runs the tree)."""
-    out = parts[0]
+    out, built = parts[0], _built(specs)
     for part in parts[1:]:
-        out = merge_all(specs, out, part)
+        out = merge_all(specs, out, part, built)
     return out
 
 

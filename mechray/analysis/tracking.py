@@ -111,13 +111,13 @@ class SAETracking(Analysis):
         return birth_lines(rows)
 
     @classmethod
-    def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
-        latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * w.d)
-        groups = float(min(w.steps, p.get("step_groups") or w.steps))
+    def answer_bytes(cls, p: TrackingParams, w: Workload) -> float:
+        latents = float(p.n_latents or p.expansion_factor * w.d)
+        groups = float(min(w.steps, p.step_groups or w.steps))
         return JSON_NUMBER * latents * groups * 12 + 65536
 
     @classmethod
-    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
+    def cost(cls, p: TrackingParams, w: Workload) -> Cost:
         n, d, latents, groups, size, steps = budget_of(p, w)
         return Cost(groups * 6 * steps * size * latents * d + 2 * n * latents * d +
                     groups * latents ** 3,

@@ -73,7 +73,7 @@ class Job:
 class JobBoard:
     """Thread-pool job runner with de-duplication, bounded queue and expiry."""
 
-    def __init__(self, run: Callable[[dict], bytes | tuple[bytes, bool]], *, workers: int = 1,
+    def __init__(self, run: Callable[[Any], bytes | tuple[bytes, bool]], *, workers: int = 1,
                  max_pending: int = 16, ttl_s: float = 3600.0, keep: int = 256):
         self._run = run
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mechray-job")
@@ -82,7 +82,7 @@ class JobBoard:
         self._by_key: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def submit(self, key: str, request: dict, *, analysis: str,
+    def submit(self, key: str, request: Any, *, analysis: str,
                layer: Optional[str] = None) -> dict[str, Any]:
         """Queue ``request`` (or return the job already doing it); a ``JobAccepted`` dict."""
         with self._lock:
@@ -122,7 +122,7 @@ class JobBoard:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------------------
-    def _work(self, job: Job, request: dict) -> None:
+    def _work(self, job: Job, request: Any) -> None:
         with self._lock:
             job.status, job.started = "running", time.time()
         keep = False

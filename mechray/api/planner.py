@@ -5,26 +5,36 @@ Usage::
     from mechray.api.planner import Planner
 
     planner = Planner(view, config, model_params=0)
-    plan = planner.plan({"analysis_type": "neuron", "layer_name": "popt", "params": {}})
+    plan = planner.plan(Request("neuron", "popt", {"top_k": 8}))
     plan.key, plan.cost.ops, plan.layers     # 4xx ApiError first if anything is wrong
+    plan.params.top_k                        # the analysis's validated Params: 8
+
+    target = planner.target(request)         # the same in two steps, for a request whose eval
+    plan = planner.cost(target, inputs=12)   # inputs are parsed in between (costed on them)
 
 Every check runs here, before anything is computed: the analysis is registered, its params
 validate (bounded, nested at most :data:`MAX_PARAMS_DEPTH` deep, none that imports code), the
 layer exists (404 naming the valid ones), and the estimated operations, peak memory and answer
 size are under ``config.api_max_cost``, ``api_max_memory_mb`` and ``api_max_answer_mb``.
+The params are validated once, into the analysis's ``Params``; that instance is what ``cost``
+receives and what the engine runs (it is dumped to JSON only for the cache key and the answer).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from mechray.analysis.base import REGISTRY, AnalysisParamsError, get_analysis
-from mechray.api.cost import Workload, answer_bytes, estimate
+from pydantic import BaseModel
+
+from mechray.analysis.base import REGISTRY, Analysis, AnalysisParamsError, analysis_class
+from mechray.api.cost import Workload
 from mechray.api.errors import ApiError
+from mechray.api.request import Request
 from mechray.api.saes import ServedSAEs
 from mechray.api.store_view import StoreView
 from mechray.api.uploads import Upload, check_layer_name
@@ -46,11 +56,27 @@ class Estimate:
 
 
 @dataclass(frozen=True)
+class Target:
+    """A request checked up to its cost: the analysis, its validated params, the layers and
+    what each layer holds (``work``; the model inputs are filled in by :meth:`Planner.cost`)."""
+
+    analysis: str
+    cls: type[Analysis]
+    params: BaseModel                   # the analysis's Params, validated once
+    layers: list[str]
+    layer: Optional[str]
+    upload: Optional[Upload]
+    source: str
+    work: list[Workload]
+    served: Optional[str] = None        # a served SAE's name (sae's params.pretrained)
+
+
+@dataclass(frozen=True)
 class Plan:
     """What one request runs: the analysis on ``layers`` of the store or of an upload."""
 
     analysis: str
-    params: dict[str, Any]              # the full validated parameters
+    params: BaseModel                   # the analysis's validated Params (JSON: model_dump)
     layers: list[str]
     layer: Optional[str]                # as requested (None: every layer of an upload)
     upload: Optional[Upload]
@@ -58,11 +84,13 @@ class Plan:
     cost: Estimate
     key: str                            # the cache key: analysis, layers, params, source
     eval_data: Any = None               # the request's eval inputs (keyword tensors), if any
-    run_params: Optional[dict[str, Any]] = None   # params as the engine gets them: a served
+    run_params: Optional[BaseModel] = None   # params as the engine gets them: a served
     #                                     SAE's name (params.pretrained) turned into its path
+    work: tuple[Workload, ...] = ()     # what it was costed on, per layer
+    served: Optional[str] = None        # the served SAE's name (params.pretrained), if any
 
     @property
-    def engine_params(self) -> dict[str, Any]:
+    def engine_params(self) -> BaseModel:
         return self.params if self.run_params is None else self.run_params
 
 
@@ -74,14 +102,17 @@ class Planner:
         self.view, self.config, self.model_params = view, config, model_params
         self.saes = saes if saes is not None else ServedSAEs()
 
-    def plan(self, request: dict[str, Any], inputs: Optional[int] = None) -> Plan:
+    def plan(self, request: Request, inputs: Optional[int] = None) -> Plan:
         """``inputs``: how many eval inputs the request brings (default: the config's cap)."""
-        analysis, upload = request["analysis_type"], request.get("upload")
-        spec = self.params(analysis, request.get("params") or {})
-        served = spec.get("pretrained") if analysis == "sae" else None
+        return self.cost(self.target(request), inputs)
+
+    def target(self, request: Request) -> Target:
+        """Every check but the cost: the analysis, its params (validated once), the layer."""
+        analysis, upload, layer = request.analysis, request.upload, request.layer
+        cls, spec = self.params(analysis, request.params)
+        served = getattr(spec, "pretrained", None) if analysis == "sae" else None
         if served is not None:
             self.saes.info(served)                   # a registered name, never a path: 422
-        layer = request.get("layer_name")
         if upload is not None:
             source = f"upload:{upload.sha256}"
             layers = self._upload_layers(upload, layer)
@@ -89,29 +120,58 @@ class Planner:
                              len(upload.tensors[la])) for la in layers]
         else:
             info, source, n_layers = self._store_layer(layer)
-            facts = self.view.facts(str(layer))     # the entries, not the summary's word
+            facts = self.view.facts(str(layer))     # the summary; checked on the entries
+            #                                         before the run (check_entries)
             work = [Workload(facts.rows, info.features, facts.largest, max(facts.steps, 1),
-                             self.model_params, n_layers,
-                             inputs or self.config.eval_max_samples)]
+                             self.model_params, n_layers, self.config.eval_max_samples)]
             layers = [check_layer_name(layer)]
-        costs = [estimate(analysis, spec, w) for w in work]
-        run_params, weights, ops = None, 0, 0.0
+        return Target(analysis, cls, spec, layers, layer, upload, source, work, served)
+
+    def cost(self, target: Target, inputs: Optional[int] = None) -> Plan:
+        """``target`` costed (422 over the limits) and keyed: the :class:`Plan`.  ``inputs``:
+        how many eval inputs the request brings (default: the config's cap)."""
+        t, spec, served = target, target.params, target.served
+        work = t.work if not inputs or t.upload is not None else \
+            [replace(w, inputs=inputs) for w in t.work]
+        run_params = None
         if served is not None:               # its own size, not the params' expansion_factor
-            paths = {self.saes.resolve(served, la, w.d) for la, w in zip(layers, work)}
-            run_params = {**spec, "pretrained": paths.pop()}
+            paths = {self.saes.resolve(served, la, w.d) for la, w in zip(t.layers, work)}
+            run_params = spec.model_copy(update={"pretrained": paths.pop()})
+        cost = self._estimate(t.cls, spec, work, served)
+        self._check_cost(t.analysis, cost)
+        key = hashlib.sha256(json.dumps([t.analysis, t.layers, spec.model_dump(mode="json"),
+                                         t.source], sort_keys=True).encode()).hexdigest()
+        return Plan(t.analysis, spec, t.layers, t.layer, t.upload, t.source, cost, key,
+                    run_params=run_params, work=tuple(work), served=served)
+
+    def check_entries(self, plan: Plan) -> None:
+        """Before a plan on the store runs: its layer as the manifest's entries have it (a
+        404 when none holds it), and its cost again on the entries' figures when they differ
+        from what it was planned on (a manifest head's word): 422 when over the limits, so a
+        head that lies can mis-size a plan but never run one the limits refuse.  The entries
+        are the ones the run reads anyway (parsed once per manifest version)."""
+        if plan.upload is None and plan.layer is not None and len(plan.work) == 1:
+            facts = self.view.entry_facts(plan.layer)
+            planned = plan.work[0]
+            work = dataclasses.replace(planned, rows=facts.rows, shard_rows=facts.largest,
+                                       steps=max(facts.steps, 1))
+            if work != planned:
+                self._check_cost(plan.analysis, self._estimate(
+                    analysis_class(plan.analysis), plan.params, [work], plan.served))
+
+    def _estimate(self, cls: type[Analysis], spec: BaseModel, work: list[Workload],
+                  served: Optional[str]) -> Estimate:
+        costs = [cls.cost(spec, w) for w in work]
+        weights, ops = 0, 0.0
+        if served is not None:
             sae = self.saes.info(served)
             weights = sae.weight_bytes
             ops = sum(4.0 * w.rows * w.d * sae.n_latents for w in work)  # encode, decode, top
-        cost = Estimate(sum(c.ops for c in costs) + ops, max(c.bytes for c in costs) + weights,
-                        sum(answer_bytes(analysis, spec, w) for w in work))
-        self._check_cost(analysis, cost)
-        key = hashlib.sha256(json.dumps([analysis, layers, spec, source],
-                                        sort_keys=True).encode()).hexdigest()
-        return Plan(analysis, spec, layers, layer, upload, source, cost, key,
-                    run_params=run_params)
+        return Estimate(sum(c.ops for c in costs) + ops, max(c.bytes for c in costs) + weights,
+                        sum(float(cls.answer_bytes(spec, w)) for w in work))
 
-    def params(self, analysis: str, params: Any) -> dict[str, Any]:
-        """The analysis's full validated params (422 naming the problem)."""
+    def params(self, analysis: str, params: Any) -> tuple[type[Analysis], BaseModel]:
+        """The analysis's class and its validated ``Params`` (422 naming the problem)."""
         if not isinstance(params, dict):
             raise ApiError(422, "bad_params", f"params must be a JSON object, got "
                            f"{type(params).__name__}")
@@ -130,7 +190,8 @@ class Planner:
             raise ApiError(422, "code_param_refused", "metric='loss' needs a loss_fn, which the "
                            "HTTP API never imports; use metric='mse' or 'kl'")
         try:
-            return get_analysis(analysis, params).params.model_dump(mode="json")
+            cls = analysis_class(analysis)
+            return cls, cls.validate_params(params)
         except KeyError as exc:
             raise ApiError(422, "unknown_analysis", str(exc.args[0]),
                            valid=sorted(REGISTRY)) from None

@@ -58,6 +58,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from mechray.api.errors import ApiError
+from mechray.api.request import Request as Work
 from mechray.api.schema import (
     ErrorResponse,
     HealthResponse,
@@ -130,12 +131,11 @@ class LocalBackend:
     async def health(self) -> dict[str, Any]:
         return {**await run_in_threadpool(self.service.health), "jobs_pending": self.jobs.pending()}
 
-    async def interpret(self, request: dict) -> Answer:
-        return await run_in_threadpool(self.service.interpret, request)
+    async def interpret(self, work: Work) -> Answer:
+        return await run_in_threadpool(self.service.interpret, work)
 
-    async def submit(self, key: str, request: dict) -> dict[str, Any]:
-        return self.jobs.submit(key, request, analysis=request["analysis_type"],
-                                layer=request.get("layer_name"))
+    async def submit(self, key: str, work: Work) -> dict[str, Any]:
+        return self.jobs.submit(key, work, analysis=work.analysis, layer=work.layer)
 
     async def job(self, job_id: str) -> bytes:
         return self.jobs.status(job_id)
@@ -168,10 +168,8 @@ def add_routes(app: FastAPI, backend: Any, config: MechIntConfig, *, dashboard: 
                  responses={**_ERRORS, 202: {"model": JobAccepted, "description": "queued job"}},
                  summary="Run an analysis on a captured layer (202 + job id when long)")
     async def interpret(body: InterpretRequest, request: Request) -> Response:
-        work = {"analysis_type": body.analysis_type, "layer_name": body.layer_name,
-                "params": body.params or {}}
-        if body.eval_inputs is not None:
-            work["eval_inputs"] = body.eval_inputs
+        work = Work(body.analysis_type, body.layer_name, body.params or {},
+                    eval_inputs=body.eval_inputs)        # the one typed request, built once
         return await _answer(backend, work, request)
 
     @router.post("/interpret/upload", response_model=UploadResponse, dependencies=bearer,
@@ -189,8 +187,7 @@ def add_routes(app: FastAPI, backend: Any, config: MechIntConfig, *, dashboard: 
         spec = parse_params(params)
         async with parsing:
             upload = await run_in_threadpool(_read_upload, file)
-        work = {"analysis_type": analysis_type, "layer_name": layer_name or None,
-                "params": spec, "upload": upload}
+        work = Work(analysis_type, layer_name or None, spec, upload=upload)
         return await _answer(backend, work, request)
 
     @router.get("/interpret/jobs/{job_id}", response_model=JobStatus, responses=_ERRORS,
@@ -243,7 +240,7 @@ class ParseSlots:
         self._slots.release()
 
 
-async def _answer(backend: Any, work: dict, request: Request) -> Response:
+async def _answer(backend: Any, work: Work, request: Request) -> Response:
     answer = await backend.interpret(work)
     if answer.result is not None:
         return Response(answer.body(), media_type=_JSON)

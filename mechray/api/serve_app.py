@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from mechray.api.errors import ApiError
+from mechray.api.request import Request
 from mechray.api.service import Answer
 from mechray.config import MechIntConfig
 
@@ -123,7 +124,8 @@ def _unwrap(out: tuple) -> Any:
 class AnalysisDeployment:
     """Holds the store, the model and a result cache; runs the analyses."""
 
-    METHODS = ("layers_json", "shards_json", "health", "interpret", "compute", "compute_job")
+    METHODS = ("layers_json", "shards_json", "health", "interpret", "compute", "compute_job",
+               "compute_plan")
 
     def __init__(self, args: dict[str, Any]):
         from mechray.api.service import Interpreter
@@ -156,12 +158,12 @@ class JobsDeployment:
         self.board = JobBoard(self._run, workers=cfg.api_job_workers,
                               max_pending=cfg.api_max_pending_jobs, ttl_s=cfg.api_job_ttl_s)
 
-    def _run(self, request: dict) -> tuple[bytes, bool]:    # on a board thread, not the loop
+    def _run(self, request: Request) -> tuple[bytes, bool]:  # on a board thread, not the loop
         return _unwrap(self.analysis.call.remote("compute_job", request).result())
 
-    async def submit(self, key: str, request: dict) -> tuple:
-        return _wrap(lambda: self.board.submit(key, request, analysis=request["analysis_type"],
-                                               layer=request.get("layer_name")))
+    async def submit(self, key: str, request: Request) -> tuple:
+        return _wrap(lambda: self.board.submit(key, request, analysis=request.analysis,
+                                               layer=request.layer))
 
     async def status(self, job_id: str) -> tuple:
         return _wrap(self.board.status, job_id)
@@ -171,10 +173,12 @@ class JobsDeployment:
 
 
 class ServeBackend:
-    """The routes' backend in the ingress.  It validates requests and answers the store's
-    layers, shards and cached results from its own read-only view of the store (an
-    :class:`~mechray.api.service.Interpreter` without a model: manifest reads only); everything
-    that needs computing goes to the analysis deployment, jobs to the job board."""
+    """The routes' backend in the ingress.  It plans requests (validation, cost, cache key:
+    once, here) and answers the store's layers, shards and cached results from its own
+    read-only view of the store (an :class:`~mechray.api.service.Interpreter` without a model:
+    manifest reads only); a plan that needs computing goes to the analysis deployment as it
+    is, jobs to the job board (a job is planned when it runs).  Requests with eval inputs are
+    planned in the analysis replica, where the model and tokenizer are."""
 
     def __init__(self, analysis, jobs, service):
         self.analysis, self.jobs, self.service = analysis, jobs, service
@@ -189,18 +193,21 @@ class ServeBackend:
         return {**_unwrap(await self.analysis.call.remote("health")),
                 "jobs_pending": await self.jobs.pending.remote()}
 
-    async def interpret(self, request: dict) -> Answer:
-        if request.get("eval_inputs") is not None:   # checked where the model and tokenizer are
+    async def interpret(self, request: Request) -> Answer:
+        if request.eval_inputs is not None:   # checked where the model and tokenizer are
             return _unwrap(await self.analysis.call.remote("interpret", request))
         plan, hit = await asyncio.to_thread(self.service.lookup, request)
         if hit is not None:
             return Answer(hit, cached=True)
-        answer = _unwrap(await self.analysis.call.remote("interpret", request))
+        if self.service.is_job(plan):                  # the replicas' config is the same
+            return Answer(job_key=plan.key)
+        # the replica runs this plan (planned once, here) unless its store moved on meanwhile
+        answer = _unwrap(await self.analysis.call.remote("compute_plan", plan, request))
         if answer.result is not None:
             self.service.remember(plan, answer.result)
         return answer
 
-    async def submit(self, key: str, request: dict) -> dict[str, Any]:
+    async def submit(self, key: str, request: Request) -> dict[str, Any]:
         return _unwrap(await self.jobs.submit.remote(key, request))
 
     async def job(self, job_id: str) -> bytes:

@@ -6,7 +6,7 @@ Usage::
 
     service = Interpreter(model, config)                  # store: config.storage_path or S3
     service.layers_json()                                 # bytes of LayersResponse
-    answer = service.interpret({"analysis_type": "neuron", "layer_name": "popt"})
+    answer = service.interpret(Request("neuron", "popt"))  # (or the dict form of Request.of)
     answer.body()                                         # response bytes, or answer.job_key:
     service.compute_job(request)           # long ones, for the JobBoard: (bytes, keep)
 
@@ -40,9 +40,10 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from mechray.analysis.base import get_analysis
+from mechray.analysis.base import analysis_class
 from mechray.api.errors import ApiError
 from mechray.api.planner import CODE_PARAMS, Plan, Planner
+from mechray.api.request import Request
 from mechray.api.result_cache import Result, ResultCache
 from mechray.api.saes import ServedSAEs
 from mechray.api.store_view import StoreView
@@ -101,47 +102,61 @@ class Interpreter:
         return {"store_ready": self.view.ready(), "ray": self._use_ray()}
 
     # --- requests --------------------------------------------------------------------------------
-    def plan(self, request: dict) -> Plan:
+    def plan(self, request: Request | dict[str, Any]) -> Plan:
         """Validate a request (4xx if bad): what to run, its cost and its cache key (eval
-        inputs, when given, are parsed and part of the key)."""
-        plan = self.planner.plan(request)
-        if request.get("eval_inputs") is None:
-            return plan
+        inputs, when given, are parsed, costed on and part of the key).  Planned once."""
+        request = Request.of(request)
+        if request.eval_inputs is None:
+            return self.planner.plan(request)
         from mechray.analysis.inputs import PromptPairs
         from mechray.api.eval_inputs import parse_eval_inputs
 
-        if get_analysis(plan.analysis).kind != "model" or plan.upload is not None:
+        target = self.planner.target(request)       # analysis, params and layer checked first
+        if target.cls.kind != "model" or target.upload is not None:
             raise ApiError(422, "bad_eval_inputs", f"eval_inputs are used only by the analyses "
                            f"that run the served model on a captured layer (causal, circuit), "
-                           f"not by {plan.analysis}" + (" on an upload" if plan.upload else "")
-                           + "; drop eval_inputs")
-        data, digest = parse_eval_inputs(request["eval_inputs"], self.tokenizer, self.model)
+                           f"not by {target.analysis}" + (" on an upload" if target.upload
+                                                          else "") + "; drop eval_inputs")
+        data, digest = parse_eval_inputs(request.eval_inputs, self.tokenizer, self.model)
         ids = data.clean["input_ids"] if isinstance(data, PromptPairs) else data["input_ids"]
-        plan = self.planner.plan(request, inputs=len(ids))   # costed on them
+        plan = self.planner.cost(target, inputs=len(ids))   # costed on them
         key = hashlib.sha256(f"{plan.key}:{digest}".encode()).hexdigest()
         return dataclasses.replace(plan, eval_data=data, key=key)
 
-    def lookup(self, request: dict) -> tuple[Plan, Optional[Result]]:
+    def lookup(self, request: Request | dict[str, Any]) -> tuple[Plan, Optional[Result]]:
         """The request's plan (4xx if bad) and its cached result, if any."""
         plan = self.plan(request)
         return plan, self.cache.get(plan.key)
 
-    def interpret(self, request: dict) -> Answer:
+    def interpret(self, request: Request | dict[str, Any]) -> Answer:
         """Answered now (cached, or a short analysis) or ``Answer(job_key=...)`` to queue."""
         plan, hit = self.lookup(request)
         if hit is not None:
             return Answer(hit, cached=True)
-        if plan.analysis in self.config.api_job_analyses or \
-                plan.cost.ops > self.config.api_job_cost:
+        if self.is_job(plan):
             return Answer(job_key=plan.key)
         return self._compute(plan)
 
-    def compute(self, request: dict) -> bytes:
+    def is_job(self, plan: Plan) -> bool:
+        """Whether ``plan`` runs as a job (``api_job_analyses``, or over ``api_job_cost``)."""
+        return plan.analysis in self.config.api_job_analyses or \
+            plan.cost.ops > self.config.api_job_cost
+
+    def compute_plan(self, plan: Plan, request: Request) -> Answer:
+        """The answer to a request planned elsewhere (a Serve ingress, on the same config): its
+        plan is used as it is, not planned again, unless this store is at another manifest
+        version than the plan's (then ``request`` is planned here, and may become a job)."""
+        if plan.upload is None and plan.source != self.view.snapshot().version:
+            return self.interpret(request)
+        hit = self.cache.get(plan.key)
+        return Answer(hit, cached=True) if hit is not None else self._compute(plan)
+
+    def compute(self, request: Request | dict[str, Any]) -> bytes:
         """The response bytes for ``request`` (validated again), computed or from the cache."""
         plan, hit = self.lookup(request)
         return (Answer(hit, cached=True) if hit is not None else self._compute(plan)).body()
 
-    def compute_job(self, request: dict) -> tuple[bytes, bool]:
+    def compute_job(self, request: Request | dict[str, Any]) -> tuple[bytes, bool]:
         """:meth:`compute` for the job board: ``(bytes, keep)``, ``keep`` False when the result
         failed inside (an analysis error on a layer), so the board does not re-serve it."""
         plan, hit = self.lookup(request)
@@ -173,9 +188,11 @@ class Interpreter:
                 store, use_ray = self.uploads.get(upload), False
             else:
                 store, use_ray = self.view.snapshot().store, self.config.use_ray
-            model_lock = self._model_lock if get_analysis(name).kind == "model" else \
+            model_lock = self._model_lock if analysis_class(name).kind == "model" else \
                 contextlib.nullcontext()
             try:
+                if upload is None:            # planned on the summary: checked on the entries
+                    self.planner.check_entries(plan)
                 engine = Engine(store, use_ray=use_ray, progress=False,
                                 num_cpus=self.config.analysis_num_cpus,
                                 seed=self.config.sample_seed)
@@ -195,19 +212,20 @@ class Interpreter:
                 raise store_error(exc) from None
             seconds = round(time.perf_counter() - t0, 4)
         per_layer = json_safe(results[name])
+        params = plan.params.model_dump(mode="json")   # the JSON edge
         if plan.run_params is not None:      # a served SAE: answered by name, never its path
             for value in per_layer.values():
                 if isinstance(value, dict) and isinstance(value.get("pretrained"), dict):
                     value["pretrained"]["path"] = None
-                    value["pretrained"]["name"] = plan.params["pretrained"]
+                    value["pretrained"]["name"] = params["pretrained"]
         head: dict[str, Any]
         if upload is not None:
-            head = {"analysis_type": name, "params": plan.params,
+            head = {"analysis_type": name, "params": params,
                     "upload": {"sha256": upload.sha256, "format": upload.kind,
                                "layers": upload.shapes()}}
             return Result.of(head, "results", {la: per_layer[la] for la in plan.layers},
                              seconds)
-        head = {"analysis_type": name, "layer_name": plan.layer, "params": plan.params,
+        head = {"analysis_type": name, "layer_name": plan.layer, "params": params,
                 "manifest_version": plan.source}
         return Result.of(head, "result", per_layer[plan.layer], seconds)
 

@@ -7,7 +7,8 @@ Usage::
     view = StoreView("./mechint_cache", config)
     snap = view.snapshot()          # Snapshot(store, version, layers, total); 404/503 if none
     snap.layers["popt"].rows        # per-layer catalog (LayerSummary), from the manifest's summary
-    view.facts("popt")              # LayerFacts from the entries: shards, rows, steps, largest
+    view.facts("popt")              # LayerFacts from the summary: shards, rows, steps, largest
+    view.entry_facts("popt")        # the same from the entries (checked before a run)
     view.layers_json()              # bytes of LayersResponse (cached per version)
     view.shards_json(offset=0, limit=100)   # one page of ShardsResponse
     view.ready()                    # for /health: never parses the manifest
@@ -18,13 +19,16 @@ manifest's (mtime, size, inode) changed, on S3 when the listed manifests' ETags 
 (:attr:`ShardStore.version`: those stamps, hashed), so any rewrite of the manifest moves it.
 Layers and totals come from the per-layer summary at the manifest's head and a page of shards
 from the lines of that page, so ``/interpret/layers`` and ``/interpret/shards`` parse no entry
-even at 10^6 shards; only ``facts`` (an ``/interpret`` request's plan and cost check) reads the
-layer's entries, once per version.  The summary is a hint checked against the entries before a
-request is planned on it: a layer it lists that no entry holds is a 404 naming the repair, a
-request is costed on the entries' rows and steps (a disagreement is logged), a page that comes
-short of the summary's total counts the entries, so ``next_offset`` always moves forward (or is
-null), and ``/interpret/layers`` lists at most :data:`MAX_LISTED_STEPS` steps per layer.  A
-manifest that fails to read after a good one keeps the good one served (logged).
+even at 10^6 shards.  An ``/interpret`` request is planned and costed on the summary too
+(``facts``: the layer's shards, rows, steps and largest shard; no entry parsed when the head
+records the largest shard), and checked on the entries before it runs (``entry_facts``, read
+once per version: the entries the run reads anyway).  The summary is a hint: a head that lies
+can mis-size a plan, never run one the limits refuse (:meth:`Planner.check_entries` costs it
+again on the entries: 422), a layer it lists that no entry holds is a 404 naming the repair, a
+page that comes short of the summary's total counts the entries, so ``next_offset`` always
+moves forward (or is null), and ``/interpret/layers`` lists at most :data:`MAX_LISTED_STEPS`
+steps per layer.  A manifest that fails to read after a good one keeps the good one served
+(logged).
 """
 
 from __future__ import annotations
@@ -123,18 +127,30 @@ class StoreView:
         return Snapshot(store, version, store.summaries(), store.count())
 
     def shard_rows(self, layer: str) -> int:
-        """Rows of ``layer``'s largest shard (what one task holds in memory): from the
-        manifest's head when it records it (format 2, no entry read), else from the entries."""
-        info = self.snapshot().layers.get(layer)
-        if info is not None and info.max_shard_rows:
-            return info.max_shard_rows
+        """Rows of ``layer``'s largest shard (what one task holds in memory)."""
         return self.facts(layer).largest
 
     def facts(self, layer: str) -> LayerFacts:
+        """``layer`` as a request is planned on it, without reading an entry when the summary
+        records the largest shard: the summary computed from the entries (a manifest read
+        whole), or the manifest head's word (a usable journal head).  A head's figures are a
+        hint, taken bounded (negative counts as 0); :meth:`entry_facts` checks them against the
+        entries before anything runs.  A layer listed with no shard is a 404 naming the repair."""
+        snap = self.snapshot()
+        head = snap.layers.get(layer)
+        if head is None or head.max_shard_rows is None:     # an older head: count the entries
+            return self.entry_facts(layer)
+        facts = LayerFacts(max(head.shards, 0), max(head.rows, 0), len(head.steps),
+                           max(head.max_shard_rows, 0))
+        if facts.shards == 0:
+            raise _no_shards(layer)
+        return facts
+
+    def entry_facts(self, layer: str) -> LayerFacts:
         """``layer`` as its entries have it (shards, rows, steps, largest shard), counted once
-        per version: what a request is planned and costed on, never the summary at the head
-        alone.  A layer the summary lists but no entry holds is a 404 naming the repair; a
-        summary that disagrees with the entries is logged."""
+        per version: what a request is checked on before it runs (the run reads those entries
+        anyway), never the summary at the head alone.  A layer the summary lists but no entry
+        holds is a 404 naming the repair; a summary that disagrees with the entries is logged."""
         snap = self.snapshot()
         key = (snap.version, layer)
         if key not in self._facts:
@@ -153,8 +169,8 @@ class StoreView:
             if head is not None and (head.shards, head.rows, len(head.steps)) != \
                     (shards, total, len(steps)):
                 log.warning("mechray: the manifest summary of %s lists layer %r with %d shards, "
-                            "%d rows, %d steps; its entries hold %d, %d, %d: planning on the "
-                            "entries (`mechray repair --rebuild` rewrites the summary)",
+                            "%d rows, %d steps; its entries hold %d, %d, %d: checking requests "
+                            "on the entries (`mechray repair --rebuild` rewrites the summary)",
                             self.location, layer, head.shards, head.rows, len(head.steps),
                             shards, total, len(steps))
             with self._lock:
@@ -162,11 +178,7 @@ class StoreView:
                 self._facts[key] = facts
         facts = self._facts[key]
         if facts.shards == 0:
-            raise ApiError(404, "layer_without_shards",
-                           f"layer {layer!r} is listed in the store's manifest summary but no "
-                           "shard of it holds that layer (a damaged or hand-edited manifest); "
-                           "pick another layer, and run `mechray repair --rebuild` on the store "
-                           "to rewrite its summary")
+            raise _no_shards(layer)
         return facts
 
     def _kept(self, exc: BaseException) -> None:
@@ -241,6 +253,14 @@ class StoreView:
                         snap.total, counted)
             self._totals = {snap.version: counted}
         return self._totals[snap.version]
+
+
+def _no_shards(layer: str) -> ApiError:
+    return ApiError(404, "layer_without_shards",
+                    f"layer {layer!r} is listed in the store's manifest summary but no shard of "
+                    "it holds that layer (a damaged or hand-edited manifest); pick another "
+                    "layer, and run `mechray repair --rebuild` on the store to rewrite its "
+                    "summary")
 
 
 def _unreadable(location: str, exc: BaseException) -> ApiError:

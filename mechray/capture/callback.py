@@ -51,7 +51,7 @@ from mechray.capture.layers import resolve_layers
 from mechray.capture.sampler import ActivationSampler
 from mechray.config import MechIntConfig
 from mechray.storage.manifest import merge_rank_manifests
-from mechray.storage.sink import StorageTarget
+from mechray.storage.target import StorageTarget
 from mechray.storage.transport import wants_ray
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,9 @@ A name ending ``:input`` (``transformer.h.1.ln_2:input``) is the module's input 
 output: its first positional tensor, else the first tensor among its keyword arguments (nnsight's
 ``.input``).  That reaches the residual stream between modules, e.g. for HF GPT-2 (TransformerLens
 names): ``blocks.L.hook_resid_pre`` = ``transformer.h.L:input``, ``blocks.L.hook_resid_mid`` =
-``transformer.h.L.ln_2:input``, ``blocks.L.hook_resid_post`` = ``transformer.h.L``.
+``transformer.h.L.ln_2:input``, ``blocks.L.hook_resid_post`` = ``transformer.h.L``.  A name ending ``:heads``
+(``transformer.h.1.attn:heads``) is an attention module's per-head outputs
+(``blocks.L.attn.hook_z``, see :mod:`mechray.capture.heads`).
 """
 
 from __future__ import annotations
@@ -42,15 +44,26 @@ def resolve_layers(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     modules.pop("", None)
     found: dict[str, nn.Module] = {}
     for name in names:
-        base, suffix = (name[: -len(INPUT)], INPUT) if name.endswith(INPUT) else (name, "")
+        base, suffix = split_point(name)
         for match in _match(base, modules):
             found.setdefault(match + suffix, modules[match])
     order = {n: i for i, n in enumerate(modules)}
-    return dict(sorted(found.items(), key=lambda kv: (order[kv[0].removesuffix(INPUT)],
-                                                      kv[0].endswith(INPUT) is False)))
+    rank = {INPUT: 0, "": 1, HEADS: 2}
+    return dict(sorted(found.items(), key=lambda kv: (order[split_point(kv[0])[0]],
+                                                      rank[split_point(kv[0])[1]])))
 
 
 INPUT = ":input"
+HEADS = ":heads"      # see mechray.capture.heads
+
+
+def split_point(name: str) -> tuple[str, str]:
+    """``("transformer.h.1.attn", ":heads")`` for ``"transformer.h.1.attn:heads"``; the suffix
+    is ``""`` for a module's output."""
+    for suffix in (INPUT, HEADS):
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return name, ""
 
 
 def module_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:

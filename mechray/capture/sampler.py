@@ -62,7 +62,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mechray.capture.layers import INPUT, module_input, pick_tensor, resolve_layers
+from mechray.capture.heads import head_point
+from mechray.capture.layers import HEADS, INPUT, module_input, pick_tensor, resolve_layers
 from mechray.capture.tokens import TokenBatch, find_tokens, mask_chunk
 from mechray.config import MechIntConfig
 from mechray.storage.claim import run_id_for
@@ -148,7 +149,10 @@ class ActivationSampler:
         modules = resolve_layers(model, self.config.sample_layers)
         try:
             for name, module in modules.items():
-                if name.endswith(INPUT):
+                point = head_point(module, name) if name.endswith(HEADS) else None
+                if point is not None:             # per-head outputs: [.., n_head * d_head]
+                    module = point.module
+                if name.endswith(INPUT) or (point is not None and point.reads_input):
                     self._handles.append(module.register_forward_pre_hook(
                         self._input_hook(name), with_kwargs=True))
                 else:

@@ -40,7 +40,8 @@ from typing import Any, Optional
 
 from mechray.errors import ConfigError, MechrayError
 from mechray.storage import s3
-from mechray.storage.sink import StorageTarget, atomic_write
+from mechray.storage.files import atomic_write
+from mechray.storage.target import StorageTarget
 
 log = logging.getLogger(__name__)
 

@@ -2,11 +2,14 @@
 
 Usage::
 
-    from mechray.storage.history import claim_prefix
+    from mechray.storage.history import claim_prefix, late_claim, prefix_history
 
     found = claim_prefix(target, manifest.entries(), run_id, append=config.s3_append)
     manifest.add(*found.adopt)          # appending: the prefix's shards join this store
     first = max(manifest.next_index(rank), found.next_index(rank))
+
+    found = prefix_history(claim, manifest, run_id, append)  # the same for a writer (adopts)
+    held = found is None                 # S3 unreachable: uploads wait for late_claim() at close
 
 A run may write to an S3 prefix that is empty, or whose shards this store already lists (the
 same store, run again: its local manifest is a superset of the S3 one).  A prefix holding shards
@@ -25,22 +28,43 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
+from mechray.errors import MechrayError
 from mechray.storage import s3
-from mechray.storage.claim import StoreBusyError
+from mechray.storage.claim import StoreBusyError, StoreClaim
+from mechray.storage.manifest_format import MAIN, ManifestError, parse, read
 from mechray.storage.shard import parse_shard_name
-from mechray.storage.sink import StorageTarget, StoreConflictError
+from mechray.storage.target import StorageTarget
 
 log = logging.getLogger(__name__)
 
-MAIN = "manifest.json"
 _ETAGS: dict[tuple, str] = {}        # (endpoint, bucket, key) -> ETag of the manifest we last put
 _ETAGS_LOCK = threading.Lock()
 
 
+class StoreConflictError(MechrayError, RuntimeError):
+    """An S3 object this run would create or replace holds another run's data; nothing was
+    overwritten, and the message says where this run's copy stays."""
+
+    exit_code = 4
+
+
 class PrefixTakenError(StoreBusyError):
     """The S3 prefix holds another run's store; the message names it and the ways out."""
+
+
+class Listing(Protocol):
+    """What this module needs of a manifest owner (:class:`mechray.storage.manifest.Manifest`,
+    which sits above: it uploads through the sink, which replaces S3 manifests through here)."""
+
+    target: StorageTarget
+
+    def entries(self) -> list[dict[str, Any]]: ...
+
+    def add(self, *entries: dict[str, Any]) -> int: ...
+
+    def pending(self) -> list[dict[str, Any]]: ...
 
 
 @dataclass
@@ -56,8 +80,6 @@ class Found:
 
 def _listed(target: StorageTarget) -> tuple[Optional[dict[str, Any]], list[str]]:
     """The S3 manifest (parsed) and every shard-named object under the prefix."""
-    from mechray.storage.manifest import parse
-
     client = target.client()
     key = s3.key_for(target.prefix, MAIN)
     try:
@@ -108,6 +130,59 @@ def claim_prefix(target: StorageTarget, local: list[dict[str, Any]], run_id: str
              "skipped over); numbering continues after them", target.prefix_uri, len(foreign),
              len(strays))
     return Found(adopt=[dict(e) for e in foreign], floor=floor)
+
+
+def prefix_history(claim: StoreClaim, manifest: Listing, run_id: str,
+                   append: bool) -> Optional[Found]:
+    """After ``claim.acquire()``: check the S3 prefix's history (:func:`claim_prefix`) and adopt
+    what appending takes over.  ``None`` when S3 could not be reached: the run may not upload
+    until it claims the prefix (:func:`late_claim`).  Ranks joining their run's claim trust the
+    rank that took it."""
+    target = manifest.target
+    if not target.uses_s3 or claim.s3_state == "joined":
+        return Found()
+    if claim.s3_state != "owned":
+        return None
+    try:
+        found = s3.with_backoff(lambda: claim_prefix(target, manifest.entries(), run_id, append),
+                                target.retry_seconds, target.prefix_uri, target.endpoint_url)
+    except PrefixTakenError:
+        raise
+    except Exception as exc:
+        if not s3.transient(exc):
+            raise
+        log.warning("could not read %s's history (%s); uploads wait until it is claimed",
+                    target.prefix_uri, exc)
+        return None
+    if found.adopt:
+        manifest.add(*found.adopt)
+    return found
+
+
+def late_claim(claim: StoreClaim, manifest: Listing, run_id: str) -> bool:
+    """A run that could not claim its S3 prefix at start tries again (at close): whether its
+    held uploads may go now.  Only into a prefix whose history is this store's: shards are
+    already numbered, so another run's store there means they stay local (logged, with the fix)."""
+    target = manifest.target
+    try:
+        if not claim.acquire_s3():
+            log.warning("S3 still unreachable: %d shard(s) stay in %s; run `mechray sync %s` "
+                        "when it is back", len(manifest.pending()), target.shard_dir,
+                        target.local_dir)
+            return False
+        found = s3.with_backoff(lambda: claim_prefix(target, manifest.entries(), run_id),
+                                0.0, target.prefix_uri, target.endpoint_url)
+    except StoreBusyError as exc:
+        log.error("%d shard(s) stay in %s and are not uploaded: %s", len(manifest.pending()),
+                  target.shard_dir, exc)
+        return False
+    except Exception as exc:
+        if not s3.transient(exc):
+            raise
+        log.warning("S3 unreachable (%s): run `mechray sync %s` when it is back", exc,
+                    target.local_dir)
+        return False
+    return not found.adopt and not found.floor
 
 
 def replace_manifest(target: StorageTarget, path: Path, key: str) -> None:
@@ -165,8 +240,6 @@ def _theirs(client, target: StorageTarget, key: str) -> Optional[tuple[bytes, st
 
 def _unlisted(theirs: bytes, path: Path) -> list[str]:
     """Shards the S3 manifest lists that the local one at ``path`` does not (same checksum)."""
-    from mechray.storage.manifest import ManifestError, parse, read
-
     try:
         doc = parse(theirs, "the S3 manifest")
     except ManifestError:

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generator, Iterable, Iterator, Optional, Union, cast
 
 from mechray.errors import ShardError
-from mechray.storage import manifest as mf
+from mechray.storage import manifest_format as mf
 from mechray.storage import s3
 from mechray.storage.entry import LayerSummary, steps_of
-from mechray.storage.manifest import MAIN, merge
+from mechray.storage.manifest_format import MAIN, merge
 from mechray.storage.shard import (
     checksum,
     corrupt_error,

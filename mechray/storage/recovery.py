@@ -31,20 +31,21 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from mechray.errors import ShardError
-from mechray.storage import manifest as mf
+from mechray.storage import manifest_format as mf
 from mechray.storage.claim import StoreClaim
 from mechray.storage.entry import entry_problem
-from mechray.storage.manifest import MAIN, Manifest, merge
+from mechray.storage.files import UnsafeFileError, open_regular
+from mechray.storage.manifest import Manifest
+from mechray.storage.manifest_format import MAIN, merge
 from mechray.storage.shard import (
-    UnsafeFileError,
     UnsafeNameError,
     file_checksum,
     load_regular,
-    open_regular,
     shard_path,
     temp_target,
 )
-from mechray.storage.sink import StorageTarget, orphans
+from mechray.storage.sink import orphans
+from mechray.storage.target import StorageTarget
 
 log = logging.getLogger(__name__)
 

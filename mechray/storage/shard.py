@@ -29,7 +29,6 @@ import io
 import os
 import pickle
 import re
-import stat
 import time
 import warnings
 import zipfile
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import crc32c as _crc32c
 
 from mechray.errors import ShardBuildError, ShardError
+from mechray.storage.files import UnsafeFileError, open_regular
 
 if TYPE_CHECKING:
     import numpy as np
@@ -96,56 +96,6 @@ def shard_path(root, name: Any, where: str = "the manifest") -> Path:
             raise UnsafeNameError(f"{where}: shard {name} is a symlink to {real}, outside the "
                                   f"store {home}: refused. Replace the link by the file itself")
     return path
-
-
-class UnsafeFileError(ShardError, ValueError):
-    """A store held something at a file's place that mechray does not read: a link, a FIFO, a
-    device, a directory, or a file larger than its header allows."""
-
-
-def open_regular(path, what: str = "file") -> int:
-    """A read-only descriptor of ``path`` when it is a regular file (never a link, FIFO or device).
-
-    Usage::
-
-        fd = open_regular(store / "manifest.json", "manifest")   # UnsafeFileError otherwise
-        with os.fdopen(fd, "rb") as fh: ...
-
-    ``O_NOFOLLOW`` refuses a link at ``path`` itself; ``O_NONBLOCK`` makes opening a FIFO return
-    at once (then refused), so nothing a store holds can make mechray hang or read a device.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | \
-        getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if os.path.islink(path):
-            raise UnsafeFileError(f"{what} {path} is a symbolic link: mechray reads only regular "
-                                  f"files inside the store, never a path to follow. Replace the "
-                                  f"link by the file itself") from None
-        raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if \
-            stat.S_ISDIR(st.st_mode) else "a device or socket"
-        raise UnsafeFileError(f"{what} {path} is {kind}, not a regular file: refused (mechray "
-                              f"reads only regular files inside the store). Remove it")
-    if hasattr(os, "set_blocking"):
-        os.set_blocking(fd, True)
-    return fd
-
-
-def read_regular(path, what: str = "file", limit: Optional[int] = None) -> bytes:
-    """All bytes of a regular file (see :func:`open_regular`), at most its size at open time
-    and at most ``limit``: a file growing while read, or a huge one, is never read unbounded."""
-    fd = open_regular(path, what)
-    with os.fdopen(fd, "rb") as fh:
-        size = os.fstat(fd).st_size
-        if limit is not None and size > limit:
-            raise UnsafeFileError(f"{what} {path} is {size} bytes, more than the {limit} "
-                                  f"mechray reads for it: refused")
-        return fh.read(size)
 
 
 MAX_PICKLE = 64 << 20  # a shard's data.pkl holds metadata only (tensors are separate records)

@@ -2,7 +2,8 @@
 
 Usage::
 
-    from mechray.storage.sink import StorageTarget, ShardSink
+    from mechray.storage.sink import ShardSink
+    from mechray.storage.target import StorageTarget
 
     target = StorageTarget.from_config(config)       # picklable; ships to writer actors
     sink = ShardSink(target)
@@ -15,125 +16,23 @@ first and removed from it only once the upload has succeeded, so a failed upload
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from mechray.errors import MechrayError, StorageFullError
+from mechray.errors import StorageFullError
 from mechray.storage import s3
+from mechray.storage.files import atomic_write
+from mechray.storage.history import StoreConflictError, replace_manifest
 from mechray.storage.shard import entry_for, parse_shard_name, save, temp_target
+from mechray.storage.target import StorageTarget
 
 log = logging.getLogger(__name__)
-
-
-class StoreConflictError(MechrayError, RuntimeError):
-    """An S3 object this run would create or replace holds another run's data; nothing was
-    overwritten, and the message says where this run's copy stays."""
-
-    exit_code = 4
 
 
 class UploadHeld(s3.EndpointDown):
     """Uploads wait: the run could not claim its S3 prefix at start (transient: the shard is
     kept locally as ``pending_upload`` until the run's close or ``mechray sync`` claims it)."""
-
-
-@dataclass(frozen=True)
-class StorageTarget:
-    """The resolved, picklable description of one store (absolute paths, bucket, prefix)."""
-
-    backend: str
-    local_dir: str
-    bucket: Optional[str] = None
-    prefix: str = ""
-    endpoint_url: Optional[str] = None
-    region: Optional[str] = None
-    multipart_threshold_mb: int = 64
-    retry_seconds: float = 60.0
-    checksum: str = "crc32c"
-    s3_checksum: Optional[str] = "CRC32"
-    hold_uploads: bool = False   # the run could not claim the S3 prefix: nothing is uploaded
-
-    @classmethod
-    def from_config(cls, config) -> "StorageTarget":
-        return cls(backend=config.storage_backend, local_dir=str(config.local_dir),
-                   bucket=config.s3_bucket, prefix=config.s3_prefix,
-                   endpoint_url=config.endpoint_url, region=config.s3_region,
-                   multipart_threshold_mb=config.s3_multipart_threshold_mb,
-                   retry_seconds=config.s3_retry_seconds, checksum=config.checksum,
-                   s3_checksum=config.s3_checksum_algorithm)
-
-    @classmethod
-    def from_manifest(cls, local_dir, config: dict[str, Any], endpoint_url: Optional[str] = None
-                      ) -> "StorageTarget":
-        """The target a store directory was written with (its manifest records the config)."""
-        from mechray.config import MechIntConfig
-
-        if not config:
-            return cls(backend="local", local_dir=str(Path(local_dir).resolve()))
-        # the storage fields only: reaching the store needs no more, and checking the recorded
-        # analysis names would import every analysis (torch) into `mechray sync`
-        config = {k: v for k, v in config.items()
-                  if k.startswith(("s3_", "storage_")) or k in ("sample_layers", "checksum")}
-        cfg = MechIntConfig.from_dict({**config, "storage_path": str(local_dir),
-                                       **({"s3_endpoint_url": endpoint_url} if endpoint_url else {})})
-        return cls.from_config(cfg)
-
-    @property
-    def uses_s3(self) -> bool:
-        return self.backend in ("s3", "both")
-
-    @property
-    def shard_dir(self) -> Path:
-        """Where shard files land on local disk (the spool for the S3-only backend)."""
-        return Path(self.local_dir) / ".spool" if self.backend == "s3" else Path(self.local_dir)
-
-    @property
-    def key(self) -> str:
-        """A short stable id of this store, used to name its Ray actors."""
-        ident = f"{self.backend}|{self.local_dir}|{self.bucket}|{self.prefix}"
-        return hashlib.sha1(ident.encode()).hexdigest()[:12]
-
-    def uri(self, name: str) -> Optional[str]:
-        return f"s3://{self.bucket}/{s3.key_for(self.prefix, name)}" if self.uses_s3 else None
-
-    def client(self):
-        return s3.client(self.endpoint_url, self.region, self.retry_seconds)
-
-    @property
-    def prefix_uri(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-
-
-def atomic_write(path: Path, data: bytes | memoryview | Callable[[Any], Any]) -> Any:
-    """Write ``path`` so readers see the old file or the whole new one, never a part.
-
-    ``data`` is bytes, or a function that writes into the open temp file (its return value is
-    returned).  The temp file is fsynced, renamed over ``path``, and the directory fsynced.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; readers may be other users of a shared disk
-        with os.fdopen(fd, "wb") as fh:
-            result = data(fh) if callable(data) else fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return result
-
 
 
 def upload(target: StorageTarget, path: Path, name: str, budget_s: Optional[float] = None,
@@ -152,8 +51,6 @@ def upload(target: StorageTarget, path: Path, name: str, budget_s: Optional[floa
     With ``target.s3_checksum`` (default ``CRC32``) boto3 sends the object's checksum (per part
     for multipart uploads) and S3 verifies it before storing the object, so a body damaged on the
     way is refused (and retried) rather than stored."""
-    from mechray.storage import history
-
     key = s3.key_for(target.prefix, name)
     where = f"s3://{target.bucket}/{key}"
     if target.hold_uploads:
@@ -162,7 +59,7 @@ def upload(target: StorageTarget, path: Path, name: str, budget_s: Optional[floa
                          f"for the end of the run or `mechray sync {target.local_dir}`")
     budget = target.retry_seconds if budget_s is None else budget_s
     if parse_shard_name(name) is None:
-        s3.with_backoff(lambda: history.replace_manifest(target, path, key), budget, where,
+        s3.with_backoff(lambda: replace_manifest(target, path, key), budget, where,
                         target.endpoint_url)
     else:
         s3.with_backoff(lambda: create(target, path, key, checksum), budget, where,

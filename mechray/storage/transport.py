@@ -29,11 +29,13 @@ from typing import Any, Optional
 
 from mechray.errors import ShardWriteError
 from mechray.storage import s3
-from mechray.storage.claim import ClaimLostError, StoreBusyError, StoreClaim
-from mechray.storage.history import Found, PrefixTakenError, claim_prefix
-from mechray.storage.manifest import MAIN, Manifest, partial_name
+from mechray.storage.claim import ClaimLostError, StoreBusyError, StoreClaim, run_id_for
+from mechray.storage.history import late_claim, prefix_history
+from mechray.storage.manifest import Manifest
+from mechray.storage.manifest_format import MAIN, partial_name
 from mechray.storage.shard import PendingShard, to_wire
-from mechray.storage.sink import ShardSink, StorageTarget
+from mechray.storage.sink import ShardSink
+from mechray.storage.target import StorageTarget
 
 log = logging.getLogger(__name__)
 STALL_LOG_S = 15.0
@@ -250,59 +252,6 @@ class ThreadTransport(Transport):
         return self.manifest.sync_pending(budget_s)
 
 
-def prefix_history(claim: StoreClaim, manifest: Manifest, run_id: str,
-                   append: bool) -> Optional[Found]:
-    """After ``claim.acquire()``: check the S3 prefix's history (:func:`claim_prefix`) and adopt
-    what appending takes over.  ``None`` when S3 could not be reached: the run may not upload
-    until it claims the prefix (:func:`late_claim`).  Ranks joining their run's claim trust the
-    rank that took it."""
-    target = manifest.target
-    if not target.uses_s3 or claim.s3_state == "joined":
-        return Found()
-    if claim.s3_state != "owned":
-        return None
-    try:
-        found = s3.with_backoff(lambda: claim_prefix(target, manifest.entries(), run_id, append),
-                                target.retry_seconds, target.prefix_uri, target.endpoint_url)
-    except PrefixTakenError:
-        raise
-    except Exception as exc:
-        if not s3.transient(exc):
-            raise
-        log.warning("could not read %s's history (%s); uploads wait until it is claimed",
-                    target.prefix_uri, exc)
-        return None
-    if found.adopt:
-        manifest.add(*found.adopt)
-    return found
-
-
-def late_claim(claim: StoreClaim, manifest: Manifest, run_id: str) -> bool:
-    """A run that could not claim its S3 prefix at start tries again (at close): whether its
-    held uploads may go now.  Only into a prefix whose history is this store's: shards are
-    already numbered, so another run's store there means they stay local (logged, with the fix)."""
-    target = manifest.target
-    try:
-        if not claim.acquire_s3():
-            log.warning("S3 still unreachable: %d shard(s) stay in %s; run `mechray sync %s` "
-                        "when it is back", len(manifest.pending()), target.shard_dir,
-                        target.local_dir)
-            return False
-        found = s3.with_backoff(lambda: claim_prefix(target, manifest.entries(), run_id),
-                                0.0, target.prefix_uri, target.endpoint_url)
-    except StoreBusyError as exc:
-        log.error("%d shard(s) stay in %s and are not uploaded: %s", len(manifest.pending()),
-                  target.shard_dir, exc)
-        return False
-    except Exception as exc:
-        if not s3.transient(exc):
-            raise
-        log.warning("S3 unreachable (%s): run `mechray sync %s` when it is back", exc,
-                    target.local_dir)
-        return False
-    return not found.adopt and not found.floor
-
-
 class RayTransport(Transport):
     """With Ray: shards travel through the object store to the store's named writer actors."""
 
@@ -384,6 +333,4 @@ def make_transport(config, rank: int = 0, world_size: int = 1,
     cls = RayTransport if use_ray else ThreadTransport
     log.debug("mechray transport: %s for %s (rank %d/%d)", cls.__name__, target.local_dir,
               rank, world_size)
-    from mechray.storage.claim import run_id_for
-
     return cls(target, config, rank, world_size, run_id=run_id_for(run_id, rank, world_size))

@@ -25,11 +25,13 @@ from typing import Any, Optional
 
 import ray
 
+from mechray.storage import s3
 from mechray.storage.claim import StoreBusyError, StoreClaim, _pid_alive
-from mechray.storage.history import Found
+from mechray.storage.history import Found, late_claim, prefix_history
 from mechray.storage.manifest import Manifest
 from mechray.storage.shard import from_wire
-from mechray.storage.sink import ShardSink, StorageTarget
+from mechray.storage.sink import ShardSink
+from mechray.storage.target import StorageTarget
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,6 @@ class ManifestOwner:
             self._claim(held.run_id, append=True)
 
     def _claim(self, run_id: str, append: bool) -> None:
-        from mechray.storage.transport import prefix_history
-
         claim = StoreClaim(self.target, run_id, token=self.token).acquire()
         try:
             self.found = prefix_history(claim, self.manifest, run_id, append)
@@ -136,9 +136,6 @@ class ManifestOwner:
                    self.found.next_index(rank) if self.found else 0)
 
     def sync_pending(self, budget_s: float) -> tuple[int, int]:
-        from mechray.storage import s3
-        from mechray.storage.transport import late_claim
-
         s3.breaker(self.target.endpoint_url).probe_now()  # a deliberate retry
         if self.found is None and self.claim is not None:
             if not late_claim(self.claim, self.manifest, self.claim.run_id):

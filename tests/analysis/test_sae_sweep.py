@@ -160,11 +160,11 @@ def test_a_sweep_costs_and_answers_as_much_as_its_saes():
     from mechray.analysis.sae import SAEParams
 
     sae, w = analysis_class("sae"), Workload(rows=100_000, d=64, shard_rows=1000)
-    one = [sae.cost(SAEParams(k=k).model_dump(), w) for k in (8, 16, 32)]
-    swept = sae.cost(SAEParams(sweep={"k": [8, 16, 32]}).model_dump(), w)
+    one = [sae.cost(SAEParams(k=k), w) for k in (8, 16, 32)]
+    swept = sae.cost(SAEParams(sweep={"k": [8, 16, 32]}), w)
     assert swept.ops == pytest.approx(sum(c.ops for c in one))
     assert swept.bytes == pytest.approx(sum(c.bytes for c in one))
-    wide = SAEParams(sweep={"expansion_factor": [2, 4]}).model_dump()
+    wide = SAEParams(sweep={"expansion_factor": [2, 4]})
     assert sae.answer_bytes(wide, w) == pytest.approx(
-        sae.answer_bytes(SAEParams(expansion_factor=2).model_dump(), w) +
-        sae.answer_bytes(SAEParams(expansion_factor=4).model_dump(), w))
+        sae.answer_bytes(SAEParams(expansion_factor=2), w) +
+        sae.answer_bytes(SAEParams(expansion_factor=4), w))

@@ -765,3 +765,46 @@ def test_a_journal_head_claiming_ten_million_steps_costs_its_runs_not_a_list(tmp
             assert peak < 50e6, f"{peak / 1e6:.0f} MB traced while answering"
     finally:
         mixin.close()
+
+
+def test_a_request_is_planned_on_the_head_and_checked_on_the_entries_before_it_runs(
+        tmp_path, monkeypatch):
+    """The first `/interpret` after a change plans on the manifest head (the issue: 26 s and
+    3.6 GB at 10^6 entries when it read them); a head that lies low or lists a phantom layer
+    is caught on the entries before the run (422 over the limits, 404 for the phantom)."""
+    from mechray.api.service import Interpreter
+    from mechray.storage import manifest as mf
+
+    capture_store(tmp_path / "s")
+    neuron = {"analysis_type": "neuron", "layer_name": "popt"}
+    config = MechIntConfig(sample_layers=LAYERS, storage_path=str(tmp_path / "s"), verbose=False)
+    true_ops = Interpreter(None, config).plan(neuron).cost.ops
+    journal = tmp_path / "s" / "manifest.journal"
+    last = [ln for ln in journal.read_text().splitlines() if ln.startswith('{"commit"')][-1]
+    commit = json.loads(last)
+    layers = commit["commit"]["summary"]["layers"]
+    layers["popt"].update(rows=1, max_shard_rows=1, steps=[[0, 0, 1]])   # lies low
+    layers["ghost"] = dict(layers["popt"])                                # no entry holds it
+    with journal.open("a") as fh:
+        fh.write(json.dumps(commit, separators=(",", ":")) + "\n")
+    loads = []
+    real_load = mf.load
+    monkeypatch.setattr(mf, "load", lambda *a, **k: (loads.append(a), real_load(*a, **k))[1])
+    lie_ops = Interpreter(None, config).plan(neuron).cost.ops
+    assert lie_ops < true_ops and loads == []             # planned on the head, no entry read
+    mixin, app = serve_mixin(tmp_path / "s", api_max_cost=(lie_ops + true_ops) / 2)
+    try:
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            error(client.post("/interpret", json=neuron), 422, "too_expensive")
+            error(client.post("/interpret", json={**neuron, "layer_name": "ghost"}), 404,
+                  "layer_without_shards", "mechray repair --rebuild")
+    finally:
+        mixin.close()
+    mixin, app = serve_mixin(tmp_path / "s", api_max_cost=1)
+    try:
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            loads.clear()
+            error(client.post("/interpret", json=neuron), 422, "too_expensive")
+            assert loads == []                            # refused on the plan: nothing parsed
+    finally:
+        mixin.close()

@@ -287,7 +287,7 @@ def test_claim_records_host(tmp_path):
 # --- 5: large manifests: parse once per change, list from the head, page entries ----------------
 
 def test_layers_come_from_the_head_and_match_the_entries(tiny_net, tmp_path, monkeypatch):
-    import mechray.storage.manifest as manifest_mod
+    import mechray.storage.manifest_format as manifest_mod
     from mechray.storage.summary import Summary
 
     d = tmp_path / "cache"

@@ -14,7 +14,7 @@ def test_chaos_capture_loses_duplicates_and_corrupts_nothing(ray_local, tmp_path
     chaos = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(chaos)
     f = chaos.run(steps=40, out_dir=str(tmp_path), kill_every_s=0.8, outage_every_s=1.5,
-                  outage_s=0.6, progress=False)
+                  outage_s=0.6, progress=False, rebuild_cases=())
     assert f["writer_kills"] >= 1 and f["faults_injected"] >= 1
     assert f["shards_expected"] == f["shards_landed"] == 40
     assert f["shards_lost"] == f["shards_duplicated"] == f["shards_unexpected"] == 0
@@ -36,3 +36,18 @@ def test_s3_history_phases_overwrite_and_lose_nothing(tmp_path):
     assert f["paused_late_shard_kept_locally"] is True
     # a bound on a hang (old code: 245 s per call), not a speed figure
     assert f["black_hole_longest_block_s"] < 30 and f["refused_outage_training_blocked_s"] < 30
+
+
+def test_hostile_repair_rebuild_phase_counts_no_hang_leak_or_loss(tmp_path):
+    """One case of the hostile `repair --rebuild` phase (the benchmark runs all eight): a
+    `.quarantine` linked outside the store beside a damaged shard; on `cd0c022` repair moved
+    the shard out through the link and overwrote a same-named file there."""
+    spec = importlib.util.spec_from_file_location("chaos", ROOT / "benchmarks" / "chaos.py")
+    chaos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chaos)
+    f = chaos.hostile_rebuild(tmp_path, cases=("symlinked_quarantine",))
+    assert f["rebuild_cases"] == 1 and f["rebuild_commands"] == 2
+    assert f["rebuild_hung"] == f["rebuild_unclean"] == 0, f["rebuild_detail"]
+    assert f["rebuild_outside_changes"] == f["rebuild_shards_lost"] == 0, f["rebuild_detail"]
+    assert f["rebuild_links_listed"] == 0 and f["rebuild_peak_rss_mb"] > 0
+    assert {row["exit"] for row in f["rebuild_detail"].values()} == {3}   # refused, named

@@ -209,3 +209,9 @@ def test_causal_lm_example_trains_left_padded_and_runs_every_analysis(tmp_path):
     report = (tmp_path / "out" / "results" / "mechint_report.md").read_text()
     assert "Logit lens, `model.transformer.h.1`" in report
     assert '"circuit_positions"' in proc.stdout
+    top = summary["heads_top"]                   # 2 blocks x 4 heads, largest effect first
+    assert len(top) == 5 and [r["effect"] for r in top] == sorted((r["effect"] for r in top),
+                                                                   reverse=True)
+    assert all(r["layer"].endswith(".attn:heads") and 0 <= r["head"] < 4 for r in top)
+    attention = summary["top_head_attention_last_token"]
+    assert sum(attention) == pytest.approx(1.0, abs=1e-2)

@@ -50,7 +50,6 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -70,7 +69,6 @@ from mechray.analysis.intervene import (
     eval_inputs,
 )
 from mechray.analysis.sae.budget import (
-    MAX_EPOCHS,
     budget_steps,
     sae_warnings,
 )
@@ -138,36 +136,33 @@ class SAEAnalysis(Analysis):
         return report_examples(rows) + report_sweeps(rows)
 
     @classmethod
-    def answer_bytes(cls, p: dict[str, Any], w: Workload) -> float:
-        if p.get("sweep"):                              # a result per setting
+    def answer_bytes(cls, p: SAEParams, w: Workload) -> float:
+        if p.sweep:                                     # a result per setting
             return sum(cls.answer_bytes(q, w) for q in _sweep_params(p))
-        latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * w.d)
+        latents = float(p.n_latents or p.expansion_factor * w.d)
         return JSON_NUMBER * latents * 4 + 65536      # a few statistics per latent
 
     @classmethod
-    def task_cpus(cls, p: dict[str, Any], default: float) -> float:
+    def task_cpus(cls, p: SAEParams, default: float) -> float:
         """With ``num_workers > 1`` the fit task only waits on its Ray Train workers: it holds
         no CPU (each layer's trainer reserves its workers whole, so layers queue, never
         deadlock)."""
-        return 0.0 if (p.get("num_workers") or 1) > 1 else default
+        return 0.0 if p.num_workers > 1 else default
 
     @classmethod
-    def cost(cls, p: dict[str, Any], w: Workload) -> Cost:
-        if p.get("sweep"):      # every SAE's work and memory (an upper bound: one read shared)
+    def cost(cls, p: SAEParams, w: Workload) -> Cost:
+        if p.sweep:             # every SAE's work and memory (an upper bound: one read shared)
             costs = [cls.cost(q, w) for q in _sweep_params(p)]
             return Cost(sum(c.ops for c in costs), sum(c.bytes for c in costs))
         n, d = float(w.rows), float(w.d)
-        latents = float(p.get("n_latents") or p.get("expansion_factor", 8) * d)
-        rows = float(min(n, p.get("max_rows") or n))
-        size = p.get("batch_size") or 1024
-        steps = budget_steps(SimpleNamespace(steps=p.get("steps"), epochs=p.get("epochs"),
-                                             min_steps=p.get("min_steps"),
-                                             max_epochs=p.get("max_epochs", MAX_EPOCHS)),
-                             -(-int(rows) // size), int(latents))
-        seen = 0.0 if p.get("pretrained") else steps * size
+        latents = float(p.n_latents or p.expansion_factor * d)
+        rows = float(min(n, p.max_rows or n))
+        size = p.batch_size
+        steps = budget_steps(p, -(-int(rows) // size), int(latents))
+        seen = 0.0 if p.pretrained else steps * size
         seen += n / 3                           # top-activating rows: one forward pass
         batch = float(min(size, max(rows, 1)))
-        buffer = min(rows * d * 4, p.get("buffer_mb", 512) * 2 ** 20)
+        buffer = min(rows * d * 4, p.buffer_mb * 2 ** 20)
         return Cost(6 * seen * latents * d, latents * d * 4 * 5 + batch * latents * 4 * 4 + buffer)
 
     def fit(self, ctx: Context, layer: str) -> dict[str, Any]:
@@ -306,10 +301,10 @@ class SAEAnalysis(Analysis):
 
 
 # --- helpers ----------------------------------------------------------------------------------
-def _sweep_params(p: dict[str, Any]) -> list[dict[str, Any]]:
-    """The validated params ``p`` of a sweep as one dict per setting (``sweep`` removed)."""
-    grid = p["sweep"]
-    return [{**p, **dict(zip(grid, values)), "sweep": None}
+def _sweep_params(p: SAEParams) -> list[SAEParams]:
+    """The params of each setting of the sweep ``p`` (``sweep`` removed)."""
+    grid = p.sweep or {}
+    return [SAEParams(**{**p.model_dump(), **dict(zip(grid, values)), "sweep": None})
             for values in itertools.product(*grid.values())]
 
 
