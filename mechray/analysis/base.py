@@ -55,7 +55,8 @@ class Context:
     device: str = "cpu"
     seed: int = 0
     progress: bool = False                       # bars inside long analyses (verbose runs)
-    checkpoint_dir: Optional[Path] = None        # resumable fit state a rerun finds (None: out_dir)
+    checkpoint_dir: Optional[Path | str] = None  # resumable fit state a rerun finds: a directory
+    #                                              or an s3:// URI (None: sae.checkpoint_root)
 
 
 @dataclass(frozen=True)

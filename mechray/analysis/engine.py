@@ -36,9 +36,11 @@ those tokens ([CLS], [SEP], BOS, EOS, PAD) out of every analysis; ``map`` then a
 rows' shard indices as ``row_index``.  Files an analysis
 writes into ``ctx.out_dir`` are written by the task into a private directory and shipped back to
 the driver's ``out_dir`` (same relative paths), so a multi-node cluster needs no shared disk.
-Resumable fit checkpoints (``sae``) are written straight to ``checkpoint_dir`` (default: ``out_dir``,
-else ``<store>.checkpoints`` beside the store), where a rerun of the same command finds them; on
-a multi-node cluster that directory is per node unless it is on a shared filesystem.
+Resumable fit checkpoints (``sae``) are written straight to ``checkpoint_dir`` (a directory or
+an ``s3://`` URI; default: for a store on S3 ``s3://<bucket>/<prefix>.checkpoints``, else
+``out_dir``, else ``<store>.checkpoints`` beside the store), where a rerun of the same command
+finds them; a local directory on a multi-node cluster is per node unless it is on a shared
+filesystem.
 
 An analysis that raises :class:`Skip`, needs a model that was not given, or fails is recorded as
 ``{"skipped": True, "reason": ...}`` (plus ``"error"`` for failures) for that layer; a missing
@@ -99,9 +101,13 @@ class Engine:
         self.store = open_store(self.ref)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         # resumable fit checkpoints: where a rerun of the same command finds them
-        where = checkpoint_dir if checkpoint_dir is not None else self.out_dir
-        self.checkpoint_dir = Path(where).resolve() if where is not None else \
-            checkpoint_beside(self.store)
+        # (an s3:// URI, or None for a store on S3: its S3 prefix, where every node finds them)
+        where = checkpoint_dir if checkpoint_dir is not None else \
+            None if self.store.is_s3 else self.out_dir
+        self.checkpoint_dir: Optional[Path | str] = \
+            str(where) if str(where).startswith("s3://") else \
+            Path(where).resolve() if where is not None else \
+            None if self.store.is_s3 else checkpoint_beside(self.store)
         self.use_ray = _ray_ready() if use_ray is None else use_ray
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.progress, self.seed, self.device, self.strict = progress, seed, device, strict
@@ -222,7 +228,8 @@ class Engine:
         device = "cuda" if gpu and self.num_gpus else self.device
         return {"results": done, "seed": self.seed, "device": device, "strict": self.strict,
                 "collect_files": self.out_dir is not None,
-                "checkpoint_dir": str(self.checkpoint_dir),
+                "checkpoint_dir": None if self.checkpoint_dir is None else
+                str(self.checkpoint_dir),
                 "progress": self.progress and not self.use_ray}
 
     def _put(self, value: Any) -> Any:

@@ -95,7 +95,7 @@ class EvalMechIntRunner:
             if eval_data is not None else stored_inputs(store, cfg.eval_max_samples)
         t0 = time.time()
         engine = Engine(store, out_dir=self.out_dir, use_ray=cfg.use_ray,
-                        checkpoint_dir=None if out_dir else checkpoint_beside(store),
+                        checkpoint_dir=None if out_dir or store.is_s3 else checkpoint_beside(store),
                         num_cpus=cfg.analysis_num_cpus, num_gpus=cfg.analysis_num_gpus,
                         progress=cfg.verbose, seed=cfg.sample_seed,
                         skip_token_ids=analysis_token_ids(cfg, self.tokenizer))

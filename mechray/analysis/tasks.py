@@ -241,7 +241,8 @@ def _with_ctx(spec: Spec, ref: StoreRef, layer: str, info: dict, model, eval_dat
     ctx = Context(store=filtered(store, ref.skip_tokens), model=model, eval_data=eval_data, out_dir=tmp,
                   results=info["results"], device=device, seed=info["seed"],
                   progress=info.get("progress", False),
-                  checkpoint_dir=Path(where) if where else None)
+                  checkpoint_dir=None if not where else where if where.startswith("s3://")
+                  else Path(where))
     try:
         with model_lock(model):  # hooks of concurrent analyses on one model would interfere
             outcome = _guarded(lambda: body(spec.build(), ctx), spec, layer, info)

@@ -200,3 +200,66 @@ def test_the_engine_fit_task_holds_no_cpu_so_its_workers_start(planted, ray2, tm
     assert not result.get("skipped"), result
     assert result["train"]["workers"] == 2, result["train"]
     assert result["explained_variance"] > 0.5
+
+
+@pytest.mark.slow
+def test_a_sweep_on_ray_train_trains_each_setting_as_its_own_ray_train_fit(planted, ray2,
+                                                                           tmp_path):
+    """``sweep={"k": [3, 6]}`` on 2 workers: one Ray Train run whose workers feed each batch
+    to both SAEs; each SAE equals the 2-worker fit of its setting alone (same seed, batches,
+    all-reduces) and has its own result and weights (checked for k=6: each Ray Train run costs
+    its start-up, and the in-process sweep test checks every setting)."""
+    store, _, _ = planted
+    short = {"steps": 120, "checkpoint_every": 50, "num_workers": 2}
+    swept = get_analysis("sae", {**PARAMS, **short, "sweep": {"k": [3, 6]}}) \
+        .fit(Context(store=store, out_dir=tmp_path / "sweep"), "src")
+    assert swept["sweep"]["settings"] == ["k=3", "k=6"]
+    assert swept["results"]["k=3"]["l0"] < swept["results"]["k=6"]["l0"]
+    for k in (6,):
+        alone, sae = fit(store, tmp_path / f"k{k}", **short, k=k)
+        mine = swept["results"][f"k={k}"]
+        assert mine["train"]["workers"] == 2 and mine["train"]["steps"] == 120
+        assert mine["train"]["rows_seen"] == alone["train"]["rows_seen"]
+        assert mine["explained_variance"] == pytest.approx(alone["explained_variance"], abs=1e-6)
+        assert mine["l0"] == pytest.approx(alone["l0"], abs=1e-6)
+        other = load_sae(tmp_path / "sweep" / mine["weights_path"])
+        for name, tensor in sae.state_dict().items():
+            torch.testing.assert_close(other.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+    assert not list((tmp_path / "sweep").glob("sae/ray_train/src-*"))
+
+
+def test_the_engine_trains_two_layers_at_once_on_ray_with_the_results_of_one_at_a_time(
+        ray2, tmp_path):
+    """Two layers' SAEs through the engine on a 2-CPU Ray: one fit task per layer, both at
+    once (each holds one CPU), each with its checkpoint directory; every result and weight
+    equals the layer's fit in this process, one layer after the other."""
+    from mechray.analysis.engine import Engine
+
+    torch.set_num_threads(1)
+    _, x = planted_dictionary(16, 32, 3, 2000, seed=1)
+    model = nn.Sequential(OrderedDict(a=nn.Identity(), b=nn.Tanh()))
+    sampler = ActivationSampler(layers=["a", "b"], save_dir=str(tmp_path / "store"),
+                                use_ray=False, verbose=False, max_activations_per_shard=1000)
+    sampler.register_hooks(model)
+    for step, chunk in enumerate(x.split(1000)):
+        model(chunk)
+        sampler.save_activations(step)
+    sampler.close()
+    store = ShardStore(tmp_path / "store")
+    params = {**PARAMS, "n_latents": 64, "batch_size": 128, "steps": 60, "checkpoint_every": 25,
+              "top_latents": 2}
+    out = Engine(store, use_ray=True, progress=False, out_dir=tmp_path / "ray").run(
+        ["sae"], {"sae": params})["sae"]
+    for layer in ("a", "b"):
+        alone = get_analysis("sae", params).fit(Context(store=store, out_dir=tmp_path / "one"),
+                                                layer)
+        both = out[layer]
+        assert not both.get("skipped"), both
+        for key in ("explained_variance", "l0", "dead_fraction", "mse"):
+            assert both[key] == pytest.approx(alone[key], rel=1e-5, abs=1e-7), (layer, key)
+        assert both["top_activations"]["latents"] == alone["top_activations"]["latents"]
+        a = load_sae(tmp_path / "ray" / both["weights_path"])
+        b = load_sae(tmp_path / "one" / alone["weights_path"])
+        for name, tensor in b.state_dict().items():
+            torch.testing.assert_close(a.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+    assert out["a"]["explained_variance"] != out["b"]["explained_variance"]

@@ -4,7 +4,9 @@ Importing this package registers the analysis.  One module per concern, in the o
 uses them: ``params`` (validated parameters and limits), ``rows`` (the layer's rows, streamed
 and split off for held-out evaluation), ``budget`` (steps, lr, convergence and warnings),
 ``model`` (the SAE and its files, SAELens' layout included), ``train`` (the optimiser step),
-``distributed`` (the same training on Ray Train workers), ``checkpoint`` (resumable state),
+``fit`` (one SAE's run, and one pass over the rows feeding several), ``sweep`` (several SAEs
+on one read of the rows), ``distributed`` (the same training on Ray Train workers),
+``checkpoint`` (resumable state),
 ``evaluate`` (held-out metrics and splicing into the model), ``examples`` (top-activating rows)
 and ``analysis`` (the registered :class:`SAEAnalysis` tying them together).
 

@@ -18,6 +18,8 @@ Budget, lr, schedule and the verdict (``converged``, ``warnings``):
 thresholds, SAELens' dead count ``dead_saelens``): :mod:`mechray.analysis.sae.train`.
 Resuming an interrupted fit (``checkpoint_every``): :mod:`mechray.analysis.sae.checkpoint`.
 One SAE on several Ray Train workers (``num_workers``): :mod:`mechray.analysis.sae.distributed`.
+Several SAEs on one read of the rows (``sweep``, e.g. ``{"k": [16, 32, 64]}``):
+:mod:`mechray.analysis.sae.sweep`.
 Top-activating rows per latent (``top_activations``): :mod:`mechray.analysis.sae.examples`.
 
 Data: every shard is split once, deterministically from ``seed`` and its file name, into training
@@ -47,13 +49,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from mechray._util import json_safe, safe_name  # noqa: F401  (safe_name: also from here)
 from mechray.analysis.base import (
@@ -70,19 +69,13 @@ from mechray.analysis.intervene import (
     eval_inputs,
 )
 from mechray.analysis.sae.budget import (
-    FEW_STEPS,
-    EarlyStop,
-    auto_lr,
-    budget_rule,
     budget_steps,
-    early_stopping,
-    fvu,
-    loss_flat,
     sae_warnings,
 )
-from mechray.analysis.sae.checkpoint import Checkpoint
+from mechray.analysis.sae.checkpoint import Checkpoint, checkpoint_root
 from mechray.analysis.sae.evaluate import evaluate, splice_metrics
 from mechray.analysis.sae.examples import report_examples, top_activations
+from mechray.analysis.sae.fit import SAEFit, train_together
 from mechray.analysis.sae.model import (
     SparseAutoencoder,
     load_sae,
@@ -97,7 +90,6 @@ from mechray.analysis.sae.params import (
     SAEParams,
 )
 from mechray.analysis.sae.rows import LayerRows
-from mechray.analysis.sae.train import SAETrainer, dead_saelens
 
 log = logging.getLogger(__name__)
 @register
@@ -137,11 +129,16 @@ class SAEAnalysis(Analysis):
 
     @staticmethod
     def report_lines(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
-        """Markdown under the table: top-activating rows of the listed latents."""
-        return report_examples(rows)
+        """Markdown under the table: top-activating rows of the listed latents, and each
+        sweep's comparison table."""
+        from mechray.analysis.sae.sweep import report_sweeps
+
+        return report_examples(rows) + report_sweeps(rows)
 
     @classmethod
     def answer_bytes(cls, p: SAEParams, w: Workload) -> float:
+        if p.sweep:                                     # a result per setting
+            return sum(cls.answer_bytes(q, w) for q in _sweep_params(p))
         latents = float(p.n_latents or p.expansion_factor * w.d)
         return JSON_NUMBER * latents * 4 + 65536      # a few statistics per latent
 
@@ -154,6 +151,9 @@ class SAEAnalysis(Analysis):
 
     @classmethod
     def cost(cls, p: SAEParams, w: Workload) -> Cost:
+        if p.sweep:             # every SAE's work and memory (an upper bound: one read shared)
+            costs = [cls.cost(q, w) for q in _sweep_params(p)]
+            return Cost(sum(c.ops for c in costs), sum(c.bytes for c in costs))
         n, d = float(w.rows), float(w.d)
         latents = float(p.n_latents or p.expansion_factor * d)
         rows = float(min(n, p.max_rows or n))
@@ -172,110 +172,37 @@ class SAEAnalysis(Analysis):
         device = _device(p.device)
         if p.pretrained is not None:
             return self._evaluate_pretrained(ctx, layer, device)
+        if p.sweep:
+            from mechray.analysis.sae.sweep import fit_sweep
+
+            return fit_sweep(self, ctx, layer, device)
         if p.num_workers > 1:
             from mechray.analysis.sae.distributed import fit_distributed
 
             return fit_distributed(self, ctx, layer, device)
         data = LayerRows(ctx.store, layer, p, device)
-        d = data.d
-        n_latents = p.n_latents or p.expansion_factor * d
-        self._check_sizes(d, n_latents)
-        per_epoch = data.steps_per_epoch()
-        total = budget_steps(p, per_epoch, n_latents)
-        lr = p.lr or auto_lr(n_latents, total)
-        warmup = p.warmup_steps if p.warmup_steps is not None else min(1000, total // 20)
-        gen = torch.Generator().manual_seed(p.seed)
-        sae = SparseAutoencoder(d, n_latents, p.architecture, p.k, generator=gen).to(device)
-        aux_k = min(d // 2 if p.aux_k is None else p.aux_k, n_latents)
-        trainer = SAETrainer(sae, lr, p.l1_coefficient, aux_k, p.aux_coefficient,
-                             p.dead_steps_threshold, total_steps=total, warmup_steps=warmup,
-                             l0_coefficient=p.l0_coefficient, bandwidth=p.jumprelu_bandwidth)
-        losses = torch.empty(total, device=device)
-        ckpt = self._checkpoint(ctx, layer, data)
-        resumed = ckpt.restore(trainer, total) if ckpt is not None else None
-        rows_seen, before = 0, 0.0
-        batches = data.batches(None)
-        if resumed is not None:
-            done, rows_seen, before = resumed
-            losses[: len(done)] = done.to(device)
-            for _ in itertools.islice(batches, trainer.n_steps):   # the batches already seen
-                pass
-        watch = early_stopping(p) and data.in_memory
-        stop: Optional[EarlyStop] = None
-        t0 = time.perf_counter()
-        with tqdm(total=total, initial=trainer.n_steps, desc=f"sae {layer}", unit="step",
-                  leave=False, disable=not sys.stderr.isatty()) as bar:
-            for batch in itertools.islice(batches, max(0, total - trainer.n_steps)):
-                if trainer.n_steps == 0 and data.sample is not None:
-                    sae.init_from_data(data.sample, p.normalize_input, p.b_dec_init)
-                step = trainer.n_steps
-                losses[step] = trainer.step(batch)
-                rows_seen += len(batch)
-                bar.update(1)
-                if watch and stop is None:      # the held-out rows are split off by now
-                    stop = EarlyStop(data.eval_rows(), p.eval_every or max(5, total // 20),
-                                     start=max(warmup, total // 5, min(FEW_STEPS, total)))
-                if stop is not None and stop.check(sae, trainer.n_steps):
-                    break
-                if ckpt is not None and trainer.n_steps % p.checkpoint_every == 0 and \
-                        trainer.n_steps < total:
-                    ckpt.save(trainer, losses[: trainer.n_steps], rows_seen,
-                              before + time.perf_counter() - t0)
-        seconds = before + time.perf_counter() - t0
-        losses = losses[: trainer.n_steps].cpu()
-        if stop is not None:
-            stop.restore(sae)
-        sae.eval()
-        if p.architecture == "batchtopk" and data.sample is not None:
-            sae.calibrate_threshold(data.sample[: p.max_eval_rows])
-        window = min(p.dead_steps_threshold, trainer.n_steps)
-        held = data.eval_rows()
-        result = evaluate(sae, held, trainer.steps_since_fired >= window, p.batch_size)
-        result.update(architecture=p.architecture, d_in=d, n_latents=n_latents,
-                      k=None if p.architecture == "relu" else p.k, trained=True, pretrained=None,
-                      dead_saelens=dead_saelens(trainer))
-        if data.sample is not None:     # training rows, as many as held out: memorisation
-            result["train_explained_variance"] = 1 - fvu(sae, data.sample[: len(held)])
-        every = max(1, trainer.n_steps // 100)
-        curve = [[i + 1, round(float(v), 6)] for i, v in enumerate(losses.tolist())
-                 if (i + 1) % every == 0]
-        flat, drop = loss_flat(losses)
-        result["train"] = {"steps": trainer.n_steps, "epochs": data.epoch + 1,
-                           "rows_seen": rows_seen, "seconds": seconds,
-                           "rows_per_second": rows_seen / max(seconds, 1e-9),
-                           "lr": lr, "lr_auto": p.lr is None, "warmup_steps": warmup,
-                           "budget": budget_rule(p, per_epoch, total, n_latents), "training_rows":
-                           data.n_train, "aux_k": aux_k, "device": str(device),
-                           "in_memory": data.in_memory, "loss_curve": curve,
-                           "final_loss": curve[-1][1] if curve else None,
-                           "plateau_drop": drop, "resumed_from_step":
-                           None if resumed is None else len(resumed[0]),
-                           "max_epochs": p.max_epochs,
-                           "early_stop": None if stop is None else stop.summary()}
-        if p.architecture == "batchtopk":
-            result["train"]["threshold"] = float(sae.threshold.max())
-        result["converged"] = flat or (stop is not None and stop.plateaued() is True)
-        result["warnings"] = sae_warnings(result, p, data)
-        result["top_activations"] = top_activations(sae, ctx.store, layer, result, p)
-        result["splice"] = self._splice(sae, ctx, layer)
-        result["weights_path"] = result["config_path"] = result["saelens_path"] = None
-        if ctx.out_dir is not None and p.save_weights:
-            self._save(sae, ctx, layer, result)
-        if ckpt is not None:
-            ckpt.remove()
+        run = SAEFit(self, ctx, layer, data, device)
+        train_together([run], data, layer)
+        result = run.result()
+        result["top_activations"] = top_activations(run.trainer.sae, ctx.store, layer, result, p)
+        result = run.finish(ctx, result)
         log.info("sae %s: explained variance %.3f, l0 %.1f, dead %.3f (%d steps, %.1fs)%s",
                  layer, result["explained_variance"], result["l0"], result["dead_fraction"],
-                 trainer.n_steps, seconds, "".join(f"; WARNING {w}" for w in result["warnings"]))
-        return json_safe(result)
+                 result["train"]["steps"], result["train"]["seconds"],
+                 "".join(f"; WARNING {w}" for w in result["warnings"]))
+        return result
 
     def _save(self, sae: SparseAutoencoder, ctx: Context, layer: str,
-              result: dict[str, Any]) -> None:
+              result: dict[str, Any], name: Optional[str] = None) -> None:
+        """Weights as ``sae/<name>.safetensors`` and ``sae/saelens/<name>`` (``name``: the
+        layer's file-safe name; a sweep's SAEs add their setting)."""
         assert ctx.out_dir is not None
-        rel = f"sae/{safe_name(layer)}.safetensors"
+        name = name or safe_name(layer)
+        rel = f"sae/{name}.safetensors"
         save_sae(sae, ctx.out_dir / rel, {"layer": layer, "params": self.params.model_dump()})
         result["weights_path"] = rel
         result["config_path"] = rel[: -len(".safetensors")] + ".json"
-        lens = f"sae/saelens/{safe_name(layer)}"
+        lens = f"sae/saelens/{name}"
         save_saelens(sae, ctx.out_dir / lens, hook_name=layer,
                      metadata={"explained_variance": result["explained_variance"],
                                "l0": result["l0"]})
@@ -321,7 +248,7 @@ class SAEAnalysis(Analysis):
 
     def _checkpoint(self, ctx: Context, layer: str, data: LayerRows) -> Optional[Checkpoint]:
         p: SAEParams = self.params
-        root = ctx.checkpoint_dir or ctx.out_dir
+        root = checkpoint_root(ctx)
         if root is None or not p.checkpoint_every:
             return None
         info = ctx.store.layers()[layer]
@@ -330,7 +257,9 @@ class SAEAnalysis(Analysis):
                                                 "save_weights"}),
                 "layer": layer, "rows": info["rows"], "shards": info["shards"], "d": data.d,
                 "n_train": data.n_train}
-        return Checkpoint(Path(root) / "sae" / "checkpoints" / safe_name(layer), spec)
+        where = f"{root}/sae/checkpoints/{safe_name(layer)}" if str(root).startswith("s3://") \
+            else Path(root) / "sae" / "checkpoints" / safe_name(layer)
+        return Checkpoint(where, spec, ctx.store)
 
     def _check_sizes(self, d: int, n_latents: int) -> None:
         p = self.params
@@ -372,6 +301,13 @@ class SAEAnalysis(Analysis):
 
 
 # --- helpers ----------------------------------------------------------------------------------
+def _sweep_params(p: SAEParams) -> list[SAEParams]:
+    """The params of each setting of the sweep ``p`` (``sweep`` removed)."""
+    grid = p.sweep or {}
+    return [SAEParams(**{**p.model_dump(), **dict(zip(grid, values)), "sweep": None})
+            for values in itertools.product(*grid.values())]
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,6 +20,13 @@ parameters neither resume from nor overwrite it; the spec inside is checked agai
 Training data order is a function of ``seed`` and the epoch (:mod:`mechray.analysis.sae.rows`),
 so a resumed fit skips the batches already seen and continues on exactly the batches the
 uninterrupted fit would have used.  The checkpoint is removed when the fit finishes.
+
+**On S3** (:func:`checkpoint_root`: an ``s3://`` ``checkpoint_dir``, or by default when the store
+is on S3: ``s3://<bucket>/<store prefix>.checkpoints``, where every node and a rerun find it):
+the same two files under ``<root>/sae/checkpoints/<layer>-<spec hash>/``, written through a
+local staging directory and uploaded tensors first, JSON last; a restore downloads both and
+checks them exactly as local files; ``remove`` deletes the objects.  The client is the store's
+endpoint and region when the store is on S3 (else boto3's defaults, ``AWS_ENDPOINT_URL``).
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ import json
 import logging
 import math
 import os
+import shutil
 import stat
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -42,13 +51,33 @@ TENSORS, STATE = "checkpoint.safetensors", "checkpoint.json"
 MAX_STATE_BYTES = 1 << 20     # the JSON state: a spec, a few numbers and key lists
 
 
-class Checkpoint:
-    """One layer's checkpoint directory for the fit described by ``spec``."""
+def checkpoint_root(ctx: Any) -> Optional[Union[Path, str]]:
+    """Where a fit's resumable checkpoints go: ``ctx.checkpoint_dir`` (a directory or an
+    ``s3://`` URI) when set; else, for a store on S3, ``s3://<bucket>/<prefix>.checkpoints``
+    (every worker and a rerun reach it; no shared disk needed); else ``ctx.out_dir``."""
+    if ctx.checkpoint_dir is not None:
+        return ctx.checkpoint_dir
+    store = ctx.store
+    if getattr(store, "is_s3", False):
+        prefix = store.prefix.strip("/")
+        return f"s3://{store.bucket}/{prefix + '.checkpoints' if prefix else 'mechray.checkpoints'}"
+    return ctx.out_dir
 
-    def __init__(self, base: Path, spec: dict[str, Any]):
+
+class Checkpoint:
+    """One layer's checkpoint directory for the fit described by ``spec`` (an ``s3://`` ``base``:
+    objects under that prefix, see the module docstring)."""
+
+    def __init__(self, base: Union[Path, str], spec: dict[str, Any], store: Any = None):
         text = json.dumps(spec, sort_keys=True, default=str)
         self.spec = json.loads(text)
-        self.directory = Path(f"{base}-{hashlib.sha1(text.encode()).hexdigest()[:12]}")
+        name = f"{base}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+        self.remote: Optional[_Remote] = None
+        if name.startswith("s3://"):
+            self.remote = _Remote(name, store)
+            self.directory = self.remote.staging
+        else:
+            self.directory = Path(name)
 
     @classmethod
     def at(cls, directory: Path, spec: dict[str, Any]) -> "Checkpoint":
@@ -75,6 +104,8 @@ class Checkpoint:
             tmp = self.directory / f".{STATE}.{tag}.tmp"
             tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
             os.replace(tmp, self.directory / STATE)
+            if self.remote is not None:
+                self.remote.upload(self.directory)
         except OSError as exc:
             log.warning("sae checkpoint at step %d not written to %s (%s); the fit goes on, "
                         "but a rerun cannot resume from it", trainer.n_steps, self.directory, exc)
@@ -93,6 +124,11 @@ class Checkpoint:
         from safetensors.torch import load_file
 
         state_path, tensor_path = self.directory / STATE, self.directory / TENSORS
+        if self.remote is not None:     # nothing bigger than this trainer's tensors is fetched
+            most = sum(math.prod(shape) * _ITEMSIZE.get(dtype, 8) for dtype, shape in
+                       expected(trainer, max(1, total_steps or 1)).values()) + (1 << 20)
+            if not self.remote.download(self.directory, most):
+                return None
         if not _regular(state_path) or not _regular(tensor_path):
             return None
         try:
@@ -120,6 +156,11 @@ class Checkpoint:
         return tensors["losses"], int(doc["rows_seen"]), float(doc["seconds"])
 
     def _set_aside(self, why: Exception) -> None:
+        if self.remote is not None:
+            self.remove()
+            log.warning("sae checkpoint %s is not usable (%s); deleted, the fit starts afresh",
+                        self.remote.uri, why)
+            return
         aside = self.directory.with_name(f"{self.directory.name}.rejected-{time.time_ns()}")
         try:
             os.replace(self.directory, aside)
@@ -133,6 +174,10 @@ class Checkpoint:
         """Delete the checkpoint, and its ``sae/checkpoints`` parents when they are left empty
         (and the store's ``<store>.checkpoints`` sibling when that is left empty too; nothing
         else is removed: a directory that is not empty stays)."""
+        if self.remote is not None:
+            self.remote.delete()
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return
         for name in (STATE, TENSORS):
             (self.directory / name).unlink(missing_ok=True)
         up = [self.directory, self.directory.parent, self.directory.parent.parent]
@@ -143,6 +188,57 @@ class Checkpoint:
                 empty.rmdir()
             except OSError:
                 break
+
+
+class _Remote:
+    """A checkpoint's two objects on S3 and the local staging directory they pass through."""
+
+    def __init__(self, uri: str, store: Any):
+        from mechray.storage import s3
+
+        self.uri = uri
+        self.bucket, self.prefix = s3.parse_uri(uri)
+        on_s3 = getattr(store, "is_s3", False)
+        self.client = s3.client(store.endpoint_url if on_s3 else None,
+                                store.region if on_s3 else None)
+        self.staging = Path(tempfile.mkdtemp(prefix="mechray-sae-ckpt-s3-"))
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def upload(self, directory: Path) -> None:
+        """Tensors first, the JSON that names their step last (boto errors as OSError)."""
+        for name in (TENSORS, STATE):
+            try:
+                self.client.upload_file(str(directory / name), self.bucket, self.key(name))
+            except Exception as exc:
+                raise OSError(f"upload to {self.uri}/{name} failed: {exc}") from exc
+
+    def download(self, directory: Path, most: int) -> bool:
+        """Both objects into ``directory`` (the tensors only up to ``most`` bytes); False when
+        there is no checkpoint (or it is unreadable or too big: logged)."""
+        try:
+            for name, limit in ((STATE, MAX_STATE_BYTES), (TENSORS, most)):
+                head = self.client.head_object(Bucket=self.bucket, Key=self.key(name))
+                if int(head["ContentLength"]) > limit:
+                    raise OSError(f"{name} is {head['ContentLength']} bytes, more than the "
+                                  f"{limit} this SAE's checkpoint can take")
+            for name in (STATE, TENSORS):
+                self.client.download_file(self.bucket, self.key(name), str(directory / name))
+        except Exception as exc:
+            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+            if code not in ("404", "NoSuchKey", "NotFound"):
+                log.warning("sae checkpoint %s not read (%s); the fit starts afresh", self.uri,
+                            exc)
+            return False
+        return True
+
+    def delete(self) -> None:
+        for name in (STATE, TENSORS):
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=self.key(name))
+            except Exception as exc:
+                log.warning("sae checkpoint %s/%s not deleted (%s)", self.uri, name, exc)
 
 
 def _regular(path: Path) -> bool:

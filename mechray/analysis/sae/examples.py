@@ -102,6 +102,34 @@ def top_activations(sae: SparseAutoencoder, store: Any, layer: str, result: dict
                     p: Any) -> Optional[dict[str, Any]]:
     """The ``k_examples`` top rows of ``p.latents`` (or of the ``p.top_latents`` latents most
     often active on held-out rows) over every shard of ``layer``; ``None`` when none asked."""
+    return top_activations_each([(sae, result, p)], store, layer)[0]
+
+
+def top_activations_each(fits: list[tuple[SparseAutoencoder, dict[str, Any], Any]], store: Any,
+                         layer: str) -> list[Optional[dict[str, Any]]]:
+    """:func:`top_activations` of several SAEs ``(sae, result, params)`` of one layer, on one
+    read of its shards (a sweep's SAEs)."""
+    stats = [_examples(sae, result, p) for sae, result, p in fits]
+    partials: list[Optional[dict[str, Any]]] = [None] * len(stats)
+    if any(s is not None for s in stats):
+        for entry in store.shards(layer):
+            payload = store.load(entry)
+            steps = payload.get("metadata", {}).get("row_steps", {}).get(layer)
+            index = (payload.get("metadata", {}).get("row_index") or {}).get(layer)
+            for i, stat in enumerate(stats):
+                if stat is not None:
+                    part = stat.map(payload["activations"][layer], entry["file"], steps)
+                    if index is not None:   # special-token rows left out: the shard's own rows
+                        part["row"] = original_rows(part["row"], index)
+                    old = partials[i]
+                    partials[i] = part if old is None else stat.merge(old, part)
+    return [None if stat is None else stat.finalize(part if part is not None else stat._empty())
+            for stat, part in zip(stats, partials)]
+
+
+def _examples(sae: SparseAutoencoder, result: dict[str, Any], p: Any
+              ) -> Optional[LatentExamples]:
+    """The statistic for the latents ``p`` asks about, or None when it asks for none."""
     if p.latents is not None:
         bad = [i for i in p.latents if not 0 <= i < sae.n_latents]
         if bad:
@@ -119,19 +147,7 @@ def top_activations(sae: SparseAutoencoder, store: Any, layer: str, result: dict
         latents = latents[: p.top_latents]
     else:
         return None
-    if not latents:
-        return None
-    stat = LatentExamples(sae, latents, p.k_examples, p.batch_size)
-    partial = None
-    for entry in store.shards(layer):
-        payload = store.load(entry)
-        steps = payload.get("metadata", {}).get("row_steps", {}).get(layer)
-        part = stat.map(payload["activations"][layer], entry["file"], steps)
-        index = (payload.get("metadata", {}).get("row_index") or {}).get(layer)
-        if index is not None:       # special-token rows left out: name the shard's own rows
-            part["row"] = original_rows(part["row"], index)
-        partial = part if partial is None else stat.merge(partial, part)
-    return stat.finalize(partial if partial is not None else stat._empty())
+    return LatentExamples(sae, latents, p.k_examples, p.batch_size) if latents else None
 
 
 def report_examples(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:

@@ -10,7 +10,9 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+import itertools
+import math
+from typing import Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
@@ -20,6 +22,12 @@ from mechray.analysis.sae.budget import MAX_EPOCHS
 MAX_LATENTS = 65536
 MAX_PARAMETERS = 2 ** 28        # n_latents * d_in: ~4 GiB of weights + Adam state in float32
 MAX_CODE_ELEMENTS = 2 ** 28     # batch_size * n_latents: ~1 GiB per activation tensor
+MAX_SWEEP = 16                  # SAEs one sweep trains on one pass over the rows
+#: what a sweep may vary: the SAE and its optimiser, never the rows it sees (seed, batch_size,
+#: max_rows, holdout ... stay shared, so one read of each batch feeds every SAE)
+SWEEPABLE = ("k", "expansion_factor", "n_latents", "l1_coefficient", "l0_coefficient",
+             "architecture", "lr", "aux_k", "aux_coefficient", "jumprelu_bandwidth",
+             "dead_steps_threshold", "warmup_steps", "min_steps")
 
 
 class SAEParams(Params):
@@ -91,6 +99,30 @@ class SAEParams(Params):
     cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0, description="num_workers > 1")
     max_failures: int = Field(3, ge=0, le=100, description="num_workers > 1: restarts from "
                               "the last checkpoint after a lost worker")
+
+    sweep: Optional[dict[str, list[Union[int, float, str, None]]]] = Field(
+        None, description="several SAEs on one pass over the rows: {param: [values]} (the "
+                          "grid of every combination, at most 16 SAEs; params: "
+                          + ", ".join(SWEEPABLE) + "); see sae.sweep")
+
+    @model_validator(mode="after")
+    def _sweep_is_a_grid_of_sae_settings(self) -> "SAEParams":
+        if not self.sweep:
+            return self
+        bad = sorted(set(self.sweep) - set(SWEEPABLE))
+        if bad:
+            raise ValueError(f"sweep over {bad} is not possible: a sweep shares the rows, so it "
+                             f"varies only {list(SWEEPABLE)}; run separate fits for the others")
+        empty = [key for key, values in self.sweep.items() if not values]
+        if empty:
+            raise ValueError(f"sweep[{empty[0]!r}] is empty; give at least one value")
+        count = math.prod(len(v) for v in self.sweep.values())
+        if count > MAX_SWEEP:
+            raise ValueError(f"sweep={self.sweep} is {count} SAEs, more than {MAX_SWEEP}; "
+                             f"split it into several sweeps")
+        for values in itertools.product(*self.sweep.values()):   # each setting is valid
+            SAEParams(**{**self.model_dump(), **dict(zip(self.sweep, values)), "sweep": None})
+        return self
 
     @model_validator(mode="after")
     def _k_fits(self) -> "SAEParams":
