@@ -27,11 +27,14 @@ lint: install
 	$(BIN)/ruff check mechray tests benchmarks examples
 	$(BIN)/mypy
 
+# two pytest workers: most of the suite waits (Ray, Serve, subprocesses), 12 min instead of ~16
+TEST_WORKERS ?= 2
+
 test: install lint
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist load
 
 test-fast: install
-	$(BIN)/python -m pytest tests -q -m "not slow"
+	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist load -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/capture_overhead.py
