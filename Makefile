@@ -31,10 +31,10 @@ lint: install
 TEST_WORKERS ?= 2
 
 test: install lint
-	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist load
+	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: install
-	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist load -m "not slow"
+	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/capture_overhead.py

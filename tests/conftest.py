@@ -13,6 +13,9 @@ import uuid
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train gives a worker group 60 s to start; two workers importing torch on a loaded 2-core
+# machine beside the rest of the suite can take longer (inherited by Ray's processes)
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 # The test S3 server accepts any credentials; set them before Ray starts so actors inherit them.
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"

@@ -24,6 +24,10 @@ from mechray.capture.sampler import ActivationSampler
 from mechray.storage.reader import ShardStore
 from mechray.testing import planted_dictionary, recovered_score
 
+# Ray Train fits of this module run on one xdist worker, one after another: two at once on
+# two cores (plus the rest of the suite) can outlast Ray Train's worker-group start-up
+pytestmark = pytest.mark.xdist_group("ray_train")
+
 PARAMS = {"n_latents": 128, "k": 3, "batch_size": 256, "lr": 4e-3, "steps": 500,
           "device": "cpu", "top_latents": 0, "checkpoint_every": 100}
 
@@ -154,10 +158,10 @@ def test_a_failed_fit_resumes_from_its_ray_train_checkpoint_when_run_again(plant
     killed: list[int] = []
     thread = threading.Thread(target=_kill_a_worker, args=(tmp_path, killed), daemon=True)
     thread.start()
-    with pytest.raises(ray.train.TrainingFailedError):
+    with pytest.raises(ray.train.TrainingFailedError) as failed:
         fit(store, tmp_path, num_workers=2, checkpoint_every=50, max_failures=0)
     thread.join(5)
-    assert killed
+    assert killed, f"the fit failed before a worker was killed: {failed.value}"
     again = fit(store, tmp_path, num_workers=2, checkpoint_every=50, max_failures=0)
     assert again[0]["train"]["resumed_from_step"] in range(50, PARAMS["steps"], 50)
     _agree(single, again, dictionary)

@@ -22,6 +22,10 @@ from mechray.capture.sampler import ActivationSampler
 from mechray.storage.reader import ShardStore
 from mechray.testing import planted_dictionary
 
+# Ray Train fits of this module run on one xdist worker, one after another: two at once on
+# two cores (plus the rest of the suite) can outlast Ray Train's worker-group start-up
+pytestmark = pytest.mark.xdist_group("ray_train")
+
 PARAMS = {"n_latents": 64, "k": 3, "batch_size": 128, "lr": 3e-3, "steps": 60, "device": "cpu",
           "top_latents": 0, "checkpoint_every": 25}
 
