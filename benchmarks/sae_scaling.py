@@ -37,21 +37,9 @@ log = logging.getLogger("bench.sae_scaling")
 
 
 def write_store(path: Path, x, per_shard: int, **kw) -> None:
-    from collections import OrderedDict
+    from mechray.testing import rows_store
 
-    from torch import nn
-
-    from mechray.capture.sampler import ActivationSampler
-
-    model = nn.Sequential(OrderedDict(src=nn.Identity()))
-    sampler = ActivationSampler(layers=["src"], save_dir=str(path), use_ray=False, verbose=False,
-                                max_activations_per_shard=per_shard, **kw)
-    sampler.register_hooks(model)
-    for step, chunk in enumerate(x.split(per_shard)):
-        model(chunk)
-        sampler.save_activations(step)
-    sampler.close()
-
+    rows_store(path, x, per_shard, **kw)
 
 def start_cluster(nodes: int):
     import ray

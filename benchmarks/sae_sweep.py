@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +36,10 @@ from _common import machine, setup_env, setup_logging, table, write_json  # noqa
 log = logging.getLogger("bench.sae_sweep")
 
 
-def write_store(path: Path, x: Any, per_shard: int) -> None:
-    from torch import nn
+def write_store(path: Path, x, per_shard: int, **kw) -> None:
+    from mechray.testing import rows_store
 
-    from mechray.capture.sampler import ActivationSampler
-
-    model = nn.Sequential(OrderedDict(src=nn.Identity()))
-    sampler = ActivationSampler(layers=["src"], save_dir=str(path), use_ray=False, verbose=False,
-                                max_activations_per_shard=per_shard)
-    sampler.register_hooks(model)
-    for step, chunk in enumerate(x.split(per_shard)):
-        model(chunk)
-        sampler.save_activations(step)
-    sampler.close()
-
+    rows_store(path, x, per_shard, **kw)
 
 def counted_store(root: Path) -> tuple[Any, Counter]:
     from mechray.storage.reader import ShardStore

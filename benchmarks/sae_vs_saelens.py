@@ -39,7 +39,6 @@ import os
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,21 +51,9 @@ log = logging.getLogger("bench")
 
 
 def write_store(path: Path, x):
-    from torch import nn
+    from mechray.testing import rows_store
 
-    from mechray.capture.sampler import ActivationSampler
-    from mechray.storage.reader import ShardStore
-
-    model = nn.Sequential(OrderedDict(src=nn.Identity()))
-    sampler = ActivationSampler(layers=["src"], save_dir=str(path), use_ray=False, verbose=False,
-                                max_activations_per_shard=3000)
-    sampler.register_hooks(model)
-    for step, chunk in enumerate(x.split(3000)):
-        model(chunk)
-        sampler.save_activations(step)
-    sampler.close()
-    return ShardStore(path)
-
+    return rows_store(path, x, per_shard=3000)
 
 def score(encode, decode, decoder, dictionary, x) -> dict:
     import torch

@@ -18,6 +18,8 @@ Usage::
     with serve_in_thread(app) as url:            # uvicorn in a thread, a free port
         ...
 
+    store = rows_store(tmp / "store", x, per_shard=1000)   # rows [N, d] as layer "src" shards
+
 Credentials are whatever the environment holds; the server accepts any (set
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` to dummy values when none are configured).
 """
@@ -227,3 +229,24 @@ def recovered_score(dictionary, decoder) -> float:
     decoder = decoder.detach()
     learned = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return float((true @ learned.T).max(dim=1).values.mean())
+
+
+def rows_store(path, x, per_shard: int = 1000, **sampler_kw):
+    """Rows ``x`` ([N, d]) captured as layer ``"src"`` in shards of ``per_shard`` rows, one step
+    each, through the real sampler (``sampler_kw``: e.g. an S3 backend); returns the store."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from mechray.capture.sampler import ActivationSampler
+    from mechray.storage.reader import ShardStore
+
+    model = nn.Sequential(OrderedDict(src=nn.Identity()))
+    sampler = ActivationSampler(layers=["src"], save_dir=str(path), use_ray=False, verbose=False,
+                                max_activations_per_shard=per_shard, **sampler_kw)
+    sampler.register_hooks(model)
+    for step, chunk in enumerate(x.split(per_shard)):
+        model(chunk)
+        sampler.save_activations(step)
+    sampler.close()
+    return ShardStore(path)

@@ -22,11 +22,11 @@ from mechray.analysis.sae.analysis import safe_name, splice_metrics
 from mechray.analysis.sae.budget import auto_lr, budget_steps, loss_flat, sae_warnings
 from mechray.analysis.sae.model import SparseAutoencoder, load_sae, save_sae
 from mechray.analysis.sae.train import SAETrainer
-from mechray.capture.sampler import ActivationSampler
 from mechray.storage.reader import ShardStore
 from mechray.testing import (
     planted_dictionary,
     recovered_score,
+    rows_store,
     saelens_planted_dictionary,
     topk_ceiling,
 )
@@ -47,15 +47,7 @@ def sparse_data(n: int, atoms: int, seed: int, offset: float = 0.0):
 
 
 def write_store(path, x: torch.Tensor, per_shard: int = 3000) -> ShardStore:
-    model = nn.Sequential(OrderedDict(src=nn.Identity()))
-    sampler = ActivationSampler(layers=["src"], save_dir=str(path), use_ray=False, verbose=False,
-                                max_activations_per_shard=per_shard)
-    sampler.register_hooks(model)
-    for step, chunk in enumerate(x.split(per_shard)):
-        model(chunk)
-        sampler.save_activations(step)
-    sampler.close()
-    return ShardStore(path)
+    return rows_store(path, x, per_shard)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from mechray.analysis.base import AnalysisParamsError
 from mechray.analysis.sae.model import load_sae
 from mechray.capture.sampler import ActivationSampler
 from mechray.storage.reader import ShardStore
-from mechray.testing import planted_dictionary, recovered_score
+from mechray.testing import planted_dictionary, recovered_score, rows_store
 
 # Ray Train fits of this module run on one xdist worker, one after another: two at once on
 # two cores (plus the rest of the suite) can outlast Ray Train's worker-group start-up
@@ -32,17 +32,7 @@ PARAMS = {"n_latents": 128, "k": 3, "batch_size": 256, "lr": 4e-3, "steps": 500,
           "device": "cpu", "top_latents": 0, "checkpoint_every": 100}
 
 
-def write_store(path, x: torch.Tensor, per_shard: int = 1000, **kw) -> ShardStore:
-    model = nn.Sequential(OrderedDict(src=nn.Identity()))
-    sampler = ActivationSampler(layers=["src"], save_dir=str(path), use_ray=False, verbose=False,
-                                max_activations_per_shard=per_shard, **kw)
-    sampler.register_hooks(model)
-    for step, chunk in enumerate(x.split(per_shard)):
-        model(chunk)
-        sampler.save_activations(step)
-    sampler.close()
-    return ShardStore(path)
-
+write_store = rows_store
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):

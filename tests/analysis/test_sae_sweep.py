@@ -6,35 +6,23 @@ batches and steps), while the shards are loaded as often as for one fit, not onc
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 
 import pytest
 import torch
-from torch import nn
 
 from mechray.analysis import Context, get_analysis
 from mechray.analysis.base import AnalysisParamsError
 from mechray.analysis.report import write_report
 from mechray.analysis.sae.model import load_sae
-from mechray.capture.sampler import ActivationSampler
 from mechray.storage.reader import ShardStore
-from mechray.testing import planted_dictionary
+from mechray.testing import planted_dictionary, rows_store
 
 PARAMS = {"n_latents": 64, "k": 3, "batch_size": 128, "lr": 3e-3, "steps": 60, "device": "cpu",
           "top_latents": 2, "checkpoint_every": 25}
 
 
-def write_store(path, x: torch.Tensor, per_shard: int = 1000) -> ShardStore:
-    model = nn.Sequential(OrderedDict(src=nn.Identity()))
-    sampler = ActivationSampler(layers=["src"], save_dir=str(path), use_ray=False, verbose=False,
-                                max_activations_per_shard=per_shard)
-    sampler.register_hooks(model)
-    for step, chunk in enumerate(x.split(per_shard)):
-        model(chunk)
-        sampler.save_activations(step)
-    sampler.close()
-    return ShardStore(path)
-
+write_store = rows_store
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):

@@ -15,34 +15,21 @@ import signal
 import subprocess
 import sys
 import time
-from collections import OrderedDict
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from mechray.analysis import Context, get_analysis
 from mechray.analysis.engine import Engine
-from mechray.capture.sampler import ActivationSampler
 from mechray.storage.reader import ShardStore
-from mechray.testing import planted_dictionary
+from mechray.testing import planted_dictionary, rows_store
 
 PARAMS = {"n_latents": 64, "k": 3, "batch_size": 128, "lr": 3e-3, "device": "cpu",
           "top_latents": 0}
 
 
-def write_store(path, x: torch.Tensor, per_shard: int = 1000) -> ShardStore:
-    model = nn.Sequential(OrderedDict(src=nn.Identity()))
-    sampler = ActivationSampler(layers=["src"], save_dir=str(path), use_ray=False, verbose=False,
-                                max_activations_per_shard=per_shard)
-    sampler.register_hooks(model)
-    for step, chunk in enumerate(x.split(per_shard)):
-        model(chunk)
-        sampler.save_activations(step)
-    sampler.close()
-    return ShardStore(path)
-
+write_store = rows_store
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
